@@ -1,0 +1,1 @@
+"""The `dvd` command line."""

@@ -1,0 +1,1 @@
+"""Protocol buffers: control plane services and the feature frame header."""

@@ -1,0 +1,1 @@
+"""Feature wire format and transports shared by the vision and language servers."""

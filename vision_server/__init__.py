@@ -1,0 +1,1 @@
+"""Vision server: InternViT + MLP projector, batched, sending features to language servers."""
