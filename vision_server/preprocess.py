@@ -40,7 +40,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image declares too many pixels; the limit is {max_pixels} ({e})") from None
+        raise ImageError(f"image declares too many pixels ({e})") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
     # Corrupt input makes PIL's decoders raise almost anything (OSError, SyntaxError, struct.error, ...).
