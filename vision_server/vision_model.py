@@ -1,0 +1,65 @@
+"""The vision side of InternVL3.5: InternViT, pixel shuffle and the `mlp1` projector into the LLM's hidden size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoint.presets import ModelConfig
+from vision_server.intern_vit import InternViT
+
+
+def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+    """InternVL's v2 pixel shuffle: [tiles, w, h, C] -> [tiles, w*ratio, h*ratio, C/ratio^2]."""
+    tiles, w, h, c = x.shape
+    scale = round(1 / ratio)
+    if scale * ratio != 1 or w % scale or h % scale:
+        raise ValueError(f"cannot pixel-shuffle a {w}x{h} grid by ratio {ratio}")
+    # Fold `scale` neighbouring rows into channels, transpose, fold neighbouring columns, transpose back.
+    x = x.reshape(tiles, w, h // scale, c * scale)
+    x = x.permute(0, 2, 1, 3)
+    x = x.reshape(tiles, h // scale, w // scale, c * scale * scale)
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+class Projector(nn.Module):
+    """`mlp1`: LayerNorm(4C) -> Linear(4C, H) -> GELU -> Linear(H, H)."""
+
+    def __init__(self, in_dim: int, hidden_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)  # eps 1e-5, PyTorch's default, as in the reference
+        self.fc1 = nn.Linear(in_dim, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class VisionModel(nn.Module):
+    """Pixel values [tiles, 3, 448, 448] to LLM-ready features [tiles, tokens_per_tile, H]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        layers = config.vision.num_layers
+        # select_layer indexes hidden states [embeddings, block 1, ..., block N] as the reference does.
+        self.num_layers = config.select_layer if config.select_layer >= 0 else layers + 1 + config.select_layer
+        if not 1 <= self.num_layers <= layers:
+            raise ValueError(f"select_layer {config.select_layer} is outside a {layers}-layer ViT")
+        self.vit = InternViT(config.vision)
+        self.projector = Projector(config.projector_input_size, config.language.hidden_size)
+        # Names of the checkpoint tensors this model was loaded from; set by `vision_server.loader`.
+        self.checkpoint_tensors: tuple[str, ...] = ()
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.vit.embed.proj.weight
+        x = self.vit(pixel_values.to(weight.device, weight.dtype), self.num_layers)
+        # x: [tiles, 1025, C] -> drop CLS -> [tiles, 32, 32, C]
+        side = self.config.vision.image_size // self.config.vision.patch_size
+        x = x[:, 1:].reshape(x.shape[0], side, side, -1)
+        # x: [tiles, 32, 32, C] -> [tiles, 16, 16, 4C] -> [tiles, 256, 4C]
+        x = pixel_shuffle(x, self.config.downsample_ratio).flatten(1, 2)
+        # x: [tiles, 256, 4C] -> [tiles, 256, H]
+        return self.projector(x)
