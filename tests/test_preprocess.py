@@ -1,4 +1,4 @@
-"""Preprocessing matches the model card's `dynamic_preprocess` + `build_transform`, and bad bytes fail clearly."""
+"""Preprocessing matches the model card's `dynamic_preprocess` + `build_transform`; bad bytes fail clearly."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from vision_server.preprocess import (
     to_pixel_values,
 )
 
-LIMITS = dict(max_bytes=8 << 20, max_pixels=40_000_000)
+LIMITS = {"max_bytes": 8 << 20, "max_pixels": 40_000_000}
 
 
 # --- the reference pipeline, written out directly from the model card -------------------------------
@@ -32,13 +32,13 @@ LIMITS = dict(max_bytes=8 << 20, max_pixels=40_000_000)
 
 def reference_grid(width, height, min_num, max_num, image_size=448):
     aspect_ratio = width / height
-    target_ratios = set(
+    target_ratios = {
         (i, j)
         for n in range(min_num, max_num + 1)
         for i in range(1, n + 1)
         for j in range(1, n + 1)
         if i * j <= max_num and i * j >= min_num
-    )
+    }
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
     best_ratio_diff = float("inf")
     best_ratio = (1, 1)
@@ -48,9 +48,8 @@ def reference_grid(width, height, min_num, max_num, image_size=448):
         if ratio_diff < best_ratio_diff:
             best_ratio_diff = ratio_diff
             best_ratio = ratio
-        elif ratio_diff == best_ratio_diff:
-            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-                best_ratio = ratio
+        elif ratio_diff == best_ratio_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best_ratio = ratio
     return best_ratio
 
 
@@ -106,7 +105,9 @@ def png_declaring(width, height) -> bytes:
     """A well-formed PNG header declaring a huge RGB image, followed by a tiny IDAT; nothing is allocated."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
 
 
 # --- tile_grid ---------------------------------------------------------------------------------------
@@ -136,7 +137,13 @@ def test_tile_grid_square_ties_go_to_the_larger_grid_only_for_large_images(side,
 
 @pytest.mark.parametrize(
     "size, grid",
-    [((800, 800), (2, 2)), ((1000, 1000), (3, 3)), ((300, 300), (1, 1)), ((1344, 448), (3, 1)), ((448, 1344), (1, 3))],
+    [
+        ((800, 800), (2, 2)),
+        ((1000, 1000), (3, 3)),
+        ((300, 300), (1, 1)),
+        ((1344, 448), (3, 1)),
+        ((448, 1344), (1, 3)),
+    ],
 )
 def test_tile_grid_known_cases(size, grid):
     assert tile_grid(*size, 1, 12) == grid
@@ -150,7 +157,9 @@ def test_tile_grid_rejects_impossible_limits():
 # --- dynamic_tiles and pixel values ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [(1500, 400), (300, 900), (100, 80), (448, 448)], ids=["wide", "tall", "small", "one"])
+@pytest.mark.parametrize(
+    "size", [(1500, 400), (300, 900), (100, 80), (448, 448)], ids=["wide", "tall", "small", "one"]
+)
 @pytest.mark.parametrize("max_tiles", [1, 6, 12])
 def test_dynamic_tiles_counts_tiles_plus_thumbnail(size, max_tiles):
     image = random_image(*size)
@@ -178,7 +187,9 @@ def test_tiles_are_cut_row_major():
     source = np.asarray(image)
     for index, tile in enumerate(tiles[:6]):
         r, c = divmod(index, 3)
-        np.testing.assert_array_equal(np.asarray(tile), source[r * 448 : (r + 1) * 448, c * 448 : (c + 1) * 448])
+        np.testing.assert_array_equal(
+            np.asarray(tile), source[r * 448 : (r + 1) * 448, c * 448 : (c + 1) * 448]
+        )
 
 
 def test_preprocess_decodes_and_tiles_a_jpeg():

@@ -1,4 +1,4 @@
-"""InternViT (300M and 6B) in plain PyTorch: a pre-norm ViT with a CLS token, learned positions and layer scale."""
+"""InternViT (300M and 6B) in plain PyTorch: a pre-norm ViT with CLS token, learned positions, layer scale."""
 
 from __future__ import annotations
 

@@ -113,7 +113,9 @@ def _hf_root(names: set[str]) -> str:
     published = any(name.startswith(HF_PUBLISHED_ROOT + VISION_PREFIXES["hf"][0]) for name in names)
     saved = any(name.startswith(VISION_PREFIXES["hf"][0]) for name in names)
     if published and saved:
-        raise VisionCheckpointError("checkpoint holds vision tensors under both 'model.vision_tower.' and 'vision_tower.'")
+        raise VisionCheckpointError(
+            "checkpoint holds vision tensors under both 'model.vision_tower.' and 'vision_tower.'"
+        )
     return HF_PUBLISHED_ROOT if published else ""
 
 
@@ -134,7 +136,9 @@ def _fmt_list(names: list[str]) -> str:
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def load_vision_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionModel:
+def load_vision_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> VisionModel:
     """Build a `VisionModel` from a checkpoint directory, reading only its vision tensors, strictly."""
     path = Path(path)
     fmt = detect_format(path)

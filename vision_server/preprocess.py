@@ -34,7 +34,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(f"image declares {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+            raise ImageError(
+                f"image declares {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
         image.load()
         return image.convert("RGB")
     except ImageError:
@@ -44,27 +46,31 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     except Image.UnidentifiedImageError:
         raise ImageError(f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
     # Corrupt input makes PIL's decoders raise almost anything (OSError, SyntaxError, struct.error, ...).
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise ImageError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
 @lru_cache(maxsize=64)
 def _candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
     # Built exactly as the reference does, so equal-area grids keep the reference's order.
-    grids = set(
+    grids = {
         (i, j)
         for n in range(min_tiles, max_tiles + 1)
         for i in range(1, n + 1)
         for j in range(1, n + 1)
         if min_tiles <= i * j <= max_tiles
-    )
+    }
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 
-def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, image_size: int = IMAGE_SIZE) -> tuple[int, int]:
-    """The (cols, rows) grid whose aspect ratio is closest to the image's, as `find_closest_aspect_ratio` picks it."""
+def tile_grid(
+    width: int, height: int, min_tiles: int, max_tiles: int, image_size: int = IMAGE_SIZE
+) -> tuple[int, int]:
+    """The (cols, rows) grid closest to the image's aspect ratio, by the reference's rule and tie-break."""
     if not 1 <= min_tiles <= max_tiles:
-        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+        raise ValueError(
+            f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}"
+        )
     aspect_ratio = width / height
     best_diff = float("inf")
     best = (1, 1)

@@ -1,4 +1,4 @@
-"""The vision side of InternVL3.5: InternViT, pixel shuffle and the `mlp1` projector into the LLM's hidden size."""
+"""InternVL3.5's vision side: InternViT, pixel shuffle and the `mlp1` projector into the LLM's hidden size."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ class VisionModel(nn.Module):
         self.config = config
         layers = config.vision.num_layers
         # select_layer indexes hidden states [embeddings, block 1, ..., block N] as the reference does.
-        self.num_layers = config.select_layer if config.select_layer >= 0 else layers + 1 + config.select_layer
+        self.num_layers = (
+            config.select_layer if config.select_layer >= 0 else layers + 1 + config.select_layer
+        )
         if not 1 <= self.num_layers <= layers:
             raise ValueError(f"select_layer {config.select_layer} is outside a {layers}-layer ViT")
         self.vit = InternViT(config.vision)
