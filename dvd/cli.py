@@ -1,0 +1,129 @@
+"""`dvd`: write checkpoints, run each server, or bring the whole stack up locally."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# Before anything imports vLLM or transformers; vLLM's spawned workers re-import this module too.
+from language_server import torchvision_compat  # noqa: F401
+
+app = typer.Typer(help="DvD: decoupled vision-language serving for InternVL3.5.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+DEFAULT_MODEL = Path("checkpoints/tiny")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def checkpoint(
+    out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into")],
+    preset: Annotated[str, typer.Option(help="tiny, 1b, 2b, 4b or 8b")] = "tiny",
+    format: Annotated[str, typer.Option("--format", help="hf or custom")] = "custom",
+    seed: Annotated[int, typer.Option(help="Random seed of the weights")] = 0,
+) -> None:
+    """Write a random-weight InternVL3.5 checkpoint in a real on-disk format."""
+    from checkpoint.generate import write_checkpoint
+
+    if format not in ("hf", "custom"):
+        raise typer.BadParameter("format must be hf or custom", param_hint="--format")
+    path = write_checkpoint(out, preset, format, seed=seed)
+    typer.echo(f"wrote {preset} checkpoint ({format} format) to {path}")
+
+
+@app.command("vision-server")
+def vision_server(
+    model: Annotated[str, typer.Option(help="Checkpoint folder (either format)")] = str(DEFAULT_MODEL),
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port")] = None,
+    device: str = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32")] = "auto",
+    feature_dtype: Annotated[str, typer.Option(help="Dtype on the wire: bfloat16, float16 or float32")] = "bfloat16",
+    log_level: str = "info",
+) -> None:
+    """Serve VisionService: tiling, InternViT + MLP projector, features sent to language servers."""
+    from vision_server.server import main
+    from vision_server.settings import VisionServerSettings
+
+    _logging(log_level)
+    main(VisionServerSettings(model=model, host=host, port=port, metrics_port=metrics_port, device=device,
+                              dtype=dtype, feature_dtype=feature_dtype))
+
+
+@app.command("language-server")
+def language_server(
+    model: Annotated[str, typer.Option(help="Checkpoint folder (either format)")] = str(DEFAULT_MODEL),
+    host: str = "127.0.0.1",
+    port: int = 50061,
+    feature_bind: Annotated[str, typer.Option(help="ZeroMQ endpoint the feature receiver binds")] = "tcp://127.0.0.1:5600",
+    feature_advertise: Annotated[str | None, typer.Option(help="Endpoint vision servers send to")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port")] = None,
+    dtype: Annotated[str, typer.Option(help="vLLM dtype (auto, bfloat16, float32)")] = "auto",
+    max_model_len: int = 8192,
+    kv_cache_gib: float = 1.0,
+    log_level: str = "info",
+) -> None:
+    """Serve LanguageService: vLLM in embedding-only mode, fed by the feature receiver."""
+    from language_server.server import main
+    from language_server.settings import LanguageServerSettings
+
+    _logging(log_level)
+    main(LanguageServerSettings(model=model, host=host, port=port, feature_bind=feature_bind,
+                                feature_advertise=feature_advertise, metrics_port=metrics_port, dtype=dtype,
+                                max_model_len=max_model_len, kv_cache_gib=kv_cache_gib))
+
+
+@app.command()
+def gateway(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    vision_server: Annotated[list[str], typer.Option(help="Vision server gRPC address (repeatable)")] = ["127.0.0.1:50051"],
+    language_server: Annotated[list[str], typer.Option(help="Language server gRPC address (repeatable)")] = ["127.0.0.1:50061"],
+    served_model_name: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the OpenAI-compatible API in front of the vision and language servers."""
+    from gateway.server import main
+    from gateway.settings import GatewaySettings
+
+    _logging(log_level)
+    main(GatewaySettings(host=host, port=port, vision_servers=vision_server, language_servers=language_server,
+                         served_model_name=served_model_name))
+
+
+@app.command()
+def up(
+    model: Annotated[Path, typer.Option(help="Checkpoint folder; the tiny one is written if missing")] = DEFAULT_MODEL,
+    port: Annotated[int, typer.Option(help="Gateway port")] = 8000,
+    host: str = "127.0.0.1",
+    dtype: Annotated[str, typer.Option(help="Language model dtype")] = "auto",
+    feature_dtype: Annotated[str, typer.Option(help="Dtype on the wire: bfloat16, float16 or float32")] = "bfloat16",
+    vision_port: int = 50051,
+    language_port: int = 50061,
+    feature_port: Annotated[int, typer.Option(help="Language server's feature receiver port")] = 5600,
+    vision_metrics_port: int | None = None,
+    language_metrics_port: int | None = None,
+) -> None:
+    """Start a vision server, a language server and the gateway as local processes, wired together."""
+    from dvd.launcher import Stack, run_stack
+
+    _logging("info")
+    if not model.exists() and model == DEFAULT_MODEL:
+        from checkpoint.generate import write_checkpoint
+
+        write_checkpoint(model, "tiny", "custom")
+    stack = Stack(model=str(model), host=host, gateway_port=port, vision_port=vision_port,
+                  language_port=language_port, feature_port=feature_port, vision_metrics_port=vision_metrics_port,
+                  language_metrics_port=language_metrics_port, dtype=dtype, feature_dtype=feature_dtype)
+    raise typer.Exit(run_stack(stack))
+
+
+if __name__ == "__main__":
+    app()

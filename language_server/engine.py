@@ -1,0 +1,32 @@
+"""Builds the vLLM engine in embedding-only mode: the vision tower is neither built nor loaded."""
+
+from __future__ import annotations
+
+import os
+
+from language_server.settings import LanguageServerSettings
+
+
+def build_engine(settings: LanguageServerSettings):
+    """Start an `AsyncLLM` fed with image embeddings instead of pixels."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=settings.model,
+        trust_remote_code=True,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager,
+        # Embedding-only: image embeddings are accepted and no image may be given as pixels, which
+        # makes vLLM skip the vision tower. It also skips its per-prompt image count check, so the
+        # service caps images per request itself.
+        enable_mm_embeds=True,
+        limit_mm_per_prompt={"image": 0, "video": 0},
+        mm_processor_cache_gb=0,
+        worker_extension_cls="language_server.worker_extension.DvdWorkerExtension",
+    )
+    return AsyncLLM.from_engine_args(args)

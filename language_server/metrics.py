@@ -1,0 +1,21 @@
+"""Prometheus metrics of the language server."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+FEATURES_RECEIVED = Counter("dvd_language_features_received", "Image feature messages accepted")
+FEATURE_BYTES = Counter("dvd_language_feature_bytes_received", "Feature payload bytes accepted")
+FEATURES_DROPPED = Counter(
+    "dvd_language_features_dropped", "Feature messages dropped, by reason", ["reason"]
+)
+FEATURES_PENDING_BYTES = Gauge("dvd_language_features_pending_bytes", "Feature bytes waiting for Generate")
+FEATURES_PENDING_REQUESTS = Gauge("dvd_language_features_pending_requests", "Requests with features held")
+FEATURE_WAIT = Histogram(
+    "dvd_language_feature_wait_seconds", "Generate arrival to all features present", buckets=LATENCY_BUCKETS
+)
+TTFT = Histogram("dvd_language_ttft_seconds", "Generate arrival to first token", buckets=LATENCY_BUCKETS)
+TPOT = Histogram("dvd_language_tpot_seconds", "Time per output token after the first", buckets=LATENCY_BUCKETS)
+E2E = Histogram("dvd_language_request_seconds", "Generate arrival to last token", buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("dvd_language_requests_in_flight", "Generate calls in progress")
+REQUESTS = Counter("dvd_language_requests", "Finished Generate calls, by outcome", ["outcome"])

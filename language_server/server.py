@@ -1,0 +1,98 @@
+"""Language server process: vLLM engine + feature receiver + gRPC LanguageService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from prometheus_client import start_http_server
+
+from checkpoint.formats import detect_format
+from language_server import metrics
+from language_server.engine import build_engine
+from language_server.feature_store import FeatureStore
+from language_server.prompt import ChatRenderer, load_chat_template
+from language_server.service import LanguageService
+from language_server.settings import LanguageServerSettings
+from proto import dvd_pb2, dvd_pb2_grpc
+from transport.frames import ImageFeatures
+from transport.tcp import TcpFeatureReceiver
+
+log = logging.getLogger(__name__)
+
+VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "vision_tower.", "multi_modal_projector.")
+
+
+async def serve(settings: LanguageServerSettings) -> None:
+    engine = build_engine(settings)
+    try:
+        await _serve(settings, engine)
+    finally:
+        engine.shutdown()
+
+
+async def _serve(settings: LanguageServerSettings, engine) -> None:
+    model_config = engine.model_config
+    hidden_size = model_config.get_hidden_size()
+    parameter_names = (await engine.collective_rpc("dvd_parameter_names"))[0]
+    vision_held = [n for n in parameter_names if n.startswith(VISION_PREFIXES)]
+    if vision_held:  # embedding-only mode must not build the tower; refuse to serve if it did
+        raise RuntimeError(f"the language engine loaded vision parameters, e.g. {vision_held[:3]}")
+
+    def on_drop(reason: str, num_bytes: int = 0) -> None:
+        metrics.FEATURES_DROPPED.labels(reason).inc()
+
+    store = FeatureStore(ttl_s=settings.feature_ttl_s, max_bytes=settings.max_pending_feature_bytes,
+                         on_drop=on_drop)
+
+    def on_features(item: ImageFeatures) -> None:
+        if store.put(item):
+            metrics.FEATURES_RECEIVED.inc()
+            metrics.FEATURE_BYTES.inc(item.num_bytes)
+        metrics.FEATURES_PENDING_BYTES.set(store.num_bytes)
+        metrics.FEATURES_PENDING_REQUESTS.set(len(store))
+
+    # No image can hold more tokens than the context; fp32 is the widest dtype on the wire.
+    max_payload = settings.max_model_len * hidden_size * 4
+    receiver = TcpFeatureReceiver(settings.feature_bind, on_features, max_payload_bytes=max_payload,
+                                  on_drop=on_drop)
+    description = dvd_pb2.ModelDescription(
+        model=settings.model,
+        checkpoint_format=detect_format(settings.model),
+        hidden_size=hidden_size,
+        max_model_len=model_config.max_model_len,
+        feature_endpoint=settings.feature_advertise or receiver.endpoint,
+        max_images_per_request=settings.max_images_per_request,
+        parameter_names=parameter_names,
+    )
+    service = LanguageService(
+        engine, store, ChatRenderer(load_chat_template(settings.model)), description,
+        model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s,
+    )
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    dvd_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
+    address = f"{settings.host}:{settings.port}"
+    server.add_insecure_port(address)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
+    await server.start()
+    background = [asyncio.create_task(receiver.run()), asyncio.create_task(store.expire_forever())]
+    log.info("language server ready: gRPC %s, features %s, model %s", address, description.feature_endpoint,
+             settings.model)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("language server stopping")
+    await server.stop(grace=5)
+    for task in background:
+        task.cancel()
+    receiver.close()
+
+
+def main(settings: LanguageServerSettings) -> None:
+    asyncio.run(serve(settings))

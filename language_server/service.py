@@ -1,0 +1,192 @@
+"""gRPC `LanguageService`: waits for a request's image features, then streams vLLM's output."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import torch
+
+from language_server import metrics
+from language_server.feature_store import FeatureMismatch, FeatureStore, FeatureTimeout
+from language_server.prompt import ChatRenderer, PromptError, count_images, messages_to_dicts
+from proto import dvd_pb2, dvd_pb2_grpc
+from transport.frames import ImageFeatures
+
+log = logging.getLogger(__name__)
+
+
+class FeatureError(ValueError):
+    """Features that must not reach the engine (vLLM can crash on malformed embeddings)."""
+
+
+def check_features(images: list[ImageFeatures], hidden_size: int) -> None:
+    """Shape, dtype, hidden size and finiteness of every image's features, before vLLM sees them."""
+    for item in images:
+        f = item.features
+        if f.dim() != 2 or f.shape[1] != hidden_size:
+            raise FeatureError(
+                f"image {item.image_index}: features of shape {tuple(f.shape)}, the model needs [tokens, {hidden_size}]"
+            )
+        if f.shape[0] == 0 or f.shape[0] != sum(item.tile_tokens):
+            raise FeatureError(f"image {item.image_index}: {f.shape[0]} rows for tile tokens {item.tile_tokens}")
+        if not f.dtype.is_floating_point:
+            raise FeatureError(f"image {item.image_index}: features of dtype {f.dtype}")
+        if not torch.isfinite(f).all():
+            raise FeatureError(f"image {item.image_index}: features hold NaN or infinity")
+
+
+def to_vllm_sampling(params: dvd_pb2.SamplingParams):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kwargs = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):
+        if params.HasField(name):
+            kwargs[name] = getattr(params, name)
+    return SamplingParams(
+        max_tokens=params.max_tokens or None,
+        stop=list(params.stop) or None,
+        logprobs=params.top_logprobs if params.logprobs else None,
+        ignore_eos=params.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        **kwargs,
+    )
+
+
+def _token_logprobs(token_ids, logprobs, top_n: int) -> list[dvd_pb2.TokenLogprob]:
+    """vLLM's per-token candidates (the top `top_n` plus the sampled token) as proto messages."""
+    result = []
+    for token_id, candidates in zip(token_ids, logprobs or []):
+        chosen = candidates[token_id]
+        ranked = sorted(candidates.items(), key=lambda kv: kv[1].rank)[:top_n]
+        result.append(
+            dvd_pb2.TokenLogprob(
+                token_id=token_id,
+                token=chosen.decoded_token or "",
+                logprob=chosen.logprob,
+                top=[dvd_pb2.TopLogprob(token_id=t, token=c.decoded_token or "", logprob=c.logprob) for t, c in ranked],
+            )
+        )
+    return result
+
+
+class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
+    def __init__(self, engine, store: FeatureStore, renderer: ChatRenderer, description: dvd_pb2.ModelDescription,
+                 *, model_dtype: torch.dtype, feature_timeout_s: float):
+        self._engine = engine
+        self._store = store
+        self._renderer = renderer
+        self._description = description
+        self._model_dtype = model_dtype
+        self._feature_timeout_s = feature_timeout_s
+        self._active: dict[str, asyncio.Task] = {}
+
+    async def Generate(self, request: dvd_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id
+        if not rid or rid in self._active:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS if rid else grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request id {rid!r} is empty or already in flight")
+        self._active[rid] = asyncio.current_task()
+        metrics.IN_FLIGHT.inc()
+        outcome = "error"
+        try:
+            async for response in self._generate(request, context):
+                yield response
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.IN_FLIGHT.dec()
+            metrics.REQUESTS.labels(outcome).inc()
+            self._active.pop(rid, None)
+            self._store.release(rid)
+
+    async def _generate(self, request: dvd_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id
+        start = time.perf_counter()
+        image_count = count_images(request.messages)
+        if image_count != request.image_count:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"messages hold {image_count} images but image_count is {request.image_count}")
+        limit = self._description.max_images_per_request
+        if image_count > limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{image_count} images in one request; this server takes at most {limit}")
+        try:
+            prompt = self._renderer.render(messages_to_dicts(request.messages))
+            sampling = to_vllm_sampling(request.sampling)
+        except (PromptError, ValueError, TypeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        images: list[ImageFeatures] = []
+        if image_count:
+            timeout_s = request.feature_timeout_s or self._feature_timeout_s
+            try:
+                images = await self._store.claim(rid, image_count, timeout_s)
+                check_features(images, self._description.hidden_size)
+            except FeatureTimeout as exc:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid}: {exc}")
+            except (FeatureMismatch, FeatureError) as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
+        features_ready = time.perf_counter()
+        metrics.FEATURE_WAIT.observe(features_ready - start)
+
+        engine_prompt: dict = {"prompt": prompt}
+        if images:
+            engine_prompt["multi_modal_data"] = {"image": [i.features.to(self._model_dtype) for i in images]}
+        completion_tokens = 0
+        first_token = last_token = None
+        try:
+            async for output in self._engine.generate(engine_prompt, sampling, rid):
+                completion = output.outputs[0]
+                now = time.perf_counter()
+                if completion.token_ids and first_token is None:
+                    first_token = now
+                    metrics.TTFT.observe(now - start)
+                last_token = now
+                completion_tokens += len(completion.token_ids)
+                response = dvd_pb2.GenerateResponse(
+                    text=completion.text,
+                    token_ids=completion.token_ids,
+                    logprobs=_token_logprobs(completion.token_ids, completion.logprobs, request.sampling.top_logprobs),
+                )
+                if output.finished:
+                    response.finish_reason = completion.finish_reason or "stop"
+                    response.usage.CopyFrom(dvd_pb2.Usage(
+                        prompt_tokens=len(output.prompt_token_ids or []),
+                        completion_tokens=completion_tokens,
+                        image_tokens=sum(i.features.shape[0] for i in images),
+                    ))
+                    first = first_token or now
+                    response.timings.CopyFrom(dvd_pb2.GenerateTimings(
+                        feature_wait_ms=(features_ready - start) * 1e3,
+                        prefill_ms=(first - features_ready) * 1e3,
+                        decode_ms=(now - first) * 1e3,
+                    ))
+                yield response
+        except ValueError as exc:  # vLLM's input validation, e.g. a prompt longer than the context
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
+        if first_token is not None:
+            metrics.E2E.observe(last_token - start)
+            if completion_tokens > 1:
+                metrics.TPOT.observe((last_token - first_token) / (completion_tokens - 1))
+
+    async def Abort(self, request: dvd_pb2.AbortRequest, context) -> dvd_pb2.AbortResponse:
+        task = self._active.get(request.request_id)
+        self._store.release(request.request_id)
+        if task is None:
+            return dvd_pb2.AbortResponse(found=False)
+        task.cancel()  # vLLM aborts the request when its generate() is cancelled
+        return dvd_pb2.AbortResponse(found=True)
+
+    async def Health(self, request, context) -> dvd_pb2.HealthResponse:
+        ready = not getattr(self._engine, "errored", False)
+        return dvd_pb2.HealthResponse(ready=ready, model=self._description.model)
+
+    async def Describe(self, request, context) -> dvd_pb2.ModelDescription:
+        return self._description

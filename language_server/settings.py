@@ -1,0 +1,26 @@
+"""Language server settings: CLI flags override `DVD_LANGUAGE_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LanguageServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DVD_LANGUAGE_")
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50061  # gRPC LanguageService
+    feature_bind: str = "tcp://127.0.0.1:5600"  # where the feature receiver listens
+    feature_advertise: str | None = None  # endpoint vision servers should send to (default: the bound one)
+    metrics_port: int | None = None
+    dtype: str = "auto"  # vLLM dtype; features are cast to it
+    max_model_len: int = 8192
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.2  # on CPU, checked against NUMA node 0's free memory
+    max_num_seqs: int = 64
+    enforce_eager: bool = True
+    max_images_per_request: int = 16
+    feature_timeout_s: float = 60.0  # how long Generate waits for its features
+    feature_ttl_s: float = 60.0  # how long unclaimed features are kept
+    max_pending_feature_bytes: int = 4 << 30

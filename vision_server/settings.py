@@ -1,0 +1,26 @@
+"""Vision server settings: CLI flags override `DVD_VISION_*` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class VisionServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DVD_VISION_")
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051  # gRPC VisionService
+    metrics_port: int | None = None
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # on the wire
+    default_max_tiles: int = 12
+    max_tiles_limit: int = 12  # largest max_tiles a request may ask for
+    max_images_per_request: int = 16
+    max_image_bytes: int = 20 << 20
+    max_image_pixels: int = 64_000_000
+    preprocess_workers: int = 2
+    send_timeout_s: float = 30.0
