@@ -148,7 +148,9 @@ def _read_hf(config: dict, where: str, preprocessor: dict) -> ModelConfig:
     text = {"tie_word_embeddings": config.get("tie_word_embeddings", True), **text}
     select_layer = config.get("vision_feature_layer", -1)
     if not isinstance(select_layer, int):
-        raise CheckpointConfigError(f"{where}: vision_feature_layer {select_layer!r} is not a single layer index")
+        raise CheckpointConfigError(
+            f"{where}: vision_feature_layer {select_layer!r} is not a single layer index"
+        )
     return ModelConfig(
         vision=vision_config,
         language=_language_config(text, twhere),

