@@ -67,7 +67,7 @@ def language_server(
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port")] = None,
     dtype: Annotated[str, typer.Option(help="vLLM dtype (auto, bfloat16, float32)")] = "auto",
     max_model_len: int = 8192,
-    kv_cache_gib: float = 1.0,
+    kv_cache_gib: Annotated[int, typer.Option(help="KV cache size on CPU, GiB")] = 1,
     log_level: str = "info",
 ) -> None:
     """Serve LanguageService: vLLM in embedding-only mode, fed by the feature receiver."""

@@ -13,7 +13,13 @@ from proto import dvd_pb2, dvd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", 512 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 512 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    # A restarted server is found again within seconds, not after gRPC's default 2-minute backoff.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
 
 
 @dataclass

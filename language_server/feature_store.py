@@ -90,7 +90,8 @@ class FeatureStore:
         if len(entry.images) == image_count:
             entry.complete.set()
         try:
-            await asyncio.wait_for(entry.complete.wait(), timeout_s)
+            if not entry.complete.is_set():  # wait_for gives up at once on a timeout <= 0, even when set
+                await asyncio.wait_for(entry.complete.wait(), timeout_s)
         except asyncio.TimeoutError:
             arrived = len(entry.images)
             self.release(request_id)

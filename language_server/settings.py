@@ -16,7 +16,7 @@ class LanguageServerSettings(BaseSettings):
     metrics_port: int | None = None
     dtype: str = "auto"  # vLLM dtype; features are cast to it
     max_model_len: int = 8192
-    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)
     gpu_memory_utilization: float = 0.2  # on CPU, checked against NUMA node 0's free memory
     max_num_seqs: int = 64
     enforce_eager: bool = True
