@@ -67,9 +67,16 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
         max_images_per_request=settings.max_images_per_request,
         parameter_names=parameter_names,
     )
+    stop = asyncio.Event()
+    engine_dead = asyncio.Event()
+
+    def on_engine_dead() -> None:  # exit non-zero so that a supervisor restarts the server
+        engine_dead.set()
+        stop.set()
+
     service = LanguageService(
         engine, store, ChatRenderer(load_chat_template(settings.model)), description,
-        model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s,
+        model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s, on_engine_dead=on_engine_dead,
     )
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     dvd_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
@@ -82,7 +89,6 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
     log.info("language server ready: gRPC %s, features %s, model %s", address, description.feature_endpoint,
              settings.model)
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -92,6 +98,8 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
     for task in background:
         task.cancel()
     receiver.close()
+    if engine_dead.is_set():
+        raise SystemExit("the vLLM engine died")
 
 
 def main(settings: LanguageServerSettings) -> None:

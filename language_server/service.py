@@ -8,6 +8,10 @@ import time
 
 import grpc
 import torch
+from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from language_server import metrics
 from language_server.feature_store import FeatureMismatch, FeatureStore, FeatureTimeout
@@ -38,10 +42,7 @@ def check_features(images: list[ImageFeatures], hidden_size: int) -> None:
             raise FeatureError(f"image {item.image_index}: features hold NaN or infinity")
 
 
-def to_vllm_sampling(params: dvd_pb2.SamplingParams):
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
+def to_vllm_sampling(params: dvd_pb2.SamplingParams) -> SamplingParams:
     kwargs = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"):
@@ -76,7 +77,7 @@ def _token_logprobs(token_ids, logprobs, top_n: int) -> list[dvd_pb2.TokenLogpro
 
 class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
     def __init__(self, engine, store: FeatureStore, renderer: ChatRenderer, description: dvd_pb2.ModelDescription,
-                 *, model_dtype: torch.dtype, feature_timeout_s: float):
+                 *, model_dtype: torch.dtype, feature_timeout_s: float, on_engine_dead=lambda: None):
         self._engine = engine
         self._store = store
         self._renderer = renderer
@@ -84,6 +85,7 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         self._model_dtype = model_dtype
         self._feature_timeout_s = feature_timeout_s
         self._active: dict[str, asyncio.Task] = {}
+        self._on_engine_dead = on_engine_dead
 
     async def Generate(self, request: dvd_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id
@@ -169,8 +171,11 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
                         decode_ms=(now - first) * 1e3,
                     ))
                 yield response
-        except ValueError as exc:  # vLLM's input validation, e.g. a prompt longer than the context
+        except (ValueError, VLLMClientError) as exc:  # vLLM's input checks, e.g. a prompt over the context
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
+        except EngineDeadError:
+            self._on_engine_dead()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the language engine died; this server is restarting")
         if first_token is not None:
             metrics.E2E.observe(last_token - start)
             if completion_tokens > 1:

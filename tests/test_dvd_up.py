@@ -1,0 +1,184 @@
+"""`dvd up` on the custom-format tiny checkpoint, driven with the official `openai` client.
+
+The three servers run as real processes (vLLM included); the last test stops the stack with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from conftest import data_url, free_port, make_image, png_bytes
+from dvd.launcher import OFFLINE_ENV, Stack, wait_ready
+from language_server.server import VISION_PREFIXES
+from proto import dvd_pb2, dvd_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def up(tiny_checkpoints, tmp_path_factory):
+    """`dvd up` as a user runs it, on free ports, with its defaults (bf16 features on the wire)."""
+    stack = Stack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
+                  language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
+                  language_metrics_port=free_port())
+    log = open(tmp_path_factory.mktemp("logs") / "dvd-up.log", "wb")  # noqa: SIM115
+    command = [sys.executable, "-m", "dvd.cli", "up", "--model", stack.model, "--port", str(stack.gateway_port),
+               "--vision-port", str(stack.vision_port), "--language-port", str(stack.language_port),
+               "--feature-port", str(stack.feature_port), "--vision-metrics-port", str(stack.vision_metrics_port),
+               "--language-metrics-port", str(stack.language_metrics_port)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV})
+    try:
+        wait_ready(stack, {"dvd up": process}, timeout_s=600)
+    except BaseException:
+        process.kill()
+        raise
+    yield stack, process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(up) -> openai.OpenAI:
+    stack, _ = up
+    return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def user(text: str, *images) -> list[dict]:
+    parts = [{"type": "text", "text": text}]
+    parts += [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    return [{"role": "user", "content": parts}]
+
+
+def counter(url: str, name: str) -> float:
+    """Sum of a Prometheus counter's samples on a server's metrics page."""
+    total = 0.0
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_models_lists_the_served_checkpoint(client, up):
+    assert [m.id for m in client.models.list().data] == [up[0].model.rsplit("/", 1)[-1]]
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+def test_chat_completion_with_images(client, model, num_images):
+    images = [make_image(640, 360, seed=i) for i in range(num_images)]
+    reply = client.chat.completions.create(model=model, messages=user("Describe the picture.", *images),
+                                           max_tokens=6, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 6
+    assert reply.choices[0].message.content
+    # 640x360 -> a 2x1 grid + thumbnail = 3 tiles of 256 tokens per image.
+    assert reply.usage.prompt_tokens_details.image_tokens == 768 * num_images
+    assert reply.usage.prompt_tokens > 768 * num_images
+    assert reply.id.startswith("chatcmpl-")
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+def test_streamed_chat_matches_non_streamed(client, model, num_images):
+    images = [make_image(300, 500, seed=10 + i) for i in range(num_images)]
+    messages = user("What is shown?", *images)
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_images_across_turns_are_all_used(client, model):
+    first, second = make_image(448, 448, seed=1), make_image(448, 448, seed=2)
+    messages = user("Look at this.", first) + [{"role": "assistant", "content": "I see it."}] + user(
+        "And this one?", second)
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    assert reply.usage.prompt_tokens_details.image_tokens == 2 * 256
+
+
+def test_output_depends_on_the_image(client, model):
+    replies = {
+        client.chat.completions.create(model=model, messages=user("Describe.", make_image(448, 448, seed=s)),
+                                       max_tokens=8, temperature=0).choices[0].message.content
+        for s in (3, 4, 5)
+    }
+    assert len(replies) > 1
+
+
+def test_text_only_requests_skip_the_vision_server(client, model, up):
+    stack, _ = up
+    metrics_url = f"http://127.0.0.1:{stack.vision_metrics_port}/metrics"
+    before = counter(metrics_url, "dvd_vision_requests_total")
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert counter(metrics_url, "dvd_vision_requests_total") == before
+    client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 0)), max_tokens=2)
+    assert counter(metrics_url, "dvd_vision_requests_total") == before + 1
+
+
+def test_corrupt_image_is_a_400_and_the_server_keeps_serving(client, model):
+    broken = "data:image/png;base64," + __import__("base64").b64encode(png_bytes(make_image(64, 64, 0))[:50]).decode()
+    with pytest.raises(openai.BadRequestError, match="image 0"):
+        client.chat.completions.create(model=model, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": broken}}]}])
+    with pytest.raises(openai.BadRequestError, match="base64"):
+        client.chat.completions.create(model=model, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}])
+    with pytest.raises(openai.BadRequestError, match="data: URLs"):
+        client.chat.completions.create(model=model, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}])
+    reply = client.chat.completions.create(model=model, messages=user("ok?", make_image(64, 64, 1)), max_tokens=2)
+    assert reply.choices[0].message.content
+
+
+def test_bad_requests_get_openai_errors(client, model):
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], temperature=5)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+
+
+def test_prompt_longer_than_the_context_is_a_400(client, model):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, max_tokens=2,
+                                       messages=[{"role": "user", "content": "hello " * 9000}])
+    assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+
+
+def test_language_server_holds_no_vision_weights(up):
+    stack, _ = up
+    with grpc.insecure_channel(f"127.0.0.1:{stack.language_port}") as channel:
+        description = dvd_pb2_grpc.LanguageServiceStub(channel).Describe(dvd_pb2.DescribeRequest(), timeout=10)
+    names = list(description.parameter_names)
+    assert any(n.startswith("language_model.") for n in names)
+    assert not [n for n in names if n.startswith(VISION_PREFIXES) or "vision" in n]
+    assert description.checkpoint_format == "custom"
+
+
+def test_sigterm_stops_every_server(up):
+    """Must stay last in this module: it ends the stack."""
+    stack, process = up
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    for port in (stack.gateway_port, stack.vision_port, stack.language_port):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
