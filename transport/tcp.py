@@ -42,7 +42,11 @@ class TcpFeatureSender:
             sock.setsockopt(zmq.SNDHWM, self._high_water_mark)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections, never for a dead peer
-            sock.connect(endpoint)
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError:
+                sock.close(linger=0)  # an unclosed socket would make close()'s context.term() hang
+                raise
             self._sockets[endpoint] = sock
         return sock
 
@@ -57,7 +61,7 @@ class TcpFeatureSender:
             await asyncio.wait_for(sock.send_multipart([header, payload], copy=False), self._send_timeout_s)
         except asyncio.TimeoutError:
             raise TransportError(
-                f"feature endpoint {endpoint} accepted nothing for {self._send_timeout_s:.0f} s"
+                f"feature endpoint {endpoint} accepted nothing for {self._send_timeout_s:g} s"
             ) from None
         return payload.nbytes
 
