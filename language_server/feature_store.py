@@ -24,6 +24,10 @@ class FeatureMismatch(ValueError):
     """Arrived features contradict the Generate call (image count)."""
 
 
+class FeatureOverCapacity(RuntimeError):
+    """A request's features were dropped because the store was full."""
+
+
 @dataclass
 class _Pending:
     images: dict[int, ImageFeatures] = field(default_factory=dict)
@@ -32,7 +36,7 @@ class _Pending:
     created: float = field(default_factory=time.monotonic)
     claimed: bool = False
     complete: asyncio.Event = field(default_factory=asyncio.Event)
-    error: str | None = None
+    error: Exception | None = None  # raised by the claim
 
 
 class FeatureStore:
@@ -57,7 +61,7 @@ class FeatureStore:
         if entry is None:
             entry = self._pending[item.request_id] = _Pending()
         if entry.image_count is not None and item.image_count != entry.image_count:
-            entry.error = (
+            entry.error = FeatureMismatch(
                 f"features for image {item.image_index} say the request has {item.image_count} images, "
                 f"expected {entry.image_count}"
             )
@@ -66,7 +70,12 @@ class FeatureStore:
         if item.image_index in entry.images:
             return self._drop("duplicate", item.num_bytes)
         if self.num_bytes + item.num_bytes > self._max_bytes:
-            if not entry.claimed and not entry.images:
+            if entry.claimed:  # fail the waiting Generate now rather than at its timeout
+                entry.error = FeatureOverCapacity(
+                    f"features of image {item.image_index} dropped: the server holds too many features"
+                )
+                entry.complete.set()
+            elif not entry.images:
                 del self._pending[item.request_id]
             return self._drop("over_capacity", item.num_bytes)
         entry.image_count = item.image_count
@@ -103,7 +112,7 @@ class FeatureStore:
             raise
         if entry.error:
             self.release(request_id)
-            raise FeatureMismatch(entry.error)
+            raise entry.error
         images = [entry.images[i] for i in range(image_count)]
         self.release(request_id)
         return images

@@ -14,7 +14,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from language_server import metrics
-from language_server.feature_store import FeatureMismatch, FeatureStore, FeatureTimeout
+from language_server.feature_store import FeatureMismatch, FeatureOverCapacity, FeatureStore, FeatureTimeout
 from language_server.prompt import ChatRenderer, PromptError, count_images, messages_to_dicts
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
@@ -128,11 +128,15 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         images: list[ImageFeatures] = []
         if image_count:
             timeout_s = request.feature_timeout_s or self._feature_timeout_s
+            if timeout_s < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"feature_timeout_s {timeout_s} is negative")
             try:
                 images = await self._store.claim(rid, image_count, timeout_s)
                 check_features(images, self._description.hidden_size)
             except FeatureTimeout as exc:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid}: {exc}")
+            except FeatureOverCapacity as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {rid}: {exc}")
             except (FeatureMismatch, FeatureError) as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
         features_ready = time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from language_server.feature_store import FeatureMismatch, FeatureStore, FeatureTimeout
+from language_server.feature_store import FeatureMismatch, FeatureOverCapacity, FeatureStore, FeatureTimeout
 from transport.frames import ImageFeatures
 
 pytestmark = pytest.mark.timeout(30)
@@ -226,14 +226,14 @@ def test_over_capacity_drops_only_the_newcomer():
     run(body())
 
 
-def test_an_image_larger_than_the_cap_is_dropped_for_a_waiting_claim():
+def test_an_image_larger_than_the_cap_fails_a_waiting_claim_at_once():
     async def body():
         store, drops = new_store(max_bytes=ITEM_BYTES)
-        claim = asyncio.create_task(store.claim("r", 1, timeout_s=0.05))
+        claim = asyncio.create_task(store.claim("r", 1, timeout_s=30))
         await asyncio.sleep(0.01)
         assert not store.put(make_item("r", 0, 1, tokens=8))
-        with pytest.raises(FeatureTimeout, match="only 0 of 1"):
-            await claim
+        with pytest.raises(FeatureOverCapacity, match="image 0 dropped"):
+            await asyncio.wait_for(claim, 5)
         assert drops.reasons == ["over_capacity"]
         assert store.num_bytes == 0 and len(store) == 0
 
