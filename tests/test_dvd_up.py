@@ -174,6 +174,23 @@ def test_language_server_holds_no_vision_weights(up):
     assert description.checkpoint_format == "custom"
 
 
+def test_features_that_never_arrive_time_out_and_the_server_keeps_serving(up, client, model):
+    stack, _ = up
+    with grpc.insecure_channel(f"127.0.0.1:{stack.language_port}") as channel:
+        language = dvd_pb2_grpc.LanguageServiceStub(channel)
+        request = dvd_pb2.GenerateRequest(
+            request_id="never-encoded", image_count=1, feature_timeout_s=0.5,
+            messages=[dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(image=True)])],
+            sampling=dvd_pb2.SamplingParams(max_tokens=2))
+        with pytest.raises(grpc.RpcError) as error:
+            list(language.Generate(request, timeout=30))
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "0 of 1 images" in error.value.details()
+    pending = counter(f"http://127.0.0.1:{stack.language_metrics_port}/metrics", "dvd_language_features_pending_bytes")
+    assert pending == 0
+    assert client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 2)), max_tokens=2)
+
+
 def test_sigterm_stops_every_server(up):
     """Must stay last in this module: it ends the stack."""
     stack, process = up
