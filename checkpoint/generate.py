@@ -204,6 +204,8 @@ def write_weights(out_dir: Path, cfg: ModelConfig, fmt: Format, seed: int, max_s
     """Write safetensors shard by shard, making each shard's tensors only when it is written."""
     dtype = getattr(torch, cfg.dtype)
     shards = plan_shards(tensor_specs(cfg), dtype.itemsize, max_shard_bytes)
+    for stale in out_dir.glob("model*.safetensors*"):  # an earlier write's shards would shadow this one's
+        stale.unlink()
     weight_map, total_size = {}, 0
     for i, shard in enumerate(shards):
         filename = (
@@ -214,10 +216,10 @@ def write_weights(out_dir: Path, cfg: ModelConfig, fmt: Format, seed: int, max_s
             tensor = make_tensor(spec, seed, dtype)
             tensors.update(hf_tensors(spec.name, tensor) if fmt == "hf" else [(spec.name, tensor)])
         save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})
+        (out_dir / filename).chmod(0o644)  # safetensors creates owner-only files; servers may run as others
         for name, tensor in tensors.items():
             weight_map[name] = filename
             total_size += tensor.numel() * tensor.element_size()
-        del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         _write_json(out_dir / "model.safetensors.index.json", index)

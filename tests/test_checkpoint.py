@@ -279,3 +279,9 @@ def test_sharded_checkpoint_has_an_index_and_loads(tiny, tmp_path):
 
     _, info = transformers.InternVLForConditionalGeneration.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_rewriting_a_checkpoint_drops_its_old_shards(tmp_path):
+    write_checkpoint(tmp_path, "tiny", "custom", max_shard_bytes=SMALL_SHARD_BYTES)
+    write_checkpoint(tmp_path, "tiny", "custom")
+    assert [p.name for p in tmp_path.glob("model*")] == ["model.safetensors"]
