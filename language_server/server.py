@@ -47,12 +47,13 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
     store = FeatureStore(ttl_s=settings.feature_ttl_s, max_bytes=settings.max_pending_feature_bytes,
                          on_drop=on_drop)
 
+    metrics.FEATURES_PENDING_BYTES.set_function(lambda: store.num_bytes)
+    metrics.FEATURES_PENDING_REQUESTS.set_function(lambda: len(store))
+
     def on_features(item: ImageFeatures) -> None:
         if store.put(item):
             metrics.FEATURES_RECEIVED.inc()
             metrics.FEATURE_BYTES.inc(item.num_bytes)
-        metrics.FEATURES_PENDING_BYTES.set(store.num_bytes)
-        metrics.FEATURES_PENDING_REQUESTS.set(len(store))
 
     # No image can hold more tokens than the context; fp32 is the widest dtype on the wire.
     max_payload = settings.max_model_len * hidden_size * 4
