@@ -3,12 +3,11 @@
 Every tensor is drawn from its own generator, seeded by (seed, custom-format name), so both formats
 hold the same weights for the same seed and each tensor can be made just before its shard is written.
 
-    python -m checkpoint.generate tiny hf checkpoints/tiny-hf
+    dvd checkpoint checkpoints/tiny-hf --preset tiny --format hf
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -24,6 +23,8 @@ from tokenizers import AddedToken, Tokenizer
 
 from checkpoint.formats import IMAGE_PLACEHOLDER, Format
 from checkpoint.presets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
@@ -35,8 +36,6 @@ ENDOFTEXT_ID = 151643  # <|endoftext|>: Qwen3's bos / pad
 IM_END_ID = 151645  # <|im_end|>: end of a chat turn
 VIDEO_TOKEN = "<video>"  # the HF processor's video placeholder, added after InternVL's tokens
 VIDEO_TOKEN_ID = max(INTERNVL_ADDED_TOKENS.values()) + 1
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 INIT_STD = 0.02
 # With tied embeddings a random model's residual stream stays close to the last token's own embedding, so
@@ -356,8 +355,8 @@ def _hf_processor_files(cfg: ModelConfig) -> dict[str, dict]:
         "do_normalize": True,
         "do_rescale": True,
         "do_resize": True,
-        "image_mean": IMAGENET_MEAN,
-        "image_std": IMAGENET_STD,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
         "max_patches": cfg.max_dynamic_patch,
         "min_patches": cfg.min_dynamic_patch,
         "resample": 3,  # bicubic
@@ -371,8 +370,8 @@ def _hf_processor_files(cfg: ModelConfig) -> dict[str, dict]:
         "do_normalize": True,
         "do_rescale": True,
         "do_resize": True,
-        "image_mean": IMAGENET_MEAN,
-        "image_std": IMAGENET_STD,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
         "resample": 3,
         "rescale_factor": 1 / 255,
         "size": size,
@@ -468,18 +467,3 @@ def write_checkpoint(
     write_tokenizer(out_dir, fmt)
     write_weights(out_dir, cfg, fmt, seed, max_shard_bytes)
     return out_dir
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("preset", help="tiny, 1b, 2b, 4b or 8b")
-    parser.add_argument("format", choices=["hf", "custom"])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
-    args = parser.parse_args()
-    print(write_checkpoint(args.out_dir, args.preset, args.format, args.seed, args.max_shard_bytes))
-
-
-if __name__ == "__main__":
-    main()

@@ -25,6 +25,10 @@ INTERNVL_ADDED_TOKENS: dict[str, int] = {
     "</box>": 151677,
 }
 
+# Pixel normalisation of every InternVL3.5 vision encoder (ImageNet statistics).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class VisionConfig:

@@ -84,8 +84,8 @@ def language_server(
 def gateway(
     host: str = "127.0.0.1",
     port: int = 8000,
-    vision_server: Annotated[list[str], typer.Option(help="Vision server gRPC address (repeatable)")] = ["127.0.0.1:50051"],
-    language_server: Annotated[list[str], typer.Option(help="Language server gRPC address (repeatable)")] = ["127.0.0.1:50061"],
+    vision_server: Annotated[list[str] | None, typer.Option(help="Vision server gRPC address (repeatable)")] = None,
+    language_server: Annotated[list[str] | None, typer.Option(help="Language server gRPC address (repeatable)")] = None,
     served_model_name: str | None = None,
     log_level: str = "info",
 ) -> None:
@@ -94,8 +94,10 @@ def gateway(
     from gateway.settings import GatewaySettings
 
     _logging(log_level)
-    main(GatewaySettings(host=host, port=port, vision_servers=vision_server, language_servers=language_server,
-                         served_model_name=served_model_name))
+    settings = GatewaySettings(host=host, port=port, served_model_name=served_model_name)
+    settings.vision_servers = vision_server or settings.vision_servers
+    settings.language_servers = language_server or settings.language_servers
+    main(settings)
 
 
 @app.command()

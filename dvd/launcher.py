@@ -41,7 +41,8 @@ class Stack:
         language_metrics = ["--metrics-port", str(self.language_metrics_port)] if self.language_metrics_port else []
         return {
             "vision-server": dvd + ["vision-server", "--model", self.model, "--host", self.host,
-                                    "--port", str(self.vision_port), "--feature-dtype", self.feature_dtype, *vision_metrics],
+                                    "--port", str(self.vision_port), "--feature-dtype", self.feature_dtype,
+                                    *vision_metrics],
             "language-server": dvd + ["language-server", "--model", self.model, "--host", self.host,
                                       "--port", str(self.language_port), "--dtype", self.dtype,
                                       "--max-model-len", str(self.max_model_len),
@@ -58,7 +59,8 @@ def start(stack: Stack, log_dir: Path | None = None) -> dict[str, subprocess.Pop
     processes = {}
     for name, command in stack.commands().items():
         output = open(log_dir / f"{name}.log", "wb") if log_dir else None  # noqa: SIM115 (owned by the child)
-        processes[name] = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
+        stderr = subprocess.STDOUT if output else None
+        processes[name] = subprocess.Popen(command, env=env, stdout=output, stderr=stderr)
     return processes
 
 

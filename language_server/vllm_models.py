@@ -9,8 +9,8 @@ shape, dtype and hidden size before it reaches the engine.
 
 from __future__ import annotations
 
-from vllm.model_executor.models.internvl import InternVLChatModel, InternVLImageEmbeddingInputs
 from vllm.model_executor.models.interns1 import InternS1ForConditionalGeneration, InternS1ImageEmbeddingInputs
+from vllm.model_executor.models.internvl import InternVLChatModel, InternVLImageEmbeddingInputs
 
 
 class DvdInternVLChatModel(InternVLChatModel):

@@ -13,9 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD
 from vision_server.preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageError,
     decode_image,
     dynamic_tiles,

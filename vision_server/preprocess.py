@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD
+
 IMAGE_SIZE = 448
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Formats a client may send; PIL's rarer plugins are more attack surface than use.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")

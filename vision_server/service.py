@@ -70,7 +70,7 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
             max_tiles = image.max_tiles or settings.default_max_tiles
             if max_tiles > settings.max_tiles_limit:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"image {index}: max_tiles {max_tiles} exceeds the limit {settings.max_tiles_limit}")
+                                    f"image {index}: max_tiles {max_tiles} exceeds {settings.max_tiles_limit}")
             jobs.append(loop.run_in_executor(self._preprocess_pool, partial(
                 preprocess, image.data, max_tiles=max_tiles,
                 max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)))
