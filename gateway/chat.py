@@ -129,6 +129,6 @@ async def generate(vision: BackendPool, language: LanguagePool, chat: PreparedCh
 def _log_timings(request_id: str, encoded: dvd_pb2.EncodeResponse | None, last: dvd_pb2.GenerateResponse) -> None:
     e = encoded.timings if encoded else dvd_pb2.EncodeTimings()
     t = last.timings
-    log.info("request %s: preprocess %.1f ms, encode %.1f ms, send %.1f ms, feature wait %.1f ms, "
+    log.info("request %s: preprocess %.1f ms, encode %.1f ms, send %.1f ms, transfer %.1f ms, feature wait %.1f ms, "
              "prefill %.1f ms, decode %.1f ms", request_id, e.preprocess_ms, e.encode_ms, e.send_ms,
-             t.feature_wait_ms, t.prefill_ms, t.decode_ms)
+             t.transfer_ms, t.feature_wait_ms, t.prefill_ms, t.decode_ms)

@@ -14,6 +14,12 @@ FEATURES_PENDING_REQUESTS = Gauge("dvd_language_features_pending_requests", "Req
 FEATURE_WAIT = Histogram(
     "dvd_language_feature_wait_seconds", "Generate arrival to all features present", buckets=LATENCY_BUCKETS
 )
+FEATURE_TRANSFER = Histogram(
+    "dvd_language_feature_transfer_seconds", "Vision server send to arrival, per image (synced clocks)",
+    buckets=LATENCY_BUCKETS,
+)
+PREFILL = Histogram("dvd_language_prefill_seconds", "All features present to first token", buckets=LATENCY_BUCKETS)
+DECODE = Histogram("dvd_language_decode_seconds", "First token to last token", buckets=LATENCY_BUCKETS)
 TTFT = Histogram("dvd_language_ttft_seconds", "Generate arrival to first token", buckets=LATENCY_BUCKETS)
 TPOT = Histogram("dvd_language_tpot_seconds", "Time per output token after the first", buckets=LATENCY_BUCKETS)
 E2E = Histogram("dvd_language_request_seconds", "Generate arrival to last token", buckets=LATENCY_BUCKETS)

@@ -54,6 +54,8 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
         if store.put(item):
             metrics.FEATURES_RECEIVED.inc()
             metrics.FEATURE_BYTES.inc(item.num_bytes)
+            if item.sent_unix_ns:
+                metrics.FEATURE_TRANSFER.observe(max(0, item.received_unix_ns - item.sent_unix_ns) / 1e9)
 
     # No image can hold more tokens than the context; fp32 is the widest dtype on the wire.
     max_payload = settings.max_model_len * hidden_size * 4

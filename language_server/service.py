@@ -173,6 +173,7 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
                         feature_wait_ms=(features_ready - start) * 1e3,
                         prefill_ms=(first - features_ready) * 1e3,
                         decode_ms=(now - first) * 1e3,
+                        transfer_ms=max((i.received_unix_ns - i.sent_unix_ns for i in images), default=0) / 1e6,
                     ))
                 yield response
         except (ValueError, VLLMClientError) as exc:  # vLLM's input checks, e.g. a prompt over the context
@@ -181,6 +182,8 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
             self._on_engine_dead()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the language engine died; this server is restarting")
         if first_token is not None:
+            metrics.PREFILL.observe(first_token - features_ready)
+            metrics.DECODE.observe(last_token - first_token)
             metrics.E2E.observe(last_token - start)
             if completion_tokens > 1:
                 metrics.TPOT.observe((last_token - first_token) / (completion_tokens - 1))

@@ -19,7 +19,7 @@ FLOAT16: DType
 FLOAT32: DType
 
 class FeatureHeader(_message.Message):
-    __slots__ = ("request_id", "image_index", "image_count", "tile_tokens", "hidden_size", "dtype", "payload_bytes", "crc32")
+    __slots__ = ("request_id", "image_index", "image_count", "tile_tokens", "hidden_size", "dtype", "payload_bytes", "crc32", "sent_unix_ns")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class FeatureHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     image_index: int
     image_count: int
@@ -36,7 +37,8 @@ class FeatureHeader(_message.Message):
     dtype: DType
     payload_bytes: int
     crc32: int
-    def __init__(self, request_id: _Optional[str] = ..., image_index: _Optional[int] = ..., image_count: _Optional[int] = ..., tile_tokens: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    sent_unix_ns: int
+    def __init__(self, request_id: _Optional[str] = ..., image_index: _Optional[int] = ..., image_count: _Optional[int] = ..., tile_tokens: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
 
 class ImageInput(_message.Message):
     __slots__ = ("data", "max_tiles")
@@ -183,14 +185,16 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., image_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateTimings(_message.Message):
-    __slots__ = ("feature_wait_ms", "prefill_ms", "decode_ms")
+    __slots__ = ("feature_wait_ms", "prefill_ms", "decode_ms", "transfer_ms")
     FEATURE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
     feature_wait_ms: float
     prefill_ms: float
     decode_ms: float
-    def __init__(self, feature_wait_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ...) -> None: ...
+    transfer_ms: float
+    def __init__(self, feature_wait_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "usage", "timings")

@@ -164,6 +164,29 @@ def test_prompt_longer_than_the_context_is_a_400(client, model):
     assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
 
 
+def test_too_many_images_is_a_400(client, model):
+    tiny = make_image(32, 32, 0)
+    with pytest.raises(openai.BadRequestError, match="more than 16 images"):
+        client.chat.completions.create(model=model, messages=user("many", *[tiny] * 17), max_tokens=1)
+
+
+def test_client_disconnect_cancels_the_generation(up, model):
+    stack, _ = up
+    metrics_url = f"http://127.0.0.1:{stack.language_metrics_port}/metrics"
+    before = counter(metrics_url, 'dvd_language_requests_total{outcome="cancelled"}')
+    body = {"model": model, "stream": True, "max_tokens": 4000,
+            "messages": user("Write a long story.", make_image(64, 64, 3))}
+    with httpx.stream("POST", f"{stack.gateway_url}/v1/chat/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        next(reply.iter_lines())  # the first chunk arrived: the request is generating; now hang up
+    for _ in range(100):
+        if counter(metrics_url, 'dvd_language_requests_total{outcome="cancelled"}') == before + 1:
+            break
+        __import__("time").sleep(0.1)
+    assert counter(metrics_url, 'dvd_language_requests_total{outcome="cancelled"}') == before + 1
+    assert counter(metrics_url, "dvd_language_requests_in_flight") == 0
+
+
 def test_language_server_holds_no_vision_weights(up):
     stack, _ = up
     with grpc.insecure_channel(f"127.0.0.1:{stack.language_port}") as channel:

@@ -7,6 +7,7 @@ tensor is built, so a malformed message is rejected here and never reaches the l
 from __future__ import annotations
 
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ class ImageFeatures:
     image_count: int
     tile_tokens: list[int]
     features: torch.Tensor  # [tokens, hidden]
+    sent_unix_ns: int = 0  # set by the sender's transport
+    received_unix_ns: int = 0  # set by the receiver's transport
 
     @property
     def num_bytes(self) -> int:
@@ -67,6 +70,7 @@ def encode_frames(item: ImageFeatures, *, checksum: bool = False) -> tuple[bytes
         hidden_size=features.shape[1],
         dtype=DTYPE_TO_WIRE[features.dtype],
         payload_bytes=payload.nbytes,
+        sent_unix_ns=time.time_ns(),
     )
     if checksum:
         header.crc32 = zlib.crc32(payload)
@@ -116,4 +120,6 @@ def decode_frames(header_data: bytes | memoryview, payload, *, max_payload_bytes
         image_count=header.image_count,
         tile_tokens=list(header.tile_tokens),
         features=features,
+        sent_unix_ns=header.sent_unix_ns,
+        received_unix_ns=time.time_ns(),
     )

@@ -1,0 +1,110 @@
+"""One request's latency split into stages, measured on a running DvD stack.
+
+Sends sequential chat completions with one image through the gateway (official `openai` client) and
+reads the servers' Prometheus histograms before and after, so each stage's mean comes from the
+servers themselves:
+
+    dvd up --vision-metrics-port 9101 --language-metrics-port 9102 &
+    python benchmarks/request_latency.py --requests 20 --width 896 --height 448
+
+Stages: preprocess (decode + tiling), encode (ViT + projector), send (hand-off to ZeroMQ), transfer
+(vision send -> language receive), feature wait (Generate arrival -> all features present; overlaps
+the stages before it), prefill (features present -> first token), decode (first -> last token).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import platform
+import time
+from typing import Annotated
+
+import httpx
+import numpy as np
+import openai
+import typer
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+STAGES = {
+    "preprocess": ("vision", "dvd_vision_preprocess_seconds"),
+    "encode": ("vision", "dvd_vision_encode_seconds"),
+    "send": ("vision", "dvd_vision_send_seconds"),
+    "transfer": ("language", "dvd_language_feature_transfer_seconds"),
+    "feature_wait": ("language", "dvd_language_feature_wait_seconds"),
+    "prefill": ("language", "dvd_language_prefill_seconds"),
+    "decode": ("language", "dvd_language_decode_seconds"),
+}
+
+
+def histogram_totals(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of every histogram on a Prometheus page."""
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        if family.type != "histogram":
+            continue
+        entry = totals.setdefault(family.name, [0.0, 0.0])
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                entry[0] += sample.value
+            elif sample.name.endswith("_count"):
+                entry[1] += sample.value
+    return {name: (s, c) for name, (s, c) in totals.items()}
+
+
+def image_url(width: int, height: int, seed: int) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def main(
+    gateway: str = "http://127.0.0.1:8000",
+    vision_metrics: str = "http://127.0.0.1:9101/metrics",
+    language_metrics: str = "http://127.0.0.1:9102/metrics",
+    requests: Annotated[int, typer.Option(help="Sequential requests to average over")] = 20,
+    width: int = 896,
+    height: int = 448,
+    max_tokens: int = 16,
+    warmup: int = 2,
+) -> None:
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    pages = {"vision": vision_metrics, "language": language_metrics}
+
+    def ask(seed: int) -> tuple[float, float]:
+        messages = [{"role": "user", "content": [
+            {"type": "text", "text": "Describe the image."},
+            {"type": "image_url", "image_url": {"url": image_url(width, height, seed)}}]}]
+        start = time.perf_counter()
+        first = None
+        for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                    temperature=0, stream=True):
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        return (first or end) - start, end - start
+
+    for seed in range(warmup):
+        ask(seed)
+    before = {kind: histogram_totals(url) for kind, url in pages.items()}
+    client_times = [ask(warmup + i) for i in range(requests)]
+    after = {kind: histogram_totals(url) for kind, url in pages.items()}
+
+    result = {"model": model, "image": [width, height], "requests": requests, "max_tokens": max_tokens,
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "stages_ms": {}}
+    for stage, (kind, name) in STAGES.items():
+        s0, c0 = before[kind].get(name, (0.0, 0.0))
+        s1, c1 = after[kind].get(name, (0.0, 0.0))
+        result["stages_ms"][stage] = round((s1 - s0) / (c1 - c0) * 1e3, 2) if c1 > c0 else None
+    ttft, e2e = zip(*client_times)
+    result["client_ttft_ms"] = round(float(np.mean(ttft)) * 1e3, 2)
+    result["client_e2e_ms"] = round(float(np.mean(e2e)) * 1e3, 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    typer.run(main)
