@@ -41,9 +41,13 @@ def up(tiny_checkpoints, tmp_path_factory):
         process.kill()
         raise
     yield stack, process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    if process.poll() is None:  # a test failed before the SIGTERM test: stop the stack all the same
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()  # the servers get SIGTERM from their parent-death signal
+            process.wait()
     log.close()
 
 
