@@ -124,6 +124,9 @@ def _read_custom(config: dict, where: str) -> ModelConfig:
         min_dynamic_patch=config.get("min_dynamic_patch", ModelConfig.min_dynamic_patch),
         use_thumbnail=config.get("use_thumbnail", ModelConfig.use_thumbnail),
         dtype=_dtype(config),
+        flash=bool(config.get("flash_mode", False)),
+        vir_relative_threshold=config.get("flash_relative_threshold", ModelConfig.vir_relative_threshold),
+        vir_absolute_threshold=config.get("flash_absolute_threshold", ModelConfig.vir_absolute_threshold),
     )
 
 

@@ -43,6 +43,7 @@ INIT_STD = 0.02
 # projector output (features RMS ~0.12) let the image-dependent attention output decide the tokens instead.
 EMBED_STD = 0.005
 PROJECTOR_OUT_STD = 0.1
+ROUTER_STD = 0.5
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 
 # Published InternVL3.5 configs carry a transformers 4.x version; without one, transformers 5 suspects a
@@ -107,6 +108,8 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
         *linear("mlp1.1", H, cfg.projector_input_size),
         *linear("mlp1.3", H, H, std=PROJECTOR_OUT_STD),
     ]
+    if cfg.flash:
+        specs += vir_specs(cfg, norm, linear)
 
     specs.append(TensorSpec("language_model.model.embed_tokens.weight", (t.vocab_size, H), EMBED_STD))
     for i in range(t.num_layers):
@@ -128,6 +131,31 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     if not t.tie_word_embeddings:
         specs.append(TensorSpec("language_model.lm_head.weight", (t.vocab_size, H), INIT_STD))
     return specs
+
+
+def vir_specs(cfg: ModelConfig, norm, linear) -> list[TensorSpec]:
+    """InternVL3.5-Flash's ViR weights under the reference names: `mlp2`, `pooling_before_gating`, `gating`."""
+    C, H, C16 = cfg.vision.hidden_size, cfg.language.hidden_size, cfg.compressed_projector_input_size
+    specs = [  # mlp2 = LayerNorm(16C) -> Linear(16C, 2H) -> GELU -> Linear(2H, 2H) -> GELU -> Linear(2H, H)
+        *norm("mlp2.0", C16),
+        *linear("mlp2.1", 2 * H, C16),
+        *linear("mlp2.4", 2 * H, 2 * H),
+        *linear("mlp2.7", H, 2 * H, std=PROJECTOR_OUT_STD),
+        TensorSpec("pooling_before_gating.query_token", (1, C), INIT_STD),
+    ]
+    for i in range(1, 5):
+        p = f"pooling_before_gating.attn{i}"
+        specs += [
+            TensorSpec(f"{p}.in_proj_weight", (3 * C, C), INIT_STD),
+            TensorSpec(f"{p}.in_proj_bias", (3 * C,), INIT_STD),
+            *linear(f"{p}.out_proj", C, C),
+            *norm(f"pooling_before_gating.norm{i}", C),
+        ]
+    for i in range(1, 5):  # residual blocks: Linear(C, 4C) -> GELU -> Linear(4C, C) -> LayerNorm(C)
+        specs += [*linear(f"gating.block{i}.0", 4 * C, C), *linear(f"gating.block{i}.3", C, 4 * C),
+                  *norm(f"gating.block{i}.5", C)]
+    # A wide router head spreads p0 across tiles, so that a tiny random model routes some tiles each way.
+    return specs + [*norm("gating.gate.0", C), *linear("gating.gate.1", 2, C, std=ROUTER_STD)]
 
 
 def make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -276,6 +304,8 @@ def custom_config(cfg: ModelConfig) -> dict:
         "use_backbone_lora": 0,
         "use_llm_lora": 0,
         "use_thumbnail": cfg.use_thumbnail,
+        **({"flash_mode": True, "flash_relative_threshold": cfg.vir_relative_threshold,
+            "flash_absolute_threshold": cfg.vir_absolute_threshold} if cfg.flash else {}),
         "vision_config": {
             "architectures": ["InternVisionModel"],
             "model_type": "intern_vit_6b",
@@ -454,6 +484,8 @@ def write_checkpoint(
     cfg = ModelConfig.from_name(preset) if isinstance(preset, str) else preset
     if fmt not in ("hf", "custom"):
         raise ValueError(f"unknown checkpoint format {fmt!r}; expected 'hf' or 'custom'")
+    if cfg.flash and fmt != "custom":
+        raise ValueError("Flash (ViR) checkpoints are written in the custom format only, as published")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "custom":

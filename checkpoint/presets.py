@@ -84,6 +84,12 @@ class ModelConfig:
     min_dynamic_patch: int = 1
     use_thumbnail: bool = True
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # InternVL3.5-Flash: the Visual Resolution Router (ViR) sends a tile as 64 tokens (pixel shuffle
+    # 0.25 + `mlp2`) instead of 256 when its router probability p0 is above the image's own
+    # `vir_relative_threshold` quantile and at least `vir_absolute_threshold`.
+    flash: bool = False
+    vir_relative_threshold: float = 0.5
+    vir_absolute_threshold: float = 0.0
 
     @property
     def tokens_per_tile(self) -> int:
@@ -92,6 +98,14 @@ class ModelConfig:
     @property
     def projector_input_size(self) -> int:
         return self.vision.hidden_size * int(1 / self.downsample_ratio) ** 2  # 4C
+
+    @property
+    def compressed_tokens_per_tile(self) -> int:
+        return self.tokens_per_tile // 4  # 64: ViR's pixel shuffle at half the ratio
+
+    @property
+    def compressed_projector_input_size(self) -> int:
+        return self.vision.hidden_size * int(1 / self.downsample_ratio) ** 4  # 16C, `mlp2`'s input
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +119,15 @@ class ModelConfig:
 
 
 INTERNVIT_300M = VisionConfig()
+INTERNVIT_6B = VisionConfig(  # InternViT-6B-448px-V2.5 as used by InternVL3.5-38B (45 layers kept)
+    hidden_size=3200,
+    num_layers=45,
+    num_heads=25,
+    intermediate_size=12800,
+    norm_type="rms_norm",
+    qkv_bias=False,
+    qk_normalization=True,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # CPU-fast, real tile geometry (448 px, patch 14, 1024 patches, 256 tokens per tile); head_dim 32
@@ -134,6 +157,17 @@ PRESETS: dict[str, ModelConfig] = {
             num_heads=32,
             num_kv_heads=8,
             intermediate_size=12288,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "38b": ModelConfig(
+        vision=INTERNVIT_6B,
+        language=LanguageConfig(  # Qwen3-32B
+            hidden_size=5120,
+            num_layers=64,
+            num_heads=64,
+            num_kv_heads=8,
+            intermediate_size=25600,
             tie_word_embeddings=False,
         ),
     ),

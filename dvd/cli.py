@@ -27,13 +27,18 @@ def checkpoint(
     preset: Annotated[str, typer.Option(help="tiny, 1b, 2b, 4b or 8b")] = "tiny",
     format: Annotated[str, typer.Option("--format", help="hf or custom")] = "custom",
     seed: Annotated[int, typer.Option(help="Random seed of the weights")] = 0,
+    flash: Annotated[bool, typer.Option(help="InternVL3.5-Flash: add the ViR router and mlp2 (custom format)")] = False,
 ) -> None:
     """Write a random-weight InternVL3.5 checkpoint in a real on-disk format."""
+    import dataclasses
+
     from checkpoint.generate import write_checkpoint
+    from checkpoint.presets import ModelConfig
 
     if format not in ("hf", "custom"):
         raise typer.BadParameter("format must be hf or custom", param_hint="--format")
-    path = write_checkpoint(out, preset, format, seed=seed)
+    config = dataclasses.replace(ModelConfig.from_name(preset), flash=flash)
+    path = write_checkpoint(out, config, format, seed=seed)
     typer.echo(f"wrote {preset} checkpoint ({format} format) to {path}")
 
 
@@ -82,22 +87,35 @@ def language_server(
 
 @app.command()
 def gateway(
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    vision_server: Annotated[list[str] | None, typer.Option(help="Vision server gRPC address (repeatable)")] = None,
-    language_server: Annotated[list[str] | None, typer.Option(help="Language server gRPC address (repeatable)")] = None,
+    config: Annotated[Path | None, typer.Option(help="Settings file (.toml or .json); flags, env override it")] = None,
+    host: str | None = None,
+    port: int | None = None,
+    vision_server: Annotated[list[str] | None, typer.Option(
+        help="Vision server gRPC address (repeatable); dns:NAME:PORT stands for all of NAME's addresses")] = None,
+    language_server: Annotated[list[str] | None, typer.Option(
+        help="Language server gRPC address (repeatable); dns:NAME:PORT stands for all of NAME's addresses")] = None,
     served_model_name: str | None = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        help="Accepted API key (repeatable); prefer DVD_GATEWAY_API_KEYS='[\"...\"]' or the settings file")] = None,
+    max_in_flight: Annotated[int | None, typer.Option(help="Requests in progress before 429; 0: no cap")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(help="Deadline of one request")] = None,
+    health_interval_s: Annotated[float | None, typer.Option(help="Seconds between health checks")] = None,
+    max_images_per_request: int | None = None,
+    image_fetch_allowed_network: Annotated[list[str] | None, typer.Option(
+        help="Network (CIDR) that http(s) image URLs may point into although it is not public (repeatable)")] = None,
     log_level: str = "info",
 ) -> None:
     """Serve the OpenAI-compatible API in front of the vision and language servers."""
     from gateway.server import main
-    from gateway.settings import GatewaySettings
+    from gateway.settings import load_settings
 
     _logging(log_level)
-    settings = GatewaySettings(host=host, port=port, served_model_name=served_model_name)
-    settings.vision_servers = vision_server or settings.vision_servers
-    settings.language_servers = language_server or settings.language_servers
-    main(settings)
+    flags = {"host": host, "port": port, "vision_servers": vision_server, "language_servers": language_server,
+             "served_model_name": served_model_name, "api_keys": api_key, "max_in_flight": max_in_flight,
+             "request_timeout_s": request_timeout_s, "health_interval_s": health_interval_s,
+             "max_images_per_request": max_images_per_request,
+             "image_fetch_allowed_networks": image_fetch_allowed_network}
+    main(load_settings(config, **{name: value for name, value in flags.items() if value is not None}))
 
 
 @app.command()

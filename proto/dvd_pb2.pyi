@@ -49,16 +49,20 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "feature_endpoint", "use_vir")
+    __slots__ = ("request_id", "images", "feature_endpoint", "use_vir", "vir_relative_threshold", "vir_absolute_threshold")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     USE_VIR_FIELD_NUMBER: _ClassVar[int]
+    VIR_RELATIVE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    VIR_ABSOLUTE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     feature_endpoint: str
     use_vir: bool
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., feature_endpoint: _Optional[str] = ..., use_vir: _Optional[bool] = ...) -> None: ...
+    vir_relative_threshold: float
+    vir_absolute_threshold: float
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., feature_endpoint: _Optional[str] = ..., use_vir: _Optional[bool] = ..., vir_relative_threshold: _Optional[float] = ..., vir_absolute_threshold: _Optional[float] = ...) -> None: ...
 
 class ImageEncoding(_message.Message):
     __slots__ = ("image_index", "num_tiles", "num_tokens", "tile_tokens", "feature_bytes")

@@ -63,12 +63,29 @@ CHECKPOINT_NAMES: dict[Format, dict[str, str | tuple[str, ...]]] = {
     },
 }
 
-# Checkpoint name prefixes of this model's tensors. Flash checkpoints' ViR tensors (`mlp2`, `gating`,
-# `pooling_before_gating`) are not part of it.
+# ViR (Flash checkpoints, custom format as published). The reference's ModuleLists count from 1.
+VIR_NAMES: dict[str, str] = {
+    "router_pooling.query_token": "pooling_before_gating.query_token",
+    **{f"router_pooling.attn.{j}.{leaf}": f"pooling_before_gating.attn{j + 1}.{leaf}"
+       for j in range(4) for leaf in ("in_proj_weight", "in_proj_bias", "out_proj")},
+    **{f"router_pooling.norm.{j}": f"pooling_before_gating.norm{j + 1}" for j in range(4)},
+    **{f"gating.blocks.{j}.{ours}": f"gating.block{j + 1}.{theirs}"
+       for j in range(4) for ours, theirs in (("fc1", "0"), ("fc2", "3"), ("norm", "5"))},
+    "gating.norm": "gating.gate.0",
+    "gating.head": "gating.gate.1",
+    "compressed_projector.norm": "mlp2.0",
+    "compressed_projector.fc1": "mlp2.1",
+    "compressed_projector.fc2": "mlp2.4",
+    "compressed_projector.fc3": "mlp2.7",
+}
+CHECKPOINT_NAMES["custom"].update(VIR_NAMES)
+
+# Checkpoint name prefixes of this model's tensors; ViR's are added for Flash checkpoints.
 VISION_PREFIXES: dict[Format, tuple[str, ...]] = {
     "custom": ("vision_model.", "mlp1."),
     "hf": ("vision_tower.", "multi_modal_projector."),
 }
+VIR_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
 
 # Published HF checkpoints nest everything but lm_head under "model."; save_pretrained in
 # transformers 5.19 writes the vision tensors at the top level.
@@ -151,7 +168,10 @@ def load_vision_model(
     expected = model.state_dict()
     sources = {name: checkpoint_names(name, fmt, root) for name in expected}
     wanted = {source for names in sources.values() for source in names}
-    present = {name for name in shard_of if name.startswith(tuple(root + p for p in VISION_PREFIXES[fmt]))}
+    if config.flash and fmt != "custom":
+        raise VisionCheckpointError(f"{path}: Flash (ViR) checkpoints are read in the custom format only")
+    prefixes = VISION_PREFIXES[fmt] + (VIR_PREFIXES if config.flash else ())
+    present = {name for name in shard_of if name.startswith(tuple(root + p for p in prefixes))}
     if missing := sorted(wanted - shard_of.keys()):
         raise VisionCheckpointError(f"{path}: missing vision tensor(s) {_fmt_list(missing)}")
     if unexpected := sorted(present - wanted):

@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 
 from proto import dvd_pb2_grpc
 from transport.tcp import TcpFeatureSender
+from vision_server.engine import VisionEngine
 from vision_server.loader import load_vision_model
 from vision_server.service import VisionService
 from vision_server.settings import VisionServerSettings
@@ -36,7 +37,9 @@ async def serve(settings: VisionServerSettings) -> None:
     device, dtype = pick_device(settings)
     model = await asyncio.to_thread(load_vision_model, settings.model, device=device, dtype=dtype)
     sender = TcpFeatureSender(send_timeout_s=settings.send_timeout_s)
-    service = VisionService(model, settings, sender, device=device, dtype=dtype, model_name=settings.model)
+    engine = VisionEngine(model, device=device, dtype=dtype, feature_dtype=getattr(torch, settings.feature_dtype),
+                          max_batch_tiles=settings.max_batch_tiles, max_wait_s=settings.max_batch_wait_ms / 1e3)
+    service = VisionService(engine, model.config, settings, sender, model_name=settings.model)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_images_per_request
                                        * settings.max_image_bytes + (1 << 20))])
     dvd_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
@@ -55,6 +58,7 @@ async def serve(settings: VisionServerSettings) -> None:
     log.info("vision server stopping")
     await server.stop(grace=5)
     service.close()
+    engine.close()
     sender.close()
 
 

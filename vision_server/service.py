@@ -1,8 +1,8 @@
-"""gRPC `VisionService`: decode and tile a request's images, encode them, send each image's features.
+"""gRPC `VisionService`: decode and tile a request's images, queue them on the engine, send each image's features.
 
-Decoding runs in a thread pool and the encoder in one dedicated thread, so the event loop only
-schedules. An image's features leave as soon as that image is encoded; a bad image fails the whole
-request before anything is sent.
+Decoding runs in a thread pool and the encoder in the engine's threads, so the event loop only
+schedules and sends. An image's features leave as soon as that image is encoded; a bad image fails the
+whole request before anything is queued.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from functools import partial
 import grpc
 import torch
 
+from checkpoint.presets import ModelConfig
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureSender, TransportError
 from vision_server import metrics
+from vision_server.engine import VirParams, VisionEngine
 from vision_server.preprocess import ImageError, preprocess
 from vision_server.settings import VisionServerSettings
 
@@ -27,24 +29,14 @@ log = logging.getLogger(__name__)
 
 
 class VisionService(dvd_pb2_grpc.VisionServiceServicer):
-    def __init__(self, model, settings: VisionServerSettings, sender: TcpFeatureSender, *,
-                 device: torch.device, dtype: torch.dtype, model_name: str):
-        self._model = model
+    def __init__(self, engine: VisionEngine, config: ModelConfig, settings: VisionServerSettings,
+                 sender: TcpFeatureSender, *, model_name: str):
+        self._engine = engine
+        self._config = config
         self._settings = settings
         self._sender = sender
-        self._device = device
-        self._dtype = dtype
-        self._feature_dtype = getattr(torch, settings.feature_dtype)
         self._model_name = model_name
         self._preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")  # one stream of device work
-
-    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[tiles, 3, 448, 448] -> [tiles * 256, H] on the CPU, in the wire dtype."""
-        with torch.inference_mode():
-            x = pixel_values.to(self._device, self._dtype, non_blocking=True)
-            features = self._model(x)  # [tiles, 256, H]
-            return features.reshape(-1, features.shape[-1]).to("cpu", self._feature_dtype)
 
     async def Encode(self, request: dvd_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
         rid, images, settings = request.request_id, request.images, self._settings
@@ -61,10 +53,25 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
         finally:
             metrics.REQUESTS.labels(outcome).inc()
 
-    async def _encode_request(self, request: dvd_pb2.EncodeRequest, context) -> dvd_pb2.EncodeResponse:
-        rid, settings = request.request_id, self._settings
+    async def _vir(self, request: dvd_pb2.EncodeRequest, context) -> VirParams | None:
+        """ViR settings of a request: on by default for Flash checkpoints, thresholds overridable."""
+        wanted = request.use_vir if request.HasField("use_vir") else self._config.flash
+        if not wanted:
+            return None
+        if not self._config.flash:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ViR needs a Flash checkpoint; this one has none")
+        relative = (request.vir_relative_threshold if request.HasField("vir_relative_threshold")
+                    else self._config.vir_relative_threshold)
+        absolute = (request.vir_absolute_threshold if request.HasField("vir_absolute_threshold")
+                    else self._config.vir_absolute_threshold)
+        if not 0 <= relative <= 1 or not 0 <= absolute <= 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ViR thresholds must lie in [0, 1]")
+        return VirParams(relative, absolute)
+
+    async def _preprocess(self, request: dvd_pb2.EncodeRequest, context) -> list[torch.Tensor]:
+        """Decode and tile every image in the worker pool; any bad image fails the request first."""
         loop = asyncio.get_running_loop()
-        start = time.perf_counter()
+        settings = self._settings
         jobs = []
         for index, image in enumerate(request.images):
             max_tiles = image.max_tiles or settings.default_max_tiles
@@ -80,46 +87,49 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {result}")
             if isinstance(result, BaseException):
                 raise result
+        return results
+
+    async def _encode_request(self, request: dvd_pb2.EncodeRequest, context) -> dvd_pb2.EncodeResponse:
+        rid = request.request_id
+        vir = await self._vir(request, context)
+        start = time.perf_counter()
+        pixels = await self._preprocess(request, context)
         preprocessed = time.perf_counter()
         metrics.PREPROCESS.observe(preprocessed - start)
 
-        encode_s = send_s = 0.0
-        encodings = []
-        waiting = len(results)
-        metrics.QUEUE_DEPTH.inc(waiting)
+        async def encode(index: int):
+            return index, await self._engine.encode(rid, index, pixels[index], vir)
+
+        tasks = [asyncio.create_task(encode(i)) for i in range(len(pixels))]
+        encodings, send_s = [], 0.0
         try:
-            for index, pixel_values in enumerate(results):
+            for next_done in asyncio.as_completed(tasks):  # each image leaves as soon as it is encoded
+                index, encoded = await next_done
                 t0 = time.perf_counter()
-                features = await loop.run_in_executor(self._encode_pool, self._encode, pixel_values)
-                t1 = time.perf_counter()
-                waiting -= 1
-                metrics.QUEUE_DEPTH.dec()
-                num_tiles = pixel_values.shape[0]
-                tile_tokens = [features.shape[0] // num_tiles] * num_tiles
-                item = ImageFeatures(rid, index, len(results), tile_tokens, features)
+                item = ImageFeatures(rid, index, len(pixels), encoded.tile_tokens, encoded.features)
                 try:
                     sent = await self._sender.send(request.feature_endpoint, item)
                 except TransportError as exc:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {rid}, image {index}: {exc}")
-                t2 = time.perf_counter()
-                encode_s += t1 - t0
-                send_s += t2 - t1
-                metrics.ENCODE.observe(t1 - t0)
-                metrics.SEND.observe(t2 - t1)
+                send_s += time.perf_counter() - t0
+                metrics.SEND.observe(time.perf_counter() - t0)
                 metrics.IMAGES.inc()
-                metrics.TILES.inc(num_tiles)
                 metrics.FEATURE_BYTES.inc(sent)
                 encodings.append(dvd_pb2.ImageEncoding(
-                    image_index=index, num_tiles=num_tiles, num_tokens=features.shape[0],
-                    tile_tokens=tile_tokens, feature_bytes=sent))
+                    image_index=index, num_tiles=pixels[index].shape[0], num_tokens=encoded.features.shape[0],
+                    tile_tokens=encoded.tile_tokens, feature_bytes=sent))
         finally:
-            metrics.QUEUE_DEPTH.dec(waiting)
+            for task in tasks:
+                task.cancel()
+        encoded_at = time.perf_counter()
         log.info("request %s: %d images, %d tiles encoded and sent to %s", rid, len(encodings),
                  sum(e.num_tiles for e in encodings), request.feature_endpoint)
         return dvd_pb2.EncodeResponse(
-            images=encodings,
+            images=sorted(encodings, key=lambda e: e.image_index),
             timings=dvd_pb2.EncodeTimings(
-                preprocess_ms=(preprocessed - start) * 1e3, encode_ms=encode_s * 1e3, send_ms=send_s * 1e3),
+                preprocess_ms=(preprocessed - start) * 1e3,
+                encode_ms=(encoded_at - preprocessed - send_s) * 1e3,
+                send_ms=send_s * 1e3),
         )
 
     async def Health(self, request, context) -> dvd_pb2.HealthResponse:
@@ -127,4 +137,3 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
 
     def close(self) -> None:
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
-        self._encode_pool.shutdown(wait=False, cancel_futures=True)

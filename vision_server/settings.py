@@ -18,7 +18,9 @@ class VisionServerSettings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # on the wire
     default_max_tiles: int = 12
-    max_tiles_limit: int = 12  # largest max_tiles a request may ask for
+    max_tiles_limit: int = 128  # largest max_tiles a request may ask for (the model card's test-time limit)
+    max_batch_tiles: int = 32  # tiles per encoder batch, across requests
+    max_batch_wait_ms: float = 5.0  # how long the first waiting tile may wait for a fuller batch
     max_images_per_request: int = 16
     max_image_bytes: int = 20 << 20
     max_image_pixels: int = 64_000_000

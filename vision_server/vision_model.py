@@ -8,6 +8,7 @@ from torch import nn
 
 from checkpoint.presets import ModelConfig
 from vision_server.intern_vit import InternViT
+from vision_server.vir import CompressedProjector, Gating, RouterPooling
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
@@ -51,17 +52,38 @@ class VisionModel(nn.Module):
             raise ValueError(f"select_layer {config.select_layer} is outside a {layers}-layer ViT")
         self.vit = InternViT(config.vision)
         self.projector = Projector(config.projector_input_size, config.language.hidden_size)
+        if config.flash:  # ViR: router and the 64-token projector
+            self.router_pooling = RouterPooling(config.vision.hidden_size)
+            self.gating = Gating(config.vision.hidden_size)
+            self.compressed_projector = CompressedProjector(
+                config.compressed_projector_input_size, config.language.hidden_size
+            )
         # Names of the checkpoint tensors this model was loaded from; set by `vision_server.loader`.
         self.checkpoint_tensors: tuple[str, ...] = ()
 
-    @torch.inference_mode()
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _vit_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.vit.embed.proj.weight
         x = self.vit(pixel_values.to(weight.device, weight.dtype), self.num_layers)
         # x: [tiles, 1025, C] -> drop CLS -> [tiles, 32, 32, C]
         side = self.config.vision.image_size // self.config.vision.patch_size
-        x = x[:, 1:].reshape(x.shape[0], side, side, -1)
-        # x: [tiles, 32, 32, C] -> [tiles, 16, 16, 4C] -> [tiles, 256, 4C]
-        x = pixel_shuffle(x, self.config.downsample_ratio).flatten(1, 2)
-        # x: [tiles, 256, 4C] -> [tiles, 256, H]
-        return self.projector(x)
+        return x[:, 1:].reshape(x.shape[0], side, side, -1)
+
+    def _project(self, grid: torch.Tensor) -> torch.Tensor:
+        # grid: [tiles, 32, 32, C] -> [tiles, 16, 16, 4C] -> [tiles, 256, 4C] -> [tiles, 256, H]
+        return self.projector(pixel_shuffle(grid, self.config.downsample_ratio).flatten(1, 2))
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Features [tiles, 256, H] of every tile, no routing."""
+        return self._project(self._vit_grid(pixel_values))
+
+    @torch.inference_mode()
+    def forward_flash(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both projections and the router's p0 per tile: ([tiles, 256, H], [tiles, 64, H], [tiles])."""
+        if not self.config.flash:
+            raise ValueError("this checkpoint has no Visual Resolution Router (not a Flash checkpoint)")
+        grid = self._vit_grid(pixel_values)
+        p0 = self.gating(self.router_pooling(grid.flatten(1, 2)))[:, 0]
+        # grid: [tiles, 32, 32, C] -> [tiles, 8, 8, 16C] -> [tiles, 64, 16C] -> [tiles, 64, H]
+        compressed = self.compressed_projector(pixel_shuffle(grid, self.config.downsample_ratio / 2).flatten(1, 2))
+        return self._project(grid), compressed, p0
