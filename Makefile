@@ -6,7 +6,7 @@ TINY := checkpoints/tiny
 EXTRAS ?= cpu,dev
 PORT ?= 8000
 
-.PHONY: up test lint proto checkpoint clean
+.PHONY: up test lint proto checkpoint clean deploy-check
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ up: $(TINY)/config.json
 
 test: $(INSTALLED)
 	$(PY) -m pytest -ra
+
+# Compose and Kubernetes files against their schemas, offline (no Docker engine or cluster needed).
+deploy-check: $(INSTALLED)
+	$(PY) -m pytest -q tests/test_deploy.py -m "not slow"
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

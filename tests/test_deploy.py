@@ -327,7 +327,7 @@ class ComposeStack(Stack):
 
     def commands(self) -> dict[str, list[str]]:
         hosts = {"0.0.0.0"} | {n for a in self.argv.values() for n in a["names"]}
-        return {role: [sys.executable, "-m", "dvd.cli", *(self.local(a, hosts) for a in server["argv"])]
+        return {role: [sys.executable, "-m", "dvd.cli", role, *(self.local(a, hosts) for a in server["argv"][1:])]
                 for role, server in self.argv.items()}
 
 
