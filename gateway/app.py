@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -14,11 +15,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import metrics
-from gateway.backends import LanguagePool, VisionPool, healthy
-from gateway.chat import PreparedChat, generate, prepare_chat
+from gateway.backends import LanguagePool, VisionPool, check_forever
+from gateway.chat import PreparedChat, generate, load_images, prepare_chat
 from gateway.errors import APIError
+from gateway.images import ImageFetcher
+from gateway.reasoning import ThinkSplitter
+from gateway.request_context import REQUEST_ID, new_request_id
 from gateway.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -41,6 +47,10 @@ from proto import dvd_pb2
 log = logging.getLogger(__name__)
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected before the answer was complete."""
+
+
 def _usage(usage: dvd_pb2.Usage) -> Usage:
     return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                  total_tokens=usage.prompt_tokens + usage.completion_tokens,
@@ -54,16 +64,112 @@ def _logprobs(response: dvd_pb2.GenerateResponse) -> list[TokenLogprob]:
     return [entry(TokenLogprob, t, top_logprobs=[entry(TopLogprob, c) for c in t.top]) for t in response.logprobs]
 
 
+class ChoiceState:
+    """One choice's output so far; splits off the thinking when thinking mode is on."""
+
+    def __init__(self, thinking: bool):
+        self.splitter = ThinkSplitter() if thinking else None
+        self.content, self.reasoning, self.logprobs = [], [], []
+        self.finish_reason: str | None = None
+        self.tokens = 0
+        self.first_at = self.last_at = None
+
+    def add(self, response: dvd_pb2.GenerateResponse) -> tuple[str, str]:
+        """(reasoning, content) deltas of one response; the choice's held-back text when it finishes."""
+        now = time.perf_counter()
+        if response.token_ids:
+            self.first_at = self.first_at or now
+            self.last_at = now
+            self.tokens += len(response.token_ids)
+        reasoning, content = self.splitter.feed(response.text) if self.splitter else ("", response.text)
+        if response.finish_reason:
+            self.finish_reason = response.finish_reason
+            if self.splitter:
+                tail = self.splitter.flush()
+                reasoning, content = reasoning + tail[0], content + tail[1]
+            if self.tokens > 1:
+                metrics.TPOT.observe((self.last_at - self.first_at) / (self.tokens - 1))
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return reasoning, content
+
+
+class RequestContext:
+    """ASGI middleware: a request id for logs and the `x-request-id` header; API keys on `/v1/`."""
+
+    def __init__(self, app, api_keys: list[str]):
+        self.app = app
+        self.api_keys = [key.encode() for key in api_keys]
+
+    def authorized(self, scope) -> bool:
+        if not self.api_keys or not scope["path"].startswith("/v1/"):
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, key = header.partition(b" ")
+        return scheme.lower() == b"bearer" and any(hmac.compare_digest(key.strip(), k) for k in self.api_keys)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = new_request_id()
+        token = REQUEST_ID.set(request_id)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        try:
+            if not self.authorized(scope):
+                error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'")
+                metrics.REQUESTS.labels("401").inc()
+                response = JSONResponse(error.to_json(), status_code=401, headers={"www-authenticate": "Bearer"})
+                return await response(scope, receive, send_with_id)
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """The result of `awaitable`, which is cancelled (and `ClientGone` raised) if the client leaves first."""
+    task = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # its generator is free again afterwards
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.vision = VisionPool(settings.vision_servers)
         app.state.language = LanguagePool(settings.language_servers)
+        app.state.fetcher = ImageFetcher(max_bytes=settings.max_image_bytes, timeout_s=settings.image_fetch_timeout_s,
+                                         max_redirects=settings.image_fetch_max_redirects,
+                                         allowed_networks=settings.image_fetch_allowed_networks)
+        app.state.in_flight = 0
+        health = asyncio.create_task(check_forever([app.state.vision, app.state.language],
+                                                   settings.health_interval_s, settings.health_timeout_s))
         yield
+        health.cancel()
+        await app.state.fetcher.close()
         await app.state.vision.close()
         await app.state.language.close()
 
     app = FastAPI(title="DvD gateway", lifespan=lifespan)
+    app.add_middleware(RequestContext, api_keys=settings.api_keys)
 
     async def served_model_name() -> str:
         if settings.served_model_name:
@@ -76,21 +182,32 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         metrics.REQUESTS.labels(str(exc.status)).inc()
-        return JSONResponse(exc.to_json(), status_code=exc.status)
+        headers = dict(exc.headers)
+        if exc.status in (429, 503):
+            headers.setdefault("retry-after", str(settings.retry_after_s))
+        if exc.status >= 500:
+            log.warning("%d: %s", exc.status, exc.message)
+        return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return await api_error(request, APIError(400, message, param=where))
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":
+            message = "this server does not support this parameter"
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
+        return await api_error(request, APIError(400, f"{where}: {message}" if where else message, param=where))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return await api_error(request, APIError(exc.status_code, str(exc.detail)))
 
     @app.get("/health")
     async def health():
-        checks = [healthy(b) for b in app.state.vision.backends + app.state.language.backends]
-        results = await asyncio.gather(*checks)
-        vision_up = sum(results[: len(app.state.vision.backends)])
-        language_up = sum(results[len(app.state.vision.backends):])
+        vision_up = await app.state.vision.check(settings.health_timeout_s)
+        language_up = await app.state.language.check(settings.health_timeout_s)
         status = 200 if vision_up and language_up else 503
         return JSONResponse({"vision_servers_up": vision_up, "language_servers_up": language_up},
                             status_code=status)
@@ -105,52 +222,86 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        model = await served_model_name()
-        if body.model != model:
-            raise APIError(404, f"model {body.model!r} is not served here; this gateway serves {model!r}",
-                           param="model")
-        chat = await asyncio.to_thread(prepare_chat, body, settings)
-        start = time.perf_counter()
+        state = request.app.state
+        if settings.max_in_flight and state.in_flight >= settings.max_in_flight:
+            raise APIError(429, f"the gateway is serving its limit of {settings.max_in_flight} requests; "
+                                "retry later")
+        state.in_flight += 1
         metrics.IN_FLIGHT.inc()
-        responses = generate(request.app.state.vision, request.app.state.language, chat, settings.request_timeout_s)
+        start = time.perf_counter()
+        released = False
+
+        def release(status: str) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state.in_flight -= 1
+                metrics.IN_FLIGHT.dec()
+                metrics.E2E.observe(time.perf_counter() - start)
+                if status != "error":  # errors are counted by the error handler
+                    metrics.REQUESTS.labels(status).inc()
+
+        responses = None
         try:
-            first = await anext(responses)  # errors before any output become HTTP statuses
+            model = await served_model_name()
+            if body.model != model:
+                raise APIError(404, f"model {body.model!r} is not served here; this gateway serves {model!r}",
+                               param="model")
+            chat = prepare_chat(body, settings, REQUEST_ID.get())
+            log.info("chat completion: %d messages, %d images, n=%d, stream=%s, user=%r", len(chat.messages),
+                     len(chat.sources), chat.n, body.stream, body.user)
+
+            async def first_response():
+                await load_images(chat, settings, state.fetcher)
+                return await anext(responses)
+
+            responses = generate(state.vision, state.language, chat, settings.request_timeout_s)
+            first = await _unless_disconnected(request, first_response())  # errors here become HTTP statuses
+            metrics.TTFT.observe(time.perf_counter() - start)
+            if body.stream:
+                stream = _stream(chat, model, body, first, responses, release)
+                responses = None  # the stream owns it now
+                return StreamingResponse(stream, media_type="text/event-stream")
+            completion = await _unless_disconnected(request, _complete(chat, model, body, first, responses))
+        except ClientGone:
+            log.info("client disconnected; request abandoned")
+            release("499")
+            return Response(status_code=499)
         except BaseException:
-            metrics.IN_FLIGHT.dec()
-            await responses.aclose()
+            release("error")
             raise
-        metrics.TTFT.observe(time.perf_counter() - start)
-        if body.stream:
-            stream = _stream(chat, model, body, first, responses, start)
-            return StreamingResponse(stream, media_type="text/event-stream",
-                                     headers={"x-request-id": chat.request_id})
-        try:
-            completion = await _complete(chat, model, body, first, responses)
         finally:
-            metrics.IN_FLIGHT.dec()
-            metrics.E2E.observe(time.perf_counter() - start)
-        metrics.REQUESTS.labels("200").inc()
-        return JSONResponse(completion.model_dump(), headers={"x-request-id": chat.request_id})
+            if responses is not None:
+                await responses.aclose()  # cancels the servers' calls if they still run
+        release("200")
+        return JSONResponse(completion.model_dump())
 
     return app
 
 
 async def _complete(chat: PreparedChat, model: str, body: ChatCompletionRequest, first, responses) -> ChatCompletion:
-    text, logprobs, last = [first.text], _logprobs(first), first
-    async for response in responses:
-        text.append(response.text)
-        logprobs += _logprobs(response)
-        last = response
+    choices = [ChoiceState(chat.thinking) for _ in range(chat.n)]
+    usage = None
+    response = first
+    while response is not None:
+        choices[response.index].add(response)
+        choices[response.index].logprobs += _logprobs(response)
+        if response.HasField("usage"):
+            usage = response.usage
+        response = await anext(responses, None)
     return ChatCompletion(
         id=f"chatcmpl-{chat.request_id}", created=int(time.time()), model=model,
-        choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason,
-                        logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None)],
-        usage=_usage(last.usage),
+        choices=[Choice(index=i, finish_reason=c.finish_reason,
+                        message=AssistantMessage(content="".join(c.content),
+                                                 reasoning_content="".join(c.reasoning) if chat.thinking else None),
+                        logprobs=ChoiceLogprobs(content=c.logprobs) if body.logprobs else None)
+                 for i, c in enumerate(choices)],
+        usage=_usage(usage or dvd_pb2.Usage()),
     )
 
 
 async def _stream(chat: PreparedChat, model: str, body: ChatCompletionRequest, first, responses,
-                  start: float) -> AsyncIterator[str]:
+                  release) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices, usage=None) -> str:
@@ -159,19 +310,25 @@ async def _stream(chat: PreparedChat, model: str, body: ChatCompletionRequest, f
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
     status = "200"
+    choices = [ChoiceState(chat.thinking) for _ in range(chat.n)]
     try:
-        yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
+        for index in range(chat.n):
+            yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+        usage = None
         response = first
-        while True:
+        while response is not None:
+            reasoning, content = choices[response.index].add(response)
             logprobs = ChoiceLogprobs(content=_logprobs(response)) if body.logprobs else None
-            if response.text or logprobs:
-                yield chunk([ChunkChoice(delta=Delta(content=response.text), logprobs=logprobs)])
+            if reasoning or content or logprobs:
+                delta = Delta(content=content or None, reasoning_content=reasoning or None)
+                yield chunk([ChunkChoice(index=response.index, delta=delta, logprobs=logprobs)])
             if response.finish_reason:
-                yield chunk([ChunkChoice(delta=Delta(), finish_reason=response.finish_reason)])
-                if body.stream_options and body.stream_options.include_usage:
-                    yield chunk([], usage=_usage(response.usage))
-                break
-            response = await anext(responses)
+                yield chunk([ChunkChoice(index=response.index, delta=Delta(), finish_reason=response.finish_reason)])
+            if response.HasField("usage"):
+                usage = response.usage
+            response = await anext(responses, None)
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=_usage(usage or dvd_pb2.Usage()))
         yield "data: [DONE]\n\n"
     except APIError as exc:  # headers are gone: report in-band, as OpenAI's API does
         status = str(exc.status)
@@ -181,6 +338,4 @@ async def _stream(chat: PreparedChat, model: str, body: ChatCompletionRequest, f
         raise
     finally:
         await responses.aclose()
-        metrics.IN_FLIGHT.dec()
-        metrics.E2E.observe(time.perf_counter() - start)
-        metrics.REQUESTS.labels(status).inc()
+        release(status)

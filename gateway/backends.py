@@ -1,13 +1,17 @@
-"""The vision and language servers behind the gateway, picked by fewest outstanding requests."""
+"""The vision and language servers behind the gateway: least-outstanding balancing, health checks
+with ejection and re-admission, and DNS names that stand for several servers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import socket
 from dataclasses import dataclass, field
 
 import grpc
 
+from gateway import metrics
 from gateway.errors import APIError
 from proto import dvd_pb2, dvd_pb2_grpc
 
@@ -20,38 +24,127 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5000),
 ]
+DNS_PREFIX = "dns:"
 
 
 @dataclass
 class Backend:
+    kind: str
     address: str
     stub: object
     channel: grpc.aio.Channel
     outstanding: int = 0
+    up: bool = True  # optimistic until a health check or a failed call says otherwise
     description: dvd_pb2.ModelDescription | None = field(default=None)
+
+    def mark_down(self, reason: str) -> None:
+        if self.up:
+            log.warning("%s server %s ejected: %s", self.kind, self.address, reason)
+        self.up = False
+        self.description = None  # a restarted language server may listen for features elsewhere
+        metrics.BACKEND_UP.labels(self.kind, self.address).set(0)
+
+    def mark_up(self) -> None:
+        if not self.up:
+            log.info("%s server %s re-admitted", self.kind, self.address)
+        self.up = True
+        metrics.BACKEND_UP.labels(self.kind, self.address).set(1)
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """("name", port) of a "dns:NAME:PORT" entry."""
+    host, sep, port = target[len(DNS_PREFIX):].lstrip("/").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"server entry {target!r}: expected dns:NAME:PORT")
+    return host.strip("[]"), int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class BackendPool:
-    """One pool per server kind; `lease()` picks the least loaded server and counts the request on it."""
+    """One pool per server kind; `lease()` picks the least loaded healthy server and counts the request on it."""
 
-    def __init__(self, kind: str, addresses: list[str], stub_cls):
+    def __init__(self, kind: str, targets: list[str], stub_cls):
         self.kind = kind
-        self.backends = []
-        for address in addresses:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self.backends.append(Backend(address, stub_cls(channel), channel))
+        self.targets = list(targets)
+        self._stub_cls = stub_cls
+        self.backends: list[Backend] = []
+        self._closing: set[asyncio.Task] = set()
+        for target in self.targets:
+            if target.startswith(DNS_PREFIX):
+                split_target(target)  # fail at start on a malformed entry
+            else:
+                self._add(target)
+
+    def _add(self, address: str) -> Backend:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        backend = Backend(self.kind, address, self._stub_cls(channel), channel)
+        self.backends.append(backend)
+        metrics.BACKEND_OUTSTANDING.labels(self.kind, address).set_function(lambda: backend.outstanding)
+        metrics.BACKEND_UP.labels(self.kind, address).set(1)
+        return backend
+
+    async def resolve(self) -> None:
+        """Re-resolve "dns:" entries: new addresses join the pool, vanished ones leave it."""
+        wanted = {t for t in self.targets if not t.startswith(DNS_PREFIX)}
+        loop = asyncio.get_running_loop()
+        for target in self.targets:
+            if not target.startswith(DNS_PREFIX):
+                continue
+            host, port = split_target(target)
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                log.warning("%s servers %s: cannot resolve: %s", self.kind, target, exc.strerror)
+                wanted |= {b.address for b in self.backends}  # keep what we have until DNS answers again
+                continue
+            wanted |= {join_address(info[4][0], info[4][1]) for info in infos}
+        known = {b.address for b in self.backends}
+        for address in sorted(wanted - known):
+            log.info("%s server %s added", self.kind, address)
+            self._add(address)
+        for backend in [b for b in self.backends if b.address not in wanted]:
+            log.info("%s server %s removed (no longer in DNS)", self.kind, backend.address)
+            self.backends.remove(backend)
+            metrics.BACKEND_OUTSTANDING.remove(self.kind, backend.address)
+            metrics.BACKEND_UP.remove(self.kind, backend.address)
+            task = asyncio.create_task(backend.channel.close(grace=60))  # lets its calls finish
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def candidates(self, exclude: set[str] = frozenset()) -> list[Backend]:
+        """Servers passing health checks; when none does, all of them: a call fails fast if they are
+        really down, and a server that came up since the last check serves at once."""
+        remaining = [b for b in self.backends if b.address not in exclude]
+        return [b for b in remaining if b.up] or remaining
 
     @contextlib.contextmanager
     def lease(self, candidates: list[Backend] | None = None):
-        candidates = self.backends if candidates is None else candidates
+        candidates = self.candidates() if candidates is None else candidates
         if not candidates:
-            raise APIError(503, f"no {self.kind} server is available")
+            raise APIError(503, f"no {self.kind} server is available ({len(self.backends)} known)")
         backend = min(candidates, key=lambda b: b.outstanding)
         backend.outstanding += 1
         try:
             yield backend
         finally:
             backend.outstanding -= 1
+
+    async def check(self, timeout_s: float) -> int:
+        """Health-check every server, ejecting those that fail and re-admitting those that pass."""
+        await self.resolve()
+        results = await asyncio.gather(*(self._check(b, timeout_s) for b in self.backends))
+        return sum(results)
+
+    async def _check(self, backend: Backend, timeout_s: float) -> bool:
+        ok = await healthy(backend, timeout_s)
+        if ok:
+            backend.mark_up()
+        else:
+            backend.mark_down("health check failed")
+        return ok
 
     async def close(self) -> None:
         for backend in self.backends:
@@ -61,23 +154,30 @@ class BackendPool:
 class LanguagePool(BackendPool):
     """Language servers also tell the gateway where their features go (`Describe`)."""
 
-    def __init__(self, addresses: list[str]):
-        super().__init__("language", addresses, dvd_pb2_grpc.LanguageServiceStub)
+    def __init__(self, targets: list[str]):
+        super().__init__("language", targets, dvd_pb2_grpc.LanguageServiceStub)
 
     async def describe(self, timeout_s: float = 2.0) -> list[Backend]:
-        """Servers with a known description, asking those not yet described."""
-        for backend in self.backends:
+        """Healthy servers with a known description, asking those not yet described."""
+        for backend in self.candidates():
             if backend.description is None:
                 try:
                     backend.description = await backend.stub.Describe(dvd_pb2.DescribeRequest(), timeout=timeout_s)
+                    backend.mark_up()
                 except grpc.aio.AioRpcError as exc:
                     log.info("language server %s not ready: %s", backend.address, exc.code().name)
-        return [b for b in self.backends if b.description is not None]
+        return [b for b in self.candidates() if b.description is not None]
+
+    async def _check(self, backend: Backend, timeout_s: float) -> bool:
+        ok = await super()._check(backend, timeout_s)
+        if ok and backend.description is None:
+            await self.describe(timeout_s)
+        return ok
 
 
 class VisionPool(BackendPool):
-    def __init__(self, addresses: list[str]):
-        super().__init__("vision", addresses, dvd_pb2_grpc.VisionServiceStub)
+    def __init__(self, targets: list[str]):
+        super().__init__("vision", targets, dvd_pb2_grpc.VisionServiceStub)
 
 
 async def healthy(backend: Backend, timeout_s: float = 2.0) -> bool:
@@ -86,3 +186,13 @@ async def healthy(backend: Backend, timeout_s: float = 2.0) -> bool:
     except grpc.aio.AioRpcError:
         return False
     return reply.ready
+
+
+async def check_forever(pools: list[BackendPool], interval_s: float, timeout_s: float) -> None:
+    while True:
+        for pool in pools:
+            try:
+                await pool.check(timeout_s)
+            except Exception:  # a health round must never end the loop
+                log.exception("health check of %s servers failed", pool.kind)
+        await asyncio.sleep(interval_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
 GRPC_TO_HTTP = {
@@ -18,11 +19,12 @@ GRPC_TO_HTTP = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers or {}
 
     def to_json(self) -> dict:
         return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),

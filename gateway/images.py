@@ -1,17 +1,55 @@
-"""Turns `image_url` parts into image bytes; only `data:` URLs are taken."""
+"""Turns `image_url` parts into image bytes: base64 `data:` URLs, and http(s) URLs fetched with limits.
+
+Fetching guards against server-side request forgery: every address a host name resolves to must be
+global (not private, loopback, link-local, ...) unless an allowed network holds it, the connection goes
+to the checked address (no second DNS lookup to rebind), and each redirect is checked the same way.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import ipaddress
+import logging
+import socket
+
+import httpx
 
 from gateway.errors import APIError
+
+log = logging.getLogger(__name__)
+
+FORMATS = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+
+def image_format(data: bytes) -> str | None:
+    """The image format by its magic bytes, or None when it is not one the vision server decodes."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+def check_image_bytes(data: bytes, *, index: int) -> bytes:
+    if not data:
+        raise APIError(400, f"image {index}: the image holds no bytes", param="messages")
+    if image_format(data) is None:
+        raise APIError(400, f"image {index}: not a {FORMATS} file", param="messages")
+    return data
 
 
 def decode_data_url(url: str, *, max_bytes: int, index: int) -> bytes:
     """The bytes of a base64 `data:image/...` URL; a clear 400 for anything else."""
-    if not url.startswith("data:"):
-        raise APIError(400, f"image {index}: only data: URLs are supported, got {url[:40]!r}", param="messages")
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
         raise APIError(400, f"image {index}: data URL must be base64 encoded (data:image/png;base64,...)",
@@ -25,6 +63,88 @@ def decode_data_url(url: str, *, max_bytes: int, index: int) -> bytes:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, f"image {index}: data URL is not valid base64", param="messages") from None
-    if not data:
-        raise APIError(400, f"image {index}: data URL holds no bytes", param="messages")
-    return data
+    return check_image_bytes(data, index=index)
+
+
+class ImageFetcher:
+    """Downloads http(s) images; one per app, its connection pool closed in the lifespan."""
+
+    def __init__(self, *, max_bytes: int, timeout_s: float, max_redirects: int, allowed_networks: list[str]):
+        self._max_bytes = max_bytes
+        self._timeout_s = timeout_s
+        self._max_redirects = max_redirects
+        self._allowed = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
+        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=timeout_s,
+                                         headers={"user-agent": "dvd-gateway"})
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def allowed(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if any(ip in network for network in self._allowed):
+            return True
+        return ip.is_global and not ip.is_multicast
+
+    async def fetch(self, url: str, *, index: int) -> bytes:
+        try:
+            return await asyncio.wait_for(self._fetch(url, index), self._timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"image {index}: downloading {url[:200]} took longer than {self._timeout_s:g} s",
+                           param="messages") from None
+        except httpx.HTTPError as exc:
+            raise APIError(400, f"image {index}: downloading {url[:200]} failed: {exc!r}", param="messages") from None
+
+    async def _resolve(self, host: str, port: int, index: int) -> str:
+        """One checked address of `host`; every address it resolves to must pass, or none is used."""
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise APIError(400, f"image {index}: cannot resolve host {host!r}: {exc.strerror}",
+                           param="messages") from None
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        refused = [a for a in addresses if not self.allowed(a)]
+        if refused or not addresses:
+            raise APIError(400, f"image {index}: host {host!r} resolves to {refused[0] if refused else 'nothing'}, "
+                                "a non-public address, and is refused: send such images as data: URLs, or allow "
+                                "the network in the gateway's image_fetch_allowed_networks", param="messages")
+        return addresses[0]
+
+    async def _fetch(self, url: str, index: int) -> bytes:
+        for _ in range(self._max_redirects + 1):
+            try:
+                target = httpx.URL(url)
+            except httpx.InvalidURL as exc:
+                raise APIError(400, f"image {index}: invalid URL: {exc}", param="messages") from None
+            if target.scheme not in ("http", "https") or not target.host:
+                raise APIError(400, f"image {index}: only data:, http: and https: image URLs are supported, "
+                                    f"got {url[:60]!r}", param="messages")
+            port = target.port or (443 if target.scheme == "https" else 80)
+            address = await self._resolve(target.host, port, index)
+            # Connect to the address just checked; Host header and TLS name stay the requested ones.
+            pinned = target.copy_with(host=address)
+            host_header = target.host if target.port is None else f"{target.host}:{target.port}"
+            extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+            async with self._client.stream("GET", pinned, headers={"host": host_header},
+                                           extensions=extensions) as response:
+                if response.is_redirect and "location" in response.headers:
+                    url = str(target.join(response.headers["location"]))
+                    continue
+                if response.status_code != 200:
+                    raise APIError(400, f"image {index}: downloading {str(target)[:200]} returned HTTP "
+                                        f"{response.status_code}", param="messages")
+                declared = int(response.headers.get("content-length") or 0)
+                if declared > self._max_bytes:
+                    raise self._too_large(index)
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > self._max_bytes:
+                        raise self._too_large(index)
+                return check_image_bytes(bytes(data), index=index)
+        raise APIError(400, f"image {index}: more than {self._max_redirects} redirects", param="messages")
+
+    def _too_large(self, index: int) -> APIError:
+        return APIError(400, f"image {index}: larger than the {self._max_bytes}-byte limit", param="messages")

@@ -3,8 +3,17 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
-REQUESTS = Counter("dvd_gateway_requests", "Chat completions, by HTTP status", ["status"])
+REQUESTS = Counter("dvd_gateway_requests", "Chat completions, by HTTP status (499: client went away)", ["status"])
 IN_FLIGHT = Gauge("dvd_gateway_requests_in_flight", "Chat completions in progress")
 TTFT = Histogram("dvd_gateway_ttft_seconds", "Request arrival to first output", buckets=LATENCY_BUCKETS)
+TPOT = Histogram("dvd_gateway_tpot_seconds", "Time per output token after the first, per choice",
+                 buckets=TOKEN_BUCKETS)
 E2E = Histogram("dvd_gateway_request_seconds", "Request arrival to last output", buckets=LATENCY_BUCKETS)
+BACKEND_OUTSTANDING = Gauge("dvd_gateway_backend_outstanding", "Requests outstanding on each server",
+                            ["kind", "address"])
+BACKEND_REQUESTS = Counter("dvd_gateway_backend_requests", "Calls sent to each server, by outcome",
+                           ["kind", "address", "outcome"])
+BACKEND_UP = Gauge("dvd_gateway_backend_up", "1 while a server passes health checks, 0 while ejected",
+                   ["kind", "address"])

@@ -2,57 +2,97 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class ImageURL(BaseModel):
-    url: str
+class Strict(BaseModel):
+    """Unknown fields are refused rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(Strict):
+    url: str  # data:image/...;base64,... or http(s)://...
     detail: Literal["auto", "low", "high"] = "auto"
 
 
-class TextPart(BaseModel):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(BaseModel):
+class ImagePart(Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-ContentPart = TextPart | ImagePart
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's newer "system"
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # accepted for compatibility; the chat template has no place for it
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The parameters this gateway honours; unknown ones are refused rather than silently ignored."""
+class JSONSchemaFormat(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the completion always matches the schema, strict or not
+
+
+class TextFormat(Strict):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
+
+INT64 = 2**63 - 1
+
+
+class ChatCompletionRequest(Strict):
+    """The parameters this gateway honours; unknown ones are refused rather than silently ignored."""
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # wins over max_tokens
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: all tokens
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = Field(default=None, ge=-INT64 - 1, le=INT64)
     stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    n: int = Field(default=1, ge=1, le=1)
-    user: str | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None  # logged with the request id
+    # vLLM's way to switch Qwen3-style thinking on: {"enable_thinking": true}; the only key taken.
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -83,7 +123,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None  # the thinking, when thinking mode is on
 
 
 class Choice(BaseModel):
@@ -105,6 +146,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -10,7 +11,7 @@ import grpc
 import torch
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from language_server import metrics
@@ -42,13 +43,35 @@ def check_features(images: list[ImageFeatures], hidden_size: int) -> None:
             raise FeatureError(f"image {item.image_index}: features hold NaN or infinity")
 
 
+def compact_json_grammar(schema: str) -> str:
+    """The grammar of JSON matching `schema`, written without whitespace.
+
+    vLLM's own JSON mode lets whitespace go between any two tokens unless the whole engine is set
+    otherwise, and a weak model can then emit whitespace until max_tokens; so the schema is compiled
+    here, per request, with xgrammar (vLLM's default structured-output backend), whitespace off.
+    """
+    import xgrammar
+
+    try:
+        json.loads(schema)
+        return str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+    except RuntimeError as exc:  # xgrammar's message names the unsupported part of the schema
+        raise ValueError(f"json_schema cannot be used: {str(exc).rsplit(': ', 1)[-1]}") from None
+
+
 def to_vllm_sampling(params: dvd_pb2.SamplingParams) -> SamplingParams:
     kwargs = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"):
         if params.HasField(name):
             kwargs[name] = getattr(params, name)
+    if params.json_schema or params.json_object:
+        kwargs["structured_outputs"] = StructuredOutputsParams(
+            grammar=compact_json_grammar(params.json_schema or '{"type": "object"}'))
     return SamplingParams(
+        n=params.n or 1,
         max_tokens=params.max_tokens or None,
         stop=list(params.stop) or None,
         logprobs=params.top_logprobs if params.logprobs else None,
@@ -121,8 +144,11 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
                                 f"{image_count} images in one request; this server takes at most {limit}")
         try:
             prompt = self._renderer.render(messages_to_dicts(request.messages))
-            sampling = to_vllm_sampling(request.sampling)
-        except (PromptError, ValueError, TypeError) as exc:
+            structured = request.sampling.json_schema or request.sampling.json_object
+            # Compiling a JSON schema may take a while: not on the event loop.
+            sampling = await asyncio.to_thread(to_vllm_sampling, request.sampling) if structured else \
+                to_vllm_sampling(request.sampling)
+        except (PromptError, ValueError, TypeError, VLLMClientError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
         images: list[ImageFeatures] = []
@@ -149,33 +175,39 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         first_token = last_token = None
         try:
             async for output in self._engine.generate(engine_prompt, sampling, rid):
-                completion = output.outputs[0]
                 now = time.perf_counter()
-                if completion.token_ids and first_token is None:
-                    first_token = now
-                    metrics.TTFT.observe(now - start)
+                responses = []
+                for completion in output.outputs:  # with n > 1, deltas of one or more choices
+                    if completion.token_ids and first_token is None:
+                        first_token = now
+                        metrics.TTFT.observe(now - start)
+                    completion_tokens += len(completion.token_ids)
+                    responses.append(dvd_pb2.GenerateResponse(
+                        index=completion.index,
+                        text=completion.text,
+                        token_ids=completion.token_ids,
+                        logprobs=_token_logprobs(completion.token_ids, completion.logprobs,
+                                                 request.sampling.top_logprobs),
+                        finish_reason=(completion.finish_reason or "stop") if completion.finished() else "",
+                    ))
                 last_token = now
-                completion_tokens += len(completion.token_ids)
-                response = dvd_pb2.GenerateResponse(
-                    text=completion.text,
-                    token_ids=completion.token_ids,
-                    logprobs=_token_logprobs(completion.token_ids, completion.logprobs, request.sampling.top_logprobs),
-                )
                 if output.finished:
-                    response.finish_reason = completion.finish_reason or "stop"
-                    response.usage.CopyFrom(dvd_pb2.Usage(
+                    if not responses:
+                        responses.append(dvd_pb2.GenerateResponse())
+                    responses[-1].usage.CopyFrom(dvd_pb2.Usage(
                         prompt_tokens=len(output.prompt_token_ids or []),
                         completion_tokens=completion_tokens,
                         image_tokens=sum(i.features.shape[0] for i in images),
                     ))
                     first = first_token or now
-                    response.timings.CopyFrom(dvd_pb2.GenerateTimings(
+                    responses[-1].timings.CopyFrom(dvd_pb2.GenerateTimings(
                         feature_wait_ms=(features_ready - start) * 1e3,
                         prefill_ms=(first - features_ready) * 1e3,
                         decode_ms=(now - first) * 1e3,
                         transfer_ms=max((i.received_unix_ns - i.sent_unix_ns for i in images), default=0) / 1e6,
                     ))
-                yield response
+                for response in responses:
+                    yield response
         except (ValueError, VLLMClientError) as exc:  # vLLM's input checks, e.g. a prompt over the context
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
         except EngineDeadError:

@@ -1,0 +1,124 @@
+"""Gateway pieces on their own: the thinking splitter, image checks, SSRF address rules, settings sources."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import make_image
+from gateway.backends import VisionPool
+from gateway.errors import APIError
+from gateway.images import ImageFetcher, decode_data_url, image_format
+from gateway.reasoning import ThinkSplitter, split_thinking
+from gateway.settings import load_settings
+
+
+def reference_split(text: str) -> tuple[str, str]:
+    """The rule written down once more: up to the first </think> is reasoning, a leading <think> dropped."""
+    text = text.removeprefix("<think>")
+    match = re.search("</think>", text)
+    return (text[:match.start()], text[match.end():]) if match else (text, "")
+
+
+think_text = st.lists(st.sampled_from(["<think>", "</think>", "<", "</", "think", ">", "a", " ", "\n", "</thi", "é"]),
+                      max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=think_text, cuts=st.lists(st.integers(0, 200), max_size=8))
+def test_think_splitter_gives_the_same_split_for_any_chunking(text, cuts):
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    splitter, reasoning, content = ThinkSplitter(), "", ""
+    for begin, end in zip(bounds, bounds[1:]):
+        r, c = splitter.feed(text[begin:end])
+        reasoning, content = reasoning + r, content + c
+    r, c = splitter.flush()
+    assert (reasoning + r, content + c) == reference_split(text) == split_thinking(text)
+
+
+def test_think_splitter_examples():
+    assert split_thinking("<think>\nhmm</think>\nAnswer") == ("\nhmm", "\nAnswer")
+    assert split_thinking("no tags at all") == ("no tags at all", "")  # cut off while thinking
+    assert split_thinking("</think>direct") == ("", "direct")
+
+
+def encoded(fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    make_image(40, 30, 0).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_image_formats_are_recognised_by_their_bytes(fmt):
+    assert image_format(encoded(fmt)) == fmt
+    assert Image.open(io.BytesIO(encoded(fmt))).format == fmt
+
+
+def test_data_urls_that_are_not_images_are_refused():
+    import base64
+
+    svg = "data:image/svg+xml;base64," + base64.b64encode(b"<svg xmlns='http://www.w3.org/2000/svg'/>").decode()
+    with pytest.raises(APIError, match="image 3: not a JPEG, PNG"):
+        decode_data_url(svg, max_bytes=1 << 20, index=3)
+    with pytest.raises(APIError, match="larger than the 100-byte limit"):
+        decode_data_url("data:image/png;base64," + base64.b64encode(encoded("PNG")).decode(), max_bytes=100, index=0)
+    with pytest.raises(APIError, match="holds no bytes"):
+        decode_data_url("data:image/png;base64,", max_bytes=100, index=0)
+
+
+@pytest.mark.parametrize("address, allowed", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("192.168.0.1", False), ("172.16.5.5", False),
+    ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
+    ("::1", False), ("fe80::1", False), ("fd00::1", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False),
+])
+def test_only_public_addresses_may_be_fetched_by_default(address, allowed):
+    fetcher = ImageFetcher(max_bytes=1, timeout_s=1, max_redirects=0, allowed_networks=[])
+    assert fetcher.allowed(address) is allowed
+
+
+def test_allowed_networks_open_private_addresses():
+    fetcher = ImageFetcher(max_bytes=1, timeout_s=1, max_redirects=0, allowed_networks=["10.1.0.0/16", "::1/128"])
+    assert fetcher.allowed("10.1.200.3") and fetcher.allowed("::1")
+    assert not fetcher.allowed("10.2.0.1") and not fetcher.allowed("127.0.0.1")
+
+
+def test_a_dns_entry_stands_for_every_address_of_its_name():
+    async def run():
+        pool = VisionPool(["dns:localhost:50999", "127.0.0.2:50998"])
+        assert [b.address for b in pool.backends] == ["127.0.0.2:50998"]
+        await pool.resolve()
+        addresses = {b.address for b in pool.backends}
+        await pool.close()
+        return addresses
+
+    addresses = asyncio.run(run())
+    assert {"127.0.0.1:50999", "127.0.0.2:50998"} <= addresses
+
+
+def test_malformed_dns_entry_fails_at_start():
+    with pytest.raises(ValueError, match="dns:NAME:PORT"):
+        VisionPool(["dns:no-port"])
+
+
+def test_settings_come_from_flags_then_env_then_file(tmp_path, monkeypatch):
+    (tmp_path / "gateway.toml").write_text('port = 9001\nmax_n = 3\napi_keys = ["k1"]\n'
+                                           'vision_servers = ["10.0.0.1:1", "10.0.0.2:1"]\n')
+    (tmp_path / "gateway.json").write_text(json.dumps({"max_in_flight": 7}))
+    monkeypatch.setenv("DVD_GATEWAY_MAX_N", "5")
+    loaded = load_settings(tmp_path / "gateway.toml", port=9002)
+    assert (loaded.port, loaded.max_n, loaded.api_keys) == (9002, 5, ["k1"])
+    assert loaded.vision_servers == ["10.0.0.1:1", "10.0.0.2:1"]
+    assert load_settings(tmp_path / "gateway.json").max_in_flight == 7
+    (tmp_path / "typo.toml").write_text("max_in_flite = 3\n")
+    with pytest.raises(ValueError, match="max_in_flite"):
+        load_settings(tmp_path / "typo.toml")
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "missing.toml")
