@@ -148,16 +148,18 @@ def test_sent_features_equal_transformers_get_image_features(hf_stack, reference
         received = []
         receiver = TcpFeatureReceiver("tcp://127.0.0.1:*", received.append, max_payload_bytes=1 << 28)
         task = asyncio.create_task(receiver.run())
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{hf_stack.vision_port}") as channel:
-            reply = await dvd_pb2_grpc.VisionServiceStub(channel).Encode(dvd_pb2.EncodeRequest(
-                request_id=uuid.uuid4().hex, feature_endpoint=receiver.endpoint,
-                images=[dvd_pb2.ImageInput(data=png_bytes(IMAGES[name]))]), timeout=60)
-        for _ in range(200):
-            if received:
-                break
-            await asyncio.sleep(0.05)
-        task.cancel()
-        receiver.close()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{hf_stack.vision_port}") as channel:
+                reply = await dvd_pb2_grpc.VisionServiceStub(channel).Encode(dvd_pb2.EncodeRequest(
+                    request_id=uuid.uuid4().hex, feature_endpoint=receiver.endpoint,
+                    images=[dvd_pb2.ImageInput(data=png_bytes(IMAGES[name]))]), timeout=60)
+            for _ in range(200):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+        finally:  # an unclosed ZeroMQ socket would block the context's teardown
+            task.cancel()
+            receiver.close()
         assert reply.images[0].num_tiles == pixels.shape[0]
         return received
 

@@ -1,0 +1,187 @@
+"""Vision server throughput: tiles/s against batch size and client concurrency, and the pipeline's overlap.
+
+    python benchmarks/vision.py --preset tiny                       # CPU, tiny checkpoint geometry
+    python benchmarks/vision.py --preset 1b --device cuda --dtype bfloat16 --peak-tflops 989
+
+Three measurements, all on random weights of the preset's real geometry:
+- batch sweep: the model alone (ViT + projector) at each batch size; tiles/s, achieved TFLOP/s and,
+  with --peak-tflops, MFU; with --transformers, the same batches through transformers'
+  InternVLModel.get_image_features for the ratio;
+- concurrency sweep: N clients each encoding single images through `VisionEngine` (the scheduler
+  batches across them); the speed-up of concurrency 16 over 1 is what cross-request batching buys;
+- pipeline: the share of batch k's copy-back that ran while batch k+1 computed (engine trace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from checkpoint.presets import ModelConfig
+from vision_server.engine import VisionEngine
+from vision_server.vision_model import VisionModel
+
+
+def tile_flops(config: ModelConfig) -> float:
+    """Multiply-adds x 2 of one tile through InternViT and `mlp1` (attention scores included)."""
+    v, n = config.vision, config.vision.num_patches + 1
+    c, i = v.hidden_size, v.intermediate_size
+    per_layer = 2 * n * (3 * c * c + c * c + 2 * c * i) + 2 * 2 * n * n * c
+    patch_embed = 2 * v.num_patches * 3 * v.patch_size**2 * c
+    projector = 2 * config.tokens_per_tile * (config.projector_input_size + config.language.hidden_size) * (
+        config.language.hidden_size)
+    return v.num_layers * per_layer + patch_embed + projector
+
+
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> VisionModel:
+    torch.manual_seed(0)
+    model = VisionModel(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_batches(fn, pixels: torch.Tensor, device: torch.device, repeats: int) -> float:
+    """Median seconds of fn(pixels) over `repeats` runs, after one warm-up."""
+    fn(pixels)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(pixels)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def transformers_encoder(config: ModelConfig, device, dtype):
+    """transformers' InternVL vision tower + projector, random weights of the same geometry, for the ratio."""
+    from language_server import torchvision_compat
+
+    torchvision_compat.apply()  # before transformers imports torchvision
+    import transformers
+
+    v = config.vision
+    hf_config = transformers.InternVLConfig(
+        vision_config=dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_layers,
+                           num_attention_heads=v.num_heads, intermediate_size=v.intermediate_size,
+                           image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2,
+                           norm_type=v.norm_type, layer_norm_eps=v.norm_eps, attention_bias=v.qkv_bias,
+                           use_qk_norm=v.qk_normalization),
+        text_config=dict(model_type="qwen3", hidden_size=config.language.hidden_size, vocab_size=128,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         intermediate_size=64),
+        downsample_ratio=config.downsample_ratio, vision_feature_layer=-1,
+    )
+    hf = transformers.InternVLModel(hf_config).to(device, dtype).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(std=0.02)
+
+    def run(pixels):
+        with torch.inference_mode():
+            return hf.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                         vision_feature_select_strategy="default").pooler_output
+
+    return run
+
+
+async def concurrency_run(engine: VisionEngine, pixels: torch.Tensor, clients: int, images_per_client: int) -> float:
+    async def client(c: int):
+        for i in range(images_per_client):
+            await engine.encode(f"c{c}-{i}", 0, pixels)
+
+    start = time.perf_counter()
+    await asyncio.gather(*[client(c) for c in range(clients)])
+    return clients * images_per_client * pixels.shape[0] / (time.perf_counter() - start)
+
+
+def overlap_share(trace) -> float | None:
+    """Share of copy-back time (batch k) that overlapped some compute span (batch k+1)."""
+    computes = [(s, e) for stage, _, s, e in trace if stage == "compute"]
+    copies = [(s, e) for stage, _, s, e in trace if stage == "copy"]
+    total = sum(e - s for s, e in copies)
+    if not total:
+        return None
+    overlapped = sum(max(0.0, min(e, ce) - max(s, cs)) for s, e in copies for cs, ce in computes)
+    return overlapped / total
+
+
+def main(
+    preset: str = "tiny",
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_sizes: str = "1,2,4,8,16,32",
+    concurrency: str = "1,4,16",
+    images_per_client: int = 4,
+    repeats: int = 3,
+    peak_tflops: Annotated[float | None, typer.Option(help="bf16 dense peak of the device, for MFU")] = None,
+    transformers: Annotated[bool, typer.Option(help="Also time transformers' InternVL on the same batches")] = False,
+    out: Path | None = None,
+) -> None:
+    config = ModelConfig.from_name(preset)
+    torch_device, torch_dtype = torch.device(device), getattr(torch, dtype)
+    model = build_model(config, torch_device, torch_dtype)
+    flops = tile_flops(config)
+    result = {
+        "preset": preset, "device": torch.cuda.get_device_name() if torch_device.type == "cuda" else
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": dtype, "gflop_per_tile": round(flops / 1e9, 3), "batch_sweep": [], "concurrency_sweep": [],
+        "torch": torch.__version__,
+    }
+    reference = transformers_encoder(config, torch_device, torch_dtype) if transformers else None
+    for batch in [int(b) for b in batch_sizes.split(",")]:
+        pixels = torch.randn(batch, 3, 448, 448, device=torch_device, dtype=torch_dtype)
+        seconds = time_batches(model, pixels, torch_device, repeats)
+        row = {"batch_tiles": batch, "tiles_per_s": round(batch / seconds, 2),
+               "tflops": round(batch * flops / seconds / 1e12, 3)}
+        if peak_tflops:
+            row["mfu"] = round(row["tflops"] / peak_tflops, 3)
+        if reference is not None:
+            ref_seconds = time_batches(reference, pixels, torch_device, repeats)
+            row["transformers_tiles_per_s"] = round(batch / ref_seconds, 2)
+            row["speedup_vs_transformers"] = round(ref_seconds / seconds, 2)
+        result["batch_sweep"].append(row)
+        print(json.dumps(row), flush=True)
+
+    pixels = torch.randn(1, 3, 448, 448)  # one-tile images, the case batching helps most
+    for clients in [int(c) for c in concurrency.split(",")]:
+        engine = VisionEngine(model, device=torch_device, dtype=torch_dtype, feature_dtype=torch.bfloat16,
+                              max_batch_tiles=32, max_wait_s=0.002, trace_spans=10_000)
+        try:
+            asyncio.run(concurrency_run(engine, pixels, clients, 1))  # warm-up
+            tiles_per_s = asyncio.run(concurrency_run(engine, pixels, clients, images_per_client))
+            batches = [e - s for stage, _, s, e in engine.trace if stage == "compute"]
+            row = {"clients": clients, "tiles_per_s": round(tiles_per_s, 2),
+                   "mean_batch_tiles": round(clients * (images_per_client + 1) / max(1, len(batches)), 2),
+                   "copy_overlapped_with_compute": overlap_share(list(engine.trace))}
+        finally:
+            engine.close()
+        result["concurrency_sweep"].append(row)
+        print(json.dumps(row), flush=True)
+    rates = {row["clients"]: row["tiles_per_s"] for row in result["concurrency_sweep"]}
+    if 1 in rates and 16 in rates:
+        result["batching_speedup_16_vs_1"] = round(rates[16] / rates[1], 2)
+    result["config"] = dataclasses.asdict(config.vision)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)
