@@ -48,18 +48,22 @@ def vision_server(
     host: str = "127.0.0.1",
     port: int = 50051,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port")] = None,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), or e.g. cuda:0,cuda:1")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32")] = "auto",
+    compile: Annotated[bool, typer.Option(help="torch.compile the vision model")] = False,
     feature_dtype: Annotated[str, typer.Option(help="Dtype on the wire: bfloat16, float16 or float32")] = "bfloat16",
+    max_batch_tiles: Annotated[int, typer.Option(help="Tiles per encoder batch, across requests")] = 32,
+    max_batch_wait_ms: Annotated[float, typer.Option(help="Longest wait of a tile for a fuller batch")] = 5.0,
     log_level: str = "info",
 ) -> None:
-    """Serve VisionService: tiling, InternViT + MLP projector, features sent to language servers."""
+    """Serve VisionService: tiling, batched InternViT + MLP projector (+ ViR), features sent to language servers."""
     from vision_server.server import main
     from vision_server.settings import VisionServerSettings
 
     _logging(log_level)
     main(VisionServerSettings(model=model, host=host, port=port, metrics_port=metrics_port, device=device,
-                              dtype=dtype, feature_dtype=feature_dtype))
+                              dtype=dtype, feature_dtype=feature_dtype, max_batch_tiles=max_batch_tiles,
+                              max_batch_wait_ms=max_batch_wait_ms, compile=compile))
 
 
 @app.command("language-server")

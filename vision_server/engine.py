@@ -63,6 +63,8 @@ class VisionEngine:
         self._dtype = dtype
         self._feature_dtype = feature_dtype
         self._scheduler = TileScheduler(max_batch_tiles, max_wait_s)
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(str(device))
+        self._tiles = metrics.TILES.labels(str(device))
         self._condition = threading.Condition()
         self._copies: queue.Queue = queue.Queue(maxsize=2)  # bounded: at most two batches in flight
         self._stopping = False
@@ -74,6 +76,11 @@ class VisionEngine:
         self._runner.start()
         self._finisher.start()
 
+    @property
+    def tiles_waiting(self) -> int:
+        with self._condition:
+            return self._scheduler.tiles_waiting
+
     async def encode(self, request_id: str, image_index: int, pixel_values: torch.Tensor,
                      vir: VirParams | None = None) -> EncodedImage:
         """Queue one image's tiles; resolves once all of them are encoded (and routed)."""
@@ -82,7 +89,7 @@ class VisionEngine:
         job = ImageJob(request_id, image_index, pixel_values.shape[0], payload=work)
         with self._condition:
             self._scheduler.add(job)
-            metrics.QUEUE_DEPTH.set(self._scheduler.tiles_waiting)
+            self._queue_depth.set(self._scheduler.tiles_waiting)
             self._condition.notify()
         try:
             return await work.future
@@ -107,7 +114,7 @@ class VisionEngine:
                 wait = self._scheduler.wait_s()
                 if wait == 0:
                     batch = self._scheduler.next_batch()
-                    metrics.QUEUE_DEPTH.set(self._scheduler.tiles_waiting)
+                    self._queue_depth.set(self._scheduler.tiles_waiting)
                     return batch
                 self._condition.wait(timeout=wait)
             return []
@@ -131,6 +138,8 @@ class VisionEngine:
 
     def _compute(self, batch: list[TileSlice]) -> tuple[torch.Tensor, ...]:
         pixels = torch.cat([s.job.payload.pixel_values[s.start:s.stop] for s in batch])
+        if self._device.type == "cuda":
+            pixels = pixels.pin_memory()  # so that the host-to-device copy below is asynchronous
         use_vir = any(s.job.payload.vir is not None for s in batch)
         with torch.inference_mode():
             x = pixels.to(self._device, self._dtype, non_blocking=True)
@@ -185,7 +194,7 @@ class VisionEngine:
             features, tile_tokens = torch.cat(parts), [p.shape[0] for p in parts]
             metrics.VIR_TILES.labels("compressed").inc(sum(compress))
             metrics.VIR_TILES.labels("full").inc(tiles - sum(compress))
-        metrics.TILES.inc(tiles)
+        self._tiles.inc(tiles)
         metrics.ENCODE.observe(time.perf_counter() - work.started)
         result = EncodedImage(features, tile_tokens)
         work.loop.call_soon_threadsafe(_resolve, work.future, result)

@@ -6,9 +6,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 REQUESTS = Counter("dvd_vision_requests", "Encode calls, by outcome", ["outcome"])
 IMAGES = Counter("dvd_vision_images", "Images encoded and sent")
-TILES = Counter("dvd_vision_tiles", "Tiles encoded")
+TILES = Counter("dvd_vision_tiles", "Tiles encoded, by device", ["device"])
 FEATURE_BYTES = Counter("dvd_vision_feature_bytes_sent", "Feature payload bytes sent")
-QUEUE_DEPTH = Gauge("dvd_vision_queue_tiles", "Tiles waiting for the encoder")
+QUEUE_DEPTH = Gauge("dvd_vision_queue_tiles", "Tiles waiting for the encoder, by device", ["device"])
 BATCH_TILES = Histogram("dvd_vision_batch_tiles", "Tiles per encoder batch",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 VIR_TILES = Counter("dvd_vision_vir_tiles", "Tiles routed by ViR, by outcome (compressed: 64 tokens)", ["route"])

@@ -10,6 +10,7 @@ import grpc
 import torch
 from prometheus_client import start_http_server
 
+from checkpoint.formats import read_model_config
 from proto import dvd_pb2_grpc
 from transport.tcp import TcpFeatureSender
 from vision_server.engine import VisionEngine
@@ -20,26 +21,37 @@ from vision_server.settings import VisionServerSettings
 log = logging.getLogger(__name__)
 
 
-def pick_device(settings: VisionServerSettings) -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 when present, CPU with fp32 otherwise, unless the settings say otherwise."""
+def pick_devices(settings: VisionServerSettings) -> tuple[list[torch.device], torch.dtype]:
+    """Every GPU with bf16 when present, else the CPU with fp32, unless the settings say otherwise.
+
+    `device` is "auto", one device ("cuda:1", "cpu") or a comma-separated list ("cuda:0,cuda:1").
+    """
     if settings.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        count = torch.cuda.device_count()
+        devices = [torch.device("cuda", i) for i in range(count)] if count else [torch.device("cpu")]
     else:
-        device = torch.device(settings.device)
+        devices = [torch.device(name.strip()) for name in settings.device.split(",")]
     if settings.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if devices[0].type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, settings.dtype)
-    return device, dtype
+    return devices, dtype
+
+
+def start_engine(settings: VisionServerSettings, device: torch.device, dtype: torch.dtype) -> VisionEngine:
+    """One model copy and one scheduler per device."""
+    model = load_vision_model(settings.model, device=device, dtype=dtype)
+    if settings.compile:
+        model = torch.compile(model)
+    return VisionEngine(model, device=device, dtype=dtype, feature_dtype=getattr(torch, settings.feature_dtype),
+                        max_batch_tiles=settings.max_batch_tiles, max_wait_s=settings.max_batch_wait_ms / 1e3)
 
 
 async def serve(settings: VisionServerSettings) -> None:
-    device, dtype = pick_device(settings)
-    model = await asyncio.to_thread(load_vision_model, settings.model, device=device, dtype=dtype)
+    devices, dtype = pick_devices(settings)
+    engines = [await asyncio.to_thread(start_engine, settings, device, dtype) for device in devices]
     sender = TcpFeatureSender(send_timeout_s=settings.send_timeout_s)
-    engine = VisionEngine(model, device=device, dtype=dtype, feature_dtype=getattr(torch, settings.feature_dtype),
-                          max_batch_tiles=settings.max_batch_tiles, max_wait_s=settings.max_batch_wait_ms / 1e3)
-    service = VisionService(engine, model.config, settings, sender, model_name=settings.model)
+    service = VisionService(engines, read_model_config(settings.model), settings, sender, model_name=settings.model)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_images_per_request
                                        * settings.max_image_bytes + (1 << 20))])
     dvd_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
@@ -48,7 +60,8 @@ async def serve(settings: VisionServerSettings) -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     await server.start()
-    log.info("vision server ready: gRPC %s, %s %s, model %s", address, device, dtype, settings.model)
+    log.info("vision server ready: gRPC %s, %s %s, model %s", address, ",".join(map(str, devices)), dtype,
+             settings.model)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -58,7 +71,8 @@ async def serve(settings: VisionServerSettings) -> None:
     log.info("vision server stopping")
     await server.stop(grace=5)
     service.close()
-    engine.close()
+    for engine in engines:
+        engine.close()
     sender.close()
 
 

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 
 class VisionService(dvd_pb2_grpc.VisionServiceServicer):
-    def __init__(self, engine: VisionEngine, config: ModelConfig, settings: VisionServerSettings,
+    def __init__(self, engines: list[VisionEngine], config: ModelConfig, settings: VisionServerSettings,
                  sender: TcpFeatureSender, *, model_name: str):
-        self._engine = engine
+        self._engines = engines  # one per device
         self._config = config
         self._settings = settings
         self._sender = sender
@@ -98,7 +98,8 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
         metrics.PREPROCESS.observe(preprocessed - start)
 
         async def encode(index: int):
-            return index, await self._engine.encode(rid, index, pixels[index], vir)
+            engine = min(self._engines, key=lambda e: e.tiles_waiting)  # the least loaded device
+            return index, await engine.encode(rid, index, pixels[index], vir)
 
         tasks = [asyncio.create_task(encode(i)) for i in range(len(pixels))]
         encodings, send_s = [], 0.0

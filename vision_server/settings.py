@@ -14,7 +14,8 @@ class VisionServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 50051  # gRPC VisionService
     metrics_port: int | None = None
-    device: str = "auto"  # "auto": CUDA when present, else CPU
+    device: str = "auto"  # "auto": every GPU (one engine each), else the CPU; or "cuda:0,cuda:1", "cpu"
+    compile: bool = False  # torch.compile the vision model (first batches of each shape compile)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # on the wire
     default_max_tiles: int = 12
