@@ -46,3 +46,37 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def encode_to_local_receiver(vision_port: int, image: Image.Image, **options):
+    """Call a vision server's Encode with this process as the feature endpoint.
+
+    Returns the EncodeResponse and the `ImageFeatures` that arrived over ZeroMQ.
+    """
+    import asyncio
+    import uuid
+
+    import grpc
+
+    from proto import dvd_pb2, dvd_pb2_grpc
+    from transport.tcp import TcpFeatureReceiver
+
+    async def run():
+        received = []
+        receiver = TcpFeatureReceiver("tcp://127.0.0.1:*", received.append, max_payload_bytes=1 << 28)
+        task = asyncio.create_task(receiver.run())
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{vision_port}") as channel:
+                reply = await dvd_pb2_grpc.VisionServiceStub(channel).Encode(dvd_pb2.EncodeRequest(
+                    request_id=uuid.uuid4().hex, feature_endpoint=receiver.endpoint,
+                    images=[dvd_pb2.ImageInput(data=png_bytes(image))], **options), timeout=60)
+            for _ in range(200):
+                if len(received) == len(reply.images):
+                    break
+                await asyncio.sleep(0.05)
+        finally:  # an unclosed ZeroMQ socket would block the context's teardown
+            task.cancel()
+            receiver.close()
+        return reply, received
+
+    return asyncio.run(run())

@@ -4,9 +4,7 @@ re-thresholded per request."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import uuid
 
 import grpc
 import openai
@@ -14,10 +12,8 @@ import pytest
 
 from checkpoint.generate import write_checkpoint
 from checkpoint.presets import ModelConfig
-from conftest import data_url, free_port, make_image, png_bytes
+from conftest import data_url, encode_to_local_receiver, free_port, make_image
 from dvd.launcher import Stack, start, stop, wait_ready
-from proto import dvd_pb2, dvd_pb2_grpc
-from transport.tcp import TcpFeatureReceiver
 
 pytestmark = pytest.mark.slow
 
@@ -40,28 +36,10 @@ def flash_stack(tmp_path_factory):
 
 def encode(stack: Stack, **vir) -> list[int]:
     """Tile tokens the vision server sends for IMAGE with the given ViR options."""
-
-    async def run():
-        received = []
-        receiver = TcpFeatureReceiver("tcp://127.0.0.1:*", received.append, max_payload_bytes=1 << 26)
-        task = asyncio.create_task(receiver.run())
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.vision_port}") as channel:
-                reply = await dvd_pb2_grpc.VisionServiceStub(channel).Encode(dvd_pb2.EncodeRequest(
-                    request_id=uuid.uuid4().hex, feature_endpoint=receiver.endpoint,
-                    images=[dvd_pb2.ImageInput(data=png_bytes(IMAGE))], **vir), timeout=60)
-            for _ in range(200):
-                if received:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            task.cancel()
-            receiver.close()
-        assert received[0].tile_tokens == list(reply.images[0].tile_tokens)
-        assert received[0].features.shape[0] == sum(received[0].tile_tokens)
-        return list(reply.images[0].tile_tokens)
-
-    return asyncio.run(run())
+    reply, received = encode_to_local_receiver(stack.vision_port, IMAGE, **vir)
+    assert received[0].tile_tokens == list(reply.images[0].tile_tokens)
+    assert received[0].features.shape[0] == sum(received[0].tile_tokens)
+    return list(reply.images[0].tile_tokens)
 
 
 def test_vir_compresses_some_tiles_by_default(flash_stack):

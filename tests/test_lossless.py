@@ -19,11 +19,10 @@ import torch
 
 from checkpoint.formats import IMAGE_PLACEHOLDER
 from checkpoint.presets import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from conftest import data_url, free_port, make_image, png_bytes
+from conftest import data_url, encode_to_local_receiver, free_port, make_image, png_bytes
 from dvd.launcher import Stack, start, stop, wait_ready
 from language_server.prompt import ChatRenderer, load_chat_template
 from proto import dvd_pb2, dvd_pb2_grpc
-from transport.tcp import TcpFeatureReceiver
 from vision_server.preprocess import preprocess
 
 pytestmark = pytest.mark.slow
@@ -144,26 +143,8 @@ def test_sent_features_equal_transformers_get_image_features(hf_stack, reference
     pixels = reference.pixel_values([IMAGES[name]])[0]
     want = reference.image_features(pixels)
 
-    async def encode() -> list:
-        received = []
-        receiver = TcpFeatureReceiver("tcp://127.0.0.1:*", received.append, max_payload_bytes=1 << 28)
-        task = asyncio.create_task(receiver.run())
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{hf_stack.vision_port}") as channel:
-                reply = await dvd_pb2_grpc.VisionServiceStub(channel).Encode(dvd_pb2.EncodeRequest(
-                    request_id=uuid.uuid4().hex, feature_endpoint=receiver.endpoint,
-                    images=[dvd_pb2.ImageInput(data=png_bytes(IMAGES[name]))]), timeout=60)
-            for _ in range(200):
-                if received:
-                    break
-                await asyncio.sleep(0.05)
-        finally:  # an unclosed ZeroMQ socket would block the context's teardown
-            task.cancel()
-            receiver.close()
-        assert reply.images[0].num_tiles == pixels.shape[0]
-        return received
-
-    received = asyncio.run(encode())
+    reply, received = encode_to_local_receiver(hf_stack.vision_port, IMAGES[name])
+    assert reply.images[0].num_tiles == pixels.shape[0]
     assert len(received) == 1 and received[0].tile_tokens == [256] * pixels.shape[0]
     got = received[0].features
     assert got.dtype == torch.float32 and got.shape == want.shape
