@@ -66,6 +66,7 @@ class JSONSchemaResponseFormat(Strict):
 ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
 
 INT64 = 2**63 - 1
+UINT32, INT32 = 2**32 - 1, 2**31 - 1  # the proto fields' widths: a wider value cannot be sent on
 
 
 class ChatCompletionRequest(Strict):
@@ -75,11 +76,11 @@ class ChatCompletionRequest(Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # wins over max_tokens
+    max_tokens: int | None = Field(default=None, ge=1, le=UINT32)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32)  # wins over max_tokens
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: all tokens
+    top_k: int | None = Field(default=None, ge=-1, le=INT32)  # -1 or 0: all tokens
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=-INT64 - 1, le=INT64)
     stop: str | list[str] | None = None

@@ -13,10 +13,15 @@ def build_engine(settings: LanguageServerSettings):
     """Start an `AsyncLLM` fed with image embeddings instead of pixels."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     from vllm import AsyncEngineArgs
+    from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM
 
     register()
     architecture = ARCHITECTURES[detect_format(settings.model)]
+    # On CPU, a seeded request whose prompt is prefilled in chunks kills the engine: vLLM rewinds the
+    # request's generator after each chunk with `set_offset`, which CPU generators lack. Whole prompts
+    # only, then (vLLM does the same for MLA models on CPU).
+    whole_prompts = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(settings.max_model_len, 2048)}
 
     args = AsyncEngineArgs(
         model=settings.model,
@@ -34,5 +39,6 @@ def build_engine(settings: LanguageServerSettings):
         mm_processor_cache_gb=0,
         hf_overrides={"architectures": [architecture]},
         worker_extension_cls="language_server.worker_extension.DvdWorkerExtension",
+        **(whole_prompts if current_platform.is_cpu() else {}),
     )
     return AsyncLLM.from_engine_args(args)

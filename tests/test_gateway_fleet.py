@@ -1,0 +1,551 @@
+"""The gateway in front of live servers: a fuzz of its HTTP API, and a fleet that shares load and loses servers.
+
+Two vision and two language servers on the tiny checkpoint, started with the `dvd` CLI as a user would;
+two gateways in front of them: `pair` (vision A and language A only), which the fuzz drives, and
+`fleet` (all four), which spreads load and then loses vision B and language B mid-run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from conftest import data_url, free_port, make_image, png_bytes
+from dvd.launcher import start
+from gateway.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny"  # --served-model-name of both gateways
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    metrics_port: int
+    command: list[str]
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}/metrics"
+
+
+@dataclass
+class Fleet:
+    vision: list[Server]
+    language: list[Server]
+    gateways: dict[str, Server] = field(default_factory=dict)
+    logs: Path | None = None
+
+    def url(self, gateway: str) -> str:
+        return f"http://{HOST}:{self.gateways[gateway].port}"
+
+    @property
+    def servers(self) -> list[Server]:
+        return [*self.vision, *self.language, *self.gateways.values()]
+
+    def commands(self) -> dict[str, list[str]]:  # what `dvd.launcher.start` runs
+        return {server.name: server.command for server in self.servers}
+
+
+def dvd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvd.cli", *args]
+
+
+def plan_fleet(model: str) -> Fleet:
+    vision = []
+    for name in ("vision-a", "vision-b"):
+        port, metrics_port = free_port(), free_port()
+        vision.append(Server(name, port, metrics_port, dvd(
+            "vision-server", "--model", model, "--host", HOST, "--port", str(port),
+            "--metrics-port", str(metrics_port))))
+    language = []
+    for name in ("language-a", "language-b"):
+        port, metrics_port = free_port(), free_port()
+        language.append(Server(name, port, metrics_port, dvd(
+            "language-server", "--model", model, "--host", HOST, "--port", str(port), "--metrics-port",
+            str(metrics_port), "--feature-bind", f"tcp://{HOST}:{free_port()}", "--max-model-len", "4096")))
+    fleet = Fleet(vision, language)
+    for name, members in (("fleet", vision + language), ("pair", [vision[0], language[0]])):
+        port = free_port()
+        servers = [arg for s in members for arg in (f"--{s.name.split('-')[0]}-server", s.address)]
+        # Frequent health checks and a short deadline: a stopped server leaves the pool within a second,
+        # and no request can outlive the test.
+        fleet.gateways[name] = Server(name, port, 0, dvd(
+            "gateway", "--host", HOST, "--port", str(port), "--served-model-name", MODEL, "--health-interval-s", "1",
+            "--request-timeout-s", "120", *servers))
+    return fleet
+
+
+def start_fleet(fleet: Fleet, logs: Path) -> None:
+    """Start every server as `dvd up` does: each in its own session, so that SIGKILL of its process group
+    takes vLLM's engine processes with it; output to `<name>.log` in `logs`."""
+    fleet.logs = logs
+    for name, process in start(fleet, log_dir=logs).items():
+        next(s for s in fleet.servers if s.name == name).process = process
+
+
+def wait_fleet_ready(fleet: Fleet, timeout_s: float) -> None:
+    """Until both gateways see all of their servers; raise if a server exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    wanted = {"fleet": {"vision_servers_up": 2, "language_servers_up": 2},
+              "pair": {"vision_servers_up": 1, "language_servers_up": 1}}
+    while time.monotonic() < deadline:
+        for server in fleet.servers:
+            if server.process.poll() is not None:
+                tail = (fleet.logs / f"{server.name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{server.name} exited with code {server.process.returncode}:\n{tail}")
+        try:
+            if all(httpx.get(f"{fleet.url(g)}/health", timeout=5).json() == w for g, w in wanted.items()):
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the fleet was not ready within {timeout_s:.0f} s; logs in {fleet.logs}")
+
+
+def kill_group(server: Server, sig: signal.Signals) -> None:
+    """Signal the server's whole process group (it leads its own session): it and its children."""
+    if server.process.poll() is None:
+        try:
+            os.killpg(server.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_fleet(fleet: Fleet, timeout_s: float = 15.0) -> None:
+    """SIGTERM every server, then SIGKILL the process groups still there after `timeout_s`; never blocks
+    longer, whatever a server's sockets are waiting for."""
+    for server in fleet.servers:
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for server in fleet.servers:
+        if server.process is None:
+            continue
+        try:
+            server.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill_group(server, signal.SIGKILL)
+            server.process.wait(10)
+        try:  # vLLM's engine process and any other child left behind
+            os.killpg(server.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_checkpoints, tmp_path_factory):
+    fleet = plan_fleet(str(tiny_checkpoints["custom"]))
+    try:
+        start_fleet(fleet, tmp_path_factory.mktemp("gateway-fleet-logs"))
+        wait_fleet_ready(fleet, timeout_s=420)
+        yield fleet
+    finally:
+        stop_fleet(fleet)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """Sum of a Prometheus metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def assert_openai_error(body: dict, status: int) -> dict:
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status, body
+    assert isinstance(error["message"], str) and error["message"], body
+    return error
+
+
+def user(text: str, *images: str, detail: str = "auto") -> list[dict]:
+    parts = [{"type": "text", "text": text}]
+    parts += [{"type": "image_url", "image_url": {"url": url, "detail": detail}} for url in images]
+    return [{"role": "user", "content": parts}]
+
+
+# ---------------------------------------------------------------- fuzz against live servers
+
+PICTURES = [data_url(make_image(16, 16, 0)), data_url(make_image(40, 24, 1))]
+BAD_IMAGES = [
+    "data:image/png;base64," + base64.b64encode(png_bytes(make_image(16, 16, 2))[:40]).decode(),  # truncated
+    "data:image/png;base64,!!!not-base64",
+    "data:text/plain;base64,aGVsbG8=",
+    "data:,x",
+    "ftp://example.com/x.png",
+    "",
+]
+junk = st.recursive(  # any JSON value, for fields that get the wrong type
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@dataclass
+class Values:
+    """A field's values in range, and values out of range or of the wrong type."""
+
+    valid: st.SearchStrategy | None
+    invalid: tuple = ()
+
+    def mixed(self) -> st.SearchStrategy:
+        bad = st.one_of(st.sampled_from(self.invalid), junk) if self.invalid else junk
+        return bad if self.valid is None else st.one_of(self.valid, self.valid, bad)
+
+
+def fields(values: dict[str, Values], mixed: bool, max_size: int) -> st.SearchStrategy:
+    """A few of `values`' fields, each valid or (with `mixed`) now and then not."""
+    names = sorted(name for name, v in values.items() if mixed or v.valid is not None)
+    return st.lists(st.sampled_from(names), max_size=max_size, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: values[k].mixed() if mixed else values[k].valid for k in keys}))
+
+
+def image_part(mixed: bool) -> st.SearchStrategy:
+    detail = Values(st.sampled_from(["auto", "low", "high"]), ("medium", "HIGH", 1))
+    url = st.sampled_from(PICTURES + BAD_IMAGES) if mixed else st.sampled_from(PICTURES)
+    return st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries(
+        {"url": url}, optional={"detail": detail.mixed() if mixed else detail.valid})})
+
+
+text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=16)})
+odd_part = st.sampled_from([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+                            {"type": "image_url", "image_url": PICTURES[0]}, {"type": "text"},
+                            {"type": "text", "text": "x", "extra": 1}, {"text": "no type"}])
+valid_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "assistant"]),
+                                                 "content": st.text(max_size=24)}), max_size=2).flatmap(
+    lambda before: st.builds(lambda last: [*before, last], st.fixed_dictionaries({
+        "role": st.just("user"),
+        "content": st.one_of(st.text(max_size=24), st.lists(st.one_of(text_part, image_part(False)), min_size=1,
+                                                            max_size=3))})))
+mixed_content = st.one_of(st.text(max_size=24), st.none(), junk, st.lists(
+    st.one_of(text_part, image_part(True), image_part(True), odd_part), min_size=1, max_size=3))
+mixed_messages = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user"] * 4 + ["system", "developer", "assistant", "tool", "bot"]),
+     "content": mixed_content}, optional={"name": Values(st.text(max_size=8), (5,)).mixed()}), max_size=3)
+SCHEMAS = [
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+    {"type": "string", "enum": ["a", "b"]},
+    {"type": "nope"},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 2}}, "required": ["n"]},
+    {},
+]
+response_format = st.one_of(
+    st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+    st.builds(lambda schema, strict: {"type": "json_schema", "json_schema": {"name": "s", "schema": schema,
+                                                                             "strict": strict}},
+              st.sampled_from(SCHEMAS), st.booleans()),
+)
+PARAMETERS = {
+    "stream": Values(st.booleans(), ("yes", 2)),
+    "stream_options": Values(st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+                             ({"include_usage": True, "chunk": 1}, "usage")),
+    "temperature": Values(st.floats(0, 2), (-0.1, 2.01, 1e308, "hot")),
+    "top_p": Values(st.floats(0.01, 1), (0, 1.5, -1)),
+    "top_k": Values(st.integers(-1, 64), (-2, 2**31, 2**40)),
+    "min_p": Values(st.floats(0, 1), (-0.5, 1.01)),
+    "seed": Values(st.integers(-(2**63), 2**63 - 1), (2**63, -(2**63) - 1, 2**80, 1.5)),
+    "stop": Values(st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=4)),
+                   ("", [""], ["x"] * 17, [1, 2])),
+    "n": Values(st.integers(1, 3), (0, -1, 9, 2**40)),
+    "presence_penalty": Values(st.floats(-2, 2), (-2.5, 3)),
+    "frequency_penalty": Values(st.floats(-2, 2), (2.5, -3)),
+    "repetition_penalty": Values(st.floats(0.1, 3), (0, -1, 11)),
+    "logprobs": Values(st.booleans(), ("true", 3)),
+    "top_logprobs": Values(st.integers(0, 20), (-1, 21, 2**40)),
+    "response_format": Values(response_format, ("json", {"type": "json_object", "schema": {}}, {"type": "grammar"},
+                                                {"type": "json_schema"},
+                                                {"type": "json_schema", "json_schema": {"name": "s", "schema": "x"}})),
+    "user": Values(st.text(max_size=10), (42,)),
+    "chat_template_kwargs": Values(st.sampled_from([{}, {"enable_thinking": True}, {"enable_thinking": False}]),
+                                   ({"enable_thinking": "yes"}, {"add_generation_prompt": False}, "think")),
+    # unsupported or unknown: always a 400
+    "tools": Values(None, ([{"type": "function", "function": {"name": "f"}}],)),
+    "logit_bias": Values(None, ({"1": 5},)),
+    "frequency": Values(None),
+    "metadata": Values(None),
+}
+# Every body that reaches the servers asks for a few tokens: max_tokens or max_completion_tokens (which wins)
+# is small, unless a bad value makes the request a 400 anyway.
+BAD_LENGTHS = (0, -1, 2**32, 2**63, 2**70, 1.5, "many", [], {})
+valid_lengths = st.one_of(
+    st.fixed_dictionaries({"max_tokens": st.integers(1, 4)}),
+    st.fixed_dictionaries({"max_completion_tokens": st.integers(1, 4)}),
+    st.fixed_dictionaries({"max_tokens": st.sampled_from([1, 2, 10**6]), "max_completion_tokens": st.integers(1, 4)}),
+)
+mixed_lengths = st.one_of(
+    valid_lengths,
+    st.fixed_dictionaries({"max_tokens": st.sampled_from(BAD_LENGTHS)}),
+    st.fixed_dictionaries({"max_completion_tokens": st.sampled_from(BAD_LENGTHS)}),
+    st.fixed_dictionaries({"max_tokens": st.integers(1, 4), "max_completion_tokens": st.sampled_from(BAD_LENGTHS)}),
+)
+
+
+def body(model, messages, lengths, params) -> st.SearchStrategy:
+    return st.builds(lambda *parts: {k: v for part in parts for k, v in part.items()},
+                     st.fixed_dictionaries({"model": model, "messages": messages}), lengths, params)
+
+
+OTHER_PARAMETERS = {k: v for k, v in PARAMETERS.items() if k != "stream"}
+bodies = st.one_of(
+    body(st.just(MODEL), valid_messages, valid_lengths,
+         st.tuples(st.fixed_dictionaries({"stream": st.booleans()}), fields(OTHER_PARAMETERS, False, max_size=4)).map(
+             lambda both: {**both[0], **both[1]})),
+    body(st.just(MODEL), valid_messages, valid_lengths, fields(PARAMETERS, mixed=True, max_size=2)),
+    body(st.sampled_from([MODEL] * 4 + ["other", ""]), mixed_messages, mixed_lengths,
+         fields(PARAMETERS, mixed=True, max_size=5)),
+    st.builds(lambda base, length: {**base, **length},  # structurally wrong bodies
+              st.fixed_dictionaries({}, optional={"model": junk, "messages": junk}), mixed_lengths),
+    junk.filter(lambda value: not isinstance(value, dict)),
+)
+
+
+def check_reply(reply: httpx.Response, body) -> str:
+    """Never a 5xx; errors in OpenAI's shape; successes in the completion or chunk shape. Returns an outcome."""
+    assert reply.status_code < 500, (reply.status_code, reply.text[:500], body)
+    assert len(reply.headers["x-request-id"]) == 32
+    if reply.status_code != 200:
+        error = assert_openai_error(reply.json(), reply.status_code)
+        assert reply.status_code in (400, 404), (error, body)
+        return f"HTTP {reply.status_code}"
+    n = ChatCompletionRequest.model_validate(body).n
+    if reply.headers["content-type"].startswith("text/event-stream"):
+        events = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line]
+        assert all(not e.startswith("data:") for e in events)
+        for data in events[:-1]:
+            chunk = ChatCompletionChunk.model_validate_json(data)
+            assert all(0 <= c.index < n for c in chunk.choices)
+        if events[-1] != "[DONE]":  # an error after the headers went out: in-band, as OpenAI does
+            error = assert_openai_error(json.loads(events[-1]), json.loads(events[-1])["error"]["code"])
+            assert error["code"] < 500, (error, body)
+            return f"stream error {error['code']}"
+        return "streamed 200"
+    completion = ChatCompletion.model_validate_json(reply.content)
+    assert [c.index for c in completion.choices] == list(range(n))
+    assert completion.usage.completion_tokens <= n * 4
+    return "200"
+
+
+def test_fuzzed_requests_against_live_servers_get_no_5xx_no_hang_and_the_stack_serves_on(fleet):
+    url = f"{fleet.url('pair')}/v1/chat/completions"
+    outcomes = Counter()
+    client = httpx.Client(timeout=httpx.Timeout(60, connect=5))
+
+    hi = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url",
+                                                                      "image_url": {"url": PICTURES[0]}}]}]
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(body=bodies, as_text=st.booleans())
+    # Values that pass validation but not the proto's field widths: they were a 500.
+    @example(body={"model": MODEL, "messages": hi, "max_tokens": 2**32}, as_text=False)
+    @example(body={"model": MODEL, "messages": hi, "max_completion_tokens": 2**40, "max_tokens": 1}, as_text=False)
+    @example(body={"model": MODEL, "messages": hi, "max_tokens": 1, "top_k": 2**31, "stream": True}, as_text=False)
+    # A seed and a prompt (two 7-tile images) longer than one prefill chunk: it killed vLLM's engine on CPU.
+    @example(body={"model": MODEL, "messages": user("x", PICTURES[1], PICTURES[1]), "max_tokens": 1, "seed": 7},
+             as_text=False)
+    def fuzz(body, as_text):
+        content = json.dumps(body) if as_text or not isinstance(body, dict) else None
+        if content is not None and isinstance(body, dict) and body.get("model") == "":
+            content = content[:-1]  # and now and then a body that is not JSON at all
+        reply = client.post(url, content=content, json=None if content is not None else body,
+                            headers={"content-type": "application/json"})
+        outcome = check_reply(reply, body if isinstance(body, dict) else {})
+        outcomes[outcome] += 1
+        event(outcome)
+
+    try:
+        fuzz()
+        # The fuzz reached the servers, not only the validation.
+        assert outcomes["200"] + outcomes["streamed 200"] >= 5, outcomes
+        assert httpx.get(f"{fleet.url('pair')}/health", timeout=10).status_code == 200
+        reply = client.post(url, json={"model": MODEL, "max_tokens": 4, "messages": user("Describe.", PICTURES[0])})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 256
+        assert reply.json()["usage"]["completion_tokens"] == 4
+    finally:
+        client.close()
+        print(f"fuzz outcomes: {dict(outcomes)}")
+
+
+# ---------------------------------------------------------------- two of each kind behind one gateway
+
+
+def chat(url: str, seed: int, max_tokens: int = 4, stream: bool = False) -> dict:
+    return {"model": MODEL, "max_tokens": max_tokens, "stream": stream, "temperature": 0,
+            "messages": user("Describe this picture.", data_url(make_image(32, 32, seed)))}
+
+
+def ask_many(url: str, count: int, max_tokens: int = 4) -> list[httpx.Response]:
+    """`count` requests with an image each, all sent at once."""
+    start = threading.Barrier(count)
+
+    def ask(i: int) -> httpx.Response:
+        start.wait(30)
+        return httpx.post(f"{url}/v1/chat/completions", json=chat(url, i, max_tokens), timeout=120)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(ask, range(count)))
+
+
+def ok_requests(servers: list[Server], metric_name: str) -> dict[str, float]:
+    return {s.name: metric(s.metrics_url, metric_name, outcome="ok") for s in servers}
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
+    return {name: int(after[name] - before[name]) for name in after}
+
+
+def test_concurrent_requests_spread_across_both_vision_and_both_language_servers(fleet):
+    vision_before = ok_requests(fleet.vision, "dvd_vision_requests_total")
+    language_before = ok_requests(fleet.language, "dvd_language_requests_total")
+    replies = ask_many(fleet.url("fleet"), 20, max_tokens=8)
+    assert [r.status_code for r in replies] == [200] * 20, [r.text for r in replies if r.status_code != 200]
+    assert all(r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 256 for r in replies)
+    vision = delta(ok_requests(fleet.vision, "dvd_vision_requests_total"), vision_before)
+    language = delta(ok_requests(fleet.language, "dvd_language_requests_total"), language_before)
+    print(f"20 requests: Encode calls per vision server {vision}, Generate calls per language server {language}")
+    assert sum(vision.values()) == 20 and sum(language.values()) == 20  # one Encode and one Generate each
+    assert min(language.values()) >= 5, language  # least-outstanding: the long Generate calls alternate
+    assert min(vision.values()) >= 2, vision  # Encode is short: ties go to the first server, overlaps to the other
+
+
+@dataclass
+class Stream:
+    """One streamed request, as its client saw it."""
+
+    index: int
+    request_id: str | None = None
+    status: int | None = None
+    tokens: int = 0  # content chunks received
+    done: bool = False  # [DONE] arrived
+    error: dict | None = None  # OpenAI error JSON, in the body or in-band
+    exception: str | None = None  # anything else: a broken connection, a timeout, garbage
+    ended_at: float | None = None
+
+    def run(self, url: str, max_tokens: int) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat(url, 100 + self.index, max_tokens, True),
+                              timeout=httpx.Timeout(120, connect=5)) as reply:
+                self.request_id, self.status = reply.headers.get("x-request-id"), reply.status_code
+                if reply.status_code != 200:
+                    self.error = assert_openai_error(json.loads(reply.read()), reply.status_code)
+                    return
+                for line in reply.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line.removeprefix("data: ")
+                    if data == "[DONE]":
+                        self.done = True
+                        return
+                    payload = json.loads(data)
+                    if "error" in payload:
+                        self.error = assert_openai_error(payload, payload["error"]["code"])
+                        return
+                    self.tokens += sum(bool(c["delta"].get("content")) for c in payload["choices"])
+                self.exception = "the stream ended without [DONE] or an error"
+        except Exception as exc:  # noqa: BLE001 (recorded; the test fails on it)
+            self.exception = repr(exc)
+        finally:
+            self.ended_at = time.monotonic()
+
+
+def retries(fleet: Fleet) -> Counter:
+    """Calls the fleet gateway moved to another server after theirs became unreachable, by kind."""
+    lines = (fleet.logs / "fleet.log").read_text().splitlines()
+    return Counter("Encode" if "retrying Encode" in line else "Generate" for line in lines
+                   if "unavailable; retrying" in line)
+
+
+BIG = [data_url(make_image(896, 672, 200 + i)) for i in range(6)]  # 13 tiles each: Encode takes a while
+
+
+def test_killing_a_vision_and_a_language_server_mid_run_costs_only_the_requests_on_them(fleet):
+    """SIGKILL language server B while 12 streams generate, and vision server B while 6 more requests
+    are being encoded; then the survivors serve everything."""
+    url = fleet.url("fleet")
+    gateway_metrics = f"{url}/metrics"
+    vision_b, language_b = fleet.vision[1], fleet.language[1]
+    streams = [Stream(i) for i in range(12)]
+    threads = [threading.Thread(target=s.run, args=(url, 400), daemon=True) for s in streams]
+    burst = ThreadPoolExecutor(len(BIG))
+    retries_before = retries(fleet)
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 90
+        while not all(s.tokens >= 2 or s.ended_at for s in streams):  # every stream is generating
+            assert time.monotonic() < deadline, [vars(s) for s in streams]
+            time.sleep(0.05)
+        big = [{**chat(url, 0), "messages": user("Describe this picture.", image)} for image in BIG]
+        replies = [burst.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120) for body in big]
+        while metric(gateway_metrics, "dvd_gateway_backend_outstanding", address=vision_b.address) < 1:
+            assert time.monotonic() < deadline, "no Encode reached vision server B"
+            time.sleep(0.01)
+        outstanding = {s.name: metric(gateway_metrics, "dvd_gateway_backend_outstanding", address=s.address)
+                       for s in (*fleet.vision, *fleet.language)}
+        killed_at = time.monotonic()
+        for server in (vision_b, language_b):  # each with its children (vLLM's engine): a crashed container
+            kill_group(server, signal.SIGKILL)
+        replies = [r.result(150) for r in replies]
+    finally:
+        burst.shutdown(wait=False, cancel_futures=True)
+        for thread in threads:
+            thread.join(150)
+    assert not any(t.is_alive() for t in threads), "a request hung after the kill"
+    on_killed = int(outstanding[language_b.name] + outstanding[vision_b.name])
+    failed_streams = [s for s in streams if not s.done]
+    failed_big = [r for r in replies if r.status_code != 200]
+    retried = retries(fleet) - retries_before
+    print(f"in flight at the kill: {outstanding}; 12 streams: {len(failed_streams)} failed "
+          f"({sorted({s.error['message'] for s in failed_streams if s.error})}); 6 being encoded: "
+          f"{len(failed_big)} failed ({[r.json() for r in failed_big]}); calls retried on a survivor: {retried}")
+    assert outstanding[language_b.name] >= 1 and outstanding[vision_b.name] >= 1  # both kills hit live work
+    assert not [s.exception for s in streams if s.exception], [vars(s) for s in streams if s.exception]
+    assert len(failed_streams) + len(failed_big) <= on_killed, (outstanding, [vars(s) for s in failed_streams])
+    killed = (language_b.address, vision_b.address)
+    for stream in failed_streams:  # a clear OpenAI error, in-band, naming the server that went away
+        assert stream.status == 200 and stream.error["code"] == 503, vars(stream)
+        assert any(address in stream.error["message"] for address in killed), vars(stream)
+        assert stream.tokens >= 2 and stream.ended_at >= killed_at  # it failed mid-stream, after the kill
+    for reply in failed_big:
+        error = assert_openai_error(reply.json(), reply.status_code)
+        assert reply.status_code == 503 and any(address in error["message"] for address in killed), error
+    assert all(r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 13 * 256
+               for r in replies if r.status_code == 200)
+
+    # New requests all succeed, on the survivors.
+    vision_before = ok_requests(fleet.vision[:1], "dvd_vision_requests_total")
+    language_before = ok_requests(fleet.language[:1], "dvd_language_requests_total")
+    replies = ask_many(url, 8)
+    assert [r.status_code for r in replies] == [200] * 8, [r.text for r in replies if r.status_code != 200]
+    assert delta(ok_requests(fleet.vision[:1], "dvd_vision_requests_total"), vision_before) == {"vision-a": 8}
+    assert delta(ok_requests(fleet.language[:1], "dvd_language_requests_total"), language_before) == \
+        {"language-a": 8}
+    for server in (vision_b, language_b):
+        assert metric(gateway_metrics, "dvd_gateway_backend_up", address=server.address) == 0
