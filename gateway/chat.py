@@ -18,7 +18,7 @@ import grpc
 from gateway import metrics
 from gateway.backends import Backend, LanguagePool, VisionPool
 from gateway.errors import APIError, from_grpc
-from gateway.images import ImageFetcher, decode_data_url
+from gateway.images import ImageFetcher, decode_data_url, decode_video_data_url
 from gateway.reasoning import R1_SYSTEM_PROMPT
 from gateway.schemas import ChatCompletionRequest, JSONObjectFormat, JSONSchemaResponseFormat
 from gateway.settings import GatewaySettings
@@ -34,6 +34,11 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_p
 class ImageSource:
     url: str
     max_tiles: int
+    video_frames: int = 0  # a video: this many frames, each counted as one image
+
+    @property
+    def images(self) -> int:
+        return self.video_frames or 1
 
 
 @dataclass
@@ -48,6 +53,11 @@ class PreparedChat:
     @property
     def n(self) -> int:
         return self.sampling.n or 1
+
+    @property
+    def image_count(self) -> int:
+        """Images the language server waits for: every video frame is one."""
+        return sum(source.images for source in self.sources)
 
 
 def _thinking(request: ChatCompletionRequest) -> bool:
@@ -109,12 +119,18 @@ def prepare_chat(request: ChatCompletionRequest, settings: GatewaySettings, requ
                 if role != "user":
                     raise APIError(400, f"images are only accepted in user messages, not {message.role}",
                                    param="messages")
-                if len(sources) == settings.max_images_per_request:
-                    raise APIError(400, f"more than {settings.max_images_per_request} images in one request",
-                                   param="messages")
-                max_tiles = 1 if part.image_url.detail == "low" else settings.max_tiles
-                sources.append(ImageSource(part.image_url.url, max_tiles))
-                parts.append(dvd_pb2.ContentPart(image=True))
+                if part.type == "video_url":  # "Frame1: <image>\nFrame2: <image>\n...", as the model card does
+                    source = ImageSource(part.video_url.url, 1, part.video_url.num_frames or settings.video_frames)
+                    for frame in range(source.video_frames):
+                        parts += [dvd_pb2.ContentPart(text=f"Frame{frame + 1}: "), dvd_pb2.ContentPart(image=True)]
+                else:
+                    max_tiles = 1 if part.image_url.detail == "low" else settings.max_tiles
+                    source = ImageSource(part.image_url.url, max_tiles)
+                    parts.append(dvd_pb2.ContentPart(image=True))
+                sources.append(source)
+                if sum(s.images for s in sources) > settings.max_images_per_request:
+                    raise APIError(400, f"more than {settings.max_images_per_request} images in one request "
+                                        "(each video frame counts as one)", param="messages")
         messages.append(dvd_pb2.ChatMessage(role=role, content=parts))
     if thinking:  # the model card's way: the R1 prompt as the system prompt, the request's own after it
         if messages[0].role == "system":
@@ -128,6 +144,10 @@ async def load_images(chat: PreparedChat, settings: GatewaySettings, fetcher: Im
     """Decode data URLs (in threads) and download http(s) URLs, all of a request's images at once."""
 
     async def load(index: int, source: ImageSource) -> dvd_pb2.ImageInput:
+        if source.video_frames:
+            data = await asyncio.to_thread(decode_video_data_url, source.url, max_bytes=settings.max_video_bytes,
+                                           index=index)
+            return dvd_pb2.ImageInput(data=data, video_frames=source.video_frames)
         if source.url.startswith("data:"):
             data = await asyncio.to_thread(decode_data_url, source.url, max_bytes=settings.max_image_bytes,
                                            index=index)
@@ -208,7 +228,7 @@ async def generate(vision: VisionPool, language: LanguagePool, chat: PreparedCha
 async def _generate_on(backend: Backend, vision: VisionPool, chat: PreparedChat, request_id: str, timeout_s: float):
     call = backend.stub.Generate(
         dvd_pb2.GenerateRequest(request_id=request_id, messages=chat.messages, sampling=chat.sampling,
-                                image_count=len(chat.images)),
+                                image_count=chat.image_count),
         timeout=timeout_s,
     )
     encode = None

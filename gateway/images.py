@@ -48,22 +48,37 @@ def check_image_bytes(data: bytes, *, index: int) -> bytes:
     return data
 
 
-def decode_data_url(url: str, *, max_bytes: int, index: int) -> bytes:
-    """The bytes of a base64 `data:image/...` URL; a clear 400 for anything else."""
+def _data_url_bytes(url: str, *, max_bytes: int, index: int, kind: str) -> bytes:
+    """The bytes of a base64 `data:<kind>/...` URL; a clear 400 for anything else."""
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
-        raise APIError(400, f"image {index}: data URL must be base64 encoded (data:image/png;base64,...)",
+        raise APIError(400, f"{kind} {index}: data URL must be base64 encoded (data:{kind}/...;base64,...)",
                        param="messages")
     media_type = header[len("data:"):-len(";base64")]
-    if media_type and not media_type.startswith("image/"):
-        raise APIError(400, f"image {index}: data URL media type {media_type!r} is not an image", param="messages")
+    if media_type and not media_type.startswith(f"{kind}/"):
+        raise APIError(400, f"{kind} {index}: data URL media type {media_type!r} is not {kind}/*",
+                       param="messages")
     if len(payload) > (max_bytes * 4) // 3 + 4:
-        raise APIError(400, f"image {index}: larger than the {max_bytes}-byte limit", param="messages")
+        raise APIError(400, f"{kind} {index}: larger than the {max_bytes}-byte limit", param="messages")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, f"image {index}: data URL is not valid base64", param="messages") from None
-    return check_image_bytes(data, index=index)
+        raise APIError(400, f"{kind} {index}: data URL is not valid base64", param="messages") from None
+
+
+def decode_data_url(url: str, *, max_bytes: int, index: int) -> bytes:
+    """The bytes of a base64 `data:image/...` URL, checked to start like an accepted image format."""
+    return check_image_bytes(_data_url_bytes(url, max_bytes=max_bytes, index=index, kind="image"), index=index)
+
+
+def decode_video_data_url(url: str, *, max_bytes: int, index: int) -> bytes:
+    """The bytes of a base64 `data:video/...` URL; the vision server decodes and checks them."""
+    if not url.startswith("data:"):
+        raise APIError(400, f"video {index}: only data: URLs are supported for videos", param="messages")
+    data = _data_url_bytes(url, max_bytes=max_bytes, index=index, kind="video")
+    if not data:
+        raise APIError(400, f"video {index}: data URL holds no bytes", param="messages")
+    return data
 
 
 class ImageFetcher:

@@ -28,7 +28,19 @@ class ImagePart(Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(Strict):
+    url: str  # data:video/...;base64,...
+    num_frames: int | None = Field(default=None, ge=1, le=64)  # default: the gateway's video_frames
+
+
+class VideoPart(Strict):
+    """vLLM's `video_url` extension of the chat API: the video goes in as evenly sampled frames."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(Strict):

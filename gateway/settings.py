@@ -34,6 +34,8 @@ class GatewaySettings(BaseSettings):
     max_images_per_request: int = Field(16, ge=0)
     max_image_bytes: int = Field(20 << 20, gt=0)  # per image, after base64 decoding or download
     max_tiles: int = Field(12, ge=1)  # per image for detail "high"/"auto"; "low" is one tile
+    video_frames: int = Field(8, ge=1, le=64)  # frames sampled from a video_url part, one tile each
+    max_video_bytes: int = Field(64 << 20, ge=1)  # after base64 decoding
     image_fetch_timeout_s: float = Field(10.0, gt=0)  # whole download of one http(s) image, redirects included
     image_fetch_max_redirects: int = Field(3, ge=0)
     # http(s) images from private, loopback, link-local or otherwise non-global addresses are refused

@@ -41,12 +41,14 @@ class FeatureHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., image_index: _Optional[int] = ..., image_count: _Optional[int] = ..., tile_tokens: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
 
 class ImageInput(_message.Message):
-    __slots__ = ("data", "max_tiles")
+    __slots__ = ("data", "max_tiles", "video_frames")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MAX_TILES_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     max_tiles: int
-    def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ...) -> None: ...
+    video_frames: int
+    def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("request_id", "images", "feature_endpoint", "use_vir", "vir_relative_threshold", "vir_absolute_threshold")

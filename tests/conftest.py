@@ -80,3 +80,20 @@ def encode_to_local_receiver(vision_port: int, image: Image.Image, **options):
         return reply, received
 
     return asyncio.run(run())
+
+
+def make_video(num_frames: int = 30, width: int = 96, height: int = 64) -> bytes:
+    """A small MPEG-4 video whose frame i is a flat grey of level 8 * i (frames tell themselves apart)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(num_frames):
+            frame = np.full((height, width, 3), (8 * i) % 256, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

@@ -5,17 +5,19 @@ The three servers run as real processes (vLLM included); the last test stops the
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import httpx
 import openai
 import pytest
 
-from conftest import data_url, free_port, make_image, png_bytes
+from conftest import data_url, free_port, make_image, make_video, png_bytes
 from dvd.launcher import OFFLINE_ENV, Stack, wait_ready
 from language_server.server import VISION_PREFIXES
 from proto import dvd_pb2, dvd_pb2_grpc
@@ -126,6 +128,20 @@ def test_output_depends_on_the_image(client, model):
     assert len(replies) > 1
 
 
+def test_a_video_goes_in_as_frames_of_one_tile(client, model):
+    video = "data:video/mp4;base64," + base64.b64encode(make_video(30)).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    assert reply.usage.prompt_tokens_details.image_tokens == 8 * 256  # 8 frames, one tile each
+    messages[0]["content"][0]["video_url"]["num_frames"] = 3
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    assert reply.usage.prompt_tokens_details.image_tokens == 3 * 256
+    with pytest.raises(openai.BadRequestError, match="unsupported video"):
+        messages[0]["content"][0]["video_url"] = {"url": "data:video/mp4;base64," + base64.b64encode(b"junk").decode()}
+        client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+
+
 def test_text_only_requests_skip_the_vision_server(client, model, up):
     stack, _ = up
     metrics_url = f"http://127.0.0.1:{stack.vision_metrics_port}/metrics"
@@ -137,7 +153,7 @@ def test_text_only_requests_skip_the_vision_server(client, model, up):
 
 
 def test_corrupt_image_is_a_400_and_the_server_keeps_serving(client, model):
-    broken = "data:image/png;base64," + __import__("base64").b64encode(png_bytes(make_image(64, 64, 0))[:50]).decode()
+    broken = "data:image/png;base64," + base64.b64encode(png_bytes(make_image(64, 64, 0))[:50]).decode()
     with pytest.raises(openai.BadRequestError, match="image 0"):
         client.chat.completions.create(model=model, max_tokens=2, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": broken}}]}])
@@ -186,7 +202,7 @@ def test_client_disconnect_cancels_the_generation(up, model):
     for _ in range(100):
         if counter(metrics_url, 'dvd_language_requests_total{outcome="cancelled"}') == before + 1:
             break
-        __import__("time").sleep(0.1)
+        time.sleep(0.1)
     assert counter(metrics_url, 'dvd_language_requests_total{outcome="cancelled"}') == before + 1
     assert counter(metrics_url, "dvd_language_requests_in_flight") == 0
 

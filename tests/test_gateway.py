@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -31,7 +32,7 @@ def lonely_gateway():
         except httpx.TransportError:
             if process.poll() is not None:
                 pytest.fail(f"gateway exited with {process.returncode}")
-            __import__("time").sleep(0.1)
+            time.sleep(0.1)
     yield url
     process.terminate()
     process.wait(10)

@@ -22,7 +22,7 @@ from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureSender, TransportError
 from vision_server import metrics
 from vision_server.engine import VirParams, VisionEngine
-from vision_server.preprocess import ImageError, preprocess
+from vision_server.preprocess import ImageError, preprocess, preprocess_video
 from vision_server.settings import VisionServerSettings
 
 log = logging.getLogger(__name__)
@@ -69,25 +69,37 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
         return VirParams(relative, absolute)
 
     async def _preprocess(self, request: dvd_pb2.EncodeRequest, context) -> list[torch.Tensor]:
-        """Decode and tile every image in the worker pool; any bad image fails the request first."""
+        """Decode and tile every input in the worker pool; a video becomes one 1-tile image per frame.
+
+        Any bad input fails the request before anything is queued.
+        """
         loop = asyncio.get_running_loop()
         settings = self._settings
         jobs = []
         for index, image in enumerate(request.images):
-            max_tiles = image.max_tiles or settings.default_max_tiles
-            if max_tiles > settings.max_tiles_limit:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"image {index}: max_tiles {max_tiles} exceeds {settings.max_tiles_limit}")
-            jobs.append(loop.run_in_executor(self._preprocess_pool, partial(
-                preprocess, image.data, max_tiles=max_tiles,
-                max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)))
+            if image.video_frames:
+                if image.video_frames > settings.max_video_frames:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {index}: {image.video_frames} "
+                                        f"video frames exceed {settings.max_video_frames}")
+                job = partial(preprocess_video, image.data, image.video_frames, max_bytes=settings.max_video_bytes,
+                              max_pixels=settings.max_image_pixels)
+            else:
+                max_tiles = image.max_tiles or settings.default_max_tiles
+                if max_tiles > settings.max_tiles_limit:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"image {index}: max_tiles {max_tiles} exceeds {settings.max_tiles_limit}")
+                job = partial(preprocess, image.data, max_tiles=max_tiles, max_bytes=settings.max_image_bytes,
+                              max_pixels=settings.max_image_pixels)
+            jobs.append(loop.run_in_executor(self._preprocess_pool, job))
         results = await asyncio.gather(*jobs, return_exceptions=True)
-        for index, result in enumerate(results):
+        pixels = []
+        for index, (image, result) in enumerate(zip(request.images, results)):
             if isinstance(result, ImageError):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {result}")
             if isinstance(result, BaseException):
                 raise result
-        return results
+            pixels += list(result.split(1)) if image.video_frames else [result]  # frames: [1, 3, 448, 448] each
+        return pixels
 
     async def _encode_request(self, request: dvd_pb2.EncodeRequest, context) -> dvd_pb2.EncodeResponse:
         rid = request.request_id

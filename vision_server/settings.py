@@ -25,5 +25,7 @@ class VisionServerSettings(BaseSettings):
     max_images_per_request: int = 16
     max_image_bytes: int = 20 << 20
     max_image_pixels: int = 64_000_000
+    max_video_bytes: int = 64 << 20
+    max_video_frames: int = 64
     preprocess_workers: int = 2
     send_timeout_s: float = 30.0
