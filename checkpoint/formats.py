@@ -17,6 +17,8 @@ Format = Literal["hf", "custom"]
 # The text vLLM 0.32.0 expects in a prompt where one image goes; it expands it to
 # `<img>` + `<IMG_CONTEXT>` x tokens + `</img>` (internvl.py / interns1.py `get_placeholder_str`).
 IMAGE_PLACEHOLDER: dict[str, str] = {"custom": "<image>", "hf": "<IMG_CONTEXT>"}
+# InternVL3.5-Flash's Visual Resolution Router tensors (custom format): read by the vision server only.
+VIR_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
 
 _MODEL_TYPES: dict[str, Format] = {"internvl_chat": "custom", "internvl": "hf"}
 _ARCHITECTURES: dict[str, Format] = {"InternVLChatModel": "custom", "InternVLForConditionalGeneration": "hf"}

@@ -9,7 +9,7 @@ import signal
 import grpc
 from prometheus_client import start_http_server
 
-from checkpoint.formats import detect_format
+from checkpoint.formats import VIR_PREFIXES, detect_format
 from language_server import metrics
 from language_server.engine import build_engine
 from language_server.feature_store import FeatureStore
@@ -22,7 +22,7 @@ from transport.tcp import TcpFeatureReceiver
 
 log = logging.getLogger(__name__)
 
-VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "vision_tower.", "multi_modal_projector.")
+VISION_PREFIXES = ("vision_model.", "mlp1.", "vision_tower.", "multi_modal_projector.", *VIR_PREFIXES)
 
 
 async def serve(settings: LanguageServerSettings) -> None:

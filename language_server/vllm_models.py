@@ -13,15 +13,15 @@ from vllm.model_executor.models.interns1 import InternS1ForConditionalGeneration
 from vllm.model_executor.models.internvl import InternVLChatModel, InternVLImageEmbeddingInputs
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
-# InternVL3.5-Flash's ViR weights: used by the vision server only, never by the language model.
-VIR_PREFIXES = ["mlp2.", "pooling_before_gating.", "gating."]
+from checkpoint.formats import VIR_PREFIXES
 
 
 class DvdInternVLChatModel(InternVLChatModel):
     """Custom (GitHub) format checkpoints, Flash ones included."""
 
     def load_weights(self, weights):
-        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=VIR_PREFIXES)
+        # Flash checkpoints' ViR weights are the vision server's, never the language model's.
+        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=list(VIR_PREFIXES))
         return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
 
     def _parse_and_validate_image_input(self, **kwargs):

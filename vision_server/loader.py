@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from checkpoint.formats import Format, detect_format, read_model_config
+from checkpoint.formats import VIR_PREFIXES, Format, detect_format, read_model_config
 from vision_server.vision_model import VisionModel
 
 # Module name -> checkpoint name, per format; "{i}" is a block index. A name given for a module (not
@@ -85,7 +85,6 @@ VISION_PREFIXES: dict[Format, tuple[str, ...]] = {
     "custom": ("vision_model.", "mlp1."),
     "hf": ("vision_tower.", "multi_modal_projector."),
 }
-VIR_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
 
 # Published HF checkpoints nest everything but lm_head under "model."; save_pretrained in
 # transformers 5.19 writes the vision tensors at the top level.
