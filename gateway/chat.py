@@ -166,6 +166,9 @@ async def load_images(chat: PreparedChat, settings: GatewaySettings, fetcher: Im
             task.cancel()
 
 
+ENCODE_REPLY_GRACE_S = 5.0
+
+
 def _unavailable(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.UNAVAILABLE
 
@@ -265,6 +268,10 @@ async def _generate_on(backend: Backend, vision: VisionPool, chat: PreparedChat,
                 _log_timings(request_id, encode.result() if encode.done() else None, response)
             yield response
         outcome = "ok"
+        if encode is not None and not encode.done():
+            # Generation ended, so every feature arrived and the Encode reply is moments behind: let it land
+            # rather than cancel a call that has done its work (and leave it uncounted).
+            await asyncio.wait({encode}, timeout=ENCODE_REPLY_GRACE_S)
     finally:
         metrics.BACKEND_REQUESTS.labels("language", backend.address, outcome).inc()
         if encode is not None and not encode.done():

@@ -353,7 +353,7 @@ def test_thinking_mode_returns_the_thinking_as_reasoning_content(client, model):
     ({"stream_options": {"include_usage": True}}, "stream_options is only allowed"),
     ({"stop": [""]}, "stop"),
     ({"response_format": {"type": "grammar"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, ""),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "json_schema"),
     ({"extra_body": {"chat_template_kwargs": {"add_generation_prompt": False}}}, "only enable_thinking"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "messages"),
