@@ -77,6 +77,8 @@ def language_server(
     dtype: Annotated[str, typer.Option(help="vLLM dtype (auto, bfloat16, float32)")] = "auto",
     max_model_len: int = 8192,
     kv_cache_gib: Annotated[int, typer.Option(help="KV cache size on CPU, GiB")] = 1,
+    feature_cache_mib: Annotated[int, typer.Option(
+        help="Features of recently used images kept for later turns of a chat, MiB; 0: off")] = 2048,
     log_level: str = "info",
 ) -> None:
     """Serve LanguageService: vLLM in embedding-only mode, fed by the feature receiver."""
@@ -86,7 +88,8 @@ def language_server(
     _logging(log_level)
     main(LanguageServerSettings(model=model, host=host, port=port, feature_bind=feature_bind,
                                 feature_advertise=feature_advertise, metrics_port=metrics_port, dtype=dtype,
-                                max_model_len=max_model_len, kv_cache_gib=kv_cache_gib))
+                                max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                                feature_cache_bytes=feature_cache_mib << 20))
 
 
 @app.command()
@@ -107,6 +110,8 @@ def gateway(
     max_images_per_request: int | None = None,
     image_fetch_allowed_network: Annotated[list[str] | None, typer.Option(
         help="Network (CIDR) that http(s) image URLs may point into although it is not public (repeatable)")] = None,
+    feature_cache: Annotated[bool | None, typer.Option(
+        help="Send language servers only the images' features they do not hold yet")] = None,
     log_level: str = "info",
 ) -> None:
     """Serve the OpenAI-compatible API in front of the vision and language servers."""
@@ -118,7 +123,7 @@ def gateway(
              "served_model_name": served_model_name, "api_keys": api_key, "max_in_flight": max_in_flight,
              "request_timeout_s": request_timeout_s, "health_interval_s": health_interval_s,
              "max_images_per_request": max_images_per_request,
-             "image_fetch_allowed_networks": image_fetch_allowed_network}
+             "image_fetch_allowed_networks": image_fetch_allowed_network, "feature_cache": feature_cache}
     main(load_settings(config, **{name: value for name, value in flags.items() if value is not None}))
 
 

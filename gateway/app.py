@@ -54,7 +54,8 @@ class ClientGone(Exception):
 def _usage(usage: dvd_pb2.Usage) -> Usage:
     return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                  total_tokens=usage.prompt_tokens + usage.completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(image_tokens=usage.image_tokens))
+                 prompt_tokens_details=PromptTokensDetails(image_tokens=usage.image_tokens,
+                                                           cached_tokens=usage.cached_tokens))
 
 
 def _logprobs(response: dvd_pb2.GenerateResponse) -> list[TokenLogprob]:
@@ -255,7 +256,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 await load_images(chat, settings, state.fetcher)
                 return await anext(responses)
 
-            responses = generate(state.vision, state.language, chat, settings.request_timeout_s)
+            responses = generate(state.vision, state.language, chat, settings.request_timeout_s,
+                                 settings.affinity_max_extra_load)
             first = await _unless_disconnected(request, first_response())  # errors here become HTTP statuses
             metrics.TTFT.observe(time.perf_counter() - start)
             if body.stream:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
@@ -121,11 +122,16 @@ class BackendPool:
         return [b for b in remaining if b.up] or remaining
 
     @contextlib.contextmanager
-    def lease(self, candidates: list[Backend] | None = None):
+    def lease(self, candidates: list[Backend] | None = None, prefer: str | None = None, max_extra_load: int = 0):
+        """The least loaded candidate, or `prefer` (an address) while it carries at most `max_extra_load`
+        more requests than the least loaded."""
         candidates = self.candidates() if candidates is None else candidates
         if not candidates:
             raise APIError(503, f"no {self.kind} server is available ({len(self.backends)} known)")
         backend = min(candidates, key=lambda b: b.outstanding)
+        preferred = next((b for b in candidates if b.address == prefer), None)
+        if preferred is not None and preferred.outstanding <= backend.outstanding + max_extra_load:
+            backend = preferred
         backend.outstanding += 1
         try:
             yield backend
@@ -151,11 +157,36 @@ class BackendPool:
             await backend.channel.close()
 
 
+class FeatureHolders:
+    """Which language server last took each image content key: a chat's later turns go where its images'
+    features (and its prompt's KV blocks) already are. Bounded; the oldest keys are forgotten first."""
+
+    def __init__(self, max_keys: int = 100_000):
+        self._holder: OrderedDict[str, str] = OrderedDict()
+        self._max_keys = max_keys
+
+    def record(self, keys: list[str], address: str) -> None:
+        for key in keys:
+            self._holder[key] = address
+            self._holder.move_to_end(key)
+        while len(self._holder) > self._max_keys:
+            self._holder.popitem(last=False)
+
+    def best(self, keys: list[str]) -> str | None:
+        """The address holding most of `keys`, if any holds one."""
+        votes: dict[str, int] = {}
+        for key in keys:
+            if key in self._holder:
+                votes[self._holder[key]] = votes.get(self._holder[key], 0) + 1
+        return max(votes, key=votes.get) if votes else None
+
+
 class LanguagePool(BackendPool):
     """Language servers also tell the gateway where their features go (`Describe`)."""
 
     def __init__(self, targets: list[str]):
         super().__init__("language", targets, dvd_pb2_grpc.LanguageServiceStub)
+        self.holders = FeatureHolders()
 
     async def describe(self, timeout_s: float = 2.0) -> list[Backend]:
         """Healthy servers with a known description, asking those not yet described."""

@@ -9,6 +9,7 @@ call goes to another server of its kind.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -44,11 +45,13 @@ class ImageSource:
 @dataclass
 class PreparedChat:
     request_id: str
+    model: str
     messages: list[dvd_pb2.ChatMessage]
     sources: list[ImageSource]
     sampling: dvd_pb2.SamplingParams
     thinking: bool = False
-    images: list[dvd_pb2.ImageInput] = field(default_factory=list)
+    images: list[dvd_pb2.ImageInput] = field(default_factory=list)  # one per source
+    image_keys: list[str] = field(default_factory=list)  # one per image (video frame); empty: no feature cache
 
     @property
     def n(self) -> int:
@@ -137,7 +140,7 @@ def prepare_chat(request: ChatCompletionRequest, settings: GatewaySettings, requ
             messages[0].content.insert(0, dvd_pb2.ContentPart(text=R1_SYSTEM_PROMPT + "\n\n"))
         else:
             messages.insert(0, dvd_pb2.ChatMessage(role="system", content=[dvd_pb2.ContentPart(text=R1_SYSTEM_PROMPT)]))
-    return PreparedChat(request_id, messages, sources, _sampling(request, settings), thinking)
+    return PreparedChat(request_id, request.model, messages, sources, _sampling(request, settings), thinking)
 
 
 async def load_images(chat: PreparedChat, settings: GatewaySettings, fetcher: ImageFetcher) -> None:
@@ -164,6 +167,32 @@ async def load_images(chat: PreparedChat, settings: GatewaySettings, fetcher: Im
     finally:
         for task in tasks:  # the first failure ends the others
             task.cancel()
+    if settings.feature_cache and chat.images:
+        chat.image_keys = await asyncio.to_thread(content_keys, chat.model, chat.images)
+
+
+def content_keys(model: str, images: list[dvd_pb2.ImageInput]) -> list[str]:
+    """One key per image (video frame): the model and everything of the input that changes its features."""
+    keys = []
+    for image in images:
+        digest = hashlib.sha256(f"{model}\0{image.max_tiles}\0{image.video_frames}\0".encode())
+        digest.update(image.data)
+        key = digest.hexdigest()
+        keys += [f"{key}.{frame}" for frame in range(image.video_frames)] if image.video_frames else [key]
+    return keys
+
+
+def _inputs_for(chat: PreparedChat, indices) -> list[dvd_pb2.ImageInput]:
+    """The inputs holding the images `indices`, each told where its first image sits in the request."""
+    wanted, inputs, first = set(indices), [], 0
+    for source, image in zip(chat.sources, chat.images):
+        if wanted & set(range(first, first + source.images)):
+            selected = dvd_pb2.ImageInput()
+            selected.CopyFrom(image)
+            selected.image_index = first
+            inputs.append(selected)
+        first += source.images
+    return inputs
 
 
 ENCODE_REPLY_GRACE_S = 5.0
@@ -173,11 +202,13 @@ def _unavailable(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def _encode(vision: VisionPool, request_id: str, images, feature_endpoint: str, timeout_s: float):
+async def _encode(vision: VisionPool, request_id: str, images, feature_endpoint: str, timeout_s: float,
+                  image_count: int = 0):
     tried: set[str] = set()
     while True:
         with vision.lease(vision.candidates(exclude=tried)) as backend:
-            request = dvd_pb2.EncodeRequest(request_id=request_id, images=images, feature_endpoint=feature_endpoint)
+            request = dvd_pb2.EncodeRequest(request_id=request_id, images=images, feature_endpoint=feature_endpoint,
+                                            image_count=image_count)
             try:
                 reply = await backend.stub.Encode(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
@@ -205,19 +236,22 @@ class _Unreachable(Exception):
         self.error = error
 
 
-async def generate(vision: VisionPool, language: LanguagePool, chat: PreparedChat, timeout_s: float):
+async def generate(vision: VisionPool, language: LanguagePool, chat: PreparedChat, timeout_s: float,
+                   max_extra_load: int = 0):
     """Yields the language servers' `GenerateResponse`s; raises `APIError` on any failure."""
     tried: set[str] = set()
     while True:
         described = [b for b in await language.describe() if b.address not in tried]
         if not described:
             raise APIError(503, "no language server is available")
-        with language.lease(described) as backend:
+        with language.lease(described, prefer=language.holders.best(chat.image_keys),
+                            max_extra_load=max_extra_load) as backend:
             # A retry gets its own id: the first server may still hold features under the first one.
             request_id = chat.request_id if not tried else f"{chat.request_id}-{len(tried)}"
             try:
                 async for response in _generate_on(backend, vision, chat, request_id, timeout_s):
                     yield response
+                language.holders.record(chat.image_keys, backend.address)
                 return
             except _Unreachable as exc:
                 backend.mark_down(exc.error.message)
@@ -231,13 +265,19 @@ async def generate(vision: VisionPool, language: LanguagePool, chat: PreparedCha
 async def _generate_on(backend: Backend, vision: VisionPool, chat: PreparedChat, request_id: str, timeout_s: float):
     call = backend.stub.Generate(
         dvd_pb2.GenerateRequest(request_id=request_id, messages=chat.messages, sampling=chat.sampling,
-                                image_count=chat.image_count),
+                                image_count=chat.image_count, image_keys=chat.image_keys),
         timeout=timeout_s,
     )
+
+    def start_encode(images: list[dvd_pb2.ImageInput], image_count: int = 0) -> asyncio.Future:
+        return asyncio.ensure_future(
+            _encode(vision, request_id, images, backend.description.feature_endpoint, timeout_s, image_count))
+
+    # Without content keys Encode starts at once; with them, once the server has said what it lacks.
     encode = None
-    if chat.images:
-        encode = asyncio.ensure_future(
-            _encode(vision, request_id, chat.images, backend.description.feature_endpoint, timeout_s))
+    if chat.images and not chat.image_keys:
+        encode = start_encode(chat.images)
+        metrics.IMAGES.labels("vision").inc(chat.image_count)
     responses = call.__aiter__()
     produced, outcome = False, "cancelled"
     try:
@@ -263,6 +303,14 @@ async def _generate_on(backend: Backend, vision: VisionPool, chat: PreparedChat,
                 if _unavailable(exc):
                     backend.mark_down(exc.details() or "unavailable")
                 raise error from None
+            if response.HasField("missing"):
+                missing = response.missing.image_indices
+                inputs = _inputs_for(chat, missing)
+                if inputs:
+                    encode = start_encode(inputs, chat.image_count)
+                metrics.IMAGES.labels("vision").inc(len(missing))
+                metrics.IMAGES.labels("cache").inc(chat.image_count - len(missing))
+                continue
             produced = True
             if response.HasField("usage") and encode is not None:
                 _log_timings(request_id, encode.result() if encode.done() else None, response)

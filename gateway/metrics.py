@@ -17,3 +17,6 @@ BACKEND_REQUESTS = Counter("dvd_gateway_backend_requests", "Calls sent to each s
                            ["kind", "address", "outcome"])
 BACKEND_UP = Gauge("dvd_gateway_backend_up", "1 while a server passes health checks, 0 while ejected",
                    ["kind", "address"])
+IMAGES = Counter("dvd_gateway_images", "Images of chat completions, by where their features came from "
+                 "(vision: encoded and sent; cache: held by the language server, or repeated in the request)",
+                 ["source"])

@@ -41,6 +41,11 @@ class GatewaySettings(BaseSettings):
     # http(s) images from private, loopback, link-local or otherwise non-global addresses are refused
     # (SSRF); networks listed here (CIDR, e.g. "10.1.0.0/16") are allowed all the same.
     image_fetch_allowed_networks: list[str] = []
+    # Images are named by content; a language server that holds an image's features is not sent them
+    # again, and later turns of a chat prefer the server holding its images (while it carries at most
+    # `affinity_max_extra_load` more requests than the least loaded one).
+    feature_cache: bool = True
+    affinity_max_extra_load: int = Field(4, ge=0)
 
 
 def load_settings(config_file: Path | str | None = None, **overrides) -> GatewaySettings:

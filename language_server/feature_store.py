@@ -32,11 +32,16 @@ class FeatureOverCapacity(RuntimeError):
 class _Pending:
     images: dict[int, ImageFeatures] = field(default_factory=dict)
     image_count: int | None = None  # known once a header or the Generate call says so
+    wanted: set[int] | None = None  # the images the Generate call waits for (the rest may be cached there)
     num_bytes: int = 0
     created: float = field(default_factory=time.monotonic)
     claimed: bool = False
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     error: Exception | None = None  # raised by the claim
+
+    def arrived(self) -> bool:
+        wanted = range(self.image_count) if self.wanted is None else self.wanted
+        return self.image_count is not None and all(i in self.images for i in wanted)
 
 
 class FeatureStore:
@@ -69,6 +74,8 @@ class FeatureStore:
             return self._drop("image_count_mismatch", item.num_bytes)
         if item.image_index in entry.images:
             return self._drop("duplicate", item.num_bytes)
+        if entry.wanted is not None and item.image_index not in entry.wanted:
+            return self._drop("not_needed", item.num_bytes)
         if self.num_bytes + item.num_bytes > self._max_bytes:
             if entry.claimed:  # fail the waiting Generate now rather than at its timeout
                 entry.error = FeatureOverCapacity(
@@ -82,12 +89,15 @@ class FeatureStore:
         entry.images[item.image_index] = item
         entry.num_bytes += item.num_bytes
         self.num_bytes += item.num_bytes
-        if len(entry.images) == entry.image_count:
+        if entry.arrived():
             entry.complete.set()
         return True
 
-    async def claim(self, request_id: str, image_count: int, timeout_s: float) -> list[ImageFeatures]:
-        """Wait for all `image_count` images of `request_id`, remove them, and return them in order."""
+    async def claim(self, request_id: str, image_count: int, timeout_s: float,
+                    indices: list[int] | None = None) -> list[ImageFeatures]:
+        """Wait for the images `indices` (default: all `image_count`) of `request_id`, remove them, and
+        return them in that order."""
+        indices = list(range(image_count)) if indices is None else indices
         entry = self._pending.get(request_id)
         if entry is None:
             entry = self._pending[request_id] = _Pending()
@@ -96,16 +106,17 @@ class FeatureStore:
             self.release(request_id)
             raise FeatureMismatch(f"features say {entry.image_count} images, the request has {image_count}")
         entry.image_count = image_count
-        if len(entry.images) == image_count:
+        entry.wanted = set(indices)
+        if entry.arrived():
             entry.complete.set()
         try:
             if not entry.complete.is_set():  # wait_for gives up at once on a timeout <= 0, even when set
                 await asyncio.wait_for(entry.complete.wait(), timeout_s)
         except asyncio.TimeoutError:
-            arrived = len(entry.images)
+            arrived = len(entry.wanted & entry.images.keys())
             self.release(request_id)
             raise FeatureTimeout(
-                f"only {arrived} of {image_count} images' features arrived within {timeout_s:g} s"
+                f"only {arrived} of {len(indices)} images' features arrived within {timeout_s:g} s"
             ) from None
         except asyncio.CancelledError:
             self.release(request_id)
@@ -113,7 +124,7 @@ class FeatureStore:
         if entry.error:
             self.release(request_id)
             raise entry.error
-        images = [entry.images[i] for i in range(image_count)]
+        images = [entry.images[i] for i in indices]
         self.release(request_id)
         return images
 

@@ -25,3 +25,11 @@ TPOT = Histogram("dvd_language_tpot_seconds", "Time per output token after the f
 E2E = Histogram("dvd_language_request_seconds", "Generate arrival to last token", buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("dvd_language_requests_in_flight", "Generate calls in progress")
 REQUESTS = Counter("dvd_language_requests", "Finished Generate calls, by outcome", ["outcome"])
+FEATURE_CACHE = Counter("dvd_language_feature_cache_images", "Images looked up by content key, by result",
+                        ["result"])
+FEATURE_CACHE_BYTES_SAVED = Counter("dvd_language_feature_cache_bytes_saved",
+                                    "Feature bytes served from the cache instead of the wire")
+FEATURE_CACHE_BYTES = Gauge("dvd_language_feature_cache_bytes", "Feature bytes held in the feature cache")
+PROMPT_TOKENS = Counter("dvd_language_prompt_tokens", "Prompt tokens of finished requests")
+CACHED_PROMPT_TOKENS = Counter("dvd_language_cached_prompt_tokens",
+                               "Prompt tokens whose KV came from vLLM's prefix cache")

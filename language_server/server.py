@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 from checkpoint.formats import VIR_PREFIXES, detect_format
 from language_server import metrics
 from language_server.engine import build_engine
+from language_server.feature_cache import FeatureCache
 from language_server.feature_store import FeatureStore
 from language_server.prompt import ChatRenderer, load_chat_template
 from language_server.service import LanguageService
@@ -49,6 +50,8 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
 
     metrics.FEATURES_PENDING_BYTES.set_function(lambda: store.num_bytes)
     metrics.FEATURES_PENDING_REQUESTS.set_function(lambda: len(store))
+    cache = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
+    metrics.FEATURE_CACHE_BYTES.set_function(lambda: cache.num_bytes if cache else 0)
 
     def on_features(item: ImageFeatures) -> None:
         if store.put(item):
@@ -79,7 +82,8 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
 
     service = LanguageService(
         engine, store, ChatRenderer(load_chat_template(settings.model)), description,
-        model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s, on_engine_dead=on_engine_dead,
+        model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s, cache=cache,
+        on_engine_dead=on_engine_dead,
     )
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     dvd_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)

@@ -15,12 +15,15 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from language_server import metrics
+from language_server.feature_cache import FeatureCache
 from language_server.feature_store import FeatureMismatch, FeatureOverCapacity, FeatureStore, FeatureTimeout
 from language_server.prompt import ChatRenderer, PromptError, count_images, messages_to_dicts
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 
 log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 128  # content keys are hex digests
 
 
 class FeatureError(ValueError):
@@ -100,9 +103,11 @@ def _token_logprobs(token_ids, logprobs, top_n: int) -> list[dvd_pb2.TokenLogpro
 
 class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
     def __init__(self, engine, store: FeatureStore, renderer: ChatRenderer, description: dvd_pb2.ModelDescription,
-                 *, model_dtype: torch.dtype, feature_timeout_s: float, on_engine_dead=lambda: None):
+                 *, model_dtype: torch.dtype, feature_timeout_s: float, cache: FeatureCache | None = None,
+                 on_engine_dead=lambda: None):
         self._engine = engine
         self._store = store
+        self._cache = cache
         self._renderer = renderer
         self._description = description
         self._model_dtype = model_dtype
@@ -151,26 +156,43 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         except (PromptError, ValueError, TypeError, VLLMClientError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+        keys = list(request.image_keys)
+        if keys and (len(keys) != image_count or not all(0 < len(k) <= MAX_KEY_LENGTH for k in keys)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(keys)} image keys for {image_count} "
+                                f"images; each key must be 1 to {MAX_KEY_LENGTH} characters")
         images: list[ImageFeatures] = []
+        received: list[ImageFeatures] = []  # sent for this request; the rest came from the cache
+        cached_images = 0
         if image_count:
             timeout_s = request.feature_timeout_s or self._feature_timeout_s
             if timeout_s < 0:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"feature_timeout_s {timeout_s} is negative")
+            held, needed, same_as = self._lookup(keys) if keys else ({}, list(range(image_count)), {})
+            cached_images = len(held)
+            if keys:
+                yield dvd_pb2.GenerateResponse(missing=dvd_pb2.MissingImages(image_indices=needed))
             try:
-                images = await self._store.claim(rid, image_count, timeout_s)
-                check_features(images, self._description.hidden_size)
+                received = await self._store.claim(rid, image_count, timeout_s, needed) if needed else []
+                check_features(received, self._description.hidden_size)
             except FeatureTimeout as exc:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid}: {exc}")
             except FeatureOverCapacity as exc:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {rid}: {exc}")
             except (FeatureMismatch, FeatureError) as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
+            for index, item in zip(needed, received):
+                held[index] = item
+                if keys and self._cache is not None:
+                    self._cache.put(keys[index], item)
+            images = [held[same_as.get(i, i)] for i in range(image_count)]
         features_ready = time.perf_counter()
         metrics.FEATURE_WAIT.observe(features_ready - start)
 
         engine_prompt: dict = {"prompt": prompt}
         if images:
             engine_prompt["multi_modal_data"] = {"image": [i.features.to(self._model_dtype) for i in images]}
+            if keys:  # the image's identity for vLLM's prefix cache, instead of hashing its features
+                engine_prompt["multi_modal_uuids"] = {"image": keys}
         completion_tokens = 0
         first_token = last_token = None
         try:
@@ -198,13 +220,17 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
                         prompt_tokens=len(output.prompt_token_ids or []),
                         completion_tokens=completion_tokens,
                         image_tokens=sum(i.features.shape[0] for i in images),
+                        cached_tokens=output.num_cached_tokens or 0,
+                        cached_images=cached_images,
                     ))
+                    metrics.PROMPT_TOKENS.inc(len(output.prompt_token_ids or []))
+                    metrics.CACHED_PROMPT_TOKENS.inc(output.num_cached_tokens or 0)
                     first = first_token or now
                     responses[-1].timings.CopyFrom(dvd_pb2.GenerateTimings(
                         feature_wait_ms=(features_ready - start) * 1e3,
                         prefill_ms=(first - features_ready) * 1e3,
                         decode_ms=(now - first) * 1e3,
-                        transfer_ms=max((i.received_unix_ns - i.sent_unix_ns for i in images), default=0) / 1e6,
+                        transfer_ms=max((i.received_unix_ns - i.sent_unix_ns for i in received), default=0) / 1e6,
                     ))
                 for response in responses:
                     yield response
@@ -219,6 +245,25 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
             metrics.E2E.observe(last_token - start)
             if completion_tokens > 1:
                 metrics.TPOT.observe((last_token - first_token) / (completion_tokens - 1))
+
+    def _lookup(self, keys: list[str]) -> tuple[dict[int, ImageFeatures], list[int], dict[int, int]]:
+        """Split a request's images by content key into those held here, those to be sent (the first of
+        each missing key), and repeats of an earlier image of the same request."""
+        held, needed, same_as, first = {}, [], {}, {}
+        for index, key in enumerate(keys):
+            if key in first:
+                same_as[index] = first[key]
+                continue
+            first[key] = index
+            item = self._cache.get(key) if self._cache is not None else None
+            if item is None:
+                needed.append(index)
+                metrics.FEATURE_CACHE.labels("miss").inc()
+            else:
+                held[index] = item
+                metrics.FEATURE_CACHE.labels("hit").inc()
+                metrics.FEATURE_CACHE_BYTES_SAVED.inc(item.num_bytes)
+        return held, needed, same_as
 
     async def Abort(self, request: dvd_pb2.AbortRequest, context) -> dvd_pb2.AbortResponse:
         task = self._active.get(request.request_id)

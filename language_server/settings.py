@@ -24,3 +24,6 @@ class LanguageServerSettings(BaseSettings):
     feature_timeout_s: float = 60.0  # how long Generate waits for its features
     feature_ttl_s: float = 60.0  # how long unclaimed features are kept
     max_pending_feature_bytes: int = 4 << 30
+    # Features of recently used images, by content key, so that a chat's later turns need not resend them;
+    # 0 turns the cache off.
+    feature_cache_bytes: int = 2 << 30

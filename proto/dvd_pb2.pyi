@@ -41,30 +41,34 @@ class FeatureHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., image_index: _Optional[int] = ..., image_count: _Optional[int] = ..., tile_tokens: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
 
 class ImageInput(_message.Message):
-    __slots__ = ("data", "max_tiles", "video_frames")
+    __slots__ = ("data", "max_tiles", "video_frames", "image_index")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MAX_TILES_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     max_tiles: int
     video_frames: int
-    def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ...) -> None: ...
+    image_index: int
+    def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ..., image_index: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "feature_endpoint", "use_vir", "vir_relative_threshold", "vir_absolute_threshold")
+    __slots__ = ("request_id", "images", "feature_endpoint", "use_vir", "vir_relative_threshold", "vir_absolute_threshold", "image_count")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     USE_VIR_FIELD_NUMBER: _ClassVar[int]
     VIR_RELATIVE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     VIR_ABSOLUTE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     feature_endpoint: str
     use_vir: bool
     vir_relative_threshold: float
     vir_absolute_threshold: float
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., feature_endpoint: _Optional[str] = ..., use_vir: _Optional[bool] = ..., vir_relative_threshold: _Optional[float] = ..., vir_absolute_threshold: _Optional[float] = ...) -> None: ...
+    image_count: int
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., feature_endpoint: _Optional[str] = ..., use_vir: _Optional[bool] = ..., vir_relative_threshold: _Optional[float] = ..., vir_absolute_threshold: _Optional[float] = ..., image_count: _Optional[int] = ...) -> None: ...
 
 class ImageEncoding(_message.Message):
     __slots__ = ("image_index", "num_tiles", "num_tokens", "tile_tokens", "feature_bytes")
@@ -151,18 +155,26 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., n: _Optional[int] = ..., json_schema: _Optional[str] = ..., json_object: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "sampling", "image_count", "feature_timeout_s")
+    __slots__ = ("request_id", "messages", "sampling", "image_count", "feature_timeout_s", "image_keys")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     FEATURE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_KEYS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: SamplingParams
     image_count: int
     feature_timeout_s: float
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., image_count: _Optional[int] = ..., feature_timeout_s: _Optional[float] = ...) -> None: ...
+    image_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., image_count: _Optional[int] = ..., feature_timeout_s: _Optional[float] = ..., image_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MissingImages(_message.Message):
+    __slots__ = ("image_indices",)
+    IMAGE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    image_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, image_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob")
@@ -187,14 +199,18 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "image_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "image_tokens", "cached_tokens", "cached_images")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     image_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., image_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    cached_images: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., image_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cached_images: _Optional[int] = ...) -> None: ...
 
 class GenerateTimings(_message.Message):
     __slots__ = ("feature_wait_ms", "prefill_ms", "decode_ms", "transfer_ms")
@@ -209,7 +225,7 @@ class GenerateTimings(_message.Message):
     def __init__(self, feature_wait_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "usage", "timings", "index")
+    __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "usage", "timings", "index", "missing")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +233,7 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
@@ -224,7 +241,8 @@ class GenerateResponse(_message.Message):
     usage: Usage
     timings: GenerateTimings
     index: int
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., index: _Optional[int] = ...) -> None: ...
+    missing: MissingImages
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., index: _Optional[int] = ..., missing: _Optional[_Union[MissingImages, _Mapping]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

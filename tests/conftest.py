@@ -29,6 +29,18 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {fmt: write_checkpoint(root / f"tiny-{fmt}", "tiny", fmt, seed=0) for fmt in ("custom", "hf")}
 
 
+def metric(url: str, name: str, **labels) -> float:
+    """Sum of the samples named `name` (exactly) on a Prometheus page whose labels include `labels`."""
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        sample = line.split("{", 1)[0].split(" ", 1)[0]
+        if sample == name and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def make_image(width: int, height: int, seed: int) -> Image.Image:
     """A deterministic, structured test picture (gradients + noise), different per seed."""
     rng = np.random.default_rng(seed)
@@ -48,11 +60,12 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def encode_to_local_receiver(vision_port: int, image: Image.Image, **options):
-    """Call a vision server's Encode with this process as the feature endpoint.
+def encode_to_local_receiver(vision_port: int, image: Image.Image | list[Image.Image], **options):
+    """Call a vision server's Encode (one image or several) with this process as the feature endpoint.
 
     Returns the EncodeResponse and the `ImageFeatures` that arrived over ZeroMQ.
     """
+    images = image if isinstance(image, list) else [image]
     import asyncio
     import uuid
 
@@ -69,7 +82,7 @@ def encode_to_local_receiver(vision_port: int, image: Image.Image, **options):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{vision_port}") as channel:
                 reply = await dvd_pb2_grpc.VisionServiceStub(channel).Encode(dvd_pb2.EncodeRequest(
                     request_id=uuid.uuid4().hex, feature_endpoint=receiver.endpoint,
-                    images=[dvd_pb2.ImageInput(data=png_bytes(image))], **options), timeout=60)
+                    images=[dvd_pb2.ImageInput(data=png_bytes(i)) for i in images], **options), timeout=60)
             for _ in range(200):
                 if len(received) == len(reply.images):
                     break

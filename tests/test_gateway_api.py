@@ -25,7 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import data_url, free_port, make_image, png_bytes
+from conftest import data_url, free_port, make_image, metric, png_bytes
 from dvd.launcher import OFFLINE_ENV, Stack, start, stop, wait_ready
 from gateway.reasoning import R1_SYSTEM_PROMPT
 
@@ -187,15 +187,6 @@ def streamed(client, model, messages=None, **params) -> tuple[dict[int, str], li
         for choice in chunk.choices:
             texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
     return texts, chunks
-
-
-def metric(url: str, name: str, **labels) -> float:
-    """Sum of a Prometheus metric's samples whose labels include `labels`."""
-    total = 0.0
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # ---------------------------------------------------------------- sampling parameters
@@ -455,7 +446,7 @@ def test_metrics_count_requests_latencies_and_backend_load(stack, client, model)
     before = metric(url, "dvd_gateway_requests_total", status="200")
     ttft = metric(url, "dvd_gateway_ttft_seconds_count")
     vision = metric(url, "dvd_gateway_backend_requests_total", kind="vision", outcome="ok")
-    ask(client, model, max_tokens=4)
+    ask(client, model, user("Describe.", make_image(64, 64, 451)), max_tokens=4)  # an image no server holds yet
     assert metric(url, "dvd_gateway_requests_total", status="200") == before + 1
     assert metric(url, "dvd_gateway_ttft_seconds_count") == ttft + 1
     assert metric(url, "dvd_gateway_backend_requests_total", kind="vision", outcome="ok") == vision + 1
@@ -484,8 +475,10 @@ def test_in_flight_cap_answers_429_with_retry_after(stack, model):
 
 def test_dead_vision_server_is_ejected_and_encode_goes_to_the_live_one(stack, model):
     strict = client_for(stack.strict_port, api_key=API_KEY)
-    for _ in range(3):
-        assert ask(strict, model, max_tokens=1).usage.prompt_tokens_details.image_tokens == 256
+    for seed in range(460, 463):  # new images: each needs an Encode
+        picture = make_image(64, 64, seed)
+        assert ask(strict, model, user("Describe.", picture), max_tokens=1).usage.prompt_tokens_details.image_tokens \
+            == 256
     url = f"http://127.0.0.1:{stack.strict_port}/metrics"
     assert metric(url, "dvd_gateway_backend_up", kind="vision", address=f"127.0.0.1:{stack.dead_port}") == 0
     assert metric(url, "dvd_gateway_backend_up", kind="vision", address=f"127.0.0.1:{stack.vision_port}") == 1
@@ -521,7 +514,7 @@ def test_a_vision_server_that_comes_up_is_admitted_shares_the_load_and_leaves_wi
             assert process.poll() is None and time.monotonic() < deadline, "second vision server did not start"
             time.sleep(0.5)
         with ThreadPoolExecutor(4) as pool:  # concurrent: least-outstanding spreads them
-            replies = list(pool.map(lambda i: ask(spare, model, messages=user("x", make_image(64, 64, i)),
+            replies = list(pool.map(lambda i: ask(spare, model, messages=user("x", make_image(64, 64, 470 + i)),
                                                   max_tokens=2), range(8)))
         assert all(r.usage.prompt_tokens_details.image_tokens == 256 for r in replies)
         assert metric(metrics_url, "dvd_gateway_backend_requests_total", kind="vision", address=second,
@@ -531,5 +524,5 @@ def test_a_vision_server_that_comes_up_is_admitted_shares_the_load_and_leaves_wi
         process.wait(30)
         log.close()
     for i in range(4):  # gone: ejected by the first failed call or health check, and nothing fails
-        assert ask(spare, model, messages=user("x", make_image(64, 64, i)), max_tokens=1).choices
+        assert ask(spare, model, messages=user("x", make_image(64, 64, 480 + i)), max_tokens=1).choices
     assert metric(metrics_url, "dvd_gateway_backend_up", kind="vision", address=second) == 0

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import data_url, free_port, make_image, png_bytes
+from conftest import data_url, free_port, make_image, metric, png_bytes
 from dvd.launcher import start
 from gateway.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 
@@ -164,15 +164,6 @@ def fleet(tiny_checkpoints, tmp_path_factory):
         yield fleet
     finally:
         stop_fleet(fleet)
-
-
-def metric(url: str, name: str, **labels) -> float:
-    """Sum of a Prometheus metric's samples whose labels include `labels`."""
-    total = 0.0
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def assert_openai_error(body: dict, status: int) -> dict:
@@ -401,13 +392,13 @@ def chat(url: str, seed: int, max_tokens: int = 4, stream: bool = False) -> dict
             "messages": user("Describe this picture.", data_url(make_image(32, 32, seed)))}
 
 
-def ask_many(url: str, count: int, max_tokens: int = 4) -> list[httpx.Response]:
-    """`count` requests with an image each, all sent at once."""
+def ask_many(url: str, count: int, max_tokens: int = 4, first_seed: int = 0) -> list[httpx.Response]:
+    """`count` requests with an image each (seeds from `first_seed`), all sent at once."""
     start = threading.Barrier(count)
 
     def ask(i: int) -> httpx.Response:
         start.wait(30)
-        return httpx.post(f"{url}/v1/chat/completions", json=chat(url, i, max_tokens), timeout=120)
+        return httpx.post(f"{url}/v1/chat/completions", json=chat(url, first_seed + i, max_tokens), timeout=120)
 
     with ThreadPoolExecutor(count) as pool:
         return list(pool.map(ask, range(count)))
@@ -424,7 +415,7 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
 def test_concurrent_requests_spread_across_both_vision_and_both_language_servers(fleet):
     vision_before = ok_requests(fleet.vision, "dvd_vision_requests_total")
     language_before = ok_requests(fleet.language, "dvd_language_requests_total")
-    replies = ask_many(fleet.url("fleet"), 20, max_tokens=8)
+    replies = ask_many(fleet.url("fleet"), 20, max_tokens=8, first_seed=1000)  # images no server holds yet
     assert [r.status_code for r in replies] == [200] * 20, [r.text for r in replies if r.status_code != 200]
     assert all(r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 256 for r in replies)
     vision = delta(ok_requests(fleet.vision, "dvd_vision_requests_total"), vision_before)
@@ -433,6 +424,41 @@ def test_concurrent_requests_spread_across_both_vision_and_both_language_servers
     assert sum(vision.values()) == 20 and sum(language.values()) == 20  # one Encode and one Generate each
     assert min(language.values()) >= 5, language  # least-outstanding: the long Generate calls alternate
     assert min(vision.values()) >= 2, vision  # Encode is short: ties go to the first server, overlaps to the other
+
+
+def test_later_turns_of_chats_return_to_the_language_server_holding_their_images(fleet):
+    """Four chats at once spread over both language servers; their second turns, also at once, each find
+    their image's features where the first turn left them: no Encode, no features on the wire."""
+    url = fleet.url("fleet")
+    hits_before = sum(metric(s.metrics_url, "dvd_language_feature_cache_images_total", result="hit")
+                      for s in fleet.language)
+    encodes_before = sum(ok_requests(fleet.vision, "dvd_vision_requests_total").values())
+    language_before = ok_requests(fleet.language, "dvd_language_requests_total")
+    first_turns = [chat(url, 2000 + i, max_tokens=8) for i in range(4)]
+
+    def ask_all(bodies: list[dict]) -> list[httpx.Response]:
+        start = threading.Barrier(len(bodies))
+
+        def ask(body: dict) -> httpx.Response:
+            start.wait(30)
+            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            return list(pool.map(ask, bodies))
+
+    replies = ask_all(first_turns)
+    assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
+    follow_up = {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]}
+    answers = [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]} for r in replies]
+    second_turns = [{**body, "messages": [*body["messages"], answer, follow_up]}
+                    for body, answer in zip(first_turns, answers)]
+    replies = ask_all(second_turns)
+    assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
+    language = delta(ok_requests(fleet.language, "dvd_language_requests_total"), language_before)
+    assert min(language.values()) >= 2, language  # both language servers served chats
+    assert sum(ok_requests(fleet.vision, "dvd_vision_requests_total").values()) - encodes_before == 4
+    hits = sum(metric(s.metrics_url, "dvd_language_feature_cache_images_total", result="hit") for s in fleet.language)
+    assert hits - hits_before == 4
 
 
 @dataclass

@@ -17,3 +17,5 @@ ENCODE = Histogram("dvd_vision_encode_seconds", "Image queued to its last tile e
                    buckets=LATENCY_BUCKETS)
 SEND = Histogram("dvd_vision_send_seconds", "Handing one image's features to the transport",
                  buckets=LATENCY_BUCKETS)
+DEDUP_IMAGES = Counter("dvd_vision_dedup_images", "Images not encoded: identical to one in flight")
+DEDUP_TILES = Counter("dvd_vision_dedup_tiles", "Tiles not encoded: their image was identical to one in flight")

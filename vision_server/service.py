@@ -2,7 +2,8 @@
 
 Decoding runs in a thread pool and the encoder in the engine's threads, so the event loop only
 schedules and sends. An image's features leave as soon as that image is encoded; a bad image fails the
-whole request before anything is queued.
+whole request before anything is queued. Identical inputs in flight at once, in one request or several,
+are decoded per request but encoded once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureSender, TransportError
 from vision_server import metrics
-from vision_server.engine import VirParams, VisionEngine
+from vision_server.engine import EncodedImage, VirParams, VisionEngine
+from vision_server.in_flight import InFlight, content_key
 from vision_server.preprocess import ImageError, preprocess, preprocess_video
 from vision_server.settings import VisionServerSettings
 
@@ -37,6 +39,7 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
         self._sender = sender
         self._model_name = model_name
         self._preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+        self._in_flight: InFlight[EncodedImage] = InFlight()
 
     async def Encode(self, request: dvd_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
         rid, images, settings = request.request_id, request.images, self._settings
@@ -68,14 +71,15 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ViR thresholds must lie in [0, 1]")
         return VirParams(relative, absolute)
 
-    async def _preprocess(self, request: dvd_pb2.EncodeRequest, context) -> list[torch.Tensor]:
+    async def _preprocess(self, request: dvd_pb2.EncodeRequest, context,
+                          vir: VirParams | None) -> tuple[list[torch.Tensor], list[str]]:
         """Decode and tile every input in the worker pool; a video becomes one 1-tile image per frame.
 
-        Any bad input fails the request before anything is queued.
+        Returns each image's pixels and content key. Any bad input fails the request before anything is queued.
         """
         loop = asyncio.get_running_loop()
         settings = self._settings
-        jobs = []
+        jobs, keys = [], []
         for index, image in enumerate(request.images):
             if image.video_frames:
                 if image.video_frames > settings.max_video_frames:
@@ -91,27 +95,55 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
                 job = partial(preprocess, image.data, max_tiles=max_tiles, max_bytes=settings.max_image_bytes,
                               max_pixels=settings.max_image_pixels)
             jobs.append(loop.run_in_executor(self._preprocess_pool, job))
+            keys.append(loop.run_in_executor(self._preprocess_pool, partial(
+                content_key, image.data, image.max_tiles or settings.default_max_tiles, image.video_frames, vir)))
         results = await asyncio.gather(*jobs, return_exceptions=True)
-        pixels = []
-        for index, (image, result) in enumerate(zip(request.images, results)):
+        keys = await asyncio.gather(*keys)
+        pixels, image_keys = [], []
+        for index, (image, result, key) in enumerate(zip(request.images, results, keys)):
             if isinstance(result, ImageError):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {result}")
             if isinstance(result, BaseException):
                 raise result
-            pixels += list(result.split(1)) if image.video_frames else [result]  # frames: [1, 3, 448, 448] each
-        return pixels
+            if image.video_frames:  # frames: [1, 3, 448, 448] each
+                pixels += list(result.split(1))
+                image_keys += [f"{key}.{frame}" for frame in range(image.video_frames)]
+            else:
+                pixels.append(result)
+                image_keys.append(key)
+        return pixels, image_keys
+
+    @staticmethod
+    async def _image_indices(request: dvd_pb2.EncodeRequest, context) -> tuple[list[int], int]:
+        """Where each encoded image sits in the language request, and how many images that request has."""
+        counts = [image.video_frames or 1 for image in request.images]
+        if not request.image_count:  # the inputs are the whole request, in order
+            return list(range(sum(counts))), sum(counts)
+        indices = [image.image_index + i for image, count in zip(request.images, counts) for i in range(count)]
+        if len(set(indices)) != len(indices) or max(indices) >= request.image_count:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {request.request_id}: image indices "
+                                f"overlap or reach past image_count {request.image_count}")
+        return indices, request.image_count
 
     async def _encode_request(self, request: dvd_pb2.EncodeRequest, context) -> dvd_pb2.EncodeResponse:
         rid = request.request_id
         vir = await self._vir(request, context)
+        image_indices, image_count = await self._image_indices(request, context)
         start = time.perf_counter()
-        pixels = await self._preprocess(request, context)
+        pixels, keys = await self._preprocess(request, context, vir)
         preprocessed = time.perf_counter()
         metrics.PREPROCESS.observe(preprocessed - start)
 
         async def encode(index: int):
-            engine = min(self._engines, key=lambda e: e.tiles_waiting)  # the least loaded device
-            return index, await engine.encode(rid, index, pixels[index], vir)
+            def work():
+                engine = min(self._engines, key=lambda e: e.tiles_waiting)  # the least loaded device
+                return engine.encode(rid, image_indices[index], pixels[index], vir)
+
+            encoded, joined = await self._in_flight.run(keys[index], work)
+            if joined:
+                metrics.DEDUP_IMAGES.inc()
+                metrics.DEDUP_TILES.inc(pixels[index].shape[0])
+            return index, encoded
 
         tasks = [asyncio.create_task(encode(i)) for i in range(len(pixels))]
         encodings, send_s = [], 0.0
@@ -119,18 +151,19 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
             for next_done in asyncio.as_completed(tasks):  # each image leaves as soon as it is encoded
                 index, encoded = await next_done
                 t0 = time.perf_counter()
-                item = ImageFeatures(rid, index, len(pixels), encoded.tile_tokens, encoded.features)
+                item = ImageFeatures(rid, image_indices[index], image_count, encoded.tile_tokens, encoded.features)
                 try:
                     sent = await self._sender.send(request.feature_endpoint, item)
                 except TransportError as exc:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {rid}, image {index}: {exc}")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"request {rid}, image {image_indices[index]}: {exc}")
                 send_s += time.perf_counter() - t0
                 metrics.SEND.observe(time.perf_counter() - t0)
                 metrics.IMAGES.inc()
                 metrics.FEATURE_BYTES.inc(sent)
                 encodings.append(dvd_pb2.ImageEncoding(
-                    image_index=index, num_tiles=pixels[index].shape[0], num_tokens=encoded.features.shape[0],
-                    tile_tokens=encoded.tile_tokens, feature_bytes=sent))
+                    image_index=image_indices[index], num_tiles=pixels[index].shape[0],
+                    num_tokens=encoded.features.shape[0], tile_tokens=encoded.tile_tokens, feature_bytes=sent))
         finally:
             for task in tasks:
                 task.cancel()

@@ -1,0 +1,145 @@
+"""Repeated images end to end: a chat that resends its images on every turn encodes and sends each once.
+
+One vision server and one language server (real vLLM), two gateways in front of them: `cached` (the
+default, content keys on) and `uncached` (`--no-feature-cache`), so both runs see the same servers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+import openai
+import pytest
+
+from conftest import data_url, encode_to_local_receiver, free_port, make_image, metric
+from dvd.launcher import Stack, start, stop, wait_ready
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class CacheStack(Stack):
+    uncached_port: int = 0
+
+    def commands(self) -> dict[str, list[str]]:
+        commands = super().commands()
+        commands["uncached"] = [sys.executable, "-m", "dvd.cli", "gateway", "--port", str(self.uncached_port),
+                                "--vision-server", f"{self.host}:{self.vision_port}",
+                                "--language-server", f"{self.host}:{self.language_port}", "--no-feature-cache"]
+        return commands
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoints, tmp_path_factory):
+    stack = CacheStack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
+                       language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
+                       language_metrics_port=free_port(), uncached_port=free_port())
+    processes = start(stack, log_dir=tmp_path_factory.mktemp("feature-cache-logs"))
+    try:
+        wait_ready(stack, processes, timeout_s=600)
+        wait_ready(dataclasses.replace(stack, gateway_port=stack.uncached_port), processes, timeout_s=120)
+        yield stack
+    finally:
+        stop(processes)
+
+
+class Counters:
+    """Deltas of the servers' counters across a block of requests."""
+
+    NAMES = {"encoded": ("vision", "dvd_vision_images_total"),
+             "dedup": ("vision", "dvd_vision_dedup_images_total"),
+             "received": ("language", "dvd_language_features_received_total"),
+             "hits": ("language", "dvd_language_feature_cache_images_total")}
+
+    def __init__(self, stack: CacheStack):
+        self._urls = {"vision": f"http://127.0.0.1:{stack.vision_metrics_port}/metrics",
+                      "language": f"http://127.0.0.1:{stack.language_metrics_port}/metrics"}
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        values = {name: metric(self._urls[server], sample) for name, (server, sample) in self.NAMES.items()}
+        values["hits"] = metric(self._urls["language"], "dvd_language_feature_cache_images_total", result="hit")
+        return values
+
+    def delta(self) -> dict[str, float]:
+        now = self._read()
+        return {name: now[name] - self._start[name] for name in now}
+
+
+def chat_turns(port: int, model: str, pictures, turns: int = 3):
+    """A chat that resends its pictures on every turn; returns each turn's reply and usage."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    images = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pictures]
+    questions = ["Describe both pictures.", "What differs between them?", "Which one is brighter?"]
+    messages, replies = [], []
+    for question in questions[:turns]:
+        messages.append({"role": "user", "content": [*images, {"type": "text", "text": question}]})
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+        replies.append(reply)
+    return replies
+
+
+def served_model(stack: Stack) -> str:
+    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused")
+    return client.models.list().data[0].id
+
+
+def test_a_three_turn_chat_encodes_and_sends_each_image_once_with_the_tokens_of_an_uncached_run(stack):
+    model = served_model(stack)
+    pictures = [make_image(896, 448, 31), make_image(448, 448, 32)]  # 2 + 1 tiles and 1 tile
+
+    counters = Counters(stack)
+    cached = chat_turns(stack.gateway_port, model, pictures)
+    seen = counters.delta()
+    assert seen["encoded"] == 2 and seen["received"] == 2, seen  # turns 2 and 3 encode and send nothing
+    assert seen["hits"] == 4, seen
+    for number, (earlier, turn) in enumerate(zip(cached, cached[1:]), start=2):
+        assert turn.usage.prompt_tokens_details.image_tokens == number * 1024  # 4 tiles per turn, resent
+        # the earlier turn's prompt, its images included, comes from vLLM's prefix cache (whole blocks)
+        cached_tokens = turn.usage.prompt_tokens_details.cached_tokens
+        assert earlier.usage.prompt_tokens_details.image_tokens <= cached_tokens <= earlier.usage.prompt_tokens
+
+    counters = Counters(stack)
+    uncached = chat_turns(stack.uncached_port, model, pictures)
+    assert counters.delta()["encoded"] == 2 + 4 + 6  # every turn resends every image
+    assert [r.choices[0].message.content for r in cached] == [r.choices[0].message.content for r in uncached]
+    assert [r.usage.prompt_tokens for r in cached] == [r.usage.prompt_tokens for r in uncached]
+
+
+def test_an_image_given_twice_in_one_request_is_encoded_and_sent_once(stack):
+    model = served_model(stack)
+    picture = {"type": "image_url", "image_url": {"url": data_url(make_image(200, 200, 33))}}
+    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused")
+    counters = Counters(stack)
+    reply = client.chat.completions.create(model=model, max_tokens=2, messages=[
+        {"role": "user", "content": [picture, picture, {"type": "text", "text": "Same?"}]}])
+    assert reply.usage.prompt_tokens_details.image_tokens == 2 * 256
+    assert counters.delta()["encoded"] == 1 and counters.delta()["received"] == 1
+
+
+def test_the_vision_server_encodes_identical_images_of_one_request_once(stack):
+    counters = Counters(stack)
+    picture = make_image(500, 300, 34)
+    reply, received = encode_to_local_receiver(stack.vision_port, [picture, picture])
+    assert [e.image_index for e in reply.images] == [0, 1] and len(received) == 2
+    first, second = sorted(received, key=lambda item: item.image_index)
+    assert first.features.equal(second.features) and first.tile_tokens == second.tile_tokens
+    assert counters.delta()["dedup"] == 1
+
+
+def test_a_language_server_restart_or_eviction_is_not_needed_for_correctness_of_new_images(stack):
+    """A new picture in a later turn is encoded while the earlier one still comes from the cache."""
+    model = served_model(stack)
+    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused")
+    old, new = ({"type": "image_url", "image_url": {"url": data_url(make_image(220, 220, seed))}} for seed in (35, 36))
+    client.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [old]}])
+    counters = Counters(stack)
+    reply = client.chat.completions.create(model=model, max_tokens=2, messages=[
+        {"role": "user", "content": [old]}, {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [new, {"type": "text", "text": "And this one?"}]}])
+    assert reply.usage.prompt_tokens_details.image_tokens == 2 * 256
+    seen = counters.delta()
+    assert seen["encoded"] == 1 and seen["received"] == 1 and seen["hits"] == 1, seen
