@@ -100,6 +100,7 @@ class ChatCompletionRequest(Strict):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens tokens whatever comes (benchmarks)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
