@@ -68,12 +68,55 @@ def parse_slos(goodput: list[str] | None) -> dict[str, float]:
     return slos
 
 
+def run_options(request_rate, concurrency, burstiness, warmup, seed, ignore_eos, temperature, percentiles, goodput,
+                pages, progress):
+    from benchmarks.run import RunOptions
+
+    return RunOptions(points=load_points(request_rate, concurrency), burstiness=burstiness, warmup=warmup, seed=seed,
+                      ignore_eos=ignore_eos, sampling={} if temperature is None else {"temperature": temperature},
+                      percentiles=[float(p) for p in percentiles.split(",")], slos_ms=parse_slos(goodput),
+                      metrics_pages=pages, progress=progress)
+
+
+def workload_or_exit(*args):
+    from benchmarks.workload import WorkloadError
+
+    try:
+        return load_workload(*args)
+    except WorkloadError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def bench_or_exit(base_url: str, requests, options, described: dict, model: str | None, api_key: str) -> dict:
+    from benchmarks.run import bench
+
+    try:
+        return asyncio.run(bench(base_url, requests, options, described, model=model, api_key=api_key))
+    except (RuntimeError, ValueError) as exc:
+        typer.echo(f"dvd bench: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+ApiKeyOption = Annotated[str, typer.Option(envvar="OPENAI_API_KEY", help="Bearer key")]
+IgnoreEosOption = Annotated[bool, typer.Option(help="Generate exactly the output length (vLLM's ignore_eos)")]
+TemperatureOption = Annotated[float | None, typer.Option(help="Sampling temperature (default: the server's)")]
+RateOption = Annotated[list[float] | None, typer.Option(
+    help="Requests per second, Poisson arrivals; repeat for a sweep (default: inf, all at once)")]
+ConcurrencyOption = Annotated[list[int] | None, typer.Option(help="Most requests in flight; repeat for a sweep")]
+BurstinessOption = Annotated[float, typer.Option(help="Gamma shape of the arrival gaps; 1 = Poisson")]
+WarmupOption = Annotated[int, typer.Option(help="Requests sent (and not counted) before the first point")]
+PercentilesOption = Annotated[str, typer.Option(help="Comma-separated percentiles to report")]
+GoodputOption = Annotated[list[str] | None, typer.Option(
+    help="SLO for goodput, METRIC:MS with METRIC ttft, tpot or e2el (repeatable)")]
+ProgressOption = Annotated[bool, typer.Option(help="Live progress bar")]
+
+
 @app.command()
 def run(
     base_url: Annotated[str, typer.Option(help="Server root; requests go to BASE_URL/v1/chat/completions")] = (
         "http://127.0.0.1:8000"),
     model: Annotated[str | None, typer.Option(help="Model name (default: the first the server lists)")] = None,
-    api_key: Annotated[str, typer.Option(envvar="OPENAI_API_KEY", help="Bearer key")] = "unused",
+    api_key: ApiKeyOption = "unused",
     jsonl: JsonlOption = None,
     image_dir: FolderOption = None,
     num_requests: RequestsOption = 20,
@@ -81,46 +124,32 @@ def run(
     images_per_request: ImagesOption = 1,
     input_words: WordsOption = 32,
     output_len: OutputOption = None,
-    ignore_eos: Annotated[bool, typer.Option(help="Generate exactly the output length (vLLM's ignore_eos)")] = True,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default: the server's)")] = None,
-    request_rate: Annotated[list[float] | None, typer.Option(
-        help="Requests per second, Poisson arrivals; repeat for a sweep (default: inf, all at once)")] = None,
-    concurrency: Annotated[list[int] | None, typer.Option(
-        help="Most requests in flight; repeat for a sweep")] = None,
-    burstiness: Annotated[float, typer.Option(help="Gamma shape of the arrival gaps; 1 = Poisson")] = 1.0,
-    warmup: Annotated[int, typer.Option(help="Requests sent (and not counted) before the first point")] = 2,
+    ignore_eos: IgnoreEosOption = True,
+    temperature: TemperatureOption = None,
+    request_rate: RateOption = None,
+    concurrency: ConcurrencyOption = None,
+    burstiness: BurstinessOption = 1.0,
+    warmup: WarmupOption = 2,
     seed: SeedOption = 0,
-    percentiles: Annotated[str, typer.Option(help="Comma-separated percentiles to report")] = "50,90,99",
-    goodput: Annotated[list[str] | None, typer.Option(
-        help="SLO for goodput, METRIC:MS with METRIC ttft, tpot or e2el (repeatable)")] = None,
+    percentiles: PercentilesOption = "50,90,99",
+    goodput: GoodputOption = None,
     vision_metrics: Annotated[str | None, typer.Option(
         help="DvD vision server's Prometheus URL, for the per-stage breakdown")] = None,
     language_metrics: Annotated[str | None, typer.Option(
         help="DvD language server's Prometheus URL, for the per-stage breakdown")] = None,
     out: Annotated[Path, typer.Option(help="Results JSON; a CSV of the same name is written beside it")] = Path(
         "benchmarks/results/bench.json"),
-    progress: Annotated[bool, typer.Option(help="Live progress bar")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Benchmark one server over a sweep of load points; writes JSON + CSV results."""
-    from benchmarks.run import RunOptions, bench, print_summary, write_results
-    from benchmarks.workload import WorkloadError
+    from benchmarks.run import print_summary, write_results
 
-    try:
-        requests, described = load_workload(jsonl, image_dir, num_requests, image_size, images_per_request,
-                                            input_words, output_len, seed)
-    except WorkloadError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    requests, described = workload_or_exit(jsonl, image_dir, num_requests, image_size, images_per_request,
+                                           input_words, output_len, seed)
     pages = {kind: url for kind, url in (("vision", vision_metrics), ("language", language_metrics)) if url}
-    options = RunOptions(points=load_points(request_rate, concurrency), burstiness=burstiness, warmup=warmup,
-                         seed=seed, ignore_eos=ignore_eos,
-                         sampling={} if temperature is None else {"temperature": temperature},
-                         percentiles=[float(p) for p in percentiles.split(",")], slos_ms=parse_slos(goodput),
-                         metrics_pages=pages, progress=progress)
-    try:
-        document = asyncio.run(bench(base_url, requests, options, described, model=model, api_key=api_key))
-    except (RuntimeError, ValueError) as exc:
-        typer.echo(f"dvd bench: {exc}", err=True)
-        raise typer.Exit(1) from None
+    options = run_options(request_rate, concurrency, burstiness, warmup, seed, ignore_eos, temperature, percentiles,
+                          goodput, pages, progress)
+    document = bench_or_exit(base_url, requests, options, described, model, api_key)
     csv_path = write_results(document, out)
     print_summary(document)
     typer.echo(f"results: {out} and {csv_path}")
@@ -138,12 +167,146 @@ def workload(
     seed: SeedOption = 0,
 ) -> None:
     """Write a workload as JSONL, to replay it with `dvd bench run --jsonl` or `vllm bench serve`."""
-    from benchmarks.workload import WorkloadError, write_jsonl
+    from benchmarks.workload import write_jsonl
 
-    try:
-        requests, _ = load_workload(None, image_dir, num_requests, image_size, images_per_request, input_words,
-                                    output_len, seed)
-    except WorkloadError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    requests, _ = workload_or_exit(None, image_dir, num_requests, image_size, images_per_request, input_words,
+                                   output_len, seed)
     write_jsonl(requests, out)
     typer.echo(f"wrote {len(requests)} requests to {out}")
+
+
+@app.command()
+def compare(
+    model: Annotated[Path | None, typer.Option(
+        help="Checkpoint: start a DvD stack, then coupled `vllm serve`, one after the other, on free ports")] = None,
+    dvd_url: Annotated[str | None, typer.Option(help="A running DvD gateway instead of --model")] = None,
+    coupled_url: Annotated[str | None, typer.Option(help="A running coupled server instead of --model")] = None,
+    dvd_results: Annotated[Path | None, typer.Option(help="Read this DvD results JSON instead of running")] = None,
+    coupled_results: Annotated[Path | None, typer.Option(help="Read this coupled results JSON instead")] = None,
+    name: Annotated[str, typer.Option(help="Results are named bench_NAME*, coupled_NAME*")] = "compare",
+    out_dir: Annotated[Path, typer.Option(help="Where results, table and plots go")] = Path("benchmarks/results"),
+    api_key: ApiKeyOption = "unused",
+    jsonl: JsonlOption = None,
+    image_dir: FolderOption = None,
+    num_requests: RequestsOption = 20,
+    image_size: SizeOption = None,
+    images_per_request: ImagesOption = 1,
+    input_words: WordsOption = 32,
+    output_len: OutputOption = None,
+    ignore_eos: IgnoreEosOption = True,
+    temperature: TemperatureOption = None,
+    request_rate: RateOption = None,
+    concurrency: ConcurrencyOption = None,
+    burstiness: BurstinessOption = 1.0,
+    warmup: WarmupOption = 2,
+    seed: SeedOption = 0,
+    percentiles: PercentilesOption = "50,90,99",
+    goodput: GoodputOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """The same sweep against DvD and coupled `vllm serve`: both results, a Markdown table and PNG plots."""
+    import contextlib
+    import json
+    import tempfile
+
+    from benchmarks import servers
+    from benchmarks.report import write_comparison
+    from benchmarks.run import print_summary, write_results
+
+    paths = {"DvD": out_dir / f"bench_{name}.json", "coupled": out_dir / f"coupled_{name}.json"}
+    given = {"DvD": (dvd_results, dvd_url), "coupled": (coupled_results, coupled_url)}
+    documents = {}
+    requests = described = None
+    for system, (results, url) in given.items():
+        if results:
+            documents[system] = json.loads(results.read_text())
+            continue
+        if not url and not model:
+            raise typer.BadParameter(f"give --model, or a URL or results file for {system}")
+        if requests is None:
+            requests, described = workload_or_exit(jsonl, image_dir, num_requests, image_size, images_per_request,
+                                                   input_words, output_len, seed)
+        with contextlib.ExitStack() as stack:
+            if url:
+                target = servers.Target(url)
+            else:
+                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"dvd-bench-{system}-")))
+                start = servers.dvd if system == "DvD" else servers.coupled
+                typer.echo(f"starting {system} ({model}); logs in {log_dir}")
+                try:
+                    target = stack.enter_context(start(str(model), log_dir))
+                except (RuntimeError, TimeoutError) as exc:
+                    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in log_dir.glob("*.log"))
+                    typer.echo(f"dvd bench: {system} did not start: {exc}\n{logs}", err=True)
+                    raise typer.Exit(1) from None
+            options = run_options(request_rate, concurrency, burstiness, warmup, seed, ignore_eos, temperature,
+                                  percentiles, goodput, target.metrics_pages, progress)
+            documents[system] = bench_or_exit(target.base_url, requests, options, described, None, api_key)
+        write_results(documents[system], paths[system])
+        typer.echo(f"{system}:")
+        print_summary(documents[system])
+    try:
+        table = write_comparison(documents, out_dir / f"bench_{name}_compare")
+    except ValueError as exc:
+        typer.echo(f"dvd bench: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"comparison: {table}")
+
+
+@app.command()
+def crosscheck(
+    model: Annotated[Path | None, typer.Option(help="Checkpoint: start a DvD stack of it on free ports")] = None,
+    base_url: Annotated[str | None, typer.Option(help="A running server instead of --model")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer for vllm bench (default: --model)")] = None,
+    jsonl: JsonlOption = None,
+    num_requests: RequestsOption = 20,
+    image_size: SizeOption = None,
+    images_per_request: ImagesOption = 1,
+    input_words: WordsOption = 32,
+    output_len: Annotated[int, typer.Option(help="Output tokens per request")] = 32,
+    request_rate: Annotated[float, typer.Option(help="Requests per second (inf: all at once)")] = float("inf"),
+    concurrency: Annotated[int | None, typer.Option(help="Most requests in flight")] = None,
+    rounds: Annotated[int, typer.Option(help="Runs of each tool, alternating")] = 2,
+    warmup: WarmupOption = 2,
+    seed: SeedOption = 0,
+    out: Annotated[Path, typer.Option(help="Results JSON; a Markdown table is written beside it")] = Path(
+        "benchmarks/results/bench_crosscheck.json"),
+) -> None:
+    """`vllm bench serve --backend openai-chat` and `dvd bench` on one workload and server: do they agree?"""
+    import contextlib
+    import json
+    import tempfile
+
+    from benchmarks import servers
+    from benchmarks.crosscheck import crosscheck as run_crosscheck
+    from benchmarks.crosscheck import markdown
+    from benchmarks.loadgen import LoadPoint
+    from benchmarks.run import first_model_sync
+    from benchmarks.workload import write_jsonl
+
+    if bool(model) == bool(base_url):
+        raise typer.BadParameter("give --model or --base-url")
+    if not (tokenizer or model):
+        raise typer.BadParameter("--tokenizer is needed with --base-url", param_hint="--tokenizer")
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvd-crosscheck-")))
+        if not jsonl:
+            requests, _ = workload_or_exit(None, None, num_requests, image_size, images_per_request, input_words,
+                                           output_len, seed)
+            jsonl = tmp / "workload.jsonl"
+            write_jsonl(requests, jsonl)
+        if model:
+            typer.echo(f"starting DvD ({model}); logs in {tmp}")
+            base_url = stack.enter_context(servers.dvd(str(model), tmp)).base_url
+        served = first_model_sync(base_url)
+        point = LoadPoint(request_rate, concurrency)
+        try:
+            document = asyncio.run(run_crosscheck(base_url, served, tokenizer or str(model), jsonl, output_len, point,
+                                                  rounds, seed, warmup))
+        except RuntimeError as exc:
+            typer.echo(f"dvd bench: {exc}", err=True)
+            raise typer.Exit(1) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(document))
+    typer.echo(markdown(document))

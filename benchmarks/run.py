@@ -83,6 +83,17 @@ async def first_model(client: openai.AsyncOpenAI) -> str:
     return models.data[0].id
 
 
+def first_model_sync(base_url: str, api_key: str = "unused") -> str:
+    client = openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=0)
+    try:
+        models = client.models.list().data
+    finally:
+        client.close()
+    if not models:
+        raise RuntimeError("the server lists no model")
+    return models[0].id
+
+
 async def bench(base_url: str, requests: list[BenchRequest], options: RunOptions, workload: dict,
                 model: str | None = None, api_key: str = "unused") -> dict:
     """Run the sweep against `base_url` (its `/v1` API) and return the results document."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class Strict(BaseModel):
@@ -184,6 +184,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "dvd"
+
+    @computed_field
+    @property
+    def root(self) -> str:
+        """vLLM's extension: the model behind the name (`vllm bench serve` reads it)."""
+        return self.id
 
 
 class ModelList(BaseModel):

@@ -18,6 +18,9 @@ from benchmarks.workload import BenchRequest, WorkloadError, read_jsonl, synthet
 from conftest import free_port, make_image, png_bytes
 from dvd.launcher import OFFLINE_ENV, Stack, wait_ready
 
+DVD = [sys.executable, "-m", "dvd.cli"]
+ENV = {**os.environ, **OFFLINE_ENV}
+
 
 def hand_made() -> list[RequestResult]:
     """Three requests: 11 tokens at 100 ms each after a 100 ms TTFT; one single-token reply; one failure."""
@@ -128,33 +131,68 @@ def test_jsonl_errors_name_the_line_and_the_problem(tmp_path, line, message):
     assert f"{path}:3:" in str(error.value)
 
 
-@pytest.mark.slow
-def test_dvd_bench_run_against_dvd_up_writes_complete_results(tiny_checkpoints, tmp_path):
-    """The real CLI against a real stack: a two-point concurrency sweep, zero failures, every field present."""
+def result_document(throughputs: list[float], **workload) -> dict:
+    points = [{"request_rate": "inf", "max_concurrency": c, "completed": 4, "failed": 0, "request_throughput": t,
+               "output_throughput": 10 * t, "mean_ttft_ms": 100 / t, "p50_ttft_ms": 90 / t, "p90_ttft_ms": 95 / t,
+               "p99_ttft_ms": 99 / t, "mean_tpot_ms": 5.0, "p50_tpot_ms": 5.0, "p90_tpot_ms": 6.0,
+               "p99_tpot_ms": 7.0, "mean_itl_ms": 5.0, "mean_e2el_ms": 300.0, "p99_e2el_ms": 400.0}
+              for c, t in zip((1, 4), throughputs)]
+    return {"command": "dvd bench run", "started": "now", "target": {"base_url": "http://x"}, "machine": {},
+            "versions": {}, "load_avg_before": [0.1], "load_avg_after": [0.2], "settings": {},
+            "workload": {"source": "synthetic", **workload}, "points": points}
+
+
+def test_comparison_writes_a_table_with_ratios_and_three_plots(tmp_path):
+    from benchmarks.report import write_comparison
+
+    table = write_comparison({"DvD": result_document([2.0, 6.0]), "coupled": result_document([1.0, 3.0])},
+                             tmp_path / "bench_x_compare")
+    text = table.read_text()
+    assert "| DvD | 4 | 4 / 0 | 6.00 |" in text and "| 4 | 2.00x | 0.50x |" in text
+    for suffix in ("throughput", "ttft", "tpot"):
+        png = tmp_path / f"bench_x_compare_{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in text
+
+
+def test_comparison_refuses_runs_of_different_workloads(tmp_path):
+    from benchmarks.report import write_comparison
+
+    with pytest.raises(ValueError, match="different workloads"):
+        write_comparison({"DvD": result_document([1.0, 2.0], seed=1), "coupled": result_document([1.0, 2.0], seed=2)},
+                         tmp_path / "c")
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoints, tmp_path_factory):
+    """`dvd up` on free ports, with the servers' metrics pages."""
     stack = Stack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
                   language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                   language_metrics_port=free_port())
-    env = {**os.environ, **OFFLINE_ENV}
-    dvd = [sys.executable, "-m", "dvd.cli"]
-    with open(tmp_path / "dvd-up.log", "wb") as log:
-        process = subprocess.Popen(dvd + [
+    with open(tmp_path_factory.mktemp("logs") / "dvd-up.log", "wb") as log:
+        process = subprocess.Popen(DVD + [
             "up", "--model", stack.model, "--port", str(stack.gateway_port), "--vision-port", str(stack.vision_port),
             "--language-port", str(stack.language_port), "--feature-port", str(stack.feature_port),
             "--vision-metrics-port", str(stack.vision_metrics_port),
-            "--language-metrics-port", str(stack.language_metrics_port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+            "--language-metrics-port", str(stack.language_metrics_port)], stdout=log, stderr=subprocess.STDOUT, env=ENV)
         try:
             wait_ready(stack, {"dvd up": process}, timeout_s=600)
-            out = tmp_path / "results" / "run.json"
-            bench = subprocess.run(dvd + [
-                "bench", "run", "--base-url", stack.gateway_url, "--num-requests", "6", "--output-len", "8",
-                "--image-size", "448x448", "--image-size", "896x448", "--concurrency", "1", "--concurrency", "3",
-                "--warmup", "1", "--goodput", "e2el:600000", "--no-progress", "--out", str(out),
-                "--vision-metrics", f"http://{stack.host}:{stack.vision_metrics_port}/metrics",
-                "--language-metrics", f"http://{stack.host}:{stack.language_metrics_port}/metrics"],
-                capture_output=True, text=True, env=env, timeout=600)
+            yield stack
         finally:
             process.terminate()
             process.wait(60)
+
+
+@pytest.mark.slow
+def test_dvd_bench_run_against_dvd_up_writes_complete_results(stack, tmp_path):
+    """The real CLI against a real stack: a two-point concurrency sweep, zero failures, every field present."""
+    out = tmp_path / "results" / "run.json"
+    bench = subprocess.run(DVD + [
+        "bench", "run", "--base-url", stack.gateway_url, "--num-requests", "6", "--output-len", "8",
+        "--image-size", "448x448", "--image-size", "896x448", "--concurrency", "1", "--concurrency", "3",
+        "--warmup", "1", "--goodput", "e2el:600000", "--no-progress", "--out", str(out),
+        "--vision-metrics", f"http://{stack.host}:{stack.vision_metrics_port}/metrics",
+        "--language-metrics", f"http://{stack.host}:{stack.language_metrics_port}/metrics"],
+        capture_output=True, text=True, env=ENV, timeout=600)
     assert bench.returncode == 0, bench.stderr[-3000:]
     document = json.loads(out.read_text())
     assert document["command"].startswith("dvd bench run")
@@ -173,3 +211,21 @@ def test_dvd_bench_run_against_dvd_up_writes_complete_results(tiny_checkpoints, 
     with out.with_suffix(".csv").open() as rows:
         table = list(csv.DictReader(rows))
     assert [int(r["completed"]) for r in table] == [6, 6] and "p99_ttft_ms" in table[0]
+
+
+@pytest.mark.slow
+def test_vllm_bench_serve_runs_against_the_gateway_and_counts_what_dvd_bench_counts(stack, tiny_checkpoints,
+                                                                                    tmp_path):
+    out = tmp_path / "crosscheck.json"
+    check = subprocess.run(DVD + [
+        "bench", "crosscheck", "--base-url", stack.gateway_url, "--tokenizer", str(tiny_checkpoints["custom"]),
+        "--num-requests", "4", "--output-len", "6", "--image-size", "448x448", "--concurrency", "2",
+        "--rounds", "1", "--warmup", "1", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    medians = json.loads(out.read_text())["medians"]
+    for tool in ("vllm bench serve", "dvd bench"):
+        assert (medians[tool]["completed"], medians[tool]["failed"]) == (4, 0), tool
+        assert medians[tool]["total_output_tokens"] == 4 * 6, tool
+    # the same requests to the same server: both tools read the same prompt lengths from the usage
+    assert medians["dvd bench"]["total_input_tokens"] == medians["vllm bench serve"]["total_input_tokens"]
+    assert out.with_suffix(".md").read_text().startswith("# dvd bench vs vllm bench serve")
