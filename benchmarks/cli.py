@@ -26,24 +26,36 @@ OutputOption = Annotated[int | None, typer.Option(
 SeedOption = Annotated[int, typer.Option(help="Seed of the synthetic workload and of the arrival times")]
 
 
+def make_requests(image_dir: Path | None, count: int, image_size: list[str] | None, images_per_request: int,
+                  input_words: int, output_len: int | None, seed: int):
+    """`count` synthetic or folder requests, and their description for the results file."""
+    from benchmarks import workload as w
+
+    described = {"images_per_request": images_per_request, "input_words": input_words,
+                 "output_len": output_len or 32, "seed": seed}
+    if image_dir:
+        requests = w.from_folder(image_dir, count, images_per_request, input_words, output_len or 32, seed)
+        return requests, {"source": f"folder:{image_dir}", **described}
+    sizes = [w.parse_size(s) for s in image_size or ["896x448"]]
+    requests = w.synthetic(count, sizes, images_per_request, input_words, output_len or 32, seed)
+    return requests, {"source": "synthetic", "image_sizes": [f"{a}x{b}" for a, b in sizes], **described}
+
+
 def load_workload(jsonl: Path | None, image_dir: Path | None, num_requests: int, image_size: list[str] | None,
-                  images_per_request: int, input_words: int, output_len: int | None, seed: int):
-    """The requests and a description of them for the results file."""
+                  images_per_request: int, input_words: int, output_len: int | None, seed: int, warmup: int,
+                  points: int):
+    """Warm-up and per-point requests: fresh ones for every point, or a JSONL file's, whole, at every point."""
     from benchmarks import workload as w
 
     if jsonl and image_dir:
         raise typer.BadParameter("give --jsonl or --image-dir, not both")
     if jsonl:
         requests = w.read_jsonl(jsonl, output_len)
-        return requests, {"source": f"jsonl:{jsonl}", "num_requests": len(requests), "output_len": output_len}
-    described = {"num_requests": num_requests, "images_per_request": images_per_request,
-                 "input_words": input_words, "output_len": output_len or 32, "seed": seed}
-    if image_dir:
-        requests = w.from_folder(image_dir, num_requests, images_per_request, input_words, output_len or 32, seed)
-        return requests, {"source": f"folder:{image_dir}", **described}
-    sizes = [w.parse_size(s) for s in image_size or ["896x448"]]
-    requests = w.synthetic(num_requests, sizes, images_per_request, input_words, output_len or 32, seed)
-    return requests, {"source": "synthetic", "image_sizes": [f"{a}x{b}" for a, b in sizes], **described}
+        described = {"source": f"jsonl:{jsonl}", "num_requests": len(requests), "output_len": output_len}
+        return w.Workload.repeated(requests, warmup, points, described)
+    requests, described = make_requests(image_dir, warmup + num_requests * points, image_size, images_per_request,
+                                        input_words, output_len, seed)
+    return w.Workload.fresh(requests, warmup, points, {**described, "num_requests": num_requests})
 
 
 def load_points(request_rate: list[float] | None, concurrency: list[int] | None):
@@ -68,30 +80,31 @@ def parse_slos(goodput: list[str] | None) -> dict[str, float]:
     return slos
 
 
-def run_options(request_rate, concurrency, burstiness, warmup, seed, ignore_eos, temperature, percentiles, goodput,
-                pages, progress):
+def run_options(request_rate, concurrency, burstiness, seed, ignore_eos, temperature, percentiles, goodput, pages,
+                progress):
     from benchmarks.run import RunOptions
 
-    return RunOptions(points=load_points(request_rate, concurrency), burstiness=burstiness, warmup=warmup, seed=seed,
+    return RunOptions(points=load_points(request_rate, concurrency), burstiness=burstiness, seed=seed,
                       ignore_eos=ignore_eos, sampling={} if temperature is None else {"temperature": temperature},
                       percentiles=[float(p) for p in percentiles.split(",")], slos_ms=parse_slos(goodput),
                       metrics_pages=pages, progress=progress)
 
 
-def workload_or_exit(*args):
+def or_exit(make, *args):
+    """`make(*args)`, with a workload error shown as a bad parameter."""
     from benchmarks.workload import WorkloadError
 
     try:
-        return load_workload(*args)
+        return make(*args)
     except WorkloadError as exc:
         raise typer.BadParameter(str(exc)) from None
 
 
-def bench_or_exit(base_url: str, requests, options, described: dict, model: str | None, api_key: str) -> dict:
+def bench_or_exit(base_url: str, workload, options, model: str | None, api_key: str) -> dict:
     from benchmarks.run import bench
 
     try:
-        return asyncio.run(bench(base_url, requests, options, described, model=model, api_key=api_key))
+        return asyncio.run(bench(base_url, workload, options, model=model, api_key=api_key))
     except (RuntimeError, ValueError) as exc:
         typer.echo(f"dvd bench: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -144,12 +157,12 @@ def run(
     """Benchmark one server over a sweep of load points; writes JSON + CSV results."""
     from benchmarks.run import print_summary, write_results
 
-    requests, described = workload_or_exit(jsonl, image_dir, num_requests, image_size, images_per_request,
-                                           input_words, output_len, seed)
     pages = {kind: url for kind, url in (("vision", vision_metrics), ("language", language_metrics)) if url}
-    options = run_options(request_rate, concurrency, burstiness, warmup, seed, ignore_eos, temperature, percentiles,
-                          goodput, pages, progress)
-    document = bench_or_exit(base_url, requests, options, described, model, api_key)
+    options = run_options(request_rate, concurrency, burstiness, seed, ignore_eos, temperature, percentiles, goodput,
+                          pages, progress)
+    workload = or_exit(load_workload, jsonl, image_dir, num_requests, image_size, images_per_request, input_words,
+                       output_len, seed, warmup, len(options.points))
+    document = bench_or_exit(base_url, workload, options, model, api_key)
     csv_path = write_results(document, out)
     print_summary(document)
     typer.echo(f"results: {out} and {csv_path}")
@@ -169,8 +182,8 @@ def workload(
     """Write a workload as JSONL, to replay it with `dvd bench run --jsonl` or `vllm bench serve`."""
     from benchmarks.workload import write_jsonl
 
-    requests, _ = workload_or_exit(None, image_dir, num_requests, image_size, images_per_request, input_words,
-                                   output_len, seed)
+    requests, _ = or_exit(make_requests, image_dir, num_requests, image_size, images_per_request, input_words,
+                          output_len, seed)
     write_jsonl(requests, out)
     typer.echo(f"wrote {len(requests)} requests to {out}")
 
@@ -213,19 +226,20 @@ def compare(
     from benchmarks.report import write_comparison
     from benchmarks.run import print_summary, write_results
 
+    servers.stop_on_sigterm()
     paths = {"DvD": out_dir / f"bench_{name}.json", "coupled": out_dir / f"coupled_{name}.json"}
     given = {"DvD": (dvd_results, dvd_url), "coupled": (coupled_results, coupled_url)}
     documents = {}
-    requests = described = None
     for system, (results, url) in given.items():
         if results:
             documents[system] = json.loads(results.read_text())
             continue
         if not url and not model:
             raise typer.BadParameter(f"give --model, or a URL or results file for {system}")
-        if requests is None:
-            requests, described = workload_or_exit(jsonl, image_dir, num_requests, image_size, images_per_request,
-                                                   input_words, output_len, seed)
+        options = run_options(request_rate, concurrency, burstiness, seed, ignore_eos, temperature, percentiles,
+                              goodput, {}, progress)
+        workload = or_exit(load_workload, jsonl, image_dir, num_requests, image_size, images_per_request,
+                           input_words, output_len, seed, warmup, len(options.points))
         with contextlib.ExitStack() as stack:
             if url:
                 target = servers.Target(url)
@@ -239,9 +253,8 @@ def compare(
                     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in log_dir.glob("*.log"))
                     typer.echo(f"dvd bench: {system} did not start: {exc}\n{logs}", err=True)
                     raise typer.Exit(1) from None
-            options = run_options(request_rate, concurrency, burstiness, warmup, seed, ignore_eos, temperature,
-                                  percentiles, goodput, target.metrics_pages, progress)
-            documents[system] = bench_or_exit(target.base_url, requests, options, described, None, api_key)
+            options.metrics_pages = target.metrics_pages
+            documents[system] = bench_or_exit(target.base_url, workload, options, None, api_key)
         write_results(documents[system], paths[system])
         typer.echo(f"{system}:")
         print_summary(documents[system])
@@ -286,23 +299,29 @@ def crosscheck(
 
     if bool(model) == bool(base_url):
         raise typer.BadParameter("give --model or --base-url")
+    servers.stop_on_sigterm()
     if not (tokenizer or model):
         raise typer.BadParameter("--tokenizer is needed with --base-url", param_hint="--tokenizer")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvd-crosscheck-")))
-        if not jsonl:
-            requests, _ = workload_or_exit(None, None, num_requests, image_size, images_per_request, input_words,
-                                           output_len, seed)
-            jsonl = tmp / "workload.jsonl"
-            write_jsonl(requests, jsonl)
+        if jsonl:
+            files, described = [(jsonl, jsonl)] * rounds, {"source": f"jsonl:{jsonl}"}
+        else:  # a fresh file per run, so that no run meets requests the server has cached
+            paths = [tmp / f"run{i}.jsonl" for i in range(2 * rounds)]  # vllm, dvd, vllm, dvd, ...
+            for i, path in enumerate(paths):
+                requests, described = or_exit(make_requests, None, num_requests, image_size, images_per_request,
+                                              input_words, output_len, seed + i)
+                write_jsonl(requests, path)
+            files = list(zip(paths[::2], paths[1::2]))
+            described |= {"num_requests": num_requests, "seed": f"{seed} + run index"}
         if model:
             typer.echo(f"starting DvD ({model}); logs in {tmp}")
             base_url = stack.enter_context(servers.dvd(str(model), tmp)).base_url
         served = first_model_sync(base_url)
         point = LoadPoint(request_rate, concurrency)
         try:
-            document = asyncio.run(run_crosscheck(base_url, served, tokenizer or str(model), jsonl, output_len, point,
-                                                  rounds, seed, warmup))
+            document = asyncio.run(run_crosscheck(base_url, served, tokenizer or str(model), files, output_len, point,
+                                                  seed, warmup, described))
         except RuntimeError as exc:
             typer.echo(f"dvd bench: {exc}", err=True)
             raise typer.Exit(1) from None

