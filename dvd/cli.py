@@ -8,11 +8,15 @@ from typing import Annotated
 
 import typer
 
+from benchmarks.cli import app as bench_app
+
 # Before anything imports vLLM or transformers; vLLM's spawned workers re-import this module too.
 from language_server import torchvision_compat  # noqa: F401
 
 app = typer.Typer(help="DvD: decoupled vision-language serving for InternVL3.5.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
+
+app.add_typer(bench_app, name="bench")
 
 DEFAULT_MODEL = Path("checkpoints/tiny")
 

