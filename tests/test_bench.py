@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.loadgen import arrival_times
 from benchmarks.metrics import RequestResult, summarize
-from benchmarks.workload import BenchRequest, Workload, WorkloadError, read_jsonl, synthetic, write_jsonl
+from benchmarks.workload import BenchRequest, Workload, WorkloadError, from_folder, read_jsonl, synthetic, write_jsonl
 from conftest import free_port, make_image, png_bytes
 from dvd.launcher import OFFLINE_ENV, Stack, wait_ready
 
@@ -106,6 +106,19 @@ def test_fresh_workloads_never_send_a_request_twice_and_files_repeat_whole():
     assert [len(b) for b in fresh.batches] == [4, 4, 4] and len(set(sent)) == len(sent) == 14
     repeated = Workload.repeated(requests[:3], warmup=4, points=2, described={})
     assert repeated.batches == [requests[:3]] * 2 and repeated.warmup == requests[:3] + requests[:1]
+
+
+def test_folder_workloads_use_every_image_in_a_seeded_order(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(make_image(16, 16, i)))
+    (tmp_path / "notes.txt").write_text("not an image")
+    requests = from_folder(tmp_path, num_requests=3, images_per_request=2, input_words=3, output_len=4, seed=1)
+    assert requests == from_folder(tmp_path, 3, 2, 3, 4, seed=1)
+    images = [url for r in requests for url in r.images]
+    assert len(set(images[:3])) == 3 and images[3:] == images[:3]  # every image once, then again in turn
+    assert all(url.startswith("data:image/png;base64,") for url in images)
+    with pytest.raises(WorkloadError, match="no images"):
+        from_folder(tmp_path / "notes.txt", 1, 1, 1, 1, seed=0)
 
 
 def test_jsonl_round_trip_keeps_every_request(tmp_path):
