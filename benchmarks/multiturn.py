@@ -1,26 +1,25 @@
 """Multi-turn chats that resend their images on every turn, as OpenAI-style clients do.
 
-Runs the same seeded conversations against one or more OpenAI-compatible servers and reports time to
-first token per turn (turn 1 vs turns 2+) and, where a vision server's metrics page is given, how many
-images and tiles the vision server encoded:
+Runs the same seeded conversations against several OpenAI-compatible servers and reports time to first
+token per turn (turn 1 vs turns 2+) and, for DvD, how many images and tiles the vision server encoded.
+With `--model` it starts each server itself, one after the other: DvD with its feature cache, DvD with
+the gateway's feature cache off, and coupled `vllm serve` of the same checkpoint:
 
-    dvd up --vision-metrics-port 9101 &                                   # DvD, feature cache on
-    dvd gateway --port 8001 --no-feature-cache &                          # a second gateway, cache off
-    python -m benchmarks.multiturn --target dvd=http://127.0.0.1:8000 \\
-        --target dvd-no-cache=http://127.0.0.1:8001 --target coupled=http://127.0.0.1:8100 \\
-        --vision-metrics dvd=http://127.0.0.1:9101/metrics \\
-        --vision-metrics dvd-no-cache=http://127.0.0.1:9101/metrics
+    python -m benchmarks.multiturn --model checkpoints/tiny --out benchmarks/results/multiturn_cpu_tiny.json
 
-Targets run one after the other, never at once, each with one warm-up conversation first.
+or runs against servers already up: `--target NAME=URL [--vision-metrics NAME=URL]` (repeatable).
+Each target gets one warm-up conversation first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -112,8 +111,28 @@ async def run_target(url: str, metrics_url: str | None, conversations: list[list
     }
 
 
+def started_targets(model: str, log_dir: Path):
+    """(name, context manager yielding a running `benchmarks.servers.Target`) for each server to start."""
+    from benchmarks import servers
+
+    @contextlib.contextmanager
+    def dvd_without_cache():
+        os.environ["DVD_GATEWAY_FEATURE_CACHE"] = "false"  # read by the gateway the launcher starts
+        try:
+            with servers.dvd(model, log_dir) as target:
+                yield target
+        finally:
+            del os.environ["DVD_GATEWAY_FEATURE_CACHE"]
+
+    return [("dvd", lambda: servers.dvd(model, log_dir)), ("dvd-no-cache", dvd_without_cache),
+            ("coupled", lambda: servers.coupled(model, log_dir))]
+
+
 def main(
-    target: Annotated[list[str], typer.Option(help="NAME=URL of an OpenAI-compatible server (repeatable)")],
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint: start DvD, DvD without feature cache and coupled vllm serve, one after the other")] = None,
+    target: Annotated[list[str] | None, typer.Option(
+        help="NAME=URL of a running OpenAI-compatible server (repeatable)")] = None,
     vision_metrics: Annotated[list[str] | None, typer.Option(
         help="NAME=URL of the vision server's metrics page for target NAME (repeatable)")] = None,
     conversations: Annotated[int, typer.Option(help="Conversations per target")] = 6,
@@ -126,14 +145,22 @@ def main(
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="JSON results file")] = None,
 ) -> None:
-    targets = dict(item.split("=", 1) for item in target)
-    metrics_pages = dict(item.split("=", 1) for item in vision_metrics or [])
     chats = [[image_url(width, height, seed * 1000 + c * 10 + i) for i in range(images)]
              for c in range(conversations)]
     warmup = [image_url(width, height, seed * 1000 + 999)]
-    results = {name: asyncio.run(run_target(url, metrics_pages.get(name), chats, turns, max_tokens, concurrency,
-                                            warmup))
-               for name, url in targets.items()}
+
+    def run(url: str, metrics_url: str | None) -> dict:
+        return asyncio.run(run_target(url, metrics_url, chats, turns, max_tokens, concurrency, warmup))
+
+    results = {}
+    if model:
+        with tempfile.TemporaryDirectory(prefix="multiturn-") as log_dir:
+            for name, server in started_targets(model, Path(log_dir)):
+                with server() as running:
+                    results[name] = run(running.base_url, running.metrics_pages.get("vision"))
+    metrics_pages = dict(item.split("=", 1) for item in vision_metrics or [])
+    for name, url in (item.split("=", 1) for item in target or []):
+        results[name] = run(url, metrics_pages.get(name))
     print("| target | turn-1 TTFT p50 ms | turn-2+ TTFT p50 / p90 ms | images encoded | tiles encoded |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
