@@ -321,11 +321,11 @@ async def _stream(chat: PreparedChat, model: str, body: ChatCompletionRequest, f
         while response is not None:
             reasoning, content = choices[response.index].add(response)
             logprobs = ChoiceLogprobs(content=_logprobs(response)) if body.logprobs else None
-            if reasoning or content or logprobs:
+            # The last token's chunk carries the finish reason, as vLLM's server sends it (one chunk, one gap).
+            if reasoning or content or logprobs or response.finish_reason:
                 delta = Delta(content=content or None, reasoning_content=reasoning or None)
-                yield chunk([ChunkChoice(index=response.index, delta=delta, logprobs=logprobs)])
-            if response.finish_reason:
-                yield chunk([ChunkChoice(index=response.index, delta=Delta(), finish_reason=response.finish_reason)])
+                yield chunk([ChunkChoice(index=response.index, delta=delta, logprobs=logprobs,
+                                         finish_reason=response.finish_reason or None)])
             if response.HasField("usage"):
                 usage = response.usage
             response = await anext(responses, None)
