@@ -12,11 +12,13 @@ from benchmarks.cli import app as bench_app
 
 # Before anything imports vLLM or transformers; vLLM's spawned workers re-import this module too.
 from language_server import torchvision_compat  # noqa: F401
+from planner.cli import app as plan_app
 
 app = typer.Typer(help="DvD: decoupled vision-language serving for InternVL3.5.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 
 app.add_typer(bench_app, name="bench")
+app.add_typer(plan_app, name="plan")
 
 DEFAULT_MODEL = Path("checkpoints/tiny")
 

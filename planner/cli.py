@@ -1,0 +1,73 @@
+"""`dvd plan`: size the vision:language GPU split from stage profiles and a workload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from planner.profiles import ProfileError, StageProfiles
+from planner.workload import Workload
+
+app = typer.Typer(help="Capacity planning: the best vision:language GPU split, from measured stage costs.",
+                  no_args_is_help=True)
+
+
+@app.command("run")
+def run_plan(
+    profiles: Annotated[Path, typer.Option(help="Stage profiles (JSON), e.g. benchmarks/results/profiles/*.json")],
+    workload: Annotated[Path, typer.Option(help="Workload (JSON): request shapes, arrival, SLOs, GPU budget")],
+    out: Annotated[Path, typer.Option(help="Folder for plan.md, plan.json and the PNG plots")] = Path("plan"),
+    gpus: Annotated[int | None, typer.Option(help="Override the workload's GPU budget")] = None,
+    arrival_rate: Annotated[float | None, typer.Option(help="Override: Poisson arrivals, requests/s")] = None,
+    search: Annotated[bool, typer.Option(help="Also find each split's highest arrival rate meeting the SLOs")] = True,
+) -> None:
+    """Simulate every vision:language split of the GPU budget against coupled serving; table + plots."""
+    from planner.plan import make_plan
+    from planner.report import markdown, plots
+
+    try:
+        stage_profiles = StageProfiles.load(profiles)
+        load = Workload.load(workload)
+        overrides = {"gpus": gpus} if gpus else {}
+        if arrival_rate:
+            overrides |= {"arrival_rate": arrival_rate, "concurrency": None}
+        load = Workload.model_validate(load.model_dump() | overrides)
+        plan = make_plan(stage_profiles, load, search=search)
+    except (ProfileError, ValueError) as exc:
+        typer.echo(f"dvd plan: {exc}", err=True)
+        raise typer.Exit(2) from None
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(plan)
+    (out / "plan.md").write_text(table)
+    (out / "plan.json").write_text(json.dumps(plan.model_dump(mode="json") | {"gain": plan.gain}, indent=2) + "\n")
+    images = plots(plan, out)
+    typer.echo(table)
+    typer.echo(f"wrote {out / 'plan.md'}, {out / 'plan.json'}, " + ", ".join(str(p) for p in images))
+
+
+@app.command("derive")
+def derive_profile(
+    out: Annotated[Path, typer.Argument(help="Profile file to write")],
+    host_profile: Annotated[Path, typer.Option(help="Measured profile whose host-side costs are reused")],
+    preset: Annotated[str, typer.Option(help="Model geometry preset: 1b, 2b, 4b, 8b, 38b")] = "8b",
+    device: Annotated[str, typer.Option(help="Device name written into the profile")] = "NVIDIA H100 SXM (derived)",
+    peak_tflops: Annotated[float, typer.Option(help="Dense bf16 peak, TFLOP/s")] = 989.0,
+    hbm_gb_s: Annotated[float, typer.Option(help="Memory bandwidth, GB/s")] = 3350.0,
+    mfu: Annotated[float, typer.Option(help="Share of peak reached by the encoder and prefill")] = 0.5,
+    link_gb_s: Annotated[float, typer.Option(help="Feature link bandwidth, GB/s")] = 25.0,
+) -> None:
+    """Write a profile DERIVED from FLOP and byte counts (labelled so), for sizing before a GPU run."""
+    from planner.derive import derive
+
+    try:
+        host = StageProfiles.load(host_profile)
+        profile = derive(preset, host, device=device, peak_tflops=peak_tflops, hbm_gb_s=hbm_gb_s, mfu=mfu,
+                         link_gb_s=link_gb_s)
+    except (ProfileError, ValueError) as exc:
+        typer.echo(f"dvd plan derive: {exc}", err=True)
+        raise typer.Exit(2) from None
+    profile.save(out)
+    typer.echo(f"wrote derived (not measured) {preset} profile for {device} to {out}")
