@@ -1,0 +1,158 @@
+"""Capacity planner: the simulation against known answers, profile and workload files, and `dvd plan` end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from planner.derive import derive
+from planner.plan import make_plan, max_slo_rate, run
+from planner.profiles import (
+    DecodePoint,
+    Geometry,
+    LanguageProfile,
+    PrefillPoint,
+    ProfileError,
+    StageProfiles,
+    TransportProfile,
+    VisionPoint,
+    VisionProfile,
+)
+from planner.simulate import simulate_dvd
+from planner.workload import Workload
+
+TINY = 1e-9  # a stage cost that is effectively free
+
+
+def profile(vision_tiles_per_s: float = 100.0, prefill_s: float = 0.01, decode_step_s: float = 0.005,
+            **vision) -> StageProfiles:
+    """A small hand-made profile: flat vision throughput, prefill of one 800-token prompt, flat decode steps."""
+    return StageProfiles(
+        device="test device", geometry=Geometry(name="tiny", vision_hidden_size=64, language_hidden_size=64),
+        vision=VisionProfile(batch_sweep=[VisionPoint(batch_tiles=1, tiles_per_s=vision_tiles_per_s)], **vision),
+        language=LanguageProfile(prefill=[PrefillPoint(batch=1, context_tokens=800, seconds=prefill_s)],
+                                 decode=[DecodePoint(batch=1, context_tokens=800, step_seconds=decode_step_s)]),
+        transport=TransportProfile(bandwidth_gb_s=10.0, latency_s=1e-4),
+    )
+
+
+def workload(**fields) -> Workload:
+    base = dict(images_per_request=1, tiles_per_image=3, text_tokens=32, output_tokens=16, arrival_rate=5.0,
+                requests=300, ttft_slo_s=2.0, tpot_slo_s=0.1, gpus=4)
+    return Workload(**(base | fields))
+
+
+def test_vision_stage_alone_matches_the_md1_closed_form():
+    """One-tile requests, no batching, free language side: mean TTFT is M/D/1's sojourn time."""
+    mu, rho = 10.0, 0.6  # tiles/s of the vision server, utilisation
+    profiles = profile(vision_tiles_per_s=mu, prefill_s=TINY, decode_step_s=TINY, max_batch_tiles=1,
+                       max_batch_wait_s=0.0)
+    profiles.transport = TransportProfile(bandwidth_gb_s=1e6, latency_s=0.0)
+    load = workload(tiles_per_image=1, text_tokens=1, output_tokens=1, arrival_rate=rho * mu, requests=20_000)
+    result = simulate_dvd(profiles, load, 1, 1)
+    mean_ttft = np.mean([r.ttft for r in result.requests])
+    closed_form = 1 / mu + rho / (2 * mu * (1 - rho))  # service + Pollaczek-Khinchine wait, deterministic service
+    assert mean_ttft == pytest.approx(closed_form, rel=0.05)
+
+
+def test_saturated_throughput_grows_with_gpus():
+    profiles = profile()
+    load = workload(arrival_rate=None, concurrency=64, requests=400)
+    coupled = [run(profiles, load, 0, n).throughput_rps for n in (1, 2, 4)]
+    dvd = [run(profiles, load, 1, n).throughput_rps for n in (1, 2, 4)]
+    assert coupled[0] < coupled[1] < coupled[2]
+    assert dvd[0] < dvd[1] < dvd[2]
+
+
+@pytest.mark.parametrize("slow, best", [("vision", (3, 1)), ("language", (1, 3))])
+def test_the_slow_stage_is_named_and_gets_the_gpus(slow, best):
+    profiles = profile(vision_tiles_per_s=30.0) if slow == "vision" else profile(prefill_s=0.05, decode_step_s=0.02)
+    plan = make_plan(profiles, workload(requests=200, ttft_slo_s=1.0, tpot_slo_s=0.05), search=True)
+    assert (plan.best.vision_gpus, plan.best.language_gpus) == best
+    one_to_one = next(s for s in plan.dvd if s.vision_gpus == 2)
+    assert one_to_one.bottleneck == slow
+
+
+def test_coupled_decode_stalls_behind_the_encoder():
+    """Heavy images: in one coupled engine every decode step waits for other requests' encodes."""
+    profiles = profile(vision_tiles_per_s=60.0)
+    load = workload(tiles_per_image=6, arrival_rate=4.0, requests=200)
+    coupled, dvd = run(profiles, load, 0, 2), run(profiles, load, 1, 1)
+    assert coupled.tpot_p90_s > 2 * dvd.tpot_p90_s
+
+
+def test_vir_token_reduction_raises_a_prefill_bound_capacity():
+    profiles = profile(prefill_s=0.08)
+    base = max_slo_rate(profiles, workload(requests=200), 1, 1, steps=6)
+    compressed = max_slo_rate(profiles, workload(requests=200, vir_compressed_share=1.0), 1, 1, steps=6)
+    assert compressed > 1.5 * base
+
+
+def test_profile_file_round_trip(tmp_path):
+    original = profile()
+    original.save(tmp_path / "p.json")
+    assert StageProfiles.load(tmp_path / "p.json") == original
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("vision"), "vision: Field required"),
+    (lambda d: d["vision"]["batch_sweep"].append({"batch_tiles": 1, "tiles_per_s": 5}), "increasing and unique"),
+    (lambda d: d["transport"].update(bandwidth_gb_s=-1), "transport.bandwidth_gb_s"),
+    (lambda d: d["language"].update(decode=[]), "language.decode"),
+    (lambda d: d.update(provenance="guessed"), "provenance"),
+])
+def test_bad_profile_files_name_the_field(tmp_path, change, message):
+    data = json.loads(profile().model_dump_json())
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=message) as info:
+        StageProfiles.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_files_and_bad_workloads_are_clear_errors(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="not JSON"):
+        StageProfiles.load(tmp_path / "x.json")
+    with pytest.raises(ProfileError, match="no such profile"):
+        StageProfiles.load(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="exactly one of arrival_rate"):
+        workload(concurrency=4)
+    with pytest.raises(ValueError, match="tiles_per_image: value 0"):
+        workload(tiles_per_image={0: 1.0, 2: 1.0})
+
+
+def test_derived_profile_is_labelled_and_matches_the_documented_vision_bound():
+    """InternViT-300M: about 0.7 TFLOP per tile, so about 1,100 tiles/s at 800 TFLOP/s."""
+    derived = derive("8b", profile(), device="H100 (derived)", peak_tflops=800, hbm_gb_s=3350, mfu=1.0,
+                     step_overhead_s=0.0)
+    assert derived.provenance == "derived" and "NOT MEASURED" in derived.notes
+    assert derived.vision.batch_sweep[-1].tiles_per_s == pytest.approx(1100, rel=0.1)
+    assert derived.geometry.language_hidden_size == 4096
+
+
+def test_dvd_plan_cli_writes_table_and_plots(tmp_path):
+    profile().save(tmp_path / "profile.json")
+    (tmp_path / "workload.json").write_text(workload(requests=150).model_dump_json())
+    out = tmp_path / "plan"
+    command = [sys.executable, "-m", "dvd.cli", "plan", "run", "--profiles", str(tmp_path / "profile.json"),
+               "--workload", str(tmp_path / "workload.json"), "--out", str(out), "--gpus", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| **" in done.stdout and "coupled x3" in done.stdout and "Best split" in done.stdout
+    table = (out / "plan.md").read_text()
+    assert table.count("\n| ") == 4  # header + 1V:2L, 2V:1L + coupled
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["best"]["vision_gpus"] + plan["best"]["language_gpus"] == 3 and plan["gain"] > 0
+    for name in ("plan_capacity.png", "plan_latency.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    (tmp_path / "broken.json").write_text("{}")
+    bad = subprocess.run(command[:6] + [str(tmp_path / "broken.json")] + command[7:], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "broken.json" in bad.stderr and "device" in bad.stderr
