@@ -1,0 +1,532 @@
+"""Stage profiles of this machine, then the planner's predictions against measured runs, back to back.
+
+    python benchmarks/plan_validation.py                  # profiles + validation (about 15 min on 2 CPU cores)
+    python benchmarks/plan_validation.py --profile-only   # just benchmarks/results/profiles/<name>.json
+
+Profiles come from the project's own parts: the vision model's batch sweep (benchmarks/vision.py), a
+real vision server's per-image host costs (its EncodeTimings), a ZeroMQ loopback through
+transport.tcp, and a real language server's Generate fed features over TCP from this process (no
+vision): prefill by batch and context, decode step time by batch and context. Validation then starts
+each configuration as local processes (vision servers, language servers, a gateway; and coupled
+`vllm serve` when it starts here), drives it with the official `openai` client (closed loop), and
+compares throughput and TTFT p50/p90 with the simulation of the same workload on the fresh profiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import httpx
+import numpy as np
+import openai
+import torch
+import typer
+
+# the vision model's batch sweep lives in benchmarks/vision.py (this script's folder is on sys.path)
+from vision import build_model, time_batches
+
+from checkpoint.generate import write_checkpoint
+from checkpoint.presets import ModelConfig
+from dvd.launcher import start, stop
+from planner.plan import run as predict
+from planner.profiles import (
+    DecodePoint,
+    Geometry,
+    LanguageProfile,
+    PrefillPoint,
+    StageProfiles,
+    TransportProfile,
+    VisionPoint,
+    VisionProfile,
+)
+from planner.workload import Workload
+from proto import dvd_pb2, dvd_pb2_grpc
+from transport.frames import ImageFeatures
+from transport.tcp import TcpFeatureReceiver, TcpFeatureSender
+
+HOST = "127.0.0.1"
+RESULTS = Path(__file__).parent / "results"
+IMAGE_SIZE = (896, 448)  # a 2x1 grid + thumbnail = 3 tiles
+IMAGE_TILES = 3
+COUPLED_SERVE = Path(__file__).parent / "coupled_serve.py"
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} cores)"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    width, height = IMAGE_SIZE
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclasses.dataclass
+class Fleet:
+    """Servers to start together (what `dvd.launcher.start` runs)."""
+
+    servers: dict[str, list[str]]
+
+    def commands(self) -> dict[str, list[str]]:
+        return self.servers
+
+
+def dvd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvd.cli", *args]
+
+
+# One core stands for one device: the vision server (one torch thread) on VISION_CORE, each vLLM engine
+# on its own core through vLLM's CPU binding. On this 2-core host only 1+1 gets a core per server;
+# the other configurations share cores, which the simulation (one device per server) does not model.
+VISION_CORE = 1
+
+
+def vision_command(*args: str, core: int = VISION_CORE) -> list[str]:
+    return ["taskset", "-c", str(core), "env", "OMP_NUM_THREADS=1", *dvd("vision-server", *args)]
+
+
+def language_command(*args: str, core: int = 0) -> list[str]:
+    return ["env", f"VLLM_CPU_OMP_THREADS_BIND={core}", *dvd("language-server", *args)]
+
+
+def answers_health(address: str, stub_class) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return stub_class(channel).Health(dvd_pb2.HealthRequest(), timeout=2).ready
+    except grpc.RpcError:
+        return False
+
+
+def started(fleet: Fleet, ready: list[tuple[str, type]], log_dir: Path, timeout_s: float = 600):
+    """Start `fleet`, wait until every (address, stub) in `ready` answers Health; returns the processes."""
+    processes = start(fleet, log_dir=log_dir)
+    deadline = time.monotonic() + timeout_s
+    try:
+        waiting = list(ready)
+        while waiting:
+            dead = [name for name, p in processes.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead} exited during start-up; logs in {log_dir}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{[address for address, _ in waiting]} not ready in {timeout_s:.0f} s")
+            waiting = [(address, stub) for address, stub in waiting if not answers_health(address, stub)]
+            time.sleep(0.5)
+    except BaseException:
+        stop(processes)
+        raise
+    return processes
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> VisionProfile:
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, {VISION_CORE})  # measured as the vision server runs: one thread on its core
+    torch.set_num_threads(1)
+    try:
+        model = build_model(config, torch.device("cpu"), torch.float32)
+        sweep = []
+        for batch in (1, 2, 4, 8, 16, 32):
+            seconds = time_batches(model, torch.randn(batch, 3, 448, 448), torch.device("cpu"), repeats=3)
+            sweep.append(VisionPoint(batch_tiles=batch, tiles_per_s=round(batch / seconds, 3)))
+        del model
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+    profile = VisionProfile(batch_sweep=sweep)
+    # Host work per image, from a real vision server's own timings: decode + tiling, and what is left
+    # of the client's latency after preprocessing and the model (gRPC, scheduling, sending).
+    port = free_port()
+    command = vision_command("--model", str(checkpoint), "--port", str(port))
+    processes = started(Fleet({"vision-profile": command}), [(f"{HOST}:{port}", dvd_pb2_grpc.VisionServiceStub)],
+                        log_dir)
+    try:
+        timings = asyncio.run(_encode_sequentially(port, 12))
+    finally:
+        stop(processes)
+    timings = timings[2:]  # warm-up
+    preprocess = statistics.median(t["preprocess_s"] for t in timings)
+    latency = statistics.median(t["latency_s"] for t in timings)
+    model_s = profile.batch_seconds(IMAGE_TILES)
+    profile.preprocess_s_per_tile = round(preprocess / IMAGE_TILES, 6)
+    profile.overhead_s_per_request = round(max(0.0, latency - preprocess - model_s - profile.max_batch_wait_s), 6)
+    return profile
+
+
+async def _encode_sequentially(port: int, count: int) -> list[dict]:
+    received = []
+    receiver = TcpFeatureReceiver(f"tcp://{HOST}:*", received.append, max_payload_bytes=1 << 28)
+    task = asyncio.create_task(receiver.run())
+    out = []
+    try:
+        async with grpc.aio.insecure_channel(f"{HOST}:{port}") as channel:
+            stub = dvd_pb2_grpc.VisionServiceStub(channel)
+            for i in range(count):
+                images = [dvd_pb2.ImageInput(data=png(i))]
+                begin = time.perf_counter()
+                reply = await stub.Encode(dvd_pb2.EncodeRequest(request_id=uuid.uuid4().hex, images=images,
+                                                                feature_endpoint=receiver.endpoint), timeout=60)
+                out.append({"latency_s": time.perf_counter() - begin,
+                            "preprocess_s": reply.timings.preprocess_ms / 1e3,
+                            "tiles": reply.images[0].num_tiles})
+    finally:  # an unclosed ZeroMQ socket would block the context's teardown
+        task.cancel()
+        receiver.close()
+    return out
+
+
+def profile_transport(hidden_size: int) -> TransportProfile:
+    """ZeroMQ loopback through transport.tcp: one-way latency of one small message, GB/s of a stream."""
+
+    async def run() -> tuple[float, float]:
+        got: asyncio.Queue = asyncio.Queue()
+        receiver = TcpFeatureReceiver(f"tcp://{HOST}:*", got.put_nowait, max_payload_bytes=1 << 30)
+        sender = TcpFeatureSender()
+        task = asyncio.create_task(receiver.run())
+        try:
+            small = ImageFeatures("x", 0, 1, [1], torch.zeros(1, hidden_size, dtype=torch.bfloat16))
+            latencies = []
+            for _ in range(50):
+                await sender.send(receiver.endpoint, small)
+                item = await asyncio.wait_for(got.get(), 10)
+                latencies.append((item.received_unix_ns - item.sent_unix_ns) / 1e9)
+            tokens = 16 * 1024 * 1024 // (2 * hidden_size)  # 16 MiB messages
+            big = ImageFeatures("x", 0, 1, [tokens], torch.zeros(tokens, hidden_size, dtype=torch.bfloat16))
+            count = 40
+            begin = time.perf_counter()
+            for _ in range(count):
+                await sender.send(receiver.endpoint, big)
+            for _ in range(count):
+                await asyncio.wait_for(got.get(), 30)
+            return statistics.median(latencies[5:]), count * big.num_bytes / (time.perf_counter() - begin) / 1e9
+        finally:
+            task.cancel()
+            receiver.close()
+            sender.close()
+
+    latency, bandwidth = asyncio.run(run())
+    return TransportProfile(backend="tcp", bandwidth_gb_s=round(bandwidth, 3), latency_s=round(latency, 6),
+                            source="ZeroMQ loopback on this host through transport.tcp (one link, 16 MiB messages)")
+
+
+def profile_language(checkpoint: Path, log_dir: Path) -> LanguageProfile:
+    port, feature_port = free_port(), free_port()
+    command = language_command("--model", str(checkpoint), "--port", str(port),
+                               "--feature-bind", f"tcp://{HOST}:{feature_port}")
+    processes = started(Fleet({"language-profile": command}), [(f"{HOST}:{port}", dvd_pb2_grpc.LanguageServiceStub)],
+                        log_dir)
+    try:
+        return asyncio.run(_language_sweeps(port))
+    finally:
+        stop(processes)
+
+
+async def _generate(stub, sender: TcpFeatureSender, endpoint: str, hidden: int, tiles: int, max_tokens: int) -> dict:
+    """One request whose one image's features are sent from here before Generate; server-side timings back."""
+    rid = uuid.uuid4().hex
+    features = torch.randn(tiles * 256, hidden).to(torch.bfloat16)
+    await sender.send(endpoint, ImageFeatures(rid, 0, 1, [256] * tiles, features))
+    message = dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(text="Describe the image."),
+                                                         dvd_pb2.ContentPart(image=True)])
+    sampling = dvd_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    begin = time.perf_counter()
+    first = None
+    timings = usage = None
+    async for response in stub.Generate(dvd_pb2.GenerateRequest(request_id=rid, messages=[message], sampling=sampling,
+                                                                image_count=1), timeout=120):
+        if first is None and response.token_ids:
+            first = time.perf_counter()
+        if response.HasField("timings"):
+            timings = response.timings
+        if response.HasField("usage"):
+            usage = response.usage
+    return {"client_ttft_s": first - begin, "prefill_s": timings.prefill_ms / 1e3,
+            "feature_wait_s": timings.feature_wait_ms / 1e3, "decode_s": timings.decode_ms / 1e3,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+
+
+async def _language_sweeps(port: int) -> LanguageProfile:
+    sender = TcpFeatureSender()
+    try:
+        async with grpc.aio.insecure_channel(f"{HOST}:{port}") as channel:
+            stub = dvd_pb2_grpc.LanguageServiceStub(channel)
+            description = await stub.Describe(dvd_pb2.DescribeRequest())
+            endpoint, hidden = description.feature_endpoint, description.hidden_size
+
+            async def batch_of(batch: int, tiles: int, max_tokens: int) -> list[dict]:
+                return await asyncio.gather(*[_generate(stub, sender, endpoint, hidden, tiles, max_tokens)
+                                              for _ in range(batch)])
+
+            await batch_of(2, 1, 4)  # warm-up
+            prefill, overheads = [], []
+            for tiles in (1, 4, 12):
+                for batch in (1, 4):
+                    runs = [await batch_of(batch, tiles, 1) for _ in range(3)]
+                    seconds = statistics.median(max(r["prefill_s"] for r in rs) for rs in runs)
+                    prefill.append(PrefillPoint(batch=batch, context_tokens=runs[0][0]["prompt_tokens"],
+                                                seconds=round(seconds, 6)))
+                    if batch == 1:
+                        overheads += [r["client_ttft_s"] - r["prefill_s"] - r["feature_wait_s"] for rs in runs
+                                      for r in rs]
+            decode = []
+            for tiles in (1, 12):
+                for batch in (1, 4, 16, 32):
+                    results = await batch_of(batch, tiles, 24)
+                    step = statistics.median(r["decode_s"] / (r["completion_tokens"] - 1) for r in results)
+                    decode.append(DecodePoint(batch=batch, context_tokens=results[0]["prompt_tokens"] + 12,
+                                              step_seconds=round(step, 6)))
+    finally:
+        sender.close()
+    return LanguageProfile(prefill=prefill, decode=decode,
+                           overhead_s_per_request=round(max(0.0, statistics.median(overheads)), 6))
+
+
+def profile(config_name: str, out: Path, log_dir: Path, checkpoints: dict[str, Path]) -> StageProfiles:
+    config = ModelConfig.from_name(config_name)
+    began = load()
+    vision = profile_vision(config, checkpoints["custom"], log_dir)
+    transport = profile_transport(config.language.hidden_size)
+    language = profile_language(checkpoints["custom"], log_dir)
+    profiles = StageProfiles(
+        device=f"CPU ({platform.machine()}, {os.cpu_count()} cores, shared)",
+        geometry=Geometry(name=config_name, vision_hidden_size=config.vision.hidden_size,
+                          language_hidden_size=config.language.hidden_size, tokens_per_tile=config.tokens_per_tile,
+                          compressed_tokens_per_tile=config.compressed_tokens_per_tile),
+        provenance="measured", measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine_load=f"start: {began}; end: {load()}",
+        command="python benchmarks/plan_validation.py --profile-only",
+        notes="vision model fp32 on CPU; language model bf16 (vLLM CPU); features bf16 over ZeroMQ",
+        vision=vision, language=language, transport=transport)
+    profiles.save(out)
+    return profiles
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclasses.dataclass
+class Measured:
+    throughput_rps: float
+    ttft_p50_s: float
+    ttft_p90_s: float
+    output_tokens: list[int]
+    errors: int
+
+
+async def drive(base_url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> Measured:
+    """Closed loop: `concurrency` clients, each sending its next request when the last one ended."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+    images = ["data:image/png;base64," + base64.b64encode(png(1000 + i)).decode() for i in range(requests)]
+    queue = list(range(requests))
+    ttfts, outputs, errors = [], [], 0
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Describe the image."},
+                                                 {"type": "image_url", "image_url": {"url": images[i]}}]}]
+        begin = time.perf_counter()
+        first = None
+        tokens = 0
+        try:
+            stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                          temperature=0, stream=True,
+                                                          stream_options={"include_usage": True})
+            async for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter()
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+        except openai.APIError:
+            errors += 1
+            return
+        ttfts.append((first or time.perf_counter()) - begin)
+        outputs.append(tokens)
+
+    async def client_loop() -> None:
+        while queue:
+            await one(queue.pop())
+
+    begin = time.perf_counter()
+    await asyncio.gather(*[client_loop() for _ in range(concurrency)])
+    elapsed = time.perf_counter() - begin
+    await client.close()
+    return Measured(len(ttfts) / elapsed, float(np.percentile(ttfts, 50)), float(np.percentile(ttfts, 90)),
+                    outputs, errors)
+
+
+def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **load_args) -> Measured:
+    servers, ready = {}, []
+    vision_addresses, language_addresses = [], []
+    for i in range(vision):
+        port = free_port()
+        servers[f"vision-{i}"] = vision_command("--model", str(checkpoint), "--port", str(port),
+                                                core=(VISION_CORE + i) % 2)
+        vision_addresses.append(f"{HOST}:{port}")
+        ready.append((vision_addresses[-1], dvd_pb2_grpc.VisionServiceStub))
+    for i in range(language):
+        port, feature_port = free_port(), free_port()
+        servers[f"language-{i}"] = language_command("--model", str(checkpoint), "--port", str(port),
+                                                    "--feature-bind", f"tcp://{HOST}:{feature_port}", core=i % 2)
+        language_addresses.append(f"{HOST}:{port}")
+        ready.append((language_addresses[-1], dvd_pb2_grpc.LanguageServiceStub))
+    gateway_port = free_port()
+    servers["gateway"] = dvd("gateway", "--port", str(gateway_port), "--served-model-name", "tiny",
+                             *[arg for a in vision_addresses for arg in ("--vision-server", a)],
+                             *[arg for a in language_addresses for arg in ("--language-server", a)])
+    processes = started(Fleet(servers), ready, log_dir)
+    try:
+        url = f"http://{HOST}:{gateway_port}"
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the gateway did not see its servers healthy")
+            time.sleep(0.5)
+        asyncio.run(drive(f"{url}/v1", "tiny", 4, 2, 8))  # warm-up
+        return asyncio.run(drive(f"{url}/v1", "tiny", **load_args))
+    finally:
+        stop(processes)
+
+
+def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
+    """`vllm serve` of the HF-format checkpoint fed pixels: one coupled replica."""
+    port = free_port()
+    command = ["env", "VLLM_CPU_OMP_THREADS_BIND=0", sys.executable, str(COUPLED_SERVE), "--model", str(checkpoint),
+               "--port", str(port), "--host", HOST,
+               "--served-model-name", "tiny", "--max-model-len", "8192", "--gpu-memory-utilization", "0.2",
+               "--enforce-eager", "--limit-mm-per-prompt", '{"image": 4}']
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    processes = start(Fleet({"coupled": command}), log_dir=log_dir)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if processes["coupled"].poll() is not None:
+                raise RuntimeError(f"vllm serve exited; see {log_dir / 'coupled.log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("vllm serve did not start in 10 minutes")
+            try:
+                if httpx.get(f"http://{HOST}:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        url = f"http://{HOST}:{port}/v1"
+        asyncio.run(drive(url, "tiny", 4, 2, 8))  # warm-up
+        return asyncio.run(drive(url, "tiny", **load_args))
+    finally:
+        stop(processes)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row["config"] for row in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(axes, ("throughput_rps", "ttft_p50_s", "ttft_p90_s"),
+                              ("throughput (req/s)", "TTFT p50 (s)", "TTFT p90 (s)")):
+        ax.bar(x - 0.2, [row["measured"][key] for row in rows], 0.4, label="measured")
+        ax.bar(x + 0.2, [row["predicted"][key] for row in rows], 0.4, label="predicted")
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle("Planner: predicted vs measured (CPU, tiny checkpoint)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(
+    name: Annotated[str, typer.Option(help="Result name: profiles/<name>.json, plan_validation_<name>.*")] = "cpu_tiny",
+    profile_only: bool = False,
+    configs: Annotated[str, typer.Option(help="V+L pairs; 0+1 is one coupled vllm serve replica")] = "1+1,1+2,2+1,0+1",
+    requests: int = 60,
+    concurrency: int = 8,
+    max_tokens: int = 16,
+) -> None:
+    log_dir = Path(tempfile.mkdtemp(prefix="plan-validation-"))
+    root = Path(tempfile.mkdtemp(prefix="plan-checkpoints-"))
+    checkpoints = {fmt: write_checkpoint(root / fmt, "tiny", fmt, seed=0) for fmt in ("custom", "hf")}
+    profile_path = RESULTS / "profiles" / f"{name}.json"
+    print(f"profiling ({load()}); server logs in {log_dir}", flush=True)
+    profiles = profile("tiny", profile_path, log_dir, checkpoints)
+    print(f"wrote {profile_path}", flush=True)
+    if profile_only:
+        return
+    rows = []
+    load_args = {"requests": requests, "concurrency": concurrency, "max_tokens": max_tokens}
+    for pair in configs.split(","):
+        vision, language = (int(n) for n in pair.split("+"))
+        began = load()
+        try:
+            measured = (measure_dvd(checkpoints["custom"], vision, language, log_dir, **load_args) if vision
+                        else measure_coupled(checkpoints["hf"], log_dir, **load_args))
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"{pair}: not measured: {exc}", flush=True)
+            rows.append({"config": pair, "error": str(exc)})
+            continue
+        outputs = {n: measured.output_tokens.count(n) for n in sorted(set(measured.output_tokens))}
+        workload = Workload(name="validation", images_per_request=1, tiles_per_image=IMAGE_TILES,
+                            text_tokens=profiles.language.prefill[0].context_tokens - profiles.geometry.tokens_per_tile
+                            - 2, output_tokens=outputs, concurrency=concurrency, requests=requests,
+                            ttft_slo_s=10, tpot_slo_s=1, gpus=max(2, vision + language))
+        predicted = predict(profiles, workload, vision, language)
+        row = {"config": f"{vision}V+{language}L" if vision else f"coupled x{language}",
+               "load": f"start: {began}; end: {load()}",
+               "measured": {"throughput_rps": round(measured.throughput_rps, 3),
+                            "ttft_p50_s": round(measured.ttft_p50_s, 4), "ttft_p90_s": round(measured.ttft_p90_s, 4),
+                            "errors": measured.errors, "output_tokens": outputs},
+               "predicted": {"throughput_rps": round(predicted.throughput_rps, 3),
+                             "ttft_p50_s": round(predicted.ttft_p50_s, 4), "ttft_p90_s": round(predicted.ttft_p90_s, 4),
+                             "bottleneck": predicted.bottleneck}}
+        row["error_pct"] = {key: round(100 * (row["predicted"][key] - row["measured"][key]) / row["measured"][key], 1)
+                            for key in ("throughput_rps", "ttft_p50_s", "ttft_p90_s")}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    measured_rows = [row for row in rows if "measured" in row]
+    result = {"profiles": str(profile_path.relative_to(RESULTS.parent.parent)), "device": profiles.device,
+              "workload": {"image": list(IMAGE_SIZE), "tiles_per_image": IMAGE_TILES, "requests": requests,
+                           "concurrency": concurrency, "max_tokens": max_tokens},
+              "command": "python benchmarks/plan_validation.py", "rows": rows,
+              "coupled_profile": "derived from the vision and language profiles" if profiles.coupled is None else
+              "measured"}
+    out = RESULTS / f"plan_validation_{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if measured_rows:
+        plot(measured_rows, RESULTS / f"plan_validation_{name}.png")
+    print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    typer.run(main)
