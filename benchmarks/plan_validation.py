@@ -42,6 +42,7 @@ from vision import build_model, time_batches
 from checkpoint.generate import write_checkpoint
 from checkpoint.presets import ModelConfig
 from dvd.launcher import start, stop
+from language_server.settings import LanguageServerSettings
 from planner.plan import run as predict
 from planner.profiles import (
     DecodePoint,
@@ -63,6 +64,7 @@ RESULTS = Path(__file__).parent / "results"
 IMAGE_SIZE = (896, 448)  # a 2x1 grid + thumbnail = 3 tiles
 IMAGE_TILES = 3
 COUPLED_SERVE = Path(__file__).parent / "coupled_serve.py"
+LANGUAGE = LanguageServerSettings(model="unused")  # the language server's defaults
 
 
 def load() -> str:
@@ -162,7 +164,7 @@ def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> Visi
     finally:
         os.sched_setaffinity(0, affinity)
         torch.set_num_threads(threads)
-    profile = VisionProfile(batch_sweep=sweep)
+    profile = VisionProfile(batch_sweep=sweep, preprocess_parallelism=1)  # one pinned core
     # Host work per image, from a real vision server's own timings: decode + tiling, and what is left
     # of the client's latency after preprocessing and the model (gRPC, scheduling, sending).
     port = free_port()
@@ -306,7 +308,8 @@ async def _language_sweeps(port: int) -> LanguageProfile:
                                               step_seconds=round(step, 6)))
     finally:
         sender.close()
-    return LanguageProfile(prefill=prefill, decode=decode,
+    return LanguageProfile(prefill=prefill, decode=decode, max_num_seqs=LANGUAGE.max_num_seqs,
+                           max_batched_tokens=max(LANGUAGE.max_model_len, 2048),  # whole prompts on CPU
                            overhead_s_per_request=round(max(0.0, statistics.median(overheads)), 6))
 
 
@@ -342,17 +345,19 @@ class Measured:
     errors: int
 
 
-async def drive(base_url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> Measured:
+async def drive(base_url: str, model: str, requests: int, concurrency: int, max_tokens: int,
+                images_per_request: int = 1) -> Measured:
     """Closed loop: `concurrency` clients, each sending its next request when the last one ended."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
-    images = ["data:image/png;base64," + base64.b64encode(png(1000 + i)).decode() for i in range(requests)]
+    images = [[{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+        png(1000 + images_per_request * i + k)).decode()}} for k in range(images_per_request)] for i in range(requests)]
     queue = list(range(requests))
     ttfts, outputs, errors = [], [], 0
 
     async def one(i: int) -> None:
         nonlocal errors
         messages = [{"role": "user", "content": [{"type": "text", "text": "Describe the image."},
-                                                 {"type": "image_url", "image_url": {"url": images[i]}}]}]
+                                                 *images[i]]}]
         begin = time.perf_counter()
         first = None
         tokens = 0
@@ -422,7 +427,10 @@ def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
     command = ["env", "VLLM_CPU_OMP_THREADS_BIND=0", sys.executable, str(COUPLED_SERVE), "--model", str(checkpoint),
                "--port", str(port), "--host", HOST,
                "--served-model-name", "tiny", "--max-model-len", "8192", "--gpu-memory-utilization", "0.2",
-               "--enforce-eager", "--limit-mm-per-prompt", '{"image": 4}']
+               "--enforce-eager", "--limit-mm-per-prompt", '{"image": 4}',
+               # the language server's engine settings on CPU, so that only the encoder's place differs
+               "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(LANGUAGE.max_model_len),
+               "--max-num-seqs", str(LANGUAGE.max_num_seqs)]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     processes = start(Fleet({"coupled": command}), log_dir=log_dir)
     try:
@@ -470,7 +478,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(
     name: Annotated[str, typer.Option(help="Result name: profiles/<name>.json, plan_validation_<name>.*")] = "cpu_tiny",
     profile_only: bool = False,
-    configs: Annotated[str, typer.Option(help="V+L pairs; 0+1 is one coupled vllm serve replica")] = "1+1,1+2,2+1,0+1",
+    configs: Annotated[str, typer.Option(
+        help="V+L[xK]: V vision and L language servers, K images per request (default 1); 0+1 is coupled vllm serve"
+    )] = "1+1,1+1x2,0+1,1+2,2+1",
     requests: int = 60,
     concurrency: int = 8,
     max_tokens: int = 16,
@@ -487,7 +497,9 @@ def main(
     rows = []
     load_args = {"requests": requests, "concurrency": concurrency, "max_tokens": max_tokens}
     for pair in configs.split(","):
-        vision, language = (int(n) for n in pair.split("+"))
+        servers, _, images = pair.partition("x")
+        vision, language = (int(n) for n in servers.split("+"))
+        load_args["images_per_request"] = int(images or 1)
         began = load()
         try:
             measured = (measure_dvd(checkpoints["custom"], vision, language, log_dir, **load_args) if vision
@@ -497,12 +509,14 @@ def main(
             rows.append({"config": pair, "error": str(exc)})
             continue
         outputs = {n: measured.output_tokens.count(n) for n in sorted(set(measured.output_tokens))}
-        workload = Workload(name="validation", images_per_request=1, tiles_per_image=IMAGE_TILES,
+        workload = Workload(name="validation", images_per_request=load_args["images_per_request"],
+                            tiles_per_image=IMAGE_TILES,
                             text_tokens=profiles.language.prefill[0].context_tokens - profiles.geometry.tokens_per_tile
                             - 2, output_tokens=outputs, concurrency=concurrency, requests=requests,
                             ttft_slo_s=10, tpot_slo_s=1, gpus=max(2, vision + language))
         predicted = predict(profiles, workload, vision, language)
-        row = {"config": f"{vision}V+{language}L" if vision else f"coupled x{language}",
+        row = {"config": (f"{vision}V+{language}L" if vision else f"coupled x{language}")
+                         + (f", {images} images" if images else ""),
                "load": f"start: {began}; end: {load()}",
                "measured": {"throughput_rps": round(measured.throughput_rps, 3),
                             "ttft_p50_s": round(measured.ttft_p50_s, 4), "ttft_p90_s": round(measured.ttft_p90_s, 4),
@@ -519,6 +533,9 @@ def main(
               "workload": {"image": list(IMAGE_SIZE), "tiles_per_image": IMAGE_TILES, "requests": requests,
                            "concurrency": concurrency, "max_tokens": max_tokens},
               "command": "python benchmarks/plan_validation.py", "rows": rows,
+              "cores": "a core per server where the host has one: vision servers pinned with one torch thread, "
+                       "vLLM engines bound by VLLM_CPU_OMP_THREADS_BIND; with three servers on two cores (1+2, 2+1) "
+                       "two share a core, which the simulation (a device per server) does not model",
               "coupled_profile": "derived from the vision and language profiles" if profiles.coupled is None else
               "measured"}
     out = RESULTS / f"plan_validation_{name}.json"

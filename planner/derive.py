@@ -77,7 +77,8 @@ def derive(preset: str, host: StageProfiles, *, device: str, peak_tflops: float,
         command=f"dvd plan derive --preset {preset} --host-profile HOST.json --device '{device}' "
                 f"--peak-tflops {peak_tflops:g} --hbm-gb-s {hbm_gb_s:g}",
         vision=VisionProfile(batch_sweep=sweep, preprocess_s_per_tile=host.vision.preprocess_s_per_tile,
-                             overhead_s_per_request=host.vision.overhead_s_per_request, max_batch_tiles=64),
+                             overhead_s_per_request=host.vision.overhead_s_per_request, max_batch_tiles=64,
+                             preprocess_parallelism=16),
         language=LanguageProfile(
             prefill=[PrefillPoint(batch=b, context_tokens=c, seconds=round(prefill_s(b, c), 6))
                      for b in (1, 8) for c in contexts],

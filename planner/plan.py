@@ -29,6 +29,7 @@ class Summary(BaseModel):
     output_tokens_per_s: float
     max_slo_rate_rps: float | None = None  # highest Poisson rate still meeting SLOs (SLO_ATTAINMENT)
     loads: dict[str, float] = {}  # pool -> demand / best-case capacity at the achieved throughput
+    busy_share: dict[str, float] = {}  # pool -> share of the run its devices (or links) were working
     bottleneck: str = ""
 
     @property
@@ -75,6 +76,8 @@ def summarize(result: Result, workload: Workload, profiles: StageProfiles) -> Su
         tpot_p90_s=float(np.percentile(tpot, 90)),
         output_tokens_per_s=sum(r.output_tokens for r in done) / duration,
     )
+    servers = {"vision": result.vision_servers, "wire": result.language_servers, "language": result.language_servers}
+    summary.busy_share = {pool: seconds / (duration * servers[pool]) for pool, seconds in result.busy_s.items()}
     if result.system == "dvd":
         summary.loads = pool_loads(profiles, workload, throughput, result.vision_servers, result.language_servers)
         summary.bottleneck = max(summary.loads, key=summary.loads.get)

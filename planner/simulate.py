@@ -240,6 +240,7 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
         env.process(transfer(r, image))
 
     visions = [VisionServer(env, profiles, image_done) for _ in range(vision_servers)]
+    workers = {id(v): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
 
     def encode(r: Request, server: VisionServer):
         yield env.timeout(profiles.vision.overhead_s_per_request)
@@ -247,7 +248,9 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
             env.process(preprocess(r, image, server))
 
     def preprocess(r: Request, image: int, server: VisionServer):
-        yield env.timeout(r.tiles[image] * profiles.vision.preprocess_s_per_tile)
+        with workers[id(server)].request() as worker:
+            yield worker
+            yield env.timeout(r.tiles[image] * profiles.vision.preprocess_s_per_tile)
         server.submit(r, image)
 
     def generate(r: Request):
@@ -279,11 +282,13 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int)
     requests = make_requests(workload, profiles)
     finished = simpy.Store(env)
     engines = [LanguageEngine(env, profiles, finished.put, encode_in_step=True) for _ in range(replicas)]
+    workers = {id(e): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for e in engines}
 
     def serve(r: Request, engine: LanguageEngine):
-        # host-side decode and tiling before the engine sees the request (vLLM's input processor)
-        host_s = profiles.language.overhead_s_per_request + sum(r.tiles) * profiles.vision.preprocess_s_per_tile
-        yield env.timeout(host_s)
+        yield env.timeout(profiles.language.overhead_s_per_request)
+        with workers[id(engine)].request() as worker:  # vLLM's input processor: decode and tiling on the host
+            yield worker
+            yield env.timeout(sum(r.tiles) * profiles.vision.preprocess_s_per_tile)
         engine.add(r)
 
     def start(r: Request) -> None:
