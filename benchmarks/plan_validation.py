@@ -521,7 +521,7 @@ def main(
                "measured": {"throughput_rps": round(measured.throughput_rps, 3),
                             "ttft_p50_s": round(measured.ttft_p50_s, 4), "ttft_p90_s": round(measured.ttft_p90_s, 4),
                             "errors": measured.errors, "output_tokens": outputs},
-               "predicted": {"throughput_rps": round(predicted.throughput_rps, 3),
+               "predicted": {"throughput_rps": round(predicted.completion_rate_rps, 3),
                              "ttft_p50_s": round(predicted.ttft_p50_s, 4), "ttft_p90_s": round(predicted.ttft_p90_s, 4),
                              "bottleneck": predicted.bottleneck}}
         row["error_pct"] = {key: round(100 * (row["predicted"][key] - row["measured"][key]) / row["measured"][key], 1)

@@ -63,7 +63,7 @@ def test_saturated_throughput_grows_with_gpus():
     profiles = profile()
     load = workload(arrival_rate=None, concurrency=64, requests=400)
     coupled = [run(profiles, load, 0, n).throughput_rps for n in (1, 2, 4)]
-    dvd = [run(profiles, load, 1, n).throughput_rps for n in (1, 2, 4)]
+    dvd = [run(profiles, load, n, n).throughput_rps for n in (1, 2, 4)]
     assert coupled[0] < coupled[1] < coupled[2]
     assert dvd[0] < dvd[1] < dvd[2]
 
