@@ -1,21 +1,20 @@
 """Stage profiles of this machine, then the planner's predictions against measured runs, back to back.
 
-    python benchmarks/plan_validation.py                  # profiles + validation (about 15 min on 2 CPU cores)
-    python benchmarks/plan_validation.py --profile-only   # just benchmarks/results/profiles/<name>.json
+    python -m benchmarks.plan_validation                  # profiles + validation (about 20 min on 2 CPU cores)
+    python -m benchmarks.plan_validation --profile-only   # just benchmarks/results/profiles/<name>.json
 
 Profiles come from the project's own parts: the vision model's batch sweep (benchmarks/vision.py), a
 real vision server's per-image host costs (its EncodeTimings), a ZeroMQ loopback through
 transport.tcp, and a real language server's Generate fed features over TCP from this process (no
 vision): prefill by batch and context, decode step time by batch and context. Validation then starts
 each configuration as local processes (vision servers, language servers, a gateway; and coupled
-`vllm serve` when it starts here), drives it with the official `openai` client (closed loop), and
+`vllm serve`), drives it with `dvd bench` (closed loop: all requests queued, a concurrency cap), and
 compares throughput and TTFT p50/p90 with the simulation of the same workload on the fresh profiles.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import os
@@ -32,13 +31,15 @@ from typing import Annotated
 import grpc
 import httpx
 import numpy as np
-import openai
 import torch
 import typer
 
-# the vision model's batch sweep lives in benchmarks/vision.py (this script's folder is on sys.path)
-from vision import build_model, time_batches
-
+from benchmarks.loadgen import LoadPoint
+from benchmarks.run import RunOptions, bench
+from benchmarks.servers import coupled_command
+from benchmarks.vision import build_model, time_batches
+from benchmarks.workload import Workload as BenchWorkload
+from benchmarks.workload import synthetic
 from checkpoint.generate import write_checkpoint
 from checkpoint.presets import ModelConfig
 from dvd.launcher import start, stop
@@ -63,7 +64,8 @@ HOST = "127.0.0.1"
 RESULTS = Path(__file__).parent / "results"
 IMAGE_SIZE = (896, 448)  # a 2x1 grid + thumbnail = 3 tiles
 IMAGE_TILES = 3
-COUPLED_SERVE = Path(__file__).parent / "coupled_serve.py"
+WARMUP = 4
+INPUT_WORDS = 4  # random words of text beside the image(s)
 LANGUAGE = LanguageServerSettings(model="unused")  # the language server's defaults
 
 
@@ -164,7 +166,8 @@ def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> Visi
     finally:
         os.sched_setaffinity(0, affinity)
         torch.set_num_threads(threads)
-    profile = VisionProfile(batch_sweep=sweep, preprocess_parallelism=1)  # one pinned core
+    # one pinned core: preprocessing threads and the encoder take turns on it
+    profile = VisionProfile(batch_sweep=sweep, preprocess_parallelism=1, preprocess_on_device=True)
     # Host work per image, from a real vision server's own timings: decode + tiling, and what is left
     # of the client's latency after preprocessing and the model (gRPC, scheduling, sending).
     port = free_port()
@@ -326,7 +329,7 @@ def profile(config_name: str, out: Path, log_dir: Path, checkpoints: dict[str, P
                           compressed_tokens_per_tile=config.compressed_tokens_per_tile),
         provenance="measured", measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         machine_load=f"start: {began}; end: {load()}",
-        command="python benchmarks/plan_validation.py --profile-only",
+        command="python -m benchmarks.plan_validation --profile-only",
         notes="vision model fp32 on CPU; language model bf16 (vLLM CPU); features bf16 over ZeroMQ",
         vision=vision, language=language, transport=transport)
     profiles.save(out)
@@ -341,51 +344,18 @@ class Measured:
     throughput_rps: float
     ttft_p50_s: float
     ttft_p90_s: float
-    output_tokens: list[int]
     errors: int
 
 
-async def drive(base_url: str, model: str, requests: int, concurrency: int, max_tokens: int,
-                images_per_request: int = 1) -> Measured:
-    """Closed loop: `concurrency` clients, each sending its next request when the last one ended."""
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
-    images = [[{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
-        png(1000 + images_per_request * i + k)).decode()}} for k in range(images_per_request)] for i in range(requests)]
-    queue = list(range(requests))
-    ttfts, outputs, errors = [], [], 0
-
-    async def one(i: int) -> None:
-        nonlocal errors
-        messages = [{"role": "user", "content": [{"type": "text", "text": "Describe the image."},
-                                                 *images[i]]}]
-        begin = time.perf_counter()
-        first = None
-        tokens = 0
-        try:
-            stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                          temperature=0, stream=True,
-                                                          stream_options={"include_usage": True})
-            async for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter()
-                if chunk.usage:
-                    tokens = chunk.usage.completion_tokens
-        except openai.APIError:
-            errors += 1
-            return
-        ttfts.append((first or time.perf_counter()) - begin)
-        outputs.append(tokens)
-
-    async def client_loop() -> None:
-        while queue:
-            await one(queue.pop())
-
-    begin = time.perf_counter()
-    await asyncio.gather(*[client_loop() for _ in range(concurrency)])
-    elapsed = time.perf_counter() - begin
-    await client.close()
-    return Measured(len(ttfts) / elapsed, float(np.percentile(ttfts, 50)), float(np.percentile(ttfts, 90)),
-                    outputs, errors)
+def drive(base_url: str, requests: int, concurrency: int, max_tokens: int, images_per_request: int = 1) -> Measured:
+    """`dvd bench`: fresh synthetic requests, all queued at once under a concurrency cap (a closed loop)."""
+    generated = synthetic(WARMUP + requests, [IMAGE_SIZE], images_per_request, INPUT_WORDS, max_tokens, seed=0)
+    workload = BenchWorkload.fresh(generated, WARMUP, 1, {"source": "synthetic"})
+    options = RunOptions(points=[LoadPoint(max_concurrency=concurrency)], ignore_eos=True,
+                         sampling={"temperature": 0}, percentiles=[50.0, 90.0], progress=False)
+    point = asyncio.run(bench(base_url, workload, options))["points"][0]
+    return Measured(point["request_throughput"], point["p50_ttft_ms"] / 1e3, point["p90_ttft_ms"] / 1e3,
+                    point["failed"])
 
 
 def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **load_args) -> Measured:
@@ -415,23 +385,16 @@ def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **l
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway did not see its servers healthy")
             time.sleep(0.5)
-        asyncio.run(drive(f"{url}/v1", "tiny", 4, 2, 8))  # warm-up
-        return asyncio.run(drive(f"{url}/v1", "tiny", **load_args))
+        return drive(url, **load_args)
     finally:
         stop(processes)
 
 
 def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
-    """`vllm serve` of the HF-format checkpoint fed pixels: one coupled replica."""
+    """`vllm serve` of the HF-format checkpoint fed pixels (as `dvd bench compare` starts it): one replica."""
     port = free_port()
-    command = ["env", "VLLM_CPU_OMP_THREADS_BIND=0", sys.executable, str(COUPLED_SERVE), "--model", str(checkpoint),
-               "--port", str(port), "--host", HOST,
-               "--served-model-name", "tiny", "--max-model-len", "8192", "--gpu-memory-utilization", "0.2",
-               "--enforce-eager", "--limit-mm-per-prompt", '{"image": 4}',
-               # the language server's engine settings on CPU, so that only the encoder's place differs
-               "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(LANGUAGE.max_model_len),
-               "--max-num-seqs", str(LANGUAGE.max_num_seqs)]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    command = ["env", "VLLM_CPU_OMP_THREADS_BIND=0", *coupled_command(str(checkpoint), port)]
     processes = start(Fleet({"coupled": command}), log_dir=log_dir)
     try:
         deadline = time.monotonic() + 600
@@ -446,9 +409,7 @@ def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        url = f"http://{HOST}:{port}/v1"
-        asyncio.run(drive(url, "tiny", 4, 2, 8))  # warm-up
-        return asyncio.run(drive(url, "tiny", **load_args))
+        return drive(f"http://{HOST}:{port}", **load_args)
     finally:
         stop(processes)
 
@@ -475,9 +436,41 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def add_prediction(row: dict, profiles: StageProfiles, requests: int, concurrency: int, max_tokens: int) -> None:
+    """The simulation of `row`'s configuration and workload on `profiles`, and its error against the measurement."""
+    servers, _, images = row["pair"].partition("x")
+    vision, language = (int(n) for n in servers.split("+"))
+    text_tokens = profiles.language.prefill[0].context_tokens - profiles.geometry.tokens_per_tile - 2
+    workload = Workload(name="validation", images_per_request=int(images or 1), tiles_per_image=IMAGE_TILES,
+                        text_tokens=text_tokens, output_tokens=max_tokens, concurrency=concurrency, requests=requests,
+                        ttft_slo_s=10, tpot_slo_s=1, gpus=max(2, vision + language))
+    predicted = predict(profiles, workload, vision, language)
+    row["predicted"] = {"throughput_rps": round(predicted.completion_rate_rps, 3),
+                        "ttft_p50_s": round(predicted.ttft_p50_s, 4), "ttft_p90_s": round(predicted.ttft_p90_s, 4),
+                        "bottleneck": predicted.bottleneck}
+    row["error_pct"] = {key: round(100 * (row["predicted"][key] - row["measured"][key]) / row["measured"][key], 1)
+                        for key in ("throughput_rps", "ttft_p50_s", "ttft_p90_s")}
+
+
+def repredict(name: str) -> None:
+    """Recompute the predictions of a results file from its own profile file (after a change to the model)."""
+    path = RESULTS / f"plan_validation_{name}.json"
+    result = json.loads(path.read_text())
+    profiles = StageProfiles.load(RESULTS.parent.parent / result["profiles"])
+    w = result["workload"]
+    for row in result["rows"]:
+        if "measured" in row:
+            add_prediction(row, profiles, w["requests"], w["concurrency"], w["max_tokens"])
+            print(json.dumps(row), flush=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    plot([row for row in result["rows"] if "measured" in row], RESULTS / f"plan_validation_{name}.png")
+
+
 def main(
     name: Annotated[str, typer.Option(help="Result name: profiles/<name>.json, plan_validation_<name>.*")] = "cpu_tiny",
     profile_only: bool = False,
+    predict_only: Annotated[bool, typer.Option(
+        help="Only recompute the predictions of an existing results file from its profile file")] = False,
     configs: Annotated[str, typer.Option(
         help="V+L[xK]: V vision and L language servers, K images per request (default 1); 0+1 is coupled vllm serve"
     )] = "1+1,1+1x2,0+1,1+2,2+1",
@@ -485,6 +478,8 @@ def main(
     concurrency: int = 8,
     max_tokens: int = 16,
 ) -> None:
+    if predict_only:
+        return repredict(name)
     log_dir = Path(tempfile.mkdtemp(prefix="plan-validation-"))
     root = Path(tempfile.mkdtemp(prefix="plan-checkpoints-"))
     checkpoints = {fmt: write_checkpoint(root / fmt, "tiny", fmt, seed=0) for fmt in ("custom", "hf")}
@@ -508,31 +503,19 @@ def main(
             print(f"{pair}: not measured: {exc}", flush=True)
             rows.append({"config": pair, "error": str(exc)})
             continue
-        outputs = {n: measured.output_tokens.count(n) for n in sorted(set(measured.output_tokens))}
-        workload = Workload(name="validation", images_per_request=load_args["images_per_request"],
-                            tiles_per_image=IMAGE_TILES,
-                            text_tokens=profiles.language.prefill[0].context_tokens - profiles.geometry.tokens_per_tile
-                            - 2, output_tokens=outputs, concurrency=concurrency, requests=requests,
-                            ttft_slo_s=10, tpot_slo_s=1, gpus=max(2, vision + language))
-        predicted = predict(profiles, workload, vision, language)
-        row = {"config": (f"{vision}V+{language}L" if vision else f"coupled x{language}")
-                         + (f", {images} images" if images else ""),
-               "load": f"start: {began}; end: {load()}",
+        row = {"pair": pair, "config": (f"{vision}V+{language}L" if vision else f"coupled x{language}")
+               + (f", {images} images" if images else ""), "load": f"start: {began}; end: {load()}",
                "measured": {"throughput_rps": round(measured.throughput_rps, 3),
                             "ttft_p50_s": round(measured.ttft_p50_s, 4), "ttft_p90_s": round(measured.ttft_p90_s, 4),
-                            "errors": measured.errors, "output_tokens": outputs},
-               "predicted": {"throughput_rps": round(predicted.completion_rate_rps, 3),
-                             "ttft_p50_s": round(predicted.ttft_p50_s, 4), "ttft_p90_s": round(predicted.ttft_p90_s, 4),
-                             "bottleneck": predicted.bottleneck}}
-        row["error_pct"] = {key: round(100 * (row["predicted"][key] - row["measured"][key]) / row["measured"][key], 1)
-                            for key in ("throughput_rps", "ttft_p50_s", "ttft_p90_s")}
+                            "errors": measured.errors}}
+        add_prediction(row, profiles, requests, concurrency, max_tokens)
         print(json.dumps(row), flush=True)
         rows.append(row)
     measured_rows = [row for row in rows if "measured" in row]
     result = {"profiles": str(profile_path.relative_to(RESULTS.parent.parent)), "device": profiles.device,
               "workload": {"image": list(IMAGE_SIZE), "tiles_per_image": IMAGE_TILES, "requests": requests,
                            "concurrency": concurrency, "max_tokens": max_tokens},
-              "command": "python benchmarks/plan_validation.py", "rows": rows,
+              "command": "python -m benchmarks.plan_validation", "rows": rows,
               "cores": "a core per server where the host has one: vision servers pinned with one torch thread, "
                        "vLLM engines bound by VLLM_CPU_OMP_THREADS_BIND; with three servers on two cores (1+2, 2+1) "
                        "two share a core, which the simulation (a device per server) does not model",

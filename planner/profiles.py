@@ -41,6 +41,7 @@ class VisionProfile(BaseModel):
     batch_sweep: list[VisionPoint] = Field(min_length=1)
     preprocess_s_per_tile: float = Field(0.0, ge=0)  # decode + tiling on the host, per tile
     preprocess_parallelism: int = Field(1, gt=0)  # images one server (or coupled API server) preprocesses at once
+    preprocess_on_device: bool = False  # decode and tiling compete with the encoder (a vision server on CPU cores)
     overhead_s_per_request: float = Field(0.0, ge=0)  # gRPC, scheduling, send hand-off
     max_batch_tiles: int = Field(32, gt=0)
     max_batch_wait_s: float = Field(0.005, ge=0)

@@ -60,6 +60,7 @@ class Result:
     language_servers: int
     requests: list[Request]
     busy_s: dict[str, float] = field(default_factory=dict)  # pool -> busy seconds, summed over its servers
+    steps: list[tuple[float, int]] = field(default_factory=list)  # (end time, tokens generated) of every engine step
 
 
 def make_requests(workload: Workload, profiles: StageProfiles) -> list[Request]:
@@ -89,6 +90,7 @@ class LanguageEngine:
         self.running: list[Request] = []
         self.outstanding = 0
         self.busy_s = 0.0
+        self.steps: list[tuple[float, int]] = []
         self._wake = env.event()
         env.process(self._loop())
 
@@ -124,6 +126,7 @@ class LanguageEngine:
             for r in admitted:
                 r.first_token = self.env.now
             self.running.extend(admitted)
+            self.steps.append((self.env.now, len(self.running)))
             still = []
             for r in self.running:
                 r.generated += 1
@@ -146,6 +149,7 @@ class VisionServer:
         self.images: list[list] = []  # [request, image index, tiles to schedule, tiles to finish, enqueued at]
         self.outstanding = 0
         self.busy_s = 0.0
+        self.device = simpy.Resource(env, capacity=1)  # the encoder's device (shared with preprocessing on CPU)
         self._wake = env.event()
         env.process(self._loop())
 
@@ -177,7 +181,9 @@ class VisionServer:
             self.images = [entry for entry in self.images if entry[2]]
             seconds = vision.batch_seconds(len(batch))
             self.busy_s += seconds
-            yield self.env.timeout(seconds)
+            with self.device.request() as device:
+                yield device
+                yield self.env.timeout(seconds)
             for entry in batch:
                 entry[3] -= 1
                 if entry[3] == 0:
@@ -240,7 +246,8 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
         env.process(transfer(r, image))
 
     visions = [VisionServer(env, profiles, image_done) for _ in range(vision_servers)]
-    workers = {id(v): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
+    workers = {id(v): v.device if profiles.vision.preprocess_on_device
+               else simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
 
     def encode(r: Request, server: VisionServer):
         yield env.timeout(profiles.vision.overhead_s_per_request)
@@ -273,7 +280,7 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     env.run()
     return Result("dvd", vision_servers, language_servers, requests,
                   {"vision": sum(v.busy_s for v in visions), "language": sum(e.busy_s for e in languages),
-                   "wire": busy["wire"]})
+                   "wire": busy["wire"]}, [step for e in languages for step in e.steps])
 
 
 def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int) -> Result:
@@ -298,7 +305,8 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int)
 
     env.process(_arrivals(env, workload, requests, start, finished))
     env.run()
-    return Result("coupled", 0, replicas, requests, {"language": sum(e.busy_s for e in engines)})
+    return Result("coupled", 0, replicas, requests, {"language": sum(e.busy_s for e in engines)},
+                  [step for e in engines for step in e.steps])
 
 
 def pool_loads(profiles: StageProfiles, workload: Workload, rate: float, vision_servers: int,
