@@ -427,7 +427,7 @@ def plot(rows: list[dict], path: Path) -> None:
                               ("throughput (req/s)", "TTFT p50 (s)", "TTFT p90 (s)")):
         ax.bar(x - 0.2, [row["measured"][key] for row in rows], 0.4, label="measured")
         ax.bar(x + 0.2, [row["predicted"][key] for row in rows], 0.4, label="predicted")
-        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_xticks(x, labels, fontsize=8, rotation=20)
         ax.set_title(title)
     axes[0].legend()
     fig.suptitle("Planner: predicted vs measured (CPU, tiny checkpoint)")
@@ -445,7 +445,7 @@ def add_prediction(row: dict, profiles: StageProfiles, requests: int, concurrenc
                         text_tokens=text_tokens, output_tokens=max_tokens, concurrency=concurrency, requests=requests,
                         ttft_slo_s=10, tpot_slo_s=1, gpus=max(2, vision + language))
     predicted = predict(profiles, workload, vision, language)
-    row["predicted"] = {"throughput_rps": round(predicted.completion_rate_rps, 3),
+    row["predicted"] = {"throughput_rps": round(predicted.throughput_rps, 3),
                         "ttft_p50_s": round(predicted.ttft_p50_s, 4), "ttft_p90_s": round(predicted.ttft_p90_s, 4),
                         "bottleneck": predicted.bottleneck}
     row["error_pct"] = {key: round(100 * (row["predicted"][key] - row["measured"][key]) / row["measured"][key], 1)

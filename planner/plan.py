@@ -18,9 +18,8 @@ class Summary(BaseModel):
     system: str  # "dvd" or "coupled"
     vision_gpus: int
     language_gpus: int
-    throughput_rps: float  # steady state: tokens generated between the 10%-th and the last arrival, in requests/s
+    throughput_rps: float  # completed requests / (last finish - first arrival), as a benchmark client reports it
     goodput_rps: float  # throughput x SLO attainment
-    completion_rate_rps: float  # all requests / (last finish - first arrival), what a benchmark client reports
     slo_attainment: float
     ttft_p50_s: float
     ttft_p90_s: float
@@ -67,24 +66,15 @@ def summarize(result: Result, workload: Workload, profiles: StageProfiles) -> Su
     duration = max(r.finish for r in done) - min(r.arrival for r in result.requests)
     ttft = np.array([r.ttft for r in done])
     tpot = np.array([r.tpot for r in done])
-    meets = [r.ttft <= workload.ttft_slo_s and r.tpot <= workload.tpot_slo_s for r in done]
-    # Steady state: the first requests meet an empty system and the last ones drain it, so count the tokens
-    # generated in between (completions would miss requests still decoding when the window closes).
-    arrivals = sorted(r.arrival for r in result.requests)
-    start, end = arrivals[len(arrivals) // 10], arrivals[-1]
-    if end > start:
-        tokens_per_s = sum(n for t, n in result.steps if start < t <= end) / (end - start)
-    else:
-        tokens_per_s = sum(r.output_tokens for r in done) / duration
-    throughput = tokens_per_s / np.mean([r.output_tokens for r in result.requests])
+    throughput = len(done) / duration
+    attainment = sum(r.ttft <= workload.ttft_slo_s and r.tpot <= workload.tpot_slo_s for r in done) / len(done)
     summary = Summary(
         system=result.system, vision_gpus=result.vision_servers, language_gpus=result.language_servers,
-        throughput_rps=throughput, goodput_rps=throughput * sum(meets) / len(done),
-        completion_rate_rps=len(done) / duration, slo_attainment=sum(meets) / len(done),
+        throughput_rps=throughput, goodput_rps=throughput * attainment, slo_attainment=attainment,
         ttft_p50_s=float(np.percentile(ttft, 50)), ttft_p90_s=float(np.percentile(ttft, 90)),
         ttft_p99_s=float(np.percentile(ttft, 99)), tpot_p50_s=float(np.percentile(tpot, 50)),
         tpot_p90_s=float(np.percentile(tpot, 90)),
-        output_tokens_per_s=tokens_per_s,
+        output_tokens_per_s=sum(r.output_tokens for r in done) / duration,
     )
     servers = {"vision": result.vision_servers, "wire": result.language_servers, "language": result.language_servers}
     summary.busy_share = {pool: seconds / (duration * servers[pool]) for pool, seconds in result.busy_s.items()}

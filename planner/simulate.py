@@ -60,7 +60,6 @@ class Result:
     language_servers: int
     requests: list[Request]
     busy_s: dict[str, float] = field(default_factory=dict)  # pool -> busy seconds, summed over its servers
-    steps: list[tuple[float, int]] = field(default_factory=list)  # (end time, tokens generated) of every engine step
 
 
 def make_requests(workload: Workload, profiles: StageProfiles) -> list[Request]:
@@ -90,7 +89,6 @@ class LanguageEngine:
         self.running: list[Request] = []
         self.outstanding = 0
         self.busy_s = 0.0
-        self.steps: list[tuple[float, int]] = []
         self._wake = env.event()
         env.process(self._loop())
 
@@ -126,7 +124,6 @@ class LanguageEngine:
             for r in admitted:
                 r.first_token = self.env.now
             self.running.extend(admitted)
-            self.steps.append((self.env.now, len(self.running)))
             still = []
             for r in self.running:
                 r.generated += 1
@@ -280,7 +277,7 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     env.run()
     return Result("dvd", vision_servers, language_servers, requests,
                   {"vision": sum(v.busy_s for v in visions), "language": sum(e.busy_s for e in languages),
-                   "wire": busy["wire"]}, [step for e in languages for step in e.steps])
+                   "wire": busy["wire"]})
 
 
 def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int) -> Result:
@@ -305,8 +302,7 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int)
 
     env.process(_arrivals(env, workload, requests, start, finished))
     env.run()
-    return Result("coupled", 0, replicas, requests, {"language": sum(e.busy_s for e in engines)},
-                  [step for e in engines for step in e.steps])
+    return Result("coupled", 0, replicas, requests, {"language": sum(e.busy_s for e in engines)})
 
 
 def pool_loads(profiles: StageProfiles, workload: Workload, rate: float, vision_servers: int,

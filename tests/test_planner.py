@@ -156,3 +156,13 @@ def test_dvd_plan_cli_writes_table_and_plots(tmp_path):
     bad = subprocess.run(command[:6] + [str(tmp_path / "broken.json")] + command[7:], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "broken.json" in bad.stderr and "device" in bad.stderr
+
+
+def test_preprocessing_on_the_encoders_core_lowers_vision_capacity():
+    """A CPU vision server decodes and tiles on the core its encoder uses; a GPU server does it beside."""
+    load = workload(arrival_rate=None, concurrency=16, requests=200)
+    beside = run(profile(vision_tiles_per_s=60.0, preprocess_s_per_tile=0.01), load, 1, 1)
+    shared = run(profile(vision_tiles_per_s=60.0, preprocess_s_per_tile=0.01, preprocess_on_device=True), load, 1, 1)
+    # 3 tiles per request: 50 ms of encoder time, plus 30 ms of preprocessing when both share the core
+    assert beside.throughput_rps == pytest.approx(60 / 3, rel=0.1)
+    assert shared.throughput_rps == pytest.approx(1 / 0.08, rel=0.1)
