@@ -15,10 +15,12 @@ compares throughput and TTFT p50/p90 with the simulation of the same workload on
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -482,6 +484,7 @@ def main(
         return repredict(name)
     log_dir = Path(tempfile.mkdtemp(prefix="plan-validation-"))
     root = Path(tempfile.mkdtemp(prefix="plan-checkpoints-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # the generated checkpoints; server logs stay
     checkpoints = {fmt: write_checkpoint(root / fmt, "tiny", fmt, seed=0) for fmt in ("custom", "hf")}
     profile_path = RESULTS / "profiles" / f"{name}.json"
     print(f"profiling ({load()}); server logs in {log_dir}", flush=True)
