@@ -1,0 +1,1 @@
+"""Capacity planning: stage profiles, workloads, and a simulation of DvD splits against coupled serving."""
