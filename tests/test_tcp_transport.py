@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import time
 from collections import Counter
 
@@ -15,7 +16,8 @@ import zmq.asyncio
 import zmq.utils.monitor
 
 from proto import dvd_pb2
-from transport.frames import ImageFeatures, encode_frames
+from transport.auth import derive_keys
+from transport.frames import ImageFeatures, decode_frames, encode_frames
 from transport.tcp import HEADER_ROOM, TcpFeatureReceiver, TcpFeatureSender, TransportError
 
 pytestmark = pytest.mark.timeout(30)
@@ -65,7 +67,9 @@ class Received:
 
 
 @contextlib.asynccontextmanager
-async def running_receiver(max_payload_bytes: int = MAX_PAYLOAD, *, async_callback: bool = False):
+async def running_receiver(
+    max_payload_bytes: int = MAX_PAYLOAD, *, async_callback: bool = False, endpoint: str = ANY_PORT, **options
+):
     received: Received
 
     def on_features(item):
@@ -76,10 +80,11 @@ async def running_receiver(max_payload_bytes: int = MAX_PAYLOAD, *, async_callba
         received.items.append(item)
 
     receiver = TcpFeatureReceiver(
-        ANY_PORT,
+        endpoint,
         on_features_async if async_callback else on_features,
         max_payload_bytes=max_payload_bytes,
         on_drop=lambda reason: received.drops.update([reason]),
+        **options,
     )
     received = Received(receiver)
     task = asyncio.create_task(receiver.run())
@@ -165,7 +170,7 @@ def test_images_of_several_requests_arrive_intact_and_in_order_per_sender(async_
 
 def test_malformed_messages_are_dropped_by_reason_and_the_receiver_keeps_serving():
     async def body():
-        async with running_receiver() as got:
+        async with running_receiver(hidden_size=16) as got:
             valid = make_item("ok-1", 0, 1)
             header, payload = encode_frames(valid)
             huge = dvd_pb2.FeatureHeader(
@@ -173,10 +178,13 @@ def test_malformed_messages_are_dropped_by_reason_and_the_receiver_keeps_serving
                 image_index=0,
                 image_count=1,
                 tile_tokens=[1 << 20],
-                hidden_size=4096,
+                hidden_size=16,
                 dtype=dvd_pb2.FLOAT32,
-                payload_bytes=(1 << 20) * 4096 * 4,
+                payload_bytes=(1 << 20) * 16 * 4,
             ).SerializeToString()
+            wrong_width_header, wrong_width_payload = encode_frames(make_item("wide", 0, 1, hidden=32))
+            unknown_dtype = dvd_pb2.FeatureHeader.FromString(header)
+            unknown_dtype.dtype = 7
             with raw_push(got.receiver.endpoint) as push:
                 await push.send_multipart([b"one frame only"])
                 await push.send_multipart([header, bytes(payload), b"a third frame"])
@@ -184,11 +192,15 @@ def test_malformed_messages_are_dropped_by_reason_and_the_receiver_keeps_serving
                 await push.send_multipart([header, bytes(payload)[:-1]])
                 await push.send_multipart([huge, b"\0" * 64])
                 await push.send_multipart([b"", b""])
+                await push.send_multipart([wrong_width_header, bytes(wrong_width_payload)])
+                await push.send_multipart([unknown_dtype.SerializeToString(), bytes(payload)])
                 # A well-formed message on the same connection, after all of the above.
                 await push.send_multipart([header, bytes(payload)])
                 await wait_until(lambda: len(got.items) == 1)
 
-            assert got.drops == Counter({"frame_count": 2, "malformed": 4})
+            assert got.drops == Counter(
+                {"frame_count": 2, "bad_header": 2, "payload_length": 1, "oversized": 1, "hidden_size": 1, "dtype": 1}
+            )
             assert same(got.items[0], valid)
 
             # And a proper sender is still served afterwards.
@@ -292,3 +304,177 @@ def test_a_26_mib_bf16_image_arrives_bit_exact():
             assert torch.equal(arrived.features.view(torch.uint8), raw)
 
     run(body())
+
+
+# --- hardening: reconnects, backpressure, hostile peers, authentication ---------------------------------
+
+
+def test_sender_recovers_when_the_receiver_restarts_on_the_same_endpoint():
+    endpoint = unused_loopback_endpoint()
+
+    async def body():
+        with sender(send_timeout_s=1.0) as s:
+            async with running_receiver(endpoint=endpoint) as got:
+                first = make_item("before-restart", 0, 1)
+                await s.send(endpoint, first)
+                await wait_until(lambda: len(got.items) == 1)
+                assert same(got.items[0], first)
+            # Receiver gone: nothing is queued for a dead peer, the send fails within its timeout.
+            with pytest.raises(TransportError, match="accepted nothing for 1 s"):
+                await s.send(endpoint, make_item("while-down", 0, 1))
+            async with running_receiver(endpoint=endpoint) as got:
+                after = make_item("after-restart", 0, 1)
+                await s.send(endpoint, after)  # waits for ZeroMQ's reconnect, well within the timeout
+                await wait_until(lambda: len(got.items) == 1)
+                assert [item.request_id for item in got.items] == ["after-restart"]
+                assert same(got.items[0], after)
+
+    run(body())
+
+
+def test_sender_bounds_in_flight_bytes_when_the_receiver_stops_reading_and_delivers_all_later():
+    """Without the byte budget ZeroMQ would queue SNDHWM (64) whole messages; with it the sender blocks."""
+    message_bytes, budget = 1 << 20, 2 << 20
+
+    async def body():
+        context = zmq.asyncio.Context()
+        pull = context.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 1)
+        pull.setsockopt(zmq.RCVBUF, 64 << 10)
+        pull.setsockopt(zmq.LINGER, 0)
+        try:
+            pull.bind(ANY_PORT)
+            endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
+            with sender(send_timeout_s=0.5, max_inflight_bytes=budget, high_water_mark=64) as s:
+                accepted, peak = [], 0
+                for n in range(64):
+                    item = make_item(f"bp-{n}", 0, 1, tile_tokens=(message_bytes // 64,), hidden=32)
+                    try:
+                        await s.send(endpoint, item)
+                    except TransportError as exc:
+                        assert "bytes still in flight" in str(exc)
+                        break
+                    accepted.append(item)
+                    peak = max(peak, s.inflight_bytes)
+                assert peak <= budget
+                # Budget plus what the kernel's loopback buffers hold: far from 64 messages.
+                assert 2 <= len(accepted) < 32, len(accepted)
+
+                arrived = []
+                while len(arrived) < len(accepted):
+                    frames = await asyncio.wait_for(pull.recv_multipart(), 5.0)
+                    arrived.append(decode_frames(frames[0], frames[1], max_payload_bytes=MAX_PAYLOAD))
+                assert all(same(a, b) for a, b in zip(arrived, accepted, strict=True))
+                await wait_until(lambda: s.inflight_bytes == 0)
+        finally:
+            pull.close(linger=0)
+            context.term()
+
+    run(body())
+
+
+def zmtp_greeting() -> bytes:
+    """A ZMTP 3.0 greeting with the NULL mechanism, as a client."""
+    return b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + b"\0" * 31
+
+
+def zmtp_ready(socket_type: bytes) -> bytes:
+    body = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", len(socket_type)) + socket_type
+    return b"\x04" + bytes([len(body)]) + body
+
+
+def zmtp_frame(data: bytes, *, more: bool) -> bytes:
+    return bytes([0x02 | (0x01 if more else 0)]) + struct.pack(">Q", len(data)) + data
+
+
+def test_a_peer_that_dies_mid_message_loses_only_that_message():
+    async def body():
+        async with running_receiver() as got:
+            cut = make_item("cut-short", 0, 1, tile_tokens=(64,), hidden=64)
+            header, payload = encode_frames(cut)
+            host, port = got.receiver.endpoint.removeprefix("tcp://").rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            # A genuine ZMTP 3.0 handshake, one step at a time as libzmq expects.
+            writer.write(zmtp_greeting())
+            assert (await reader.readexactly(64))[:1] == b"\xff"
+            writer.write(zmtp_ready(b"PUSH"))
+            assert b"READY" in await reader.readexactly(len(zmtp_ready(b"PULL")))
+            writer.write(zmtp_frame(header, more=True))
+            whole = zmtp_frame(bytes(payload), more=False)
+            writer.write(whole[: len(whole) // 2])
+            await writer.drain()
+            writer.transport.abort()  # the peer dies with half a payload sent
+
+            valid = make_item("after-cut", 0, 1, tile_tokens=(64,), hidden=64)
+            with sender() as s:
+                await s.send(got.receiver.endpoint, valid)
+                await wait_until(lambda: len(got.items) == 1)
+            assert [item.request_id for item in got.items] == ["after-cut"]
+            assert same(got.items[0], valid)
+
+    run(body())
+
+
+def test_raw_garbage_on_the_feature_port_is_counted_and_the_receiver_keeps_serving():
+    async def body():
+        async with running_receiver() as got:
+            host, port = got.receiver.endpoint.removeprefix("tcp://").rsplit(":", 1)
+            for garbage in (b"\xff" + b"\x01" * 9 + b"GET / HTTP/1.1\r\n" * 8, zmtp_greeting()[:10] + b"\x09" * 54):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(garbage)
+                await writer.drain()
+                with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                    await asyncio.wait_for(reader.read(), 5.0)  # the receiver hangs up on it
+                writer.close()
+            await wait_until(lambda: got.drops["handshake"] == 2)
+
+            valid = make_item("after-garbage", 0, 1)
+            with sender() as s:
+                await s.send(got.receiver.endpoint, valid)
+                await wait_until(lambda: len(got.items) == 1)
+            assert same(got.items[0], valid)
+
+    run(body())
+
+
+SECRET = "correct horse battery staple"
+
+
+def test_with_a_shared_secret_only_senders_holding_it_deliver_features():
+    async def body():
+        async with running_receiver(secret=SECRET) as got:
+            endpoint = got.receiver.endpoint
+            with sender(send_timeout_s=0.5) as plain:
+                with pytest.raises(TransportError):  # the handshake never completes: nothing is accepted
+                    await plain.send(endpoint, make_item("no-secret", 0, 1))
+            with sender(send_timeout_s=0.5, secret="a different secret, long enough") as wrong:
+                with pytest.raises(TransportError):
+                    await wrong.send(endpoint, make_item("wrong-secret", 0, 1))
+            # A peer that learned the receiver's public key but not the secret fails ZAP.
+            context = zmq.asyncio.Context()
+            impostor = context.socket(zmq.PUSH)
+            impostor.setsockopt(zmq.LINGER, 0)
+            try:
+                impostor.curve_serverkey = derive_keys(SECRET, "receiver").public
+                impostor.curve_publickey, impostor.curve_secretkey = zmq.curve_keypair()
+                impostor.connect(endpoint)
+                await impostor.send_multipart(list(encode_frames(make_item("impostor", 0, 1))))
+                await wait_until(lambda: got.drops["auth"] >= 1)
+            finally:
+                impostor.close(linger=0)
+                context.term()
+            await wait_until(lambda: got.drops["handshake"] >= 2)
+
+            valid = make_item("with-secret", 0, 1)
+            with sender(secret=SECRET) as right:
+                await right.send(endpoint, valid)
+                await wait_until(lambda: len(got.items) == 1)
+            assert [item.request_id for item in got.items] == ["with-secret"]
+            assert same(got.items[0], valid)
+
+    run(body())
+
+
+def test_a_short_secret_is_refused():
+    with pytest.raises(ValueError, match="at least 16 characters, got 5"):
+        derive_keys("short", "sender")

@@ -29,7 +29,14 @@ if sys.byteorder != "little":  # the payload is the tensor's memory, sent as is
 
 
 class FrameError(ValueError):
-    """A feature message that cannot be accepted; the message says which field is wrong."""
+    """A feature message that cannot be accepted; the message says which field is wrong.
+
+    `reason` is a short, fixed label for counting drops (a metric label, never the free-form message).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_header"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -77,8 +84,13 @@ def encode_frames(item: ImageFeatures, *, checksum: bool = False) -> tuple[bytes
     return header.SerializeToString(), payload
 
 
-def decode_header(data: bytes | memoryview, *, max_payload_bytes: int) -> dvd_pb2.FeatureHeader:
-    """Parse and check a header on its own, before its payload is looked at."""
+def decode_header(
+    data: bytes | memoryview, *, max_payload_bytes: int, hidden_size: int | None = None
+) -> dvd_pb2.FeatureHeader:
+    """Parse and check a header on its own, before its payload is looked at.
+
+    With `hidden_size`, features of any other width are refused (they could never be used by the model).
+    """
     header = dvd_pb2.FeatureHeader()
     try:
         header.ParseFromString(bytes(data))
@@ -89,29 +101,39 @@ def decode_header(data: bytes | memoryview, *, max_payload_bytes: int) -> dvd_pb
     if header.image_count == 0 or header.image_index >= header.image_count:
         raise FrameError(f"image index {header.image_index} is outside image count {header.image_count}")
     if header.dtype not in WIRE_TO_DTYPE:
-        raise FrameError(f"feature header has unknown dtype {header.dtype}")
+        raise FrameError(f"feature header has unknown dtype {header.dtype}", "dtype")
     if header.hidden_size == 0 or not header.tile_tokens or 0 in header.tile_tokens:
         raise FrameError("feature header has an empty shape (hidden size or tile tokens)")
+    if hidden_size is not None and header.hidden_size != hidden_size:
+        raise FrameError(
+            f"request {header.request_id}: hidden size {header.hidden_size} is not the model's {hidden_size}",
+            "hidden_size",
+        )
     if header.payload_bytes > max_payload_bytes:
-        raise FrameError(f"payload of {header.payload_bytes} bytes exceeds the {max_payload_bytes}-byte limit")
+        raise FrameError(
+            f"payload of {header.payload_bytes} bytes exceeds the {max_payload_bytes}-byte limit", "oversized"
+        )
     itemsize = torch.empty((), dtype=WIRE_TO_DTYPE[header.dtype]).element_size()
     expected = sum(header.tile_tokens) * header.hidden_size * itemsize
     if header.payload_bytes != expected:
         raise FrameError(
             f"header says {header.payload_bytes} payload bytes but its shape needs {expected} "
-            f"({sum(header.tile_tokens)} tokens x {header.hidden_size} x {itemsize})"
+            f"({sum(header.tile_tokens)} tokens x {header.hidden_size} x {itemsize})",
+            "payload_length",
         )
     return header
 
 
-def decode_frames(header_data: bytes | memoryview, payload, *, max_payload_bytes: int) -> ImageFeatures:
+def decode_frames(
+    header_data: bytes | memoryview, payload, *, max_payload_bytes: int, hidden_size: int | None = None
+) -> ImageFeatures:
     """Build `ImageFeatures` over the payload buffer (no copy) after checking it against its header."""
-    header = decode_header(header_data, max_payload_bytes=max_payload_bytes)
+    header = decode_header(header_data, max_payload_bytes=max_payload_bytes, hidden_size=hidden_size)
     view = memoryview(payload).cast("B")
     if view.nbytes != header.payload_bytes:
-        raise FrameError(f"payload has {view.nbytes} bytes, header says {header.payload_bytes}")
+        raise FrameError(f"payload has {view.nbytes} bytes, header says {header.payload_bytes}", "payload_length")
     if header.HasField("crc32") and zlib.crc32(view) != header.crc32:
-        raise FrameError("payload checksum does not match its header")
+        raise FrameError("payload checksum does not match its header", "checksum")
     dtype = WIRE_TO_DTYPE[header.dtype]
     features = torch.frombuffer(view, dtype=dtype).view(-1, header.hidden_size)
     return ImageFeatures(
