@@ -18,8 +18,8 @@ from language_server.prompt import ChatRenderer, load_chat_template
 from language_server.service import LanguageService
 from language_server.settings import LanguageServerSettings
 from proto import dvd_pb2, dvd_pb2_grpc
+from transport.backends import build_receiver
 from transport.frames import ImageFeatures
-from transport.tcp import TcpFeatureReceiver
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,12 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
 
     # No image can hold more tokens than the context; fp32 is the widest dtype on the wire.
     max_payload = settings.max_model_len * hidden_size * 4
-    receiver = TcpFeatureReceiver(settings.feature_bind, on_features, max_payload_bytes=max_payload,
-                                  on_drop=on_drop)
+    receiver = build_receiver(
+        settings.feature_transport, settings.feature_bind, on_features, max_payload_bytes=max_payload,
+        on_drop=on_drop, hidden_size=hidden_size,
+        secret=settings.feature_secret.get_secret_value() if settings.feature_secret else None,
+        rdma_device=settings.rdma_device, rdma_slots=settings.rdma_slots,
+    )
     description = dvd_pb2.ModelDescription(
         model=settings.model,
         checkpoint_format=detect_format(settings.model),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -11,7 +14,11 @@ class LanguageServerSettings(BaseSettings):
     model: str
     host: str = "127.0.0.1"
     port: int = 50061  # gRPC LanguageService
+    feature_transport: Literal["tcp", "rdma"] = "tcp"  # rdma: feature_bind is rdma://host:port (needs pyverbs)
     feature_bind: str = "tcp://127.0.0.1:5600"  # where the feature receiver listens
+    feature_secret: SecretStr | None = None  # shared with the vision servers: only they may send features
+    rdma_device: str | None = None  # e.g. mlx5_0; None: the first RDMA device
+    rdma_slots: int = 4  # receive buffers per RDMA connection, each one whole image's features
     feature_advertise: str | None = None  # endpoint vision servers should send to (default: the bound one)
     metrics_port: int | None = None
     dtype: str = "auto"  # vLLM dtype; features are cast to it

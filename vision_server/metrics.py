@@ -8,6 +8,8 @@ REQUESTS = Counter("dvd_vision_requests", "Encode calls, by outcome", ["outcome"
 IMAGES = Counter("dvd_vision_images", "Images encoded and sent")
 TILES = Counter("dvd_vision_tiles", "Tiles encoded, by device", ["device"])
 FEATURE_BYTES = Counter("dvd_vision_feature_bytes_sent", "Feature payload bytes sent")
+FEATURE_INFLIGHT_BYTES = Gauge("dvd_vision_feature_inflight_bytes",
+                               "Feature bytes handed to the TCP transport and not yet written out")
 QUEUE_DEPTH = Gauge("dvd_vision_queue_tiles", "Tiles waiting for the encoder, by device", ["device"])
 BATCH_TILES = Histogram("dvd_vision_batch_tiles", "Tiles per encoder batch",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

@@ -12,7 +12,8 @@ from prometheus_client import start_http_server
 
 from checkpoint.formats import read_model_config
 from proto import dvd_pb2_grpc
-from transport.tcp import TcpFeatureSender
+from transport.backends import FeatureSender
+from vision_server import metrics
 from vision_server.engine import VisionEngine
 from vision_server.loader import load_vision_model
 from vision_server.service import VisionService
@@ -50,7 +51,11 @@ def start_engine(settings: VisionServerSettings, device: torch.device, dtype: to
 async def serve(settings: VisionServerSettings) -> None:
     devices, dtype = pick_devices(settings)
     engines = [await asyncio.to_thread(start_engine, settings, device, dtype) for device in devices]
-    sender = TcpFeatureSender(send_timeout_s=settings.send_timeout_s)
+    secret = settings.feature_secret.get_secret_value() if settings.feature_secret else None
+    sender = FeatureSender(send_timeout_s=settings.send_timeout_s,
+                           max_inflight_bytes=settings.max_inflight_feature_bytes, secret=secret,
+                           rdma=settings.feature_transport == "rdma", rdma_device=settings.rdma_device)
+    metrics.FEATURE_INFLIGHT_BYTES.set_function(lambda: sender.inflight_bytes)
     service = VisionService(engines, read_model_config(settings.model), settings, sender, model_name=settings.model)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_images_per_request
                                        * settings.max_image_bytes + (1 << 20))])

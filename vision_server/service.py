@@ -19,8 +19,9 @@ import torch
 
 from checkpoint.presets import ModelConfig
 from proto import dvd_pb2, dvd_pb2_grpc
+from transport.backends import FeatureSender
 from transport.frames import ImageFeatures
-from transport.tcp import TcpFeatureSender, TransportError
+from transport.tcp import TransportError
 from vision_server import metrics
 from vision_server.engine import EncodedImage, VirParams, VisionEngine
 from vision_server.in_flight import InFlight, content_key
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class VisionService(dvd_pb2_grpc.VisionServiceServicer):
     def __init__(self, engines: list[VisionEngine], config: ModelConfig, settings: VisionServerSettings,
-                 sender: TcpFeatureSender, *, model_name: str):
+                 sender: FeatureSender, *, model_name: str):
         self._engines = engines  # one per device
         self._config = config
         self._settings = settings

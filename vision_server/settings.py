@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,3 +30,7 @@ class VisionServerSettings(BaseSettings):
     max_video_frames: int = 64
     preprocess_workers: int = 2
     send_timeout_s: float = 30.0
+    feature_transport: Literal["tcp", "rdma"] = "tcp"  # rdma: also send to rdma:// endpoints (needs pyverbs)
+    feature_secret: SecretStr | None = None  # shared with the language servers (CURVE on TCP, HMAC on RDMA)
+    max_inflight_feature_bytes: int = 256 << 20  # per destination: handed to the transport, not yet written out
+    rdma_device: str | None = None  # e.g. mlx5_0; None: the first RDMA device
