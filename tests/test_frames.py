@@ -285,3 +285,40 @@ def test_decode_frames_on_arbitrary_headers_raises_only_frame_error(
     # Whatever gets through is consistent with itself.
     assert decoded.features.shape == (sum(decoded.tile_tokens), hidden_size)
     assert decoded.num_bytes == len(payload)
+
+
+# --- drop reasons (the language server's drop counter is labelled with them) -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "payload", "reason"),
+    [
+        pytest.param(b"\xff\xff\xff\xff", bytes(192), "bad_header", id="garbage"),
+        pytest.param(header_bytes(dtype=9), bytes(192), "dtype", id="unknown-dtype"),
+        pytest.param(header_bytes(hidden_size=16, payload_bytes=6 * 16 * 4), bytes(384), "hidden_size",
+                     id="other-hidden-size"),
+        pytest.param(header_bytes(payload_bytes=100), bytes(100), "payload_length", id="length-not-shape"),
+        pytest.param(header_bytes(), bytes(191), "payload_length", id="short-payload"),
+        pytest.param(
+            header_bytes(tile_tokens=[1 << 16], payload_bytes=(1 << 16) * 8 * 4), b"", "oversized", id="oversized"
+        ),
+    ],
+)
+def test_each_rejection_carries_a_fixed_reason_label(header, payload, reason):
+    with pytest.raises(FrameError) as caught:
+        decode_frames(header, payload, max_payload_bytes=MAX_PAYLOAD, hidden_size=8)
+    assert caught.value.reason == reason
+
+
+def test_a_checksum_mismatch_is_labelled_checksum():
+    header, payload = encode_frames(make_item(), checksum=True)
+    corrupted = bytearray(payload)
+    corrupted[0] ^= 1
+    with pytest.raises(FrameError) as caught:
+        decode_frames(header, corrupted, max_payload_bytes=MAX_PAYLOAD)
+    assert caught.value.reason == "checksum"
+
+
+def test_the_expected_hidden_size_accepts_matching_features():
+    header, payload = encode_frames(make_item(hidden=8))
+    assert decode_frames(header, payload, max_payload_bytes=MAX_PAYLOAD, hidden_size=8).features.shape == (6, 8)
