@@ -1,0 +1,222 @@
+"""Vision and language servers on two "hosts": network namespaces joined by a veth pair under `tc netem`.
+
+Namespace V holds the vision server and the gateway (10.77.0.1), namespace L the language server
+(10.77.0.2); features and the gateway's Generate calls cross the shaped link. Only loopback and the
+namespaces' own addresses are used; the test talks to the gateway from a thread that entered V. Cutting
+the link while an image's features are on the wire fails that request with a clear error within the
+feature timeout's reach, and requests succeed again once the link is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import data_url, make_image
+from dvd.launcher import OFFLINE_ENV
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+VISION_ADDRESS, LANGUAGE_ADDRESS = "10.77.0.1", "10.77.0.2"
+FEATURE_TIMEOUT_S = 6.0
+CLONE_NEWNET = 0x40000000
+SHAPED = "rate 20mbit delay 5ms"  # the link in normal service
+SLOW = "rate 400kbit delay 5ms"  # a 13-tile tiny image (416 KiB of features) takes about 8 s
+
+
+def why_not_runnable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for ip netns / tc"
+    if not (shutil.which("ip") and shutil.which("tc")):
+        return "needs iproute2 (ip, tc)"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True)
+    if probe.returncode != 0:
+        return f"ip netns unavailable: {probe.stderr.decode().strip()}"
+    return None
+
+
+pytestmark.append(pytest.mark.skipif(why_not_runnable() is not None, reason=str(why_not_runnable())))
+
+
+def sh(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, timeout=30)
+
+
+def in_namespace(name: str) -> ThreadPoolExecutor:
+    """Worker threads whose sockets live in namespace `name` (a network namespace is per thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def enter() -> None:
+        fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+        finally:
+            os.close(fd)
+
+    return ThreadPoolExecutor(max_workers=2, initializer=enter)
+
+
+class Hosts:
+    def __init__(self, tag: str, log_dir: Path):
+        self.vision_ns, self.language_ns = f"dvd-v-{tag}", f"dvd-l-{tag}"
+        self.vision_if, self.language_if = f"dvdv{tag}"[:15], f"dvdl{tag}"[:15]
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def create(self) -> None:
+        for ns in (self.vision_ns, self.language_ns):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", self.vision_if, "netns", self.vision_ns, "type", "veth",
+           "peer", "name", self.language_if, "netns", self.language_ns)
+        for ns, interface, address in ((self.vision_ns, self.vision_if, VISION_ADDRESS),
+                                       (self.language_ns, self.language_if, LANGUAGE_ADDRESS)):
+            sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", interface)
+            sh("ip", "-n", ns, "link", "set", interface, "up")
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", interface, "root", "netem", *SHAPED.split())
+
+    def shape(self, netem: str) -> None:
+        for ns, interface in ((self.vision_ns, self.vision_if), (self.language_ns, self.language_if)):
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "change", "dev", interface, "root", "netem", *netem.split())
+
+    def link(self, up: bool) -> None:
+        sh("ip", "-n", self.vision_ns, "link", "set", self.vision_if, "up" if up else "down")
+
+    def start(self, name: str, ns: str, *args: str, env: dict | None = None) -> None:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
+        self.processes[name] = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "dvd.cli", *args],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV, **(env or {})},
+            start_new_session=True)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log"))
+
+    def destroy(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for ns in (self.vision_ns, self.language_ns):  # removing a namespace removes its veth end
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def hosts(tiny_checkpoints, tmp_path_factory):
+    tag = str(os.getpid() % 100000)
+    hosts = Hosts(tag, tmp_path_factory.mktemp("multihost-logs"))
+    try:
+        hosts.create()
+        model = str(tiny_checkpoints["custom"])
+        hosts.start("language-server", hosts.language_ns, "language-server", "--model", model,
+                    "--host", LANGUAGE_ADDRESS, "--port", "50061", "--metrics-port", "9102",
+                    "--feature-bind", f"tcp://{LANGUAGE_ADDRESS}:5600",
+                    env={"DVD_LANGUAGE_FEATURE_TIMEOUT_S": str(FEATURE_TIMEOUT_S)})
+        hosts.start("vision-server", hosts.vision_ns, "vision-server", "--model", model,
+                    "--host", "127.0.0.1", "--port", "50051", "--metrics-port", "9101")
+        hosts.start("gateway", hosts.vision_ns, "gateway", "--host", "127.0.0.1", "--port", "8000",
+                    "--vision-server", "127.0.0.1:50051", "--language-server", f"{LANGUAGE_ADDRESS}:50061",
+                    "--request-timeout-s", "30", "--health-interval-s", "1")
+        with in_namespace(hosts.vision_ns) as vision_host:
+            vision_host.submit(wait_ready, hosts).result()
+            hosts.vision_host = vision_host
+            yield hosts
+    except BaseException:
+        print(hosts.logs())
+        raise
+    finally:
+        hosts.destroy()
+
+
+def wait_ready(hosts: Hosts, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for name, process in hosts.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {process.returncode}:\n{hosts.logs()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get("http://127.0.0.1:8000/health", timeout=2).status_code == 200:
+                httpx.get("http://127.0.0.1:8000/v1/models", timeout=5).raise_for_status()
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"the two-host stack was not ready within {timeout_s:.0f} s:\n{hosts.logs()}")
+
+
+def chat(image_size: tuple[int, int]) -> openai.types.chat.ChatCompletion:
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0, timeout=90)
+    model = client.models.list().data[0].id
+    image = make_image(*image_size, seed=7)
+    content = [{"type": "text", "text": "Describe the image."},
+               {"type": "image_url", "image_url": {"url": data_url(image)}}]
+    return client.chat.completions.create(model=model, max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": content}])
+
+
+def metric(url: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(url, timeout=5).text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_a_chat_completion_with_an_image_crosses_the_shaped_link(hosts):
+    reply = hosts.vision_host.submit(chat, (896, 448)).result(timeout=120)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 3 * 256  # 2x1 tiles + thumbnail reached the language model
+    received = hosts.vision_host.submit(
+        metric, f"http://{LANGUAGE_ADDRESS}:9102/metrics", "dvd_language_features_received_total").result(30)
+    assert received >= 1
+
+
+def test_cutting_the_link_mid_transfer_fails_the_request_in_flight_and_service_resumes(hosts):
+    vision_metrics = "http://127.0.0.1:9101/metrics"
+    images_before = hosts.vision_host.submit(metric, vision_metrics, "dvd_vision_images_total").result(30)
+    hosts.shape(SLOW)
+    try:
+        in_flight = hosts.vision_host.submit(chat, (448 * 4, 448 * 3))  # 12 tiles + thumbnail
+
+        def features_handed_over() -> bool:
+            return hosts.vision_host.submit(metric, vision_metrics, "dvd_vision_images_total").result(30) > (
+                images_before)
+
+        deadline = time.monotonic() + 60
+        while not features_handed_over():
+            assert time.monotonic() < deadline, "the vision server never sent the features"
+            assert not in_flight.done(), "the request finished before its features were on the wire"
+            time.sleep(0.05)
+        hosts.link(up=False)  # the features are trickling through the slow link: cut it
+        time.sleep(FEATURE_TIMEOUT_S + 2)
+        assert not in_flight.done() or in_flight.exception() is not None
+    finally:
+        hosts.link(up=True)
+        hosts.shape(SHAPED)
+
+    with pytest.raises(openai.APIStatusError) as failed:
+        in_flight.result(timeout=60)  # bounded: the language server gave up at its feature timeout
+    assert failed.value.status_code in (503, 504)
+    assert "feature" in str(failed.value).lower() or "unavailable" in str(failed.value).lower()
+
+    deadline = time.monotonic() + 60  # the gateway re-admits the language server at its next health check
+    while True:
+        try:
+            reply = hosts.vision_host.submit(chat, (896, 448)).result(timeout=120)
+            break
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and time.monotonic() < deadline, f"service did not resume: {exc}"
+            time.sleep(1)
+    assert reply.choices[0].finish_reason in ("stop", "length")
