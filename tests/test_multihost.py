@@ -17,15 +17,19 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import torch
+import zmq
 
 from conftest import data_url, make_image
 from dvd.launcher import OFFLINE_ENV
+from transport.frames import ImageFeatures, encode_frames
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -190,6 +194,37 @@ def test_a_chat_completion_with_an_image_crosses_the_shaped_link(hosts):
     received = hosts.vision_host.submit(
         metric, f"http://{LANGUAGE_ADDRESS}:9102/metrics", "dvd_language_features_received_total").result(30)
     assert received >= 1
+
+
+def send_bad_feature_messages() -> None:
+    """Features of the wrong width and a one-frame message, from a peer without a request to match."""
+    context = zmq.Context()  # created in a thread inside namespace V: its I/O thread lives there too
+    sock = context.socket(zmq.PUSH)
+    try:
+        sock.connect(f"tcp://{LANGUAGE_ADDRESS}:5600")
+        wide = ImageFeatures(uuid.uuid4().hex, 0, 1, [4], torch.zeros(4, 128, dtype=torch.bfloat16))
+        sock.send_multipart(list(encode_frames(wide)))
+        sock.send_multipart([b"one frame"])
+    finally:
+        sock.close(linger=5000)  # let both messages out before the context ends
+        context.term()
+
+
+def test_the_language_server_drops_and_counts_bad_feature_messages_by_reason(hosts):
+    dropped = f"http://{LANGUAGE_ADDRESS}:9102/metrics"
+
+    def count(reason: str) -> float:
+        name = f'dvd_language_features_dropped_total{{reason="{reason}"}}'
+        return hosts.vision_host.submit(metric, dropped, name).result(30)
+
+    before = {reason: count(reason) for reason in ("hidden_size", "frame_count")}
+    hosts.vision_host.submit(send_bad_feature_messages).result(30)
+    deadline = time.monotonic() + 30
+    while any(count(reason) <= before[reason] for reason in before):
+        assert time.monotonic() < deadline, "the language server did not count the dropped messages"
+        time.sleep(0.2)
+    reply = hosts.vision_host.submit(chat, (448, 448)).result(timeout=120)  # and it keeps serving
+    assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def test_cutting_the_link_mid_transfer_fails_the_request_in_flight_and_service_resumes(hosts):
