@@ -125,9 +125,10 @@ class PyverbsDevice:
 
 
 def _dmabuf_supported() -> bool:
+    """CUDA memory can be registered: cuda-python exports a dma-buf fd, mlx5's pyverbs class takes it."""
     try:
         from cuda.bindings import driver  # noqa: F401
-        from pyverbs.mr import DmaBufMR  # noqa: F401
+        from pyverbs.providers.mlx5.mlx5dv_dmabuf import Mlx5DmaBufMR  # noqa: F401
     except ImportError:
         return False
     return True
@@ -189,19 +190,19 @@ class PyverbsQueuePair:
 
     def _register_dmabuf(self, tensor, access) -> MemoryRegion:
         from cuda.bindings import driver
-        from pyverbs.mr import DmaBufMR
+        from pyverbs.providers.mlx5.mlx5dv_dmabuf import Mlx5DmaBufMR
 
         if not self._device.supports_dmabuf:
-            raise VerbsError("GPU memory registration needs dma-buf (pyverbs DmaBufMR and cuda-python)")
+            raise VerbsError("GPU memory registration needs dma-buf (mlx5 pyverbs and cuda-python)")
         length = tensor.numel() * tensor.element_size()
         err, fd = driver.cuMemGetHandleForAddressRange(
             tensor.data_ptr(), length, driver.CUmemRangeHandleType.CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0)
         if err != driver.CUresult.CUDA_SUCCESS:
             raise VerbsError(f"CUDA could not export a dma-buf for {length} bytes: {err}")
-        mr = DmaBufMR(self._device.pd, length, access, fd=fd, offset=0, iova=tensor.data_ptr())
+        mr = Mlx5DmaBufMR(self._device.pd, 0, length, iova=tensor.data_ptr(), fd=fd, access=access)
         self._mrs.append(mr)
         return MemoryRegion(addr=tensor.data_ptr(), length=length, lkey=mr.lkey, rkey=mr.rkey,
-                            buffer=memoryview(b""))
+                            buffer=memoryview(b""))  # device memory: no host view
 
     def post_recv(self, wr_id: int) -> None:
         from pyverbs.wr import RecvWR
