@@ -127,7 +127,7 @@ def receive_grpc(conn, count: int, max_bytes: int, ack: bool) -> None:
     server.start()
     conn.send(port)
     arrivals.complete.wait()
-    server.stop(0)
+    server.stop(grace=10).wait()  # the last call still has its (empty) reply to send
     conn.send(arrivals.times)
 
 
