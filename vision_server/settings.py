@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,3 +30,5 @@ class VisionServerSettings(BaseSettings):
     max_video_frames: int = 64
     preprocess_workers: int = 2
     send_timeout_s: float = 30.0
+    # Shared secret that gateway calls must carry (authorization metadata); unset: none needed.
+    internal_secret: SecretStr | None = None
