@@ -14,16 +14,20 @@ import json
 import os
 import socket
 import struct
+import uuid
 import zlib
 from dataclasses import dataclass, field
 
 import grpc
 import httpx
 import pytest
+import torch
 
 from conftest import data_url, make_image, png_bytes
 from hardened import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MODEL, metric
 from proto import dvd_pb2, dvd_pb2_grpc
+from transport.frames import ImageFeatures
+from transport.tcp import TcpFeatureSender
 
 pytestmark = pytest.mark.slow
 
@@ -311,3 +315,52 @@ def test_after_the_corpus_every_server_is_healthy_holds_nothing_and_answers(hard
     assert metric(urls["language-server"], "dvd_language_requests_in_flight") == 0
     assert metric(urls["language-server"], "dvd_language_features_pending_bytes") == 0
     assert all(process.poll() is None for process in stack.processes.values())
+
+
+# ---------------------------------------------------------------- features that must not reach vLLM
+
+
+async def send_features(endpoint: str, items: list[ImageFeatures]) -> None:
+    sender = TcpFeatureSender(send_timeout_s=10)
+    try:
+        for item in items:
+            await sender.send(endpoint, item)
+        await asyncio.sleep(0.5)  # ZeroMQ sends in the background; closing with LINGER 0 would drop the rest
+    finally:
+        sender.close()
+
+
+def generate_with(stack, request_id: str, image_count: int) -> tuple[grpc.StatusCode, str]:
+    messages = [dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(image=True)] * image_count)]
+    with grpc.insecure_channel(f"{stack.host}:{stack.language_port}") as channel:
+        try:
+            list(dvd_pb2_grpc.LanguageServiceStub(channel).Generate(dvd_pb2.GenerateRequest(
+                request_id=request_id, messages=messages, image_count=image_count, feature_timeout_s=10,
+                sampling=dvd_pb2.SamplingParams(max_tokens=2)), metadata=secret_metadata(stack), timeout=30))
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details()
+
+
+@pytest.mark.parametrize("name, features, image_count, match", [
+    ("hidden size 32, not 64", lambda h: [torch.zeros(256, 32)], 1, "features of shape (256, 32), the model needs"),
+    ("NaN in the features", lambda h: [torch.full((256, h), float("nan"))], 1, "features hold NaN or infinity"),
+    ("header: 2 images, Generate: 1", lambda h: [torch.zeros(256, h)], 2, "features say 2 images, the request has 1"),
+])
+def test_features_that_would_harm_vllm_fail_their_request_only(hardened_stack, name, features, image_count, match):
+    """Well-framed features with the wrong content, sent straight to the feature port: the Generate call that
+    claims them fails with INVALID_ARGUMENT naming the problem; vLLM never sees them and serves on."""
+    stack = hardened_stack
+    with grpc.insecure_channel(f"{stack.host}:{stack.language_port}") as channel:
+        description = dvd_pb2_grpc.LanguageServiceStub(channel).Describe(
+            dvd_pb2.DescribeRequest(), metadata=secret_metadata(stack), timeout=10)
+    request_id = uuid.uuid4().hex
+    tensors = features(description.hidden_size)
+    items = [ImageFeatures(request_id, i, image_count, [256], t.to(torch.bfloat16)) for i, t in enumerate(tensors)]
+    asyncio.run(send_features(description.feature_endpoint, items))
+    code, message = generate_with(stack, request_id, 1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and match in message, (code, message)
+    assert metric(stack.metrics_urls["language-server"], "dvd_language_features_pending_bytes") == 0
+    reply = stack.client().chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": GOOD_URL}}]}])
+    assert reply.usage.completion_tokens == 2
