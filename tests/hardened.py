@@ -4,7 +4,6 @@ reliability tests (bad input, security, faults, soak), which run next to each ot
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import sys
 import time
@@ -100,16 +99,6 @@ def plan(model: str, logs: Path) -> HardenedStack:
     return HardenedStack(model=model, gateway_port=free_port(), vision_port=free_port(), language_port=free_port(),
                          feature_port=free_port(), vision_metrics_port=free_port(), language_metrics_port=free_port(),
                          max_model_len=MAX_MODEL_LEN, internal_secret=secrets.token_urlsafe(32), logs=logs)
-
-
-def metric(url: str, name: str, **labels) -> float:
-    """Sum of a Prometheus metric's samples (exact name) whose labels include `labels`."""
-    total = 0.0
-    pattern = re.compile(rf"^{re.escape(name)}(\{{.*\}})? ")
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        if pattern.match(line) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def dvd(*args: str) -> list[str]:

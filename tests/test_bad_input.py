@@ -23,8 +23,8 @@ import httpx
 import pytest
 import torch
 
-from conftest import data_url, make_image, png_bytes
-from hardened import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MODEL, metric
+from conftest import data_url, make_image, metric, png_bytes
+from hardened import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MODEL
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureSender

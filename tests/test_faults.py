@@ -26,9 +26,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import data_url, free_port, make_image
+from conftest import data_url, free_port, make_image, metric
 from dvd.launcher import start
-from hardened import MODEL, dvd, metric
+from hardened import MODEL, dvd
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureSender

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import data_url, make_image, png_bytes
-from hardened import MAX_IN_FLIGHT, MAX_PENDING_FEATURE_BYTES, MODEL, metric
+from conftest import data_url, make_image, metric, png_bytes
+from hardened import MAX_IN_FLIGHT, MAX_PENDING_FEATURE_BYTES, MODEL
 
 pytestmark = pytest.mark.slow
 SOAK_SECONDS = float(os.environ.get("DVD_SOAK_SECONDS", "90"))
