@@ -3,7 +3,8 @@ and abandoned requests. Every request gets a result or a clear error; in-flight 
 features stay under their caps; afterwards vLLM holds no request and no server holds more file
 descriptors or threads than after the warm-up.
 
-`DVD_SOAK_SECONDS` sets the measured part (default 90 s; a longer soak: e.g. DVD_SOAK_SECONDS=3600).
+`DVD_SOAK_SECONDS` sets the measured part (default 90 s; a longer soak: e.g. DVD_SOAK_SECONDS=3600);
+`DVD_SOAK_RESULTS=path.json` writes what was measured there.
 """
 
 from __future__ import annotations
@@ -174,6 +175,12 @@ def test_soak_at_saturation_answers_everything_stays_under_caps_and_leaks_nothin
     soaked = sum(load.outcomes.values()) - requests_before
     print(f"soak of {SOAK_SECONDS:g} s ({soaked} requests): outcomes {dict(load.outcomes)}, peaks {dict(peaks)}, "
           f"(fds, threads) after warm-up {baseline}, after the soak {after}")
+    if os.environ.get("DVD_SOAK_RESULTS"):
+        Path(os.environ["DVD_SOAK_RESULTS"]).write_text(json.dumps({
+            "soak_seconds": SOAK_SECONDS, "warm_up_seconds": WARM_UP_SECONDS, "clients": CLIENTS,
+            "max_in_flight": MAX_IN_FLIGHT, "requests_measured": soaked, "outcomes_with_warm_up": load.outcomes,
+            "failures": load.failures, "peaks": peaks, "fds_threads_after_warm_up": baseline,
+            "fds_threads_after_soak": after, "load_average": os.getloadavg(), "cpus": os.cpu_count()}, indent=2))
 
     assert load.failures == [], load.failures[:10]
     assert load.outcomes["200"] + load.outcomes["200 streamed"] >= 20
