@@ -66,8 +66,9 @@ def _own_session() -> None:
 def start(stack: Stack, log_dir: Path | None = None) -> dict[str, subprocess.Popen]:
     """Start every server; with `log_dir`, each one's output goes to `<name>.log` there."""
     env = {**os.environ, **OFFLINE_ENV}
-    if stack.internal_secret:
-        env.update({f"DVD_{role}_INTERNAL_SECRET": stack.internal_secret for role in ("VISION", "LANGUAGE", "GATEWAY")})
+    secret = getattr(stack, "internal_secret", None)  # any object with `commands()` may be started
+    if secret:
+        env.update({f"DVD_{role}_INTERNAL_SECRET": secret for role in ("VISION", "LANGUAGE", "GATEWAY")})
     processes = {}
     for name, command in stack.commands().items():
         output = open(log_dir / f"{name}.log", "wb") if log_dir else None  # noqa: SIM115 (owned by the child)
