@@ -31,6 +31,7 @@ class Stack:
     dtype: str = "auto"
     feature_dtype: str = "bfloat16"
     max_model_len: int = 8192
+    internal_secret: str | None = None  # given to all three servers (environment, not the command line)
 
     @property
     def gateway_url(self) -> str:
@@ -65,6 +66,9 @@ def _own_session() -> None:
 def start(stack: Stack, log_dir: Path | None = None) -> dict[str, subprocess.Popen]:
     """Start every server; with `log_dir`, each one's output goes to `<name>.log` there."""
     env = {**os.environ, **OFFLINE_ENV}
+    secret = getattr(stack, "internal_secret", None)  # any object with `commands()` may be started
+    if secret:
+        env.update({f"DVD_{role}_INTERNAL_SECRET": secret for role in ("VISION", "LANGUAGE", "GATEWAY")})
     processes = {}
     for name, command in stack.commands().items():
         output = open(log_dir / f"{name}.log", "wb") if log_dir else None  # noqa: SIM115 (owned by the child)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import PurePath
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -96,11 +96,13 @@ class ChoiceState:
 
 
 class RequestContext:
-    """ASGI middleware: a request id for logs and the `x-request-id` header; API keys on `/v1/`."""
+    """ASGI middleware: a request id for logs and the `x-request-id` header; API keys on `/v1/`; a cap on
+    the body size (declared or streamed), checked before the body is parsed."""
 
-    def __init__(self, app, api_keys: list[str]):
+    def __init__(self, app, api_keys: list[str], max_body_bytes: int):
         self.app = app
         self.api_keys = [key.encode() for key in api_keys]
+        self.max_body_bytes = max_body_bytes
 
     def authorized(self, scope) -> bool:
         if not self.api_keys or not scope["path"].startswith("/v1/"):
@@ -108,6 +110,24 @@ class RequestContext:
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, key = header.partition(b" ")
         return scheme.lower() == b"bearer" and any(hmac.compare_digest(key.strip(), k) for k in self.api_keys)
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than the gateway's {self.max_body_bytes}-byte limit (max_body_bytes)"
+
+    def _limited(self, receive):
+        """`receive` that fails with 413 once the body streamed in exceeds the cap."""
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        return limited_receive
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -126,7 +146,12 @@ class RequestContext:
                 metrics.REQUESTS.labels("401").inc()
                 response = JSONResponse(error.to_json(), status_code=401, headers={"www-authenticate": "Bearer"})
                 return await response(scope, receive, send_with_id)
-            await self.app(scope, receive, send_with_id)
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.max_body_bytes:
+                metrics.REQUESTS.labels("413").inc()
+                response = JSONResponse(APIError(413, self._too_large()).to_json(), status_code=413)
+                return await response(scope, receive, send_with_id)
+            await self.app(scope, self._limited(receive), send_with_id)
         finally:
             REQUEST_ID.reset(token)
 
@@ -155,8 +180,9 @@ async def _unless_disconnected(request: Request, awaitable):
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.vision = VisionPool(settings.vision_servers)
-        app.state.language = LanguagePool(settings.language_servers)
+        secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
+        app.state.vision = VisionPool(settings.vision_servers, secret)
+        app.state.language = LanguagePool(settings.language_servers, secret)
         app.state.fetcher = ImageFetcher(max_bytes=settings.max_image_bytes, timeout_s=settings.image_fetch_timeout_s,
                                          max_redirects=settings.image_fetch_max_redirects,
                                          allowed_networks=settings.image_fetch_allowed_networks)
@@ -170,7 +196,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await app.state.language.close()
 
     app = FastAPI(title="DvD gateway", lifespan=lifespan)
-    app.add_middleware(RequestContext, api_keys=settings.api_keys)
+    app.add_middleware(RequestContext, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
 
     async def served_model_name() -> str:
         if settings.served_model_name:
@@ -203,7 +229,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return await api_error(request, APIError(exc.status_code, str(exc.detail)))
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's generic "error parsing the body"
+            message = f"the body is not valid UTF-8 JSON: {exc.__cause__}"
+        return await api_error(request, APIError(exc.status_code, message))
 
     @app.get("/health")
     async def health():

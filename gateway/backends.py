@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from dvd.grpc_secret import client_interceptors
 from gateway import metrics
 from gateway.errors import APIError
 from proto import dvd_pb2, dvd_pb2_grpc
@@ -67,8 +68,9 @@ def join_address(host: str, port: int) -> str:
 class BackendPool:
     """One pool per server kind; `lease()` picks the least loaded healthy server and counts the request on it."""
 
-    def __init__(self, kind: str, targets: list[str], stub_cls):
+    def __init__(self, kind: str, targets: list[str], stub_cls, secret: str | None = None):
         self.kind = kind
+        self._interceptors = client_interceptors(secret)
         self.targets = list(targets)
         self._stub_cls = stub_cls
         self.backends: list[Backend] = []
@@ -80,7 +82,7 @@ class BackendPool:
                 self._add(target)
 
     def _add(self, address: str) -> Backend:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=self._interceptors)
         backend = Backend(self.kind, address, self._stub_cls(channel), channel)
         self.backends.append(backend)
         metrics.BACKEND_OUTSTANDING.labels(self.kind, address).set_function(lambda: backend.outstanding)
@@ -184,8 +186,8 @@ class FeatureHolders:
 class LanguagePool(BackendPool):
     """Language servers also tell the gateway where their features go (`Describe`)."""
 
-    def __init__(self, targets: list[str]):
-        super().__init__("language", targets, dvd_pb2_grpc.LanguageServiceStub)
+    def __init__(self, targets: list[str], secret: str | None = None):
+        super().__init__("language", targets, dvd_pb2_grpc.LanguageServiceStub, secret)
         self.holders = FeatureHolders()
 
     async def describe(self, timeout_s: float = 2.0) -> list[Backend]:
@@ -207,8 +209,8 @@ class LanguagePool(BackendPool):
 
 
 class VisionPool(BackendPool):
-    def __init__(self, targets: list[str]):
-        super().__init__("vision", targets, dvd_pb2_grpc.VisionServiceStub)
+    def __init__(self, targets: list[str], secret: str | None = None):
+        super().__init__("vision", targets, dvd_pb2_grpc.VisionServiceStub, secret)
 
 
 async def healthy(backend: Backend, timeout_s: float = 2.0) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -25,6 +25,10 @@ class GatewaySettings(BaseSettings):
     language_servers: list[str] = ["127.0.0.1:50061"]
     served_model_name: str | None = None  # default: the language server's checkpoint folder name
     api_keys: list[str] = []  # when set, /v1/* needs "Authorization: Bearer <one of them>"
+    # Shared secret sent on every gRPC call to the vision and language servers (their internal_secret).
+    internal_secret: SecretStr | None = None
+    # Largest request body; a base64 image is 4/3 of its bytes, so 16 images at max_image_bytes need more.
+    max_body_bytes: int = Field(100 << 20, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)  # deadline of a request's Encode and Generate calls
     max_in_flight: int = Field(256, ge=0)  # chat completions in progress before new ones get 429; 0: no cap
     retry_after_s: int = Field(1, ge=0)  # the Retry-After of a 429

@@ -30,10 +30,15 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def messages_to_dicts(messages) -> list[dict]:
     """Proto `ChatMessage`s as the dicts chat templates expect; text-only content stays a string."""
     result = []
-    for message in messages:
+    for index, message in enumerate(messages):
+        if message.role not in ROLES:  # the gateway maps OpenAI's roles; anything else is a bad caller
+            raise PromptError(f"message {index}: role {message.role!r} is not one of {', '.join(ROLES)}")
         parts = []
         for part in message.content:
             if part.WhichOneof("part") == "image":

@@ -34,3 +34,5 @@ class LanguageServerSettings(BaseSettings):
     # Features of recently used images, by content key, so that a chat's later turns need not resend them;
     # 0 turns the cache off.
     feature_cache_bytes: int = 2 << 30
+    # Shared secret that gateway calls must carry (authorization metadata); unset: none needed.
+    internal_secret: SecretStr | None = None

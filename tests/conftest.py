@@ -110,3 +110,38 @@ def make_video(num_frames: int = 30, width: int = 96, height: int = 64) -> bytes
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+HARDENED = "hardened_stack"
+
+
+@pytest.fixture(scope="session")
+def hardened_stack(tiny_checkpoints, tmp_path_factory):
+    """One stack for the reliability modules; stopped as soon as the last test using it is done."""
+    from hardened import plan
+
+    stack = plan(str(tiny_checkpoints["custom"]), tmp_path_factory.mktemp("hardened-logs"))
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def pytest_collection_modifyitems(items):
+    """Run the tests that share the hardened stack back to back (stable: each keeps its place otherwise)."""
+    users = [item for item in items if HARDENED in getattr(item, "fixturenames", ())]
+    if users:
+        first = items.index(users[0])
+        chosen = set(users)
+        others = [item for item in items if item not in chosen]
+        items[:] = others[:first] + users + others[first:]
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the hardened stack once no further test needs it, rather than at the end of the session."""
+    if HARDENED in getattr(item, "fixturenames", ()) and (
+            nextitem is None or HARDENED not in getattr(nextitem, "fixturenames", ())):
+        stack = item.funcargs.get(HARDENED)
+        if stack is not None:
+            stack.stop()

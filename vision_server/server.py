@@ -11,6 +11,7 @@ import torch
 from prometheus_client import start_http_server
 
 from checkpoint.formats import read_model_config
+from dvd.grpc_secret import server_interceptors
 from proto import dvd_pb2_grpc
 from transport.backends import FeatureSender
 from vision_server import metrics
@@ -57,8 +58,10 @@ async def serve(settings: VisionServerSettings) -> None:
                            rdma=settings.feature_transport == "rdma", rdma_device=settings.rdma_device)
     metrics.FEATURE_INFLIGHT_BYTES.set_function(lambda: sender.inflight_bytes)
     service = VisionService(engines, read_model_config(settings.model), settings, sender, model_name=settings.model)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_images_per_request
-                                       * settings.max_image_bytes + (1 << 20))])
+    secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
+    max_message = settings.max_images_per_request * settings.max_image_bytes + (1 << 20)
+    server = grpc.aio.server(interceptors=server_interceptors(secret),
+                             options=[("grpc.max_receive_message_length", max_message)])
     dvd_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
     address = f"{settings.host}:{settings.port}"
     server.add_insecure_port(address)

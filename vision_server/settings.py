@@ -34,3 +34,5 @@ class VisionServerSettings(BaseSettings):
     feature_secret: SecretStr | None = None  # shared with the language servers (CURVE on TCP, HMAC on RDMA)
     max_inflight_feature_bytes: int = 256 << 20  # per destination: handed to the transport, not yet written out
     rdma_device: str | None = None  # e.g. mlx5_0; None: the first RDMA device
+    # Shared secret that gateway calls must carry (authorization metadata); unset: none needed.
+    internal_secret: SecretStr | None = None
