@@ -11,13 +11,28 @@ from __future__ import annotations
 import bisect
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the field."""
+
+
+def load_model(cls: type[ModelT], path: Path, what: str) -> ModelT:
+    """A pydantic model read from a JSON file; any problem is a `ProfileError` naming the file and the field."""
+    try:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such {what} file") from None
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path}: not JSON ({exc})") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ProfileError(f"{path}: {problems}") from None
 
 
 class Geometry(BaseModel):
@@ -146,15 +161,7 @@ class StageProfiles(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> StageProfiles:
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise ProfileError(f"{path}: no such profile file") from None
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{path}: not JSON ({exc})") from None
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ProfileError(f"{path}: {problems}") from None
+        return load_model(cls, path, "profile")
 
 
 def _interpolate(points: list[tuple[float, float]], x: float, *, grow: bool = False) -> float:

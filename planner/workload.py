@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from planner.profiles import ProfileError
+from planner.profiles import load_model
 
 # A count that is either fixed or drawn from {value: weight}; JSON keys are strings, pydantic makes them ints.
 Distribution = int | dict[int, float]
@@ -53,15 +52,7 @@ class Workload(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> Workload:
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise ProfileError(f"{path}: no such workload file") from None
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{path}: not JSON ({exc})") from None
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ProfileError(f"{path}: {problems}") from None
+        return load_model(cls, path, "workload")
 
 
 def draw(distribution: Distribution, rng: np.random.Generator) -> int:
