@@ -255,7 +255,9 @@ def test_a_stalled_streaming_client_holds_bounded_memory_and_others_are_served(h
     gateway_pid = stack.processes["gateway"].pid
     urls = stack.metrics_urls
     before = rss_mib(gateway_pid)
-    body = json.dumps(chat(1, max_tokens=1900, stream=True)).encode()
+    # With 20 top logprobs a chunk is a few KiB: the ~10 MiB stream cannot hide in the kernel's socket buffers
+    # (4 MiB at most), so the gateway really holds a stalled stream.
+    body = json.dumps({**chat(1, max_tokens=1900, stream=True), "logprobs": True, "top_logprobs": 20}).encode()
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
                f"Authorization: Bearer {stack.api_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     stalled = socket.socket()
@@ -268,8 +270,10 @@ def test_a_stalled_streaming_client_holds_bounded_memory_and_others_are_served(h
         while b"data: " not in first:
             first += stalled.recv(4096)
         assert first.startswith(b"HTTP/1.1 200")
-        wait_until(lambda: metric(urls["language-server"], "dvd_language_requests_in_flight") == 1, 30,
-                   "the stalled request generates")
+        # The gateway holds the stalled stream; the language server may already have finished generating
+        # into gRPC's flow-control window (a quiet machine writes 1900 tokens in about a second).
+        wait_until(lambda: metric(urls["gateway"], "dvd_gateway_requests_in_flight") == 1, 30,
+                   "the gateway holds the stalled request")
         # Meanwhile others are served, streamed and not.
         client = stack.client()
         with ThreadPoolExecutor(4) as pool:
