@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -124,10 +125,14 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         metrics.IN_FLIGHT.inc()
         outcome = "error"
         try:
-            async for response in self._generate(request, context):
-                yield response
+            # aclosing: a hang-up that lands while gRPC writes a response closes this generator (GeneratorExit
+            # at the yield) rather than cancelling an await; the inner generator, and vLLM's request with it,
+            # must then end now, not whenever the garbage collector gets to it.
+            async with contextlib.aclosing(self._generate(request, context)) as responses:
+                async for response in responses:
+                    yield response
             outcome = "ok"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise
         finally:
