@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +50,7 @@ from dvd.launcher import start, stop
 from language_server.settings import LanguageServerSettings
 from planner.plan import run as predict
 from planner.profiles import (
+    CoupledProfile,
     DecodePoint,
     Geometry,
     LanguageProfile,
@@ -110,9 +113,15 @@ def dvd(*args: str) -> list[str]:
 
 
 # One core stands for one device: the vision server (one torch thread) on VISION_CORE, each vLLM engine
-# on its own core through vLLM's CPU binding. On this 2-core host only 1+1 gets a core per server;
-# the other configurations share cores, which the simulation (one device per server) does not model.
+# on its own core through vLLM's CPU binding. On this 2-core host only 1+1 gets a core per server; in
+# the others two servers share a core, and the simulation is told which (`cores`).
 VISION_CORE = 1
+
+
+def cores(vision: int, language: int) -> list[int]:
+    """The core each server of a V+L configuration is pinned to, vision servers first."""
+    count = os.cpu_count() or 1
+    return [(VISION_CORE + i) % count for i in range(vision)] + [i % count for i in range(language)]
 
 
 def vision_command(*args: str, core: int = VISION_CORE) -> list[str]:
@@ -318,6 +327,65 @@ async def _language_sweeps(port: int) -> LanguageProfile:
                            overhead_s_per_request=round(max(0.0, statistics.median(overheads)), 6))
 
 
+WORDS = "apple river stone cloud green house light music paper table water window".split()
+
+
+def profile_coupled(checkpoint: Path, log_dir: Path, repeats: int = 8) -> CoupledProfile:
+    """The coupled engine's own costs, from `vllm serve` fed pixels, one request at a time: requests with
+    one image against text-only requests of the same prompt length. The difference in vLLM's own prefill
+    time (scheduled -> first token, which holds the encoder) is the encoder in the step; the rest of the
+    difference in latency is the API server's image work (decode, HF processor)."""
+    with coupled_server(checkpoint, log_dir) as url:
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+        def prefill_totals() -> tuple[float, float]:
+            totals = {"_sum": 0.0, "_count": 0.0}
+            for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+                name, _, value = line.partition(" ")
+                for suffix in totals:
+                    if name.split("{")[0] == f"vllm:request_prefill_time_seconds{suffix}":
+                        totals[suffix] += float(value)
+            return totals["_sum"], totals["_count"]
+
+        def series(content, count: int) -> tuple[float, float, int]:
+            """Median latency, mean engine prefill time and prompt tokens of `count` sequential requests."""
+            sum0, count0 = prefill_totals()
+            latencies, tokens = [], 0
+            for i in range(count):
+                body = {"model": model, "max_tokens": 1, "temperature": 0,
+                        "messages": [{"role": "user", "content": content(i)}]}
+                begin = time.perf_counter()
+                reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+                reply.raise_for_status()
+                latencies.append(time.perf_counter() - begin)
+                tokens = reply.json()["usage"]["prompt_tokens"]
+            sum1, count1 = prefill_totals()
+            return statistics.median(latencies), (sum1 - sum0) / (count1 - count0), tokens
+
+        def with_image(i: int) -> list[dict]:  # a fresh image and a fresh first word: no cache of any kind hits
+            data = base64.b64encode(png(10_000 + i)).decode()
+            return [{"type": "text", "text": f"{i} Describe the image."},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}]
+
+        def text(words: int, offset: int):
+            return lambda i: f"{offset + i} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))
+
+        series(with_image, 2)  # warm-up
+        image_latency, image_prefill, image_tokens = series(with_image, repeats)
+        _, _, tokens = series(text(image_tokens, 500), 1)  # about a token a word: calibrate once
+        words = image_tokens + image_tokens - tokens
+        text_latency, text_prefill, text_tokens = series(text(words, 600), repeats)
+    overhead = text_latency - text_prefill  # API server, scheduling, the response
+    text_prefill *= image_tokens / text_tokens  # prefill is about linear in prompt length at this size
+    return CoupledProfile(
+        vision_seconds_per_tile=round(max(1e-6, image_prefill - text_prefill) / IMAGE_TILES, 6),
+        preprocess_s_per_tile=round(max(0.0, (image_latency - image_prefill) - overhead) / IMAGE_TILES, 6),
+        overhead_s_per_request=round(max(0.0, overhead), 6),
+        source=f"vllm serve of the HF checkpoint, engine bound to core 0; {repeats} sequential requests with one "
+               f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} image ({image_tokens} prompt tokens) against text of "
+               f"{text_tokens} tokens; engine prefill from vllm:request_prefill_time_seconds")
+
+
 def profile(config_name: str, out: Path, log_dir: Path, checkpoints: dict[str, Path]) -> StageProfiles:
     config = ModelConfig.from_name(config_name)
     began = load()
@@ -333,7 +401,7 @@ def profile(config_name: str, out: Path, log_dir: Path, checkpoints: dict[str, P
         machine_load=f"start: {began}; end: {load()}",
         command="python -m benchmarks.plan_validation --profile-only",
         notes="vision model fp32 on CPU; language model bf16 (vLLM CPU); features bf16 over ZeroMQ",
-        vision=vision, language=language, transport=transport)
+        vision=vision, language=language, transport=transport, coupled=profile_coupled(checkpoints["hf"], log_dir))
     profiles.save(out)
     return profiles
 
@@ -363,16 +431,17 @@ def drive(base_url: str, requests: int, concurrency: int, max_tokens: int, image
 def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **load_args) -> Measured:
     servers, ready = {}, []
     vision_addresses, language_addresses = [], []
+    placement = cores(vision, language)
     for i in range(vision):
         port = free_port()
-        servers[f"vision-{i}"] = vision_command("--model", str(checkpoint), "--port", str(port),
-                                                core=(VISION_CORE + i) % 2)
+        servers[f"vision-{i}"] = vision_command("--model", str(checkpoint), "--port", str(port), core=placement[i])
         vision_addresses.append(f"{HOST}:{port}")
         ready.append((vision_addresses[-1], dvd_pb2_grpc.VisionServiceStub))
     for i in range(language):
         port, feature_port = free_port(), free_port()
         servers[f"language-{i}"] = language_command("--model", str(checkpoint), "--port", str(port),
-                                                    "--feature-bind", f"tcp://{HOST}:{feature_port}", core=i % 2)
+                                                    "--feature-bind", f"tcp://{HOST}:{feature_port}",
+                                                    core=placement[vision + i])
         language_addresses.append(f"{HOST}:{port}")
         ready.append((language_addresses[-1], dvd_pb2_grpc.LanguageServiceStub))
     gateway_port = free_port()
@@ -392,8 +461,10 @@ def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **l
         stop(processes)
 
 
-def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
-    """`vllm serve` of the HF-format checkpoint fed pixels (as `dvd bench compare` starts it): one replica."""
+@contextlib.contextmanager
+def coupled_server(checkpoint: Path, log_dir: Path):
+    """`vllm serve` of the HF-format checkpoint fed pixels (as `dvd bench compare` starts it), its engine bound
+    to core 0 like one language server; yields its URL once healthy."""
     port = free_port()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     command = ["env", "VLLM_CPU_OMP_THREADS_BIND=0", *coupled_command(str(checkpoint), port)]
@@ -405,15 +476,19 @@ def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
                 raise RuntimeError(f"vllm serve exited; see {log_dir / 'coupled.log'}")
             if time.monotonic() > deadline:
                 raise TimeoutError("vllm serve did not start in 10 minutes")
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"http://{HOST}:{port}/health", timeout=2).status_code == 200:
                     break
-            except httpx.HTTPError:
-                pass
             time.sleep(1)
-        return drive(f"http://{HOST}:{port}", **load_args)
+        yield f"http://{HOST}:{port}"
     finally:
         stop(processes)
+
+
+def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
+    """One coupled replica driven like the DvD configurations."""
+    with coupled_server(checkpoint, log_dir) as url:
+        return drive(url, **load_args)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -446,7 +521,7 @@ def add_prediction(row: dict, profiles: StageProfiles, requests: int, concurrenc
     workload = Workload(name="validation", images_per_request=int(images or 1), tiles_per_image=IMAGE_TILES,
                         text_tokens=text_tokens, output_tokens=max_tokens, concurrency=concurrency, requests=requests,
                         ttft_slo_s=10, tpot_slo_s=1, gpus=max(2, vision + language))
-    predicted = predict(profiles, workload, vision, language)
+    predicted = predict(profiles, workload, vision, language, cores(vision, language) if vision else None)
     row["predicted"] = {"throughput_rps": round(predicted.throughput_rps, 3),
                         "ttft_p50_s": round(predicted.ttft_p50_s, 4), "ttft_p90_s": round(predicted.ttft_p90_s, 4),
                         "bottleneck": predicted.bottleneck}
@@ -521,7 +596,7 @@ def main(
               "command": "python -m benchmarks.plan_validation", "rows": rows,
               "cores": "a core per server where the host has one: vision servers pinned with one torch thread, "
                        "vLLM engines bound by VLLM_CPU_OMP_THREADS_BIND; with three servers on two cores (1+2, 2+1) "
-                       "two share a core, which the simulation (a device per server) does not model",
+                       "two share a core, and the simulation places them on one device",
               "coupled_profile": "derived from the vision and language profiles" if profiles.coupled is None else
               "measured"}
     out = RESULTS / f"plan_validation_{name}.json"

@@ -86,10 +86,12 @@ def summarize(result: Result, workload: Workload, profiles: StageProfiles) -> Su
     return summary
 
 
-def run(profiles: StageProfiles, workload: Workload, vision_gpus: int, language_gpus: int) -> Summary:
-    """One system at the workload's own arrival: `vision_gpus` 0 means coupled on `language_gpus` devices."""
+def run(profiles: StageProfiles, workload: Workload, vision_gpus: int, language_gpus: int,
+        devices: list[int] | None = None) -> Summary:
+    """One system at the workload's own arrival: `vision_gpus` 0 means coupled on `language_gpus` devices.
+    `devices` places DvD's servers on shared devices (see `simulate_dvd`); by default each has its own."""
     if vision_gpus:
-        result = simulate_dvd(profiles, workload, vision_gpus, language_gpus)
+        result = simulate_dvd(profiles, workload, vision_gpus, language_gpus, devices)
     else:
         result = simulate_coupled(profiles, workload, language_gpus)
     return summarize(result, workload, profiles)

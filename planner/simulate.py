@@ -82,9 +82,11 @@ class LanguageEngine:
     """A continuously batching engine (vLLM): each step prefills the newly admitted requests and decodes
     one token of every running one. `encode_in_step` adds the coupled engine's encoder to the step."""
 
-    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_finish, encode_in_step: bool = False):
+    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_finish, encode_in_step: bool = False,
+                 device: simpy.Resource | None = None):
         self.env, self.profiles, self.on_finish = env, profiles, on_finish
         self.encode_in_step = encode_in_step
+        self.device = device or simpy.Resource(env, capacity=1)  # held for each step; shared when co-located
         self.ready: deque[Request] = deque()
         self.running: list[Request] = []
         self.outstanding = 0
@@ -120,7 +122,9 @@ class LanguageEngine:
                 step += (tiles * coupled.vision_seconds_per_tile if coupled
                          else self.profiles.vision.batch_seconds(tiles))
             self.busy_s += step
-            yield self.env.timeout(step)
+            with self.device.request() as device:
+                yield device
+                yield self.env.timeout(step)
             for r in admitted:
                 r.first_token = self.env.now
             self.running.extend(admitted)
@@ -141,12 +145,14 @@ class VisionServer:
     (as vision_server.scheduler does); a batch leaves when full or when its oldest tile waited
     `max_batch_wait_s`; an image's features leave when its own last tile is done."""
 
-    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_image_done):
+    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_image_done,
+                 device: simpy.Resource | None = None):
         self.env, self.profiles, self.on_image_done = env, profiles, on_image_done
         self.images: list[list] = []  # [request, image index, tiles to schedule, tiles to finish, enqueued at]
         self.outstanding = 0
         self.busy_s = 0.0
-        self.device = simpy.Resource(env, capacity=1)  # the encoder's device (shared with preprocessing on CPU)
+        # the encoder's device: shared with preprocessing on CPU, and with any server placed on it
+        self.device = device or simpy.Resource(env, capacity=1)
         self._wake = env.event()
         env.process(self._loop())
 
@@ -212,11 +218,20 @@ def _least_outstanding(servers):
     return min(servers, key=lambda s: s.outstanding)
 
 
-def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: int, language_servers: int) -> Result:
+def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: int, language_servers: int,
+                 devices: list[int] | None = None) -> Result:
+    """`devices`: the device each server runs on, vision servers first (default: a device each). Servers
+    placed on one device take turns on it, step by step (CPU cores shared by processes, a GPU shared)."""
+    servers = vision_servers + language_servers
+    devices = list(range(servers)) if devices is None else devices
+    if len(devices) != servers:
+        raise ValueError(f"devices names {len(devices)} servers' devices, the split has {servers} servers")
     env = simpy.Environment()
+    shared = {device: simpy.Resource(env, capacity=1) for device in set(devices)}
     requests = make_requests(workload, profiles)
     finished = simpy.Store(env)
-    languages = [LanguageEngine(env, profiles, finished.put) for _ in range(language_servers)]
+    languages = [LanguageEngine(env, profiles, finished.put, device=shared[devices[vision_servers + i]])
+                 for i in range(language_servers)]
     links = {id(engine): simpy.Resource(env, capacity=1) for engine in languages}  # one receive link each
     route: dict[int, LanguageEngine] = {}
     vision_route: dict[int, VisionServer] = {}
@@ -242,7 +257,7 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
             vision_route[r.index].outstanding -= 1
         env.process(transfer(r, image))
 
-    visions = [VisionServer(env, profiles, image_done) for _ in range(vision_servers)]
+    visions = [VisionServer(env, profiles, image_done, device=shared[devices[i]]) for i in range(vision_servers)]
     workers = {id(v): v.device if profiles.vision.preprocess_on_device
                else simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
 
@@ -288,11 +303,15 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int)
     engines = [LanguageEngine(env, profiles, finished.put, encode_in_step=True) for _ in range(replicas)]
     workers = {id(e): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for e in engines}
 
+    measured = profiles.coupled
+    overhead_s = measured.overhead_s_per_request if measured else profiles.language.overhead_s_per_request
+    preprocess_s_per_tile = measured.preprocess_s_per_tile if measured else profiles.vision.preprocess_s_per_tile
+
     def serve(r: Request, engine: LanguageEngine):
-        yield env.timeout(profiles.language.overhead_s_per_request)
+        yield env.timeout(overhead_s)
         with workers[id(engine)].request() as worker:  # vLLM's input processor: decode and tiling on the host
             yield worker
-            yield env.timeout(sum(r.tiles) * profiles.vision.preprocess_s_per_tile)
+            yield env.timeout(sum(r.tiles) * preprocess_s_per_tile)
         engine.add(r)
 
     def start(r: Request) -> None:

@@ -12,6 +12,7 @@ import pytest
 from planner.derive import derive
 from planner.plan import make_plan, max_slo_rate, run
 from planner.profiles import (
+    CoupledProfile,
     DecodePoint,
     Geometry,
     LanguageProfile,
@@ -166,3 +167,28 @@ def test_preprocessing_on_the_encoders_core_lowers_vision_capacity():
     # 3 tiles per request: 50 ms of encoder time, plus 30 ms of preprocessing when both share the core
     assert beside.throughput_rps == pytest.approx(60 / 3, rel=0.1)
     assert shared.throughput_rps == pytest.approx(1 / 0.08, rel=0.1)
+
+
+def test_servers_placed_on_one_device_take_turns_on_it():
+    """Two servers on one device: their busy times add up, so the pair serves at most what the device does."""
+    profiles = profile(vision_tiles_per_s=60.0, prefill_s=0.02, decode_step_s=TINY)  # 50 ms + 20 ms per request
+    load = workload(arrival_rate=None, concurrency=16, requests=200, output_tokens=1)
+    apart = run(profiles, load, 1, 1)
+    together = run(profiles, load, 1, 1, devices=[0, 0])
+    assert apart.throughput_rps == pytest.approx(1 / 0.05, rel=0.1)  # the vision server alone is the limit
+    assert together.throughput_rps < 1 / 0.07 * 1.05  # 70 ms of one device per request, prefills not batched less
+    assert together.throughput_rps < 0.8 * apart.throughput_rps
+    with pytest.raises(ValueError, match="devices"):
+        run(profiles, load, 1, 1, devices=[0])
+
+
+def test_a_measured_coupled_profile_replaces_the_derived_costs():
+    """The coupled engine's measured encoder cost, not the vision server's, sets coupled capacity."""
+    load = workload(arrival_rate=None, concurrency=16, requests=200, output_tokens=1)
+    derived = profile(vision_tiles_per_s=300.0, prefill_s=TINY, decode_step_s=TINY)
+    measured = derived.model_copy(update={"coupled": CoupledProfile(vision_seconds_per_tile=0.02)})
+    assert run(derived, load, 0, 1).throughput_rps == pytest.approx(300 / 3, rel=0.1)
+    assert run(measured, load, 0, 1).throughput_rps == pytest.approx(1 / 0.06, rel=0.1)
+    slow_api = measured.model_copy(update={"coupled": CoupledProfile(vision_seconds_per_tile=TINY,
+                                                                     preprocess_s_per_tile=0.05)})
+    assert run(slow_api, load, 0, 1).throughput_rps == pytest.approx(1 / 0.15, rel=0.1)  # one processor thread
