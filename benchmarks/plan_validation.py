@@ -1,15 +1,17 @@
 """Stage profiles of this machine, then the planner's predictions against measured runs, back to back.
 
-    python -m benchmarks.plan_validation                  # profiles + validation (about 20 min on 2 CPU cores)
+    python -m benchmarks.plan_validation                  # profiles + validation (about 10 min on 2 quiet cores)
     python -m benchmarks.plan_validation --profile-only   # just benchmarks/results/profiles/<name>.json
 
 Profiles come from the project's own parts: the vision model's batch sweep (benchmarks/vision.py), a
 real vision server's per-image host costs (its EncodeTimings), a ZeroMQ loopback through
 transport.tcp, and a real language server's Generate fed features over TCP from this process (no
-vision): prefill by batch and context, decode step time by batch and context. Validation then starts
+vision): prefill by batch and context, decode step time by batch and context; and coupled `vllm serve`
+fed pixels: the encoder's cost inside its step and its API server's image work. Validation then starts
 each configuration as local processes (vision servers, language servers, a gateway; and coupled
 `vllm serve`), drives it with `dvd bench` (closed loop: all requests queued, a concurrency cap), and
-compares throughput and TTFT p50/p90 with the simulation of the same workload on the fresh profiles.
+compares throughput and TTFT p50/p90 with the simulation of the same workload on the fresh profiles,
+recording the cores each process kept busy during the run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Annotated
 import grpc
 import httpx
 import numpy as np
+import psutil
 import torch
 import typer
 
@@ -112,9 +115,10 @@ def dvd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvd.cli", *args]
 
 
-# One core stands for one device: the vision server (one torch thread) on VISION_CORE, each vLLM engine
-# on its own core through vLLM's CPU binding. On this 2-core host only 1+1 gets a core per server; in
-# the others two servers share a core, and the simulation is told which (`cores`).
+# One core stands for one device: the vision server (one torch thread) on VISION_CORE, each language
+# server (all its processes) on its own core. On this 2-core host only 1+1 gets a core per server; in
+# the others two servers share a core, and the simulation is told which (`cores`). The gateway and the
+# benchmark client are not pinned.
 VISION_CORE = 1
 
 
@@ -129,7 +133,9 @@ def vision_command(*args: str, core: int = VISION_CORE) -> list[str]:
 
 
 def language_command(*args: str, core: int = 0) -> list[str]:
-    return ["env", f"VLLM_CPU_OMP_THREADS_BIND={core}", *dvd("language-server", *args)]
+    """The whole language server on `core`: its front end and vLLM's engine-core process too, not only the
+    worker that vLLM's CPU binding pins (the engine core alone keeps about half a core busy)."""
+    return ["taskset", "-c", str(core), "env", f"VLLM_CPU_OMP_THREADS_BIND={core}", *dvd("language-server", *args)]
 
 
 def answers_health(address: str, stub_class) -> bool:
@@ -335,7 +341,7 @@ def profile_coupled(checkpoint: Path, log_dir: Path, repeats: int = 8) -> Couple
     one image against text-only requests of the same prompt length. The difference in vLLM's own prefill
     time (scheduled -> first token, which holds the encoder) is the encoder in the step; the rest of the
     difference in latency is the API server's image work (decode, HF processor)."""
-    with coupled_server(checkpoint, log_dir) as url:
+    with coupled_server(checkpoint, log_dir) as (url, _):
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
 
         def prefill_totals() -> tuple[float, float]:
@@ -381,7 +387,8 @@ def profile_coupled(checkpoint: Path, log_dir: Path, repeats: int = 8) -> Couple
         vision_seconds_per_tile=round(max(1e-6, image_prefill - text_prefill) / IMAGE_TILES, 6),
         preprocess_s_per_tile=round(max(0.0, (image_latency - image_prefill) - overhead) / IMAGE_TILES, 6),
         overhead_s_per_request=round(max(0.0, overhead), 6),
-        source=f"vllm serve of the HF checkpoint, engine bound to core 0; {repeats} sequential requests with one "
+        preprocess_on_device=True,  # the API server runs on the engine's core
+        source=f"vllm serve of the HF checkpoint on core 0; {repeats} sequential requests with one "
                f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} image ({image_tokens} prompt tokens) against text of "
                f"{text_tokens} tokens; engine prefill from vllm:request_prefill_time_seconds")
 
@@ -415,17 +422,36 @@ class Measured:
     ttft_p50_s: float
     ttft_p90_s: float
     errors: int
+    cores_busy: dict[str, float] = dataclasses.field(default_factory=dict)  # process -> cores used during the run
 
 
-def drive(base_url: str, requests: int, concurrency: int, max_tokens: int, images_per_request: int = 1) -> Measured:
-    """`dvd bench`: fresh synthetic requests, all queued at once under a concurrency cap (a closed loop)."""
+def cpu_seconds(processes: dict) -> dict[str, float]:
+    """CPU seconds used so far by each server's processes (vLLM's engine core and worker by name) and by this
+    one, the benchmark client: which processes compete for the cores, and how much."""
+    used = {"client": sum(psutil.Process().cpu_times()[:2])}
+    for name, process in processes.items():
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(process.pid)
+            for member in [parent, *parent.children(recursive=True)]:
+                role = name if member is parent else f"{name}/{member.name().removeprefix('VLLM::')}"
+                used[role] = used.get(role, 0.0) + sum(member.cpu_times()[:2])
+    return used
+
+
+def drive(base_url: str, requests: int, concurrency: int, max_tokens: int, images_per_request: int = 1,
+          processes: dict | None = None) -> Measured:
+    """`dvd bench`: fresh synthetic requests, all queued at once under a concurrency cap (a closed loop);
+    with `processes`, also the cores each of them (and the client) kept busy meanwhile."""
     generated = synthetic(WARMUP + requests, [IMAGE_SIZE], images_per_request, INPUT_WORDS, max_tokens, seed=0)
     workload = BenchWorkload.fresh(generated, WARMUP, 1, {"source": "synthetic"})
     options = RunOptions(points=[LoadPoint(max_concurrency=concurrency)], ignore_eos=True,
                          sampling={"temperature": 0}, percentiles=[50.0, 90.0], progress=False)
+    before, began = cpu_seconds(processes or {}), time.perf_counter()
     point = asyncio.run(bench(base_url, workload, options))["points"][0]
+    after, wall = cpu_seconds(processes or {}), time.perf_counter() - began  # warm-up included: 4 of 64 requests
+    cores = {role: round((after[role] - before.get(role, 0.0)) / wall, 2) for role in after}
     return Measured(point["request_throughput"], point["p50_ttft_ms"] / 1e3, point["p90_ttft_ms"] / 1e3,
-                    point["failed"])
+                    point["failed"], cores)
 
 
 def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **load_args) -> Measured:
@@ -456,18 +482,18 @@ def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **l
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway did not see its servers healthy")
             time.sleep(0.5)
-        return drive(url, **load_args)
+        return drive(url, processes=processes, **load_args)
     finally:
         stop(processes)
 
 
 @contextlib.contextmanager
 def coupled_server(checkpoint: Path, log_dir: Path):
-    """`vllm serve` of the HF-format checkpoint fed pixels (as `dvd bench compare` starts it), its engine bound
-    to core 0 like one language server; yields its URL once healthy."""
+    """`vllm serve` of the HF-format checkpoint fed pixels (as `dvd bench compare` starts it), all of it on
+    core 0 like one language server; yields its URL and processes once healthy."""
     port = free_port()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    command = ["env", "VLLM_CPU_OMP_THREADS_BIND=0", *coupled_command(str(checkpoint), port)]
+    command = ["taskset", "-c", "0", "env", "VLLM_CPU_OMP_THREADS_BIND=0", *coupled_command(str(checkpoint), port)]
     processes = start(Fleet({"coupled": command}), log_dir=log_dir)
     try:
         deadline = time.monotonic() + 600
@@ -480,15 +506,15 @@ def coupled_server(checkpoint: Path, log_dir: Path):
                 if httpx.get(f"http://{HOST}:{port}/health", timeout=2).status_code == 200:
                     break
             time.sleep(1)
-        yield f"http://{HOST}:{port}"
+        yield f"http://{HOST}:{port}", processes
     finally:
         stop(processes)
 
 
 def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
     """One coupled replica driven like the DvD configurations."""
-    with coupled_server(checkpoint, log_dir) as url:
-        return drive(url, **load_args)
+    with coupled_server(checkpoint, log_dir) as (url, processes):
+        return drive(url, processes=processes, **load_args)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -585,7 +611,8 @@ def main(
                + (f", {images} images" if images else ""), "load": f"start: {began}; end: {load()}",
                "measured": {"throughput_rps": round(measured.throughput_rps, 3),
                             "ttft_p50_s": round(measured.ttft_p50_s, 4), "ttft_p90_s": round(measured.ttft_p90_s, 4),
-                            "errors": measured.errors}}
+                            "errors": measured.errors},
+               "cores_busy": measured.cores_busy}
         add_prediction(row, profiles, requests, concurrency, max_tokens)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -134,6 +134,7 @@ class CoupledProfile(BaseModel):
 
     vision_seconds_per_tile: float = Field(gt=0)  # the encoder inside the coupled engine's step
     preprocess_s_per_tile: float = Field(0.0, ge=0)  # image decode + processor in the API server, off the step
+    preprocess_on_device: bool = False  # the API server shares the engine's device (a CPU replica on one core)
     overhead_s_per_request: float = Field(0.0, ge=0)  # API server and scheduling, outside prefill
     source: str = ""
 

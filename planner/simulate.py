@@ -301,9 +301,9 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int)
     requests = make_requests(workload, profiles)
     finished = simpy.Store(env)
     engines = [LanguageEngine(env, profiles, finished.put, encode_in_step=True) for _ in range(replicas)]
-    workers = {id(e): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for e in engines}
-
     measured = profiles.coupled
+    workers = {id(e): e.device if measured and measured.preprocess_on_device
+               else simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for e in engines}
     overhead_s = measured.overhead_s_per_request if measured else profiles.language.overhead_s_per_request
     preprocess_s_per_tile = measured.preprocess_s_per_tile if measured else profiles.vision.preprocess_s_per_tile
 

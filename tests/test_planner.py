@@ -192,3 +192,8 @@ def test_a_measured_coupled_profile_replaces_the_derived_costs():
     slow_api = measured.model_copy(update={"coupled": CoupledProfile(vision_seconds_per_tile=TINY,
                                                                      preprocess_s_per_tile=0.05)})
     assert run(slow_api, load, 0, 1).throughput_rps == pytest.approx(1 / 0.15, rel=0.1)  # one processor thread
+    one_core = measured.model_copy(update={"coupled": CoupledProfile(vision_seconds_per_tile=0.02,
+                                                                     preprocess_s_per_tile=0.01,
+                                                                     preprocess_on_device=True)})
+    # 60 ms of encoder in the step plus 30 ms of the API server's image work on the same device
+    assert run(one_core, load, 0, 1).throughput_rps == pytest.approx(1 / 0.09, rel=0.1)
