@@ -622,8 +622,9 @@ def main(
                            "concurrency": concurrency, "max_tokens": max_tokens},
               "command": "python -m benchmarks.plan_validation", "rows": rows,
               "cores": "a core per server where the host has one: vision servers pinned with one torch thread, "
-                       "vLLM engines bound by VLLM_CPU_OMP_THREADS_BIND; with three servers on two cores (1+2, 2+1) "
-                       "two share a core, and the simulation places them on one device",
+                       "each language server (all its processes) and coupled vllm serve pinned with taskset; with "
+                       "three servers on two cores (1+2, 2+1) two share a core, and the simulation places them on "
+                       "one device; the gateway and the client are not pinned",
               "coupled_profile": "derived from the vision and language profiles" if profiles.coupled is None else
               "measured"}
     out = RESULTS / f"plan_validation_{name}.json"
