@@ -7,7 +7,8 @@ servers themselves:
     dvd up --vision-metrics-port 9101 --language-metrics-port 9102 &
     python benchmarks/request_latency.py --requests 20 --width 896 --height 448
 
-Stages: preprocess (decode + tiling), encode (ViT + projector), send (hand-off to ZeroMQ), transfer
+Stages: preprocess (decode + tiling), vision queue (queued -> first tile in a batch), encode (queued ->
+last tile through ViT + projector: the queue included), send (hand-off to ZeroMQ), transfer
 (vision send -> language receive), feature wait (Generate arrival -> all features present; overlaps
 the stages before it), prefill (features present -> first token), decode (first -> last token).
 """
@@ -30,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 STAGES = {
     "preprocess": ("vision", "dvd_vision_preprocess_seconds"),
+    "vision_queue": ("vision", "dvd_vision_queue_seconds"),
     "encode": ("vision", "dvd_vision_encode_seconds"),
     "send": ("vision", "dvd_vision_send_seconds"),
     "transfer": ("language", "dvd_language_feature_transfer_seconds"),

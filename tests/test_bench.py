@@ -228,8 +228,10 @@ def test_dvd_bench_run_against_dvd_up_writes_complete_results(stack, tmp_path):
         assert 0 < point["mean_ttft_ms"] <= point["mean_e2el_ms"] and point["mean_tpot_ms"] > 0
         assert point["p50_ttft_ms"] <= point["p90_ttft_ms"] <= point["p99_ttft_ms"]
         stages = point["stages_ms"]
-        assert set(stages) == {"preprocess", "encode", "send", "transfer", "feature_wait", "prefill", "decode"}
+        assert set(stages) == {"preprocess", "vision_queue", "encode", "send", "transfer", "feature_wait", "prefill",
+                               "decode"}
         assert stages["encode"] > 0 and stages["prefill"] > 0 and stages["decode"] > 0
+        assert 0 <= stages["vision_queue"] < stages["encode"]  # the queue is the first part of "encode"
     with out.with_suffix(".csv").open() as rows:
         table = list(csv.DictReader(rows))
     assert [int(r["completed"]) for r in table] == [6, 6] and "p99_ttft_ms" in table[0]

@@ -124,6 +124,9 @@ class VisionEngine:
         while batch := self._next_batch():
             number += 1
             start = time.perf_counter()
+            for s in batch:
+                if s.start == 0:  # the image's first tiles: its time in the queue ends here
+                    metrics.QUEUE.observe(start - s.job.payload.started)
             try:
                 outputs = self._compute(batch)
             except Exception as exc:  # a failed batch fails its images, never the engine

@@ -15,7 +15,9 @@ BATCH_TILES = Histogram("dvd_vision_batch_tiles", "Tiles per encoder batch",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 VIR_TILES = Counter("dvd_vision_vir_tiles", "Tiles routed by ViR, by outcome (compressed: 64 tokens)", ["route"])
 PREPROCESS = Histogram("dvd_vision_preprocess_seconds", "Decode + tiling per request", buckets=LATENCY_BUCKETS)
-ENCODE = Histogram("dvd_vision_encode_seconds", "Image queued to its last tile encoded",
+QUEUE = Histogram("dvd_vision_queue_seconds", "Image queued to its first tile in an encoder batch",
+                  buckets=LATENCY_BUCKETS)
+ENCODE = Histogram("dvd_vision_encode_seconds", "Image queued to its last tile encoded (queue time included)",
                    buckets=LATENCY_BUCKETS)
 SEND = Histogram("dvd_vision_send_seconds", "Handing one image's features to the transport",
                  buckets=LATENCY_BUCKETS)
