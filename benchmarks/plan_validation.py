@@ -1,6 +1,6 @@
 """Stage profiles of this machine, then the planner's predictions against measured runs, back to back.
 
-    python -m benchmarks.plan_validation                  # profiles + validation (about 10 min on 2 quiet cores)
+    python -m benchmarks.plan_validation                  # profiles + validation (about 12 min on 2 quiet cores)
     python -m benchmarks.plan_validation --profile-only   # just benchmarks/results/profiles/<name>.json
 
 Profiles come from the project's own parts: the vision model's batch sweep (benchmarks/vision.py), a
@@ -67,6 +67,7 @@ from planner.workload import Workload
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureReceiver, TcpFeatureSender
+from vision_server.settings import VisionServerSettings
 
 HOST = "127.0.0.1"
 RESULTS = Path(__file__).parent / "results"
@@ -75,6 +76,10 @@ IMAGE_TILES = 3
 WARMUP = 4
 INPUT_WORDS = 4  # random words of text beside the image(s)
 LANGUAGE = LanguageServerSettings(model="unused")  # the language server's defaults
+VISION = VisionServerSettings(model="unused")
+# Linux (EEVDF) gives a runnable thread a base slice of 0.75 ms x (1 + log2 cores) before another may run:
+# 1.5 ms on 2 cores; the simulation shares a core among threads and processes in slices of this length.
+TIMESLICE_S = 0.00075 * (1 + int(np.log2(os.cpu_count() or 1)))
 
 
 def load() -> str:
@@ -169,7 +174,14 @@ def started(fleet: Fleet, ready: list[tuple[str, type]], log_dir: Path, timeout_
 # ---------------------------------------------------------------- profiles
 
 
-def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> VisionProfile:
+def relative_spread(groups: list[list[float]]) -> float:
+    """Standard deviation / mean of repeated identical measurements, pooled over groups of them."""
+    ratios = [x / statistics.mean(group) for group in groups if len(group) > 1 for x in group]
+    return statistics.pstdev(ratios) if ratios else 0.0
+
+
+def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> tuple[VisionProfile, list[list[float]]]:
+    """The vision profile, and its repeated identical measurements (for the spread of service times)."""
     affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
     os.sched_setaffinity(0, {VISION_CORE})  # measured as the vision server runs: one thread on its core
     torch.set_num_threads(1)
@@ -183,8 +195,9 @@ def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> Visi
     finally:
         os.sched_setaffinity(0, affinity)
         torch.set_num_threads(threads)
-    # one pinned core: preprocessing threads and the encoder take turns on it
-    profile = VisionProfile(batch_sweep=sweep, preprocess_parallelism=1, preprocess_on_device=True)
+    # one pinned core: the server's preprocessing threads and the encoder take turns on it
+    profile = VisionProfile(batch_sweep=sweep, preprocess_parallelism=VISION.preprocess_workers,
+                            preprocess_on_device=True)
     # Host work per image, from a real vision server's own timings: decode + tiling, and what is left
     # of the client's latency after preprocessing and the model (gRPC, scheduling, sending).
     port = free_port()
@@ -192,7 +205,7 @@ def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> Visi
     processes = started(Fleet({"vision-profile": command}), [(f"{HOST}:{port}", dvd_pb2_grpc.VisionServiceStub)],
                         log_dir)
     try:
-        timings = asyncio.run(_encode_sequentially(port, 12))
+        timings = asyncio.run(_encode_sequentially(port, 16))
     finally:
         stop(processes)
     timings = timings[2:]  # warm-up
@@ -201,7 +214,7 @@ def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> Visi
     model_s = profile.batch_seconds(IMAGE_TILES)
     profile.preprocess_s_per_tile = round(preprocess / IMAGE_TILES, 6)
     profile.overhead_s_per_request = round(max(0.0, latency - preprocess - model_s - profile.max_batch_wait_s), 6)
-    return profile
+    return profile, [[t["latency_s"] for t in timings], [t["preprocess_s"] for t in timings]]
 
 
 async def _encode_sequentially(port: int, count: int) -> list[dict]:
@@ -260,7 +273,8 @@ def profile_transport(hidden_size: int) -> TransportProfile:
                             source="ZeroMQ loopback on this host through transport.tcp (one link, 16 MiB messages)")
 
 
-def profile_language(checkpoint: Path, log_dir: Path) -> LanguageProfile:
+def profile_language(checkpoint: Path, log_dir: Path) -> tuple[LanguageProfile, list[list[float]]]:
+    """The language profile, and its repeated identical measurements (for the spread of service times)."""
     port, feature_port = free_port(), free_port()
     command = language_command("--model", str(checkpoint), "--port", str(port),
                                "--feature-bind", f"tcp://{HOST}:{feature_port}")
@@ -296,7 +310,7 @@ async def _generate(stub, sender: TcpFeatureSender, endpoint: str, hidden: int, 
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
 
 
-async def _language_sweeps(port: int) -> LanguageProfile:
+async def _language_sweeps(port: int) -> tuple[LanguageProfile, list[list[float]]]:
     sender = TcpFeatureSender()
     try:
         async with grpc.aio.insecure_channel(f"{HOST}:{port}") as channel:
@@ -309,11 +323,12 @@ async def _language_sweeps(port: int) -> LanguageProfile:
                                               for _ in range(batch)])
 
             await batch_of(2, 1, 4)  # warm-up
-            prefill, overheads = [], []
+            prefill, overheads, repeated = [], [], []
             for tiles in (1, 4, 12):
                 for batch in (1, 4):
-                    runs = [await batch_of(batch, tiles, 1) for _ in range(3)]
-                    seconds = statistics.median(max(r["prefill_s"] for r in rs) for rs in runs)
+                    runs = [await batch_of(batch, tiles, 1) for _ in range(5)]
+                    repeated.append([max(r["prefill_s"] for r in rs) for rs in runs])
+                    seconds = statistics.median(repeated[-1])
                     prefill.append(PrefillPoint(batch=batch, context_tokens=runs[0][0]["prompt_tokens"],
                                                 seconds=round(seconds, 6)))
                     if batch == 1:
@@ -328,9 +343,10 @@ async def _language_sweeps(port: int) -> LanguageProfile:
                                               step_seconds=round(step, 6)))
     finally:
         sender.close()
-    return LanguageProfile(prefill=prefill, decode=decode, max_num_seqs=LANGUAGE.max_num_seqs,
-                           max_batched_tokens=max(LANGUAGE.max_model_len, 2048),  # whole prompts on CPU
-                           overhead_s_per_request=round(max(0.0, statistics.median(overheads)), 6))
+    profile = LanguageProfile(prefill=prefill, decode=decode, max_num_seqs=LANGUAGE.max_num_seqs,
+                              max_batched_tokens=max(LANGUAGE.max_model_len, 2048),  # whole prompts on CPU
+                              overhead_s_per_request=round(max(0.0, statistics.median(overheads)), 6))
+    return profile, repeated
 
 
 WORDS = "apple river stone cloud green house light music paper table water window".split()
@@ -396,9 +412,9 @@ def profile_coupled(checkpoint: Path, log_dir: Path, repeats: int = 8) -> Couple
 def profile(config_name: str, out: Path, log_dir: Path, checkpoints: dict[str, Path]) -> StageProfiles:
     config = ModelConfig.from_name(config_name)
     began = load()
-    vision = profile_vision(config, checkpoints["custom"], log_dir)
+    vision, vision_repeats = profile_vision(config, checkpoints["custom"], log_dir)
     transport = profile_transport(config.language.hidden_size)
-    language = profile_language(checkpoints["custom"], log_dir)
+    language, language_repeats = profile_language(checkpoints["custom"], log_dir)
     profiles = StageProfiles(
         device=f"CPU ({platform.machine()}, {os.cpu_count()} cores, shared)",
         geometry=Geometry(name=config_name, vision_hidden_size=config.vision.hidden_size,
@@ -408,7 +424,9 @@ def profile(config_name: str, out: Path, log_dir: Path, checkpoints: dict[str, P
         machine_load=f"start: {began}; end: {load()}",
         command="python -m benchmarks.plan_validation --profile-only",
         notes="vision model fp32 on CPU; language model bf16 (vLLM CPU); features bf16 over ZeroMQ",
-        vision=vision, language=language, transport=transport, coupled=profile_coupled(checkpoints["hf"], log_dir))
+        vision=vision, language=language, transport=transport, coupled=profile_coupled(checkpoints["hf"], log_dir),
+        timeslice_s=round(TIMESLICE_S, 6),
+        service_time_cv=round(relative_spread(vision_repeats + language_repeats), 3))
     profiles.save(out)
     return profiles
 
@@ -439,22 +457,29 @@ def cpu_seconds(processes: dict) -> dict[str, float]:
 
 
 def drive(base_url: str, requests: int, concurrency: int, max_tokens: int, images_per_request: int = 1,
-          processes: dict | None = None) -> Measured:
-    """`dvd bench`: fresh synthetic requests, all queued at once under a concurrency cap (a closed loop);
-    with `processes`, also the cores each of them (and the client) kept busy meanwhile."""
-    generated = synthetic(WARMUP + requests, [IMAGE_SIZE], images_per_request, INPUT_WORDS, max_tokens, seed=0)
+          processes: dict | None = None, repeats: int = 1) -> list[Measured]:
+    """`dvd bench`, `repeats` times: fresh synthetic requests (new images each time, so no cache hits), all
+    queued at once under a concurrency cap (a closed loop); with `processes`, also the cores each of them
+    (and the client) kept busy meanwhile."""
+    return [_drive_once(base_url, requests, concurrency, max_tokens, images_per_request, processes or {}, seed)
+            for seed in range(repeats)]
+
+
+def _drive_once(base_url: str, requests: int, concurrency: int, max_tokens: int, images_per_request: int,
+                processes: dict, seed: int) -> Measured:
+    generated = synthetic(WARMUP + requests, [IMAGE_SIZE], images_per_request, INPUT_WORDS, max_tokens, seed=seed)
     workload = BenchWorkload.fresh(generated, WARMUP, 1, {"source": "synthetic"})
     options = RunOptions(points=[LoadPoint(max_concurrency=concurrency)], ignore_eos=True,
                          sampling={"temperature": 0}, percentiles=[50.0, 90.0], progress=False)
-    before, began = cpu_seconds(processes or {}), time.perf_counter()
+    before, began = cpu_seconds(processes), time.perf_counter()
     point = asyncio.run(bench(base_url, workload, options))["points"][0]
-    after, wall = cpu_seconds(processes or {}), time.perf_counter() - began  # warm-up included: 4 of 64 requests
+    after, wall = cpu_seconds(processes), time.perf_counter() - began  # warm-up included: 4 of 64 requests
     cores = {role: round((after[role] - before.get(role, 0.0)) / wall, 2) for role in after}
     return Measured(point["request_throughput"], point["p50_ttft_ms"] / 1e3, point["p90_ttft_ms"] / 1e3,
                     point["failed"], cores)
 
 
-def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **load_args) -> Measured:
+def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **load_args) -> list[Measured]:
     servers, ready = {}, []
     vision_addresses, language_addresses = [], []
     placement = cores(vision, language)
@@ -511,10 +536,25 @@ def coupled_server(checkpoint: Path, log_dir: Path):
         stop(processes)
 
 
-def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> Measured:
+def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> list[Measured]:
     """One coupled replica driven like the DvD configurations."""
     with coupled_server(checkpoint, log_dir) as (url, processes):
         return drive(url, processes=processes, **load_args)
+
+
+FIGURES = ("throughput_rps", "ttft_p50_s", "ttft_p90_s")
+
+
+def measured_figures(runs: list[Measured]) -> dict:
+    """A configuration's measured runs: each run's figures, their means (compared with the prediction) and
+    the cores each process kept busy, averaged."""
+    each = [{key: round(getattr(run, key), 4) for key in FIGURES} | {"errors": run.errors} for run in runs]
+    roles = {role for run in runs for role in run.cores_busy}
+    return {"measured": {key: round(statistics.mean(r[key] for r in each), 4) for key in FIGURES}
+            | {"errors": sum(r["errors"] for r in each)},
+            "measured_runs": each,
+            "cores_busy": {role: round(statistics.mean(run.cores_busy.get(role, 0.0) for run in runs), 2)
+                           for role in sorted(roles)}}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -526,9 +566,11 @@ def plot(rows: list[dict], path: Path) -> None:
     labels = [row["config"] for row in rows]
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in zip(axes, ("throughput_rps", "ttft_p50_s", "ttft_p90_s"),
-                              ("throughput (req/s)", "TTFT p50 (s)", "TTFT p90 (s)")):
-        ax.bar(x - 0.2, [row["measured"][key] for row in rows], 0.4, label="measured")
+    for ax, key, title in zip(axes, FIGURES, ("throughput (req/s)", "TTFT p50 (s)", "TTFT p90 (s)")):
+        means = np.array([row["measured"][key] for row in rows])
+        runs = [[run[key] for run in row.get("measured_runs", [row["measured"]])] for row in rows]
+        spread = [means - [min(r) for r in runs], [max(r) for r in runs] - means]  # the runs' range
+        ax.bar(x - 0.2, means, 0.4, yerr=spread, capsize=3, label="measured (mean, range of runs)")
         ax.bar(x + 0.2, [row["predicted"][key] for row in rows], 0.4, label="predicted")
         ax.set_xticks(x, labels, fontsize=8, rotation=20)
         ax.set_title(title)
@@ -539,20 +581,25 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+REPLICATIONS = 10  # simulated runs per configuration (seeds of the service-time spread), averaged
+
+
 def add_prediction(row: dict, profiles: StageProfiles, requests: int, concurrency: int, max_tokens: int) -> None:
-    """The simulation of `row`'s configuration and workload on `profiles`, and its error against the measurement."""
+    """The simulation of `row`'s configuration and workload on `profiles` (the mean of REPLICATIONS runs with
+    different seeds, as one measured run is one draw), and its error against the measurement."""
     servers, _, images = row["pair"].partition("x")
     vision, language = (int(n) for n in servers.split("+"))
     text_tokens = profiles.language.prefill[0].context_tokens - profiles.geometry.tokens_per_tile - 2
-    workload = Workload(name="validation", images_per_request=int(images or 1), tiles_per_image=IMAGE_TILES,
-                        text_tokens=text_tokens, output_tokens=max_tokens, concurrency=concurrency, requests=requests,
-                        ttft_slo_s=10, tpot_slo_s=1, gpus=max(2, vision + language))
-    predicted = predict(profiles, workload, vision, language, cores(vision, language) if vision else None)
-    row["predicted"] = {"throughput_rps": round(predicted.throughput_rps, 3),
-                        "ttft_p50_s": round(predicted.ttft_p50_s, 4), "ttft_p90_s": round(predicted.ttft_p90_s, 4),
-                        "bottleneck": predicted.bottleneck}
+    runs = []
+    for seed in range(REPLICATIONS):
+        workload = Workload(name="validation", images_per_request=int(images or 1), tiles_per_image=IMAGE_TILES,
+                            text_tokens=text_tokens, output_tokens=max_tokens, concurrency=concurrency,
+                            requests=requests, ttft_slo_s=10, tpot_slo_s=1, gpus=max(2, vision + language), seed=seed)
+        runs.append(predict(profiles, workload, vision, language, cores(vision, language) if vision else None))
+    row["predicted"] = {key: round(statistics.mean(getattr(run, key) for run in runs), 4) for key in FIGURES}
+    row["predicted"]["bottleneck"] = statistics.mode(run.bottleneck for run in runs)
     row["error_pct"] = {key: round(100 * (row["predicted"][key] - row["measured"][key]) / row["measured"][key], 1)
-                        for key in ("throughput_rps", "ttft_p50_s", "ttft_p90_s")}
+                        for key in FIGURES}
 
 
 def repredict(name: str) -> None:
@@ -580,6 +627,7 @@ def main(
     requests: int = 60,
     concurrency: int = 8,
     max_tokens: int = 16,
+    repeats: Annotated[int, typer.Option(help="Measured runs per configuration (fresh images each), averaged")] = 3,
 ) -> None:
     if predict_only:
         return repredict(name)
@@ -594,32 +642,30 @@ def main(
     if profile_only:
         return
     rows = []
-    load_args = {"requests": requests, "concurrency": concurrency, "max_tokens": max_tokens}
+    load_args = {"requests": requests, "concurrency": concurrency, "max_tokens": max_tokens, "repeats": repeats}
     for pair in configs.split(","):
         servers, _, images = pair.partition("x")
         vision, language = (int(n) for n in servers.split("+"))
         load_args["images_per_request"] = int(images or 1)
         began = load()
         try:
-            measured = (measure_dvd(checkpoints["custom"], vision, language, log_dir, **load_args) if vision
-                        else measure_coupled(checkpoints["hf"], log_dir, **load_args))
+            runs = (measure_dvd(checkpoints["custom"], vision, language, log_dir, **load_args) if vision
+                    else measure_coupled(checkpoints["hf"], log_dir, **load_args))
         except (RuntimeError, TimeoutError) as exc:
             print(f"{pair}: not measured: {exc}", flush=True)
             rows.append({"config": pair, "error": str(exc)})
             continue
         row = {"pair": pair, "config": (f"{vision}V+{language}L" if vision else f"coupled x{language}")
                + (f", {images} images" if images else ""), "load": f"start: {began}; end: {load()}",
-               "measured": {"throughput_rps": round(measured.throughput_rps, 3),
-                            "ttft_p50_s": round(measured.ttft_p50_s, 4), "ttft_p90_s": round(measured.ttft_p90_s, 4),
-                            "errors": measured.errors},
-               "cores_busy": measured.cores_busy}
+               **measured_figures(runs)}
         add_prediction(row, profiles, requests, concurrency, max_tokens)
         print(json.dumps(row), flush=True)
         rows.append(row)
     measured_rows = [row for row in rows if "measured" in row]
     result = {"profiles": str(profile_path.relative_to(RESULTS.parent.parent)), "device": profiles.device,
               "workload": {"image": list(IMAGE_SIZE), "tiles_per_image": IMAGE_TILES, "requests": requests,
-                           "concurrency": concurrency, "max_tokens": max_tokens},
+                           "concurrency": concurrency, "max_tokens": max_tokens, "repeats": repeats},
+              "replications": REPLICATIONS,
               "command": "python -m benchmarks.plan_validation", "rows": rows,
               "cores": "a core per server where the host has one: vision servers pinned with one torch thread, "
                        "each language server (all its processes) and coupled vllm serve pinned with taskset; with "

@@ -135,6 +135,7 @@ class CoupledProfile(BaseModel):
     vision_seconds_per_tile: float = Field(gt=0)  # the encoder inside the coupled engine's step
     preprocess_s_per_tile: float = Field(0.0, ge=0)  # image decode + processor in the API server, off the step
     preprocess_on_device: bool = False  # the API server shares the engine's device (a CPU replica on one core)
+    preprocess_parallelism: int = Field(1, gt=0)  # vLLM's renderer processes images on one worker thread
     overhead_s_per_request: float = Field(0.0, ge=0)  # API server and scheduling, outside prefill
     source: str = ""
 
@@ -154,6 +155,11 @@ class StageProfiles(BaseModel):
     language: LanguageProfile
     transport: TransportProfile
     coupled: CoupledProfile | None = None
+    # How jobs share one device (a server's threads, or servers placed together): None, each runs whole in
+    # turn; a number, round robin in slices of that many seconds, as Linux shares a CPU core among threads.
+    timeslice_s: float | None = Field(None, gt=0)
+    # Spread of repeated identical service times (standard deviation / mean), as measured; 0: noiseless.
+    service_time_cv: float = Field(0.0, ge=0, le=2)
 
     def feature_bytes(self, tokens: int) -> int:
         return tokens * self.geometry.language_hidden_size * 2  # BF16 on the wire

@@ -78,15 +78,66 @@ def make_requests(workload: Workload, profiles: StageProfiles) -> list[Request]:
     return requests
 
 
+class Spread:
+    """Service times drawn around the profile's figure with its measured spread (lognormal, same mean), so
+    simulated servers drift out of step as real ones do; a noiseless closed loop runs in lock-step waves."""
+
+    def __init__(self, cv: float, seed: int):
+        self.sigma = float(np.sqrt(np.log1p(cv * cv)))
+        self.rng = np.random.default_rng([seed, 2])
+
+    def __call__(self, seconds: float) -> float:
+        if not self.sigma or not seconds:
+            return seconds
+        return seconds * float(self.rng.lognormal(-self.sigma ** 2 / 2, self.sigma))
+
+
+class Device:
+    """One device, shared by the servers placed on it and by a server's own threads.
+
+    Jobs take turns: each runs whole, in arrival order (`timeslice_s` None), or round robin in slices of
+    `timeslice_s`, as an OS scheduler shares a CPU core among threads and processes (processor sharing
+    as the slice shrinks): a short job beside a long one then finishes early instead of waiting for it.
+    """
+
+    def __init__(self, env: simpy.Environment, timeslice_s: float | None, spread: Spread):
+        self.env, self.timeslice_s, self.spread = env, timeslice_s, spread
+        self._turns = simpy.Resource(env, capacity=1)
+
+    def run(self, seconds: float):
+        """A simpy process body: about `seconds` (see `Spread`) of this device, in turns with other jobs."""
+        left = self.spread(seconds)
+        while left > 1e-12:
+            piece = left if self.timeslice_s is None else min(left, self.timeslice_s)
+            with self._turns.request() as turn:
+                yield turn
+                yield self.env.timeout(piece)
+            left -= piece
+
+
+class Host:
+    """Host cores of their own (worker threads beside a GPU): work takes its time, with no turns to wait."""
+
+    def __init__(self, env: simpy.Environment, profiles: StageProfiles, workload: Workload):
+        self.env, self.spread = env, Spread(profiles.service_time_cv, workload.seed + 1)
+
+    def run(self, seconds: float):
+        yield self.env.timeout(self.spread(seconds))
+
+
+def devices_for(env: simpy.Environment, profiles: StageProfiles, workload: Workload, count: int) -> list[Device]:
+    spread = Spread(profiles.service_time_cv, workload.seed)
+    return [Device(env, profiles.timeslice_s, spread) for _ in range(count)]
+
+
 class LanguageEngine:
     """A continuously batching engine (vLLM): each step prefills the newly admitted requests and decodes
     one token of every running one. `encode_in_step` adds the coupled engine's encoder to the step."""
 
-    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_finish, encode_in_step: bool = False,
-                 device: simpy.Resource | None = None):
+    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_finish, device: Device,
+                 encode_in_step: bool = False):
         self.env, self.profiles, self.on_finish = env, profiles, on_finish
-        self.encode_in_step = encode_in_step
-        self.device = device or simpy.Resource(env, capacity=1)  # held for each step; shared when co-located
+        self.device, self.encode_in_step = device, encode_in_step
         self.ready: deque[Request] = deque()
         self.running: list[Request] = []
         self.outstanding = 0
@@ -122,9 +173,7 @@ class LanguageEngine:
                 step += (tiles * coupled.vision_seconds_per_tile if coupled
                          else self.profiles.vision.batch_seconds(tiles))
             self.busy_s += step
-            with self.device.request() as device:
-                yield device
-                yield self.env.timeout(step)
+            yield from self.device.run(step)
             for r in admitted:
                 r.first_token = self.env.now
             self.running.extend(admitted)
@@ -145,14 +194,13 @@ class VisionServer:
     (as vision_server.scheduler does); a batch leaves when full or when its oldest tile waited
     `max_batch_wait_s`; an image's features leave when its own last tile is done."""
 
-    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_image_done,
-                 device: simpy.Resource | None = None):
+    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_image_done, device: Device):
         self.env, self.profiles, self.on_image_done = env, profiles, on_image_done
         self.images: list[list] = []  # [request, image index, tiles to schedule, tiles to finish, enqueued at]
         self.outstanding = 0
         self.busy_s = 0.0
         # the encoder's device: shared with preprocessing on CPU, and with any server placed on it
-        self.device = device or simpy.Resource(env, capacity=1)
+        self.device = device
         self._wake = env.event()
         env.process(self._loop())
 
@@ -184,9 +232,7 @@ class VisionServer:
             self.images = [entry for entry in self.images if entry[2]]
             seconds = vision.batch_seconds(len(batch))
             self.busy_s += seconds
-            with self.device.request() as device:
-                yield device
-                yield self.env.timeout(seconds)
+            yield from self.device.run(seconds)
             for entry in batch:
                 entry[3] -= 1
                 if entry[3] == 0:
@@ -227,10 +273,10 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     if len(devices) != servers:
         raise ValueError(f"devices names {len(devices)} servers' devices, the split has {servers} servers")
     env = simpy.Environment()
-    shared = {device: simpy.Resource(env, capacity=1) for device in set(devices)}
+    shared = dict(zip(sorted(set(devices)), devices_for(env, profiles, workload, len(set(devices)))))
     requests = make_requests(workload, profiles)
     finished = simpy.Store(env)
-    languages = [LanguageEngine(env, profiles, finished.put, device=shared[devices[vision_servers + i]])
+    languages = [LanguageEngine(env, profiles, finished.put, shared[devices[vision_servers + i]])
                  for i in range(language_servers)]
     links = {id(engine): simpy.Resource(env, capacity=1) for engine in languages}  # one receive link each
     route: dict[int, LanguageEngine] = {}
@@ -257,9 +303,10 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
             vision_route[r.index].outstanding -= 1
         env.process(transfer(r, image))
 
-    visions = [VisionServer(env, profiles, image_done, device=shared[devices[i]]) for i in range(vision_servers)]
-    workers = {id(v): v.device if profiles.vision.preprocess_on_device
-               else simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
+    visions = [VisionServer(env, profiles, image_done, shared[devices[i]]) for i in range(vision_servers)]
+    # image decoding and tiling: the server's worker threads, on its own device's cores (CPU) or on the host's
+    workers = {id(v): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
+    host = None if profiles.vision.preprocess_on_device else Host(env, profiles, workload)
 
     def encode(r: Request, server: VisionServer):
         yield env.timeout(profiles.vision.overhead_s_per_request)
@@ -269,7 +316,7 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     def preprocess(r: Request, image: int, server: VisionServer):
         with workers[id(server)].request() as worker:
             yield worker
-            yield env.timeout(r.tiles[image] * profiles.vision.preprocess_s_per_tile)
+            yield from (host or server.device).run(r.tiles[image] * profiles.vision.preprocess_s_per_tile)
         server.submit(r, image)
 
     def generate(r: Request):
@@ -300,18 +347,21 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int)
     env = simpy.Environment()
     requests = make_requests(workload, profiles)
     finished = simpy.Store(env)
-    engines = [LanguageEngine(env, profiles, finished.put, encode_in_step=True) for _ in range(replicas)]
+    engines = [LanguageEngine(env, profiles, finished.put, device, encode_in_step=True)
+               for device in devices_for(env, profiles, workload, replicas)]
     measured = profiles.coupled
-    workers = {id(e): e.device if measured and measured.preprocess_on_device
-               else simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for e in engines}
+    # vLLM's input processor: its API server's threads, on the engine's cores (CPU) or on the host's
+    parallelism = measured.preprocess_parallelism if measured else profiles.vision.preprocess_parallelism
+    workers = {id(e): simpy.Resource(env, capacity=parallelism) for e in engines}
+    host = None if measured and measured.preprocess_on_device else Host(env, profiles, workload)
     overhead_s = measured.overhead_s_per_request if measured else profiles.language.overhead_s_per_request
     preprocess_s_per_tile = measured.preprocess_s_per_tile if measured else profiles.vision.preprocess_s_per_tile
 
     def serve(r: Request, engine: LanguageEngine):
         yield env.timeout(overhead_s)
-        with workers[id(engine)].request() as worker:  # vLLM's input processor: decode and tiling on the host
+        with workers[id(engine)].request() as worker:
             yield worker
-            yield env.timeout(sum(r.tiles) * preprocess_s_per_tile)
+            yield from (host or engine.device).run(sum(r.tiles) * preprocess_s_per_tile)
         engine.add(r)
 
     def start(r: Request) -> None:

@@ -197,3 +197,59 @@ def test_a_measured_coupled_profile_replaces_the_derived_costs():
                                                                      preprocess_on_device=True)})
     # 60 ms of encoder in the step plus 30 ms of the API server's image work on the same device
     assert run(one_core, load, 0, 1).throughput_rps == pytest.approx(1 / 0.09, rel=0.1)
+
+
+def test_a_time_sliced_device_lets_a_short_job_pass_a_long_one():
+    """Whole turns: a short job waits for the long one before it. Slices (a CPU core shared by threads): both
+    progress at half speed, so the short one is done after twice its own length."""
+    import simpy
+
+    from planner.simulate import Device, Spread
+
+    def finish_times(timeslice_s):
+        env, done = simpy.Environment(), {}
+
+        def job(name, start, seconds):
+            yield env.timeout(start)
+            yield from device.run(seconds)
+            done[name] = env.now
+
+        device = Device(env, timeslice_s, Spread(0.0, seed=0))
+        env.process(job("long", 0.0, 1.0))
+        env.process(job("short", 0.01, 0.1))
+        env.run()
+        return done
+
+    whole, sliced = finish_times(None), finish_times(0.001)
+    assert whole == pytest.approx({"long": 1.0, "short": 1.1})
+    assert sliced["short"] == pytest.approx(0.01 + 2 * 0.1, abs=0.003)
+    assert sliced["long"] == pytest.approx(1.1, abs=0.003)  # the device is never idle: the total is the same
+
+
+def test_service_time_spread_keeps_the_mean_and_breaks_lock_step():
+    """Drawn service times have the profile's mean and measured spread; in a closed loop they spread TTFTs
+    that noiseless service times bunch into waves, and one seed always gives the same run."""
+    from planner.simulate import Spread
+
+    spread = Spread(0.2, seed=3)
+    draws = np.array([spread(0.05) for _ in range(20_000)])
+    assert draws.mean() == pytest.approx(0.05, rel=0.01)
+    assert draws.std() / draws.mean() == pytest.approx(0.2, rel=0.05)
+    assert Spread(0.0, seed=3)(0.05) == 0.05
+
+    load = workload(arrival_rate=None, concurrency=8, requests=200)
+    base = profile(vision_tiles_per_s=60.0, preprocess_s_per_tile=0.008, preprocess_on_device=True,
+                   preprocess_parallelism=2, decode_step_s=0.02)
+    noisy = base.model_copy(update={"service_time_cv": 0.2, "timeslice_s": 0.0015})
+    quiet_ttfts = {round(r.ttft, 9) for r in simulate_dvd(base, load, 1, 1).requests}
+    noisy_ttfts = {round(r.ttft, 9) for r in simulate_dvd(noisy, load, 1, 1).requests}
+    assert len(noisy_ttfts) > 2 * len(quiet_ttfts)
+    assert run(noisy, load, 1, 1) == run(noisy, load, 1, 1)
+    assert run(noisy, load, 1, 1) != run(noisy, load.model_copy(update={"seed": 1}), 1, 1)
+
+
+def test_relative_spread_pools_repeated_measurements():
+    from benchmarks.plan_validation import relative_spread
+
+    assert relative_spread([[2.0, 2.0, 2.0], [5.0]]) == 0.0
+    assert relative_spread([[0.9, 1.1], [1.8, 2.2]]) == pytest.approx(0.1)
