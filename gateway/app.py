@@ -282,7 +282,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                      len(chat.sources), chat.n, body.stream, body.user)
 
             async def first_response():
-                await load_images(chat, settings, state.fetcher)
+                await load_images(chat, settings, state.fetcher, state.vision.weights)
                 return await anext(responses)
 
             responses = generate(state.vision, state.language, chat, settings.request_timeout_s,

@@ -37,6 +37,7 @@ class Backend:
     channel: grpc.aio.Channel
     outstanding: int = 0
     up: bool = True  # optimistic until a health check or a failed call says otherwise
+    weights: str = ""  # the fingerprint of the weights it serves, from its last health reply
     description: dvd_pb2.ModelDescription | None = field(default=None)
 
     def mark_down(self, reason: str) -> None:
@@ -212,12 +213,19 @@ class VisionPool(BackendPool):
     def __init__(self, targets: list[str], secret: str | None = None):
         super().__init__("vision", targets, dvd_pb2_grpc.VisionServiceStub, secret)
 
+    @property
+    def weights(self) -> str:
+        """The weights the healthy servers encode with: part of every content key, so features cached
+        before the vision weights changed are not found after (while a rollout mixes two, both count)."""
+        return "+".join(sorted({b.weights for b in self.candidates()}))
+
 
 async def healthy(backend: Backend, timeout_s: float = 2.0) -> bool:
     try:
         reply = await backend.stub.Health(dvd_pb2.HealthRequest(), timeout=timeout_s)
     except grpc.aio.AioRpcError:
         return False
+    backend.weights = reply.weights
     return reply.ready
 
 

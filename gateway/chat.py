@@ -143,8 +143,10 @@ def prepare_chat(request: ChatCompletionRequest, settings: GatewaySettings, requ
     return PreparedChat(request_id, request.model, messages, sources, _sampling(request, settings), thinking)
 
 
-async def load_images(chat: PreparedChat, settings: GatewaySettings, fetcher: ImageFetcher) -> None:
-    """Decode data URLs (in threads) and download http(s) URLs, all of a request's images at once."""
+async def load_images(chat: PreparedChat, settings: GatewaySettings, fetcher: ImageFetcher,
+                      vision_weights: str = "") -> None:
+    """Decode data URLs (in threads) and download http(s) URLs, all of a request's images at once; with the
+    feature cache on, name each by content (`vision_weights`: the vision pool's weights fingerprint)."""
 
     async def load(index: int, source: ImageSource) -> dvd_pb2.ImageInput:
         if source.video_frames:
@@ -168,14 +170,15 @@ async def load_images(chat: PreparedChat, settings: GatewaySettings, fetcher: Im
         for task in tasks:  # the first failure ends the others
             task.cancel()
     if settings.feature_cache and chat.images:
-        chat.image_keys = await asyncio.to_thread(content_keys, chat.model, chat.images)
+        chat.image_keys = await asyncio.to_thread(content_keys, chat.model, vision_weights, chat.images)
 
 
-def content_keys(model: str, images: list[dvd_pb2.ImageInput]) -> list[str]:
-    """One key per image (video frame): the model and everything of the input that changes its features."""
+def content_keys(model: str, weights: str, images: list[dvd_pb2.ImageInput]) -> list[str]:
+    """One key per image (video frame): the model, the vision weights, and everything of the input that
+    changes its features."""
     keys = []
     for image in images:
-        digest = hashlib.sha256(f"{model}\0{image.max_tiles}\0{image.video_frames}\0".encode())
+        digest = hashlib.sha256(f"{model}\0{weights}\0{image.max_tiles}\0{image.video_frames}\0".encode())
         digest.update(image.data)
         key = digest.hexdigest()
         keys += [f"{key}.{frame}" for frame in range(image.video_frames)] if image.video_frames else [key]

@@ -283,9 +283,11 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ready", "model")
+    __slots__ = ("ready", "model", "weights")
     READY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     model: str
-    def __init__(self, ready: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    weights: str
+    def __init__(self, ready: _Optional[bool] = ..., model: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...

@@ -150,14 +150,15 @@ def test_vision_content_key_covers_bytes_and_settings():
 # ---------------------------------------------------------------- gateway: keys, subsets, affinity
 
 
-def test_gateway_keys_one_per_image_and_frame_and_depend_on_model_and_tiles():
+def test_gateway_keys_one_per_image_and_frame_and_depend_on_model_weights_and_tiles():
     images = [dvd_pb2.ImageInput(data=b"a", max_tiles=12), dvd_pb2.ImageInput(data=b"v", video_frames=3),
               dvd_pb2.ImageInput(data=b"a", max_tiles=12)]
-    keys = content_keys("m", images)
+    keys = content_keys("m", "w1", images)
     assert len(keys) == 5 and keys[0] == keys[4] and len(set(keys)) == 4
     assert keys[1].endswith(".0") and keys[3].endswith(".2")
-    assert content_keys("other", images[:1]) != keys[:1]
-    assert content_keys("m", [dvd_pb2.ImageInput(data=b"a", max_tiles=1)]) != keys[:1]
+    assert content_keys("other", "w1", images[:1]) != keys[:1]
+    assert content_keys("m", "w2", images[:1]) != keys[:1]  # new vision weights: cached features are not found
+    assert content_keys("m", "w1", [dvd_pb2.ImageInput(data=b"a", max_tiles=1)]) != keys[:1]
 
 
 def test_only_the_inputs_holding_missing_images_are_encoded_with_their_positions():

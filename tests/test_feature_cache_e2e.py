@@ -1,7 +1,9 @@
 """Repeated images end to end: a chat that resends its images on every turn encodes and sends each once.
 
 One vision server and one language server (real vLLM), two gateways in front of them: `cached` (the
-default, content keys on) and `uncached` (`--no-feature-cache`), so both runs see the same servers.
+default, content keys on) and `uncached` (`--no-feature-cache`), so both runs see the same servers; and a
+second vision server with other vision weights behind a third gateway (`retrained`), for the same
+language server.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import openai
 import pytest
 
+from checkpoint.generate import write_checkpoint
 from conftest import data_url, encode_to_local_receiver, free_port, make_image, metric
 from dvd.launcher import Stack, start, stop, wait_ready
 
@@ -22,24 +25,36 @@ pytestmark = pytest.mark.slow
 @dataclass
 class CacheStack(Stack):
     uncached_port: int = 0
+    retrained_model: str = ""  # a checkpoint with other vision weights
+    retrained_vision_port: int = 0
+    retrained_port: int = 0  # its gateway, in front of the same language server
 
     def commands(self) -> dict[str, list[str]]:
         commands = super().commands()
-        commands["uncached"] = [sys.executable, "-m", "dvd.cli", "gateway", "--port", str(self.uncached_port),
-                                "--vision-server", f"{self.host}:{self.vision_port}",
-                                "--language-server", f"{self.host}:{self.language_port}", "--no-feature-cache"]
+        dvd = [sys.executable, "-m", "dvd.cli"]
+        language = ["--language-server", f"{self.host}:{self.language_port}"]
+        commands["uncached"] = dvd + ["gateway", "--port", str(self.uncached_port),
+                                      "--vision-server", f"{self.host}:{self.vision_port}", *language,
+                                      "--no-feature-cache"]
+        commands["retrained-vision"] = dvd + ["vision-server", "--model", self.retrained_model,
+                                              "--port", str(self.retrained_vision_port)]
+        commands["retrained"] = dvd + ["gateway", "--port", str(self.retrained_port),
+                                       "--vision-server", f"{self.host}:{self.retrained_vision_port}", *language]
         return commands
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_checkpoints, tmp_path_factory):
+    retrained = write_checkpoint(tmp_path_factory.mktemp("retrained") / "tiny", "tiny", "custom", seed=1)
     stack = CacheStack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
                        language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
-                       language_metrics_port=free_port(), uncached_port=free_port())
+                       language_metrics_port=free_port(), uncached_port=free_port(), retrained_model=str(retrained),
+                       retrained_vision_port=free_port(), retrained_port=free_port())
     processes = start(stack, log_dir=tmp_path_factory.mktemp("feature-cache-logs"))
     try:
         wait_ready(stack, processes, timeout_s=600)
-        wait_ready(dataclasses.replace(stack, gateway_port=stack.uncached_port), processes, timeout_s=120)
+        for port in (stack.uncached_port, stack.retrained_port):
+            wait_ready(dataclasses.replace(stack, gateway_port=port), processes, timeout_s=120)
         yield stack
     finally:
         stop(processes)
@@ -143,3 +158,20 @@ def test_a_language_server_restart_or_eviction_is_not_needed_for_correctness_of_
     assert reply.usage.prompt_tokens_details.image_tokens == 2 * 256
     seen = counters.delta()
     assert seen["encoded"] == 1 and seen["received"] == 1 and seen["hits"] == 1, seen
+
+
+def test_features_cached_for_other_vision_weights_are_not_used(stack):
+    """The same image through a vision server with other weights is encoded again, not taken from the
+    language server's cache; each set of weights then has its own cached features."""
+    model = served_model(stack)
+    picture = {"type": "image_url", "image_url": {"url": data_url(make_image(240, 240, 37))}}
+    messages = [{"role": "user", "content": [picture, {"type": "text", "text": "What is it?"}]}]
+    clients = {name: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+               for name, port in (("original", stack.gateway_port), ("retrained", stack.retrained_port))}
+    seen = []
+    for name in ("original", "retrained", "retrained", "original"):
+        counters = Counters(stack)
+        clients[name].chat.completions.create(model=model, max_tokens=2, messages=messages)
+        delta = counters.delta()
+        seen.append((name, delta["received"], delta["hits"]))
+    assert seen == [("original", 1, 0), ("retrained", 1, 0), ("retrained", 0, 1), ("original", 0, 1)]

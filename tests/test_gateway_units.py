@@ -103,6 +103,22 @@ def test_a_dns_entry_stands_for_every_address_of_its_name():
     assert {"127.0.0.1:50999", "127.0.0.2:50998"} <= addresses
 
 
+def test_the_vision_pool_names_the_weights_its_healthy_servers_encode_with():
+    """Part of every content key: a rollout that mixes two sets of weights keys with both; a server that
+    is down does not count."""
+    async def run():
+        pool = VisionPool(["127.0.0.2:50997", "127.0.0.2:50996", "127.0.0.2:50995"])
+        for backend, weights in zip(pool.backends, ("old", "new", "new")):
+            backend.weights = weights
+        mixed = pool.weights
+        pool.backends[0].mark_down("test")
+        rolled = pool.weights
+        await pool.close()
+        return mixed, rolled
+
+    assert asyncio.run(run()) == ("new+old", "new")
+
+
 def test_malformed_dns_entry_fails_at_start():
     with pytest.raises(ValueError, match="dns:NAME:PORT"):
         VisionPool(["dns:no-port"])

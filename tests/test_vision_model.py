@@ -197,6 +197,25 @@ def test_loader_reads_only_vision_tensors(fmt, tiny_checkpoints, monkeypatch):
     assert sorted(read) == sorted(vision) == list(model.checkpoint_tensors)
 
 
+def test_the_weights_fingerprint_changes_with_any_vision_weight_and_only_then(tiny_checkpoints, tmp_path):
+    """The gateway's content keys include it: features cached for other weights must never be found."""
+    first = load_vision_model(tiny_checkpoints["custom"]).weights_fingerprint
+    assert len(first) == 64 and first == load_vision_model(tiny_checkpoints["custom"]).weights_fingerprint
+
+    def nudge(tensors):
+        tensors["vision_model.encoder.layers.1.mlp.fc2.bias"][0] += 1e-3
+
+    rewrite_checkpoint(tiny_checkpoints["custom"], tmp_path / "nudged", nudge)
+    assert load_vision_model(tmp_path / "nudged").weights_fingerprint != first
+
+    def language_only(tensors):
+        name = next(n for n in tensors if n.startswith("language_model."))
+        tensors[name] = tensors[name] + 1
+
+    rewrite_checkpoint(tiny_checkpoints["custom"], tmp_path / "language", language_only)
+    assert load_vision_model(tmp_path / "language").weights_fingerprint == first
+
+
 # --- strict loading --------------------------------------------------------------------------------
 
 

@@ -77,6 +77,12 @@ class VisionEngine:
         self._finisher.start()
 
     @property
+    def weights(self) -> str:
+        """What makes this engine's features: the weights' fingerprint, the compute and the wire dtype."""
+        dtypes = f"{self._dtype}:{self._feature_dtype}".replace("torch.", "")
+        return f"{self._model.weights_fingerprint[:32]}:{dtypes}"
+
+    @property
     def tiles_waiting(self) -> int:
         with self._condition:
             return self._scheduler.tiles_waiting

@@ -6,6 +6,7 @@ weights never leave the disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import defaultdict
@@ -147,6 +148,16 @@ def _read_tensors(shard_of: dict[str, Path], names: set[str]) -> dict[str, torch
     return tensors
 
 
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors as stored (names, dtypes, shapes, bytes): equal exactly when the weights are."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous().reshape(-1)
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def _fmt_list(names: list[str]) -> str:
     shown = ", ".join(names[:5])
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -188,4 +199,5 @@ def load_vision_model(
         state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.checkpoint_tensors = tuple(sorted(wanted))
+    model.weights_fingerprint = fingerprint(tensors)
     return model.eval().requires_grad_(False)

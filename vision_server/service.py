@@ -180,7 +180,7 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
         )
 
     async def Health(self, request, context) -> dvd_pb2.HealthResponse:
-        return dvd_pb2.HealthResponse(ready=True, model=self._model_name)
+        return dvd_pb2.HealthResponse(ready=True, model=self._model_name, weights=self._engines[0].weights)
 
     def close(self) -> None:
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)

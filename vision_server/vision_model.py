@@ -60,6 +60,7 @@ class VisionModel(nn.Module):
             )
         # Names of the checkpoint tensors this model was loaded from; set by `vision_server.loader`.
         self.checkpoint_tensors: tuple[str, ...] = ()
+        self.weights_fingerprint = ""  # SHA-256 of the checkpoint tensors read (set by the loader)
 
     def _vit_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.vit.embed.proj.weight
