@@ -3,11 +3,15 @@
 The role and port come from the arguments (`healthcheck.py gateway 8000`) or, by default, from the
 `dvd` process running in the container, so one image-level HEALTHCHECK serves all three roles.
 The gateway is checked through HTTP `/health`; the vision and language servers through their gRPC
-`Health` RPC (proto/dvd.proto), which answers ready once the model is loaded.
+`Health` RPC (proto/dvd.proto), which answers ready once the model is loaded. A server serving TLS
+(`DVD_<ROLE>_TLS_CERT_FILE`) is called over TLS with its own certificate and key as the client's, checked
+against its `TLS_CA_FILE` (or its own certificate when it has no CA), under the name
+`DVD_HEALTHCHECK_TLS_SERVER_NAME` (default `localhost`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,13 +50,26 @@ def check(role: str, port: int, host: str = "127.0.0.1", timeout_s: float = 4.0)
         import httpx
 
         return httpx.get(f"http://{host}:{port}/health", timeout=timeout_s).status_code == 200
-    import grpc
-
     from proto import dvd_pb2, dvd_pb2_grpc
 
     stub_cls = dvd_pb2_grpc.VisionServiceStub if role == "vision-server" else dvd_pb2_grpc.LanguageServiceStub
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    with channel_to(role, f"{host}:{port}") as channel:
         return stub_cls(channel).Health(dvd_pb2.HealthRequest(), timeout=timeout_s).ready
+
+
+def channel_to(role: str, address: str):
+    """A plaintext channel, or a TLS one when the server in this container serves TLS."""
+    import grpc
+
+    prefix = "DVD_VISION_" if role == "vision-server" else "DVD_LANGUAGE_"
+    cert, key, ca = (os.environ.get(prefix + name) for name in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE"))
+    if not cert:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca or cert).read_bytes(),
+                                               private_key=Path(key).read_bytes(),
+                                               certificate_chain=Path(cert).read_bytes())
+    name = os.environ.get("DVD_HEALTHCHECK_TLS_SERVER_NAME", "localhost")
+    return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", name)])
 
 
 def main(argv: list[str]) -> int:

@@ -69,9 +69,12 @@ def join_address(host: str, port: int) -> str:
 class BackendPool:
     """One pool per server kind; `lease()` picks the least loaded healthy server and counts the request on it."""
 
-    def __init__(self, kind: str, targets: list[str], stub_cls, secret: str | None = None):
+    def __init__(self, kind: str, targets: list[str], stub_cls, secret: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None):
         self.kind = kind
         self._interceptors = client_interceptors(secret)
+        self._credentials = credentials  # TLS to the servers; None: plaintext
+        self._options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
         self.targets = list(targets)
         self._stub_cls = stub_cls
         self.backends: list[Backend] = []
@@ -83,7 +86,11 @@ class BackendPool:
                 self._add(target)
 
     def _add(self, address: str) -> Backend:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=self._interceptors)
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options, interceptors=self._interceptors)
+        else:
+            channel = grpc.aio.secure_channel(address, self._credentials, options=self._options,
+                                              interceptors=self._interceptors)
         backend = Backend(self.kind, address, self._stub_cls(channel), channel)
         self.backends.append(backend)
         metrics.BACKEND_OUTSTANDING.labels(self.kind, address).set_function(lambda: backend.outstanding)
@@ -187,8 +194,8 @@ class FeatureHolders:
 class LanguagePool(BackendPool):
     """Language servers also tell the gateway where their features go (`Describe`)."""
 
-    def __init__(self, targets: list[str], secret: str | None = None):
-        super().__init__("language", targets, dvd_pb2_grpc.LanguageServiceStub, secret)
+    def __init__(self, targets: list[str], secret: str | None = None, **tls):
+        super().__init__("language", targets, dvd_pb2_grpc.LanguageServiceStub, secret, **tls)
         self.holders = FeatureHolders()
 
     async def describe(self, timeout_s: float = 2.0) -> list[Backend]:
@@ -210,8 +217,8 @@ class LanguagePool(BackendPool):
 
 
 class VisionPool(BackendPool):
-    def __init__(self, targets: list[str], secret: str | None = None):
-        super().__init__("vision", targets, dvd_pb2_grpc.VisionServiceStub, secret)
+    def __init__(self, targets: list[str], secret: str | None = None, **tls):
+        super().__init__("vision", targets, dvd_pb2_grpc.VisionServiceStub, secret, **tls)
 
     @property
     def weights(self) -> str:

@@ -13,8 +13,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from dvd.grpc_tls import TlsFiles
 
-class GatewaySettings(BaseSettings):
+
+class GatewaySettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS to the servers (dvd/grpc_tls.py)
     model_config = SettingsConfigDict(env_prefix="DVD_GATEWAY_", extra="forbid")
 
     host: str = "127.0.0.1"
@@ -27,6 +29,7 @@ class GatewaySettings(BaseSettings):
     api_keys: list[str] = []  # when set, /v1/* needs "Authorization: Bearer <one of them>"
     # Shared secret sent on every gRPC call to the vision and language servers (their internal_secret).
     internal_secret: SecretStr | None = None
+    tls_server_name: str | None = None  # the name checked in servers' TLS certificates (default: the address's host)
     # Largest request body; a base64 image is 4/3 of its bytes, so 16 images at max_image_bytes need more.
     max_body_bytes: int = Field(100 << 20, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)  # deadline of a request's Encode and Generate calls

@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 
 from checkpoint.formats import VIR_PREFIXES, detect_format
 from dvd.grpc_secret import server_interceptors
+from dvd.grpc_tls import add_port
 from language_server import metrics
 from language_server.engine import build_engine
 from language_server.feature_cache import FeatureCache
@@ -95,13 +96,13 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
                              options=[("grpc.max_receive_message_length", 64 << 20)])
     dvd_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
     address = f"{settings.host}:{settings.port}"
-    server.add_insecure_port(address)
+    security = add_port(server, address, settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     await server.start()
     background = [asyncio.create_task(receiver.run()), asyncio.create_task(store.expire_forever())]
-    log.info("language server ready: gRPC %s, features %s, model %s", address, description.feature_endpoint,
-             settings.model)
+    log.info("language server ready: gRPC %s (%s), features %s, model %s", address, security,
+             description.feature_endpoint, settings.model)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 
 from checkpoint.formats import read_model_config
 from dvd.grpc_secret import server_interceptors
+from dvd.grpc_tls import add_port
 from proto import dvd_pb2_grpc
 from transport.backends import FeatureSender
 from vision_server import metrics
@@ -64,12 +65,12 @@ async def serve(settings: VisionServerSettings) -> None:
                              options=[("grpc.max_receive_message_length", max_message)])
     dvd_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
     address = f"{settings.host}:{settings.port}"
-    server.add_insecure_port(address)
+    security = add_port(server, address, settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     await server.start()
-    log.info("vision server ready: gRPC %s, %s %s, model %s", address, ",".join(map(str, devices)), dtype,
-             settings.model)
+    log.info("vision server ready: gRPC %s (%s), %s %s, model %s", address, security, ",".join(map(str, devices)),
+             dtype, settings.model)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

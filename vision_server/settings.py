@@ -7,8 +7,10 @@ from typing import Literal
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dvd.grpc_tls import TlsFiles
 
-class VisionServerSettings(BaseSettings):
+
+class VisionServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd/grpc_tls.py)
     model_config = SettingsConfigDict(env_prefix="DVD_VISION_")
 
     model: str
