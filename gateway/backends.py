@@ -223,8 +223,9 @@ class VisionPool(BackendPool):
     @property
     def weights(self) -> str:
         """The weights the healthy servers encode with: part of every content key, so features cached
-        before the vision weights changed are not found after (while a rollout mixes two, both count)."""
-        return "+".join(sorted({b.weights for b in self.candidates()}))
+        before the vision weights changed are not found after (while a rollout mixes two, both count).
+        A server not yet health-checked does not count until it has told."""
+        return "+".join(sorted({b.weights for b in self.candidates() if b.weights}))
 
 
 async def healthy(backend: Backend, timeout_s: float = 2.0) -> bool:
