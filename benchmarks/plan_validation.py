@@ -649,8 +649,10 @@ def main(
         load_args["images_per_request"] = int(images or 1)
         began = load()
         try:
-            runs = (measure_dvd(checkpoints["custom"], vision, language, log_dir, **load_args) if vision
-                    else measure_coupled(checkpoints["hf"], log_dir, **load_args))
+            logs = log_dir / pair  # each configuration's server logs apart: names repeat across them
+            logs.mkdir(exist_ok=True)
+            runs = (measure_dvd(checkpoints["custom"], vision, language, logs, **load_args) if vision
+                    else measure_coupled(checkpoints["hf"], logs, **load_args))
         except (RuntimeError, TimeoutError) as exc:
             print(f"{pair}: not measured: {exc}", flush=True)
             rows.append({"config": pair, "error": str(exc)})
