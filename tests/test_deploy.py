@@ -27,7 +27,7 @@ from dvd.launcher import Stack, start, stop, wait_ready
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
-OVERLAYS = ["gpu", "cpu"]
+OVERLAYS = ["gpu", "cpu", "gpu-tls"]  # gpu-tls: the gpu overlay with the tls component
 K8S_VERSION = "1.37.0"
 ROLES = ("vision-server", "language-server", "gateway")
 TINY_IN_IMAGE = "/opt/dvd/checkpoints/tiny"
@@ -279,14 +279,14 @@ def test_pools_have_probes_limits_budgets_autoscalers_and_the_model_volume(rende
             assert mount["readOnly"] is True
             volume = next(v for v in pod["volumes"] if v["name"] == "models")
             gpus = container["resources"]["limits"].get("nvidia.com/gpu")
-            if overlay == "gpu":
+            if overlay.startswith("gpu"):
                 assert volume["persistentVolumeClaim"]["readOnly"] is True and gpus == "1"
                 assert pod["nodeSelector"]
             else:
                 assert "emptyDir" in volume and gpus is None
     gateway = workloads["dvd-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert bool(by_kind(docs, "PersistentVolumeClaim")) == (overlay == "gpu")
+    assert bool(by_kind(docs, "PersistentVolumeClaim")) == overlay.startswith("gpu")
 
 
 def test_gateway_addresses_every_language_replica_the_autoscaler_may_start(rendered):
@@ -303,6 +303,29 @@ def test_gateway_addresses_every_language_replica_the_autoscaler_may_start(rende
     args = language["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"$(POD_NAME).{service['metadata']['name']}." in flags(args)["--feature-advertise"][0]
     assert json.loads(config["DVD_GATEWAY_VISION_SERVERS"]) == ["dvd-vision:50051"]
+
+
+def test_the_tls_component_gives_every_role_its_certificate_files_and_nothing_else_changes(rendered):
+    """With the component each role reads its certificate, key and CA from a mounted TLS Secret (the
+    variables dvd/grpc_tls.py reads); without it, no role has any TLS setting."""
+    overlay, docs = rendered
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+    roles = {"dvd-vision": ("VISION", "dvd-tls-servers"), "dvd-language": ("LANGUAGE", "dvd-tls-servers"),
+             "dvd-gateway": ("GATEWAY", "dvd-tls-gateway")}
+    for name, (role, secret) in roles.items():
+        pod = workloads[name]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env", []) if "TLS" in e["name"]}
+        if overlay != "gpu-tls":
+            assert not env, (overlay, name, env)
+            continue
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+        volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+        assert volume["secret"]["secretName"] == secret and mount["readOnly"] is True
+        files = {f"DVD_{role}_TLS_{kind}_FILE": f"{mount['mountPath']}/{key}"
+                 for kind, key in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt"))}
+        assert files.items() <= env.items(), (name, env)
+        assert set(env) - set(files) == ({"DVD_GATEWAY_TLS_SERVER_NAME"} if role == "GATEWAY" else set())
 
 
 # ---------------------------------------------------------------- the compose cpu topology, run locally
