@@ -61,13 +61,13 @@ def channel_to(role: str, address: str):
     """A plaintext channel, or a TLS one when the server in this container serves TLS."""
     import grpc
 
+    from dvd.grpc_tls import TlsFiles, channel_credentials
+
     prefix = "DVD_VISION_" if role == "vision-server" else "DVD_LANGUAGE_"
     cert, key, ca = (os.environ.get(prefix + name) for name in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE"))
     if not cert:
         return grpc.insecure_channel(address)
-    credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca or cert).read_bytes(),
-                                               private_key=Path(key).read_bytes(),
-                                               certificate_chain=Path(cert).read_bytes())
+    credentials = channel_credentials(TlsFiles(tls_cert_file=cert, tls_key_file=key, tls_ca_file=ca or cert))
     name = os.environ.get("DVD_HEALTHCHECK_TLS_SERVER_NAME", "localhost")
     return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", name)])
 
