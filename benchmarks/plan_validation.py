@@ -43,7 +43,7 @@ import typer
 
 from benchmarks.loadgen import LoadPoint
 from benchmarks.run import RunOptions, bench
-from benchmarks.servers import coupled_command
+from benchmarks.servers import coupled_command, free_port
 from benchmarks.vision import build_model, time_batches
 from benchmarks.workload import Workload as BenchWorkload
 from benchmarks.workload import synthetic
@@ -84,14 +84,6 @@ TIMESLICE_S = 0.00075 * (1 + int(np.log2(os.cpu_count() or 1)))
 
 def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} cores)"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def png(seed: int) -> bytes:

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from dvd.launcher import free_port  # noqa: F401  (the test modules take it from here)
 from language_server import torchvision_compat  # noqa: F401  (before transformers / vLLM imports)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
