@@ -27,6 +27,7 @@ from dvd.launcher import Stack, start, stop, wait_ready
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_TLS = DEPLOY / "docker-compose.tls.yml"  # an override file: `-f docker-compose.yml -f docker-compose.tls.yml`
 OVERLAYS = ["gpu", "cpu", "gpu-tls"]  # gpu-tls: the gpu overlay with the tls component
 K8S_VERSION = "1.37.0"
 ROLES = ("vision-server", "language-server", "gateway")
@@ -108,12 +109,64 @@ def metric_names() -> set[str]:
 # ---------------------------------------------------------------- compose
 
 
-def test_compose_file_is_valid_against_the_compose_specification(compose):
+def compose_errors(document: dict) -> list[str]:
     schema_file = importlib.resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
     schema = json.loads(schema_file.read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
-    assert not errors, errors
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def with_override(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file into services: mappings merge, `volumes` lists append."""
+    merged = {**base, "services": dict(base["services"])}
+    for name, extra in override["services"].items():
+        service = dict(merged["services"][name])
+        service["environment"] = {**service.get("environment", {}), **extra.get("environment", {})}
+        service["volumes"] = [*service.get("volumes", []), *extra.get("volumes", [])]
+        merged["services"][name] = service
+    return merged
+
+
+def test_compose_file_is_valid_against_the_compose_specification(compose):
+    assert not compose_errors(compose)
+
+
+def test_compose_tls_override_gives_every_dvd_server_its_certificates_and_each_role_reads_them(compose, tmp_path,
+                                                                                              monkeypatch):
+    """Every dvd service of both profiles gets its role's variables, pointing into a read-only mount; the
+    variables are the ones each role's settings read (a misspelt name would leave TLS off)."""
+    from gateway.settings import GatewaySettings
+    from language_server.settings import LanguageServerSettings
+    from vision_server.settings import VisionServerSettings
+
+    override = yaml.safe_load(COMPOSE_TLS.read_text())
+    merged = with_override(compose, override)
+    assert not compose_errors(override) and not compose_errors(merged)
+    settings = {"vision-server": VisionServerSettings, "language-server": LanguageServerSettings,
+                "gateway": GatewaySettings}
+    dvd_services = {name for name, s in compose["services"].items() if s.get("command", [""])[0] in ROLES}
+    assert set(override["services"]) == dvd_services
+    for name in dvd_services:
+        service = merged["services"][name]
+        role = service["command"][0]
+        mounts = {interpolate(v).split(":")[1]: interpolate(v) for v in service["volumes"] if v.endswith(":ro")}
+        tls = {k: v for k, v in service["environment"].items() if "_TLS_" in k}
+        prefix = f"DVD_{role.split('-')[0].upper()}_TLS_"
+        assert tls and all(k.startswith(prefix) for k in tls), (name, tls)
+        folder = "gateway" if role == "gateway" else "servers"
+        files = [v for k, v in tls.items() if k.endswith("_FILE")]
+        assert len(files) == 3 and all(Path(f).parent.as_posix() in mounts for f in files), (name, tls)
+        assert all(mounts[Path(f).parent.as_posix()].startswith(f"./tls/{folder}:") for f in files), (name, mounts)
+
+        for f in files:  # the container's files, at a path on this machine
+            (tmp_path / Path(f).name).write_text("PEM")
+        for k, v in tls.items():
+            monkeypatch.setenv(k, str(tmp_path / Path(v).name) if k.endswith("_FILE") else v)
+        loaded = settings[role](**({} if role == "gateway" else {"model": "m"}))
+        assert (loaded.tls_cert_file, loaded.tls_key_file, loaded.tls_ca_file) == (
+            tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"), name
+        if role == "gateway":
+            assert loaded.tls_server_name == "dvd-servers"  # the name in the servers' certificate
 
 
 def test_compose_has_both_profiles_and_monitoring_in_each(compose):

@@ -8,6 +8,8 @@ import datetime
 import importlib.util
 import ipaddress
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import data_url, free_port, make_image
-from dvd.grpc_tls import TlsFiles
+from dvd.grpc_tls import TlsFiles, add_port, channel_credentials
 from dvd.launcher import Stack, start, stop, wait_ready
 from proto import dvd_pb2, dvd_pb2_grpc
 
@@ -172,3 +174,37 @@ def test_a_certificate_needs_its_key(pki):
         TlsFiles(tls_cert_file=cert)
     with pytest.raises(ValueError, match="tls_key_file"):
         TlsFiles(tls_cert_file=cert, tls_key_file=key.with_name("missing.pem"))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/tls-certs.sh needs the openssl command")
+def test_the_throw_away_certificates_script_makes_a_working_mutual_tls_pair(tmp_path):
+    """deploy/tls-certs.sh's files, loaded by dvd.grpc_tls as the servers and the gateway load them: the
+    gateway (name dvd-servers) and the health check (the server's own files, name localhost) get through."""
+    subprocess.run([str(Path(__file__).parents[1] / "deploy" / "tls-certs.sh"), str(tmp_path / "tls")],
+                   check=True, capture_output=True)
+    servers, gateway = (TlsFiles(tls_cert_file=tmp_path / "tls" / side / "tls.crt",
+                                 tls_key_file=tmp_path / "tls" / side / "tls.key",
+                                 tls_ca_file=tmp_path / "tls" / side / "ca.crt") for side in ("servers", "gateway"))
+
+    async def calls() -> dict[str, str]:
+        echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.Echo", {"Call": echo})])
+        port = free_port()
+        assert add_port(server, f"127.0.0.1:{port}", servers) == "mtls"
+        await server.start()
+        results = {}
+        for caller, credentials, name in (("gateway", channel_credentials(gateway), "dvd-servers"),
+                                          ("health check", channel_credentials(servers), "localhost"),
+                                          ("wrong name", channel_credentials(gateway), "dvd-gateway")):
+            options = [("grpc.ssl_target_name_override", name)]
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as channel:
+                try:
+                    await channel.unary_unary("/t.Echo/Call")(b"ping", timeout=5)
+                    results[caller] = "ok"
+                except grpc.aio.AioRpcError as exc:
+                    results[caller] = exc.code().name
+        await server.stop(None)
+        return results
+
+    assert asyncio.run(calls()) == {"gateway": "ok", "health check": "ok", "wrong name": "UNAVAILABLE"}
