@@ -18,7 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dvd.grpc_tls import channel_credentials
 from gateway import metrics
 from gateway.backends import LanguagePool, VisionPool, check_forever
 from gateway.chat import PreparedChat, generate, load_images, prepare_chat
@@ -182,7 +181,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
-        tls = {"credentials": channel_credentials(settings), "server_name": settings.tls_server_name}
+        tls = {"tls": settings, "server_name": settings.tls_server_name}  # settings hold the TLS files
         app.state.vision = VisionPool(settings.vision_servers, secret, **tls)
         app.state.language = LanguagePool(settings.language_servers, secret, **tls)
         app.state.fetcher = ImageFetcher(max_bytes=settings.max_image_bytes, timeout_s=settings.image_fetch_timeout_s,

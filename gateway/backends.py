@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from dvd.grpc_secret import client_interceptors
+from dvd.grpc_tls import TlsFiles, channel_credentials
 from gateway import metrics
 from gateway.errors import APIError
 from proto import dvd_pb2, dvd_pb2_grpc
@@ -70,10 +71,12 @@ class BackendPool:
     """One pool per server kind; `lease()` picks the least loaded healthy server and counts the request on it."""
 
     def __init__(self, kind: str, targets: list[str], stub_cls, secret: str | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None):
+                 tls: TlsFiles | None = None, server_name: str | None = None):
         self.kind = kind
         self._interceptors = client_interceptors(secret)
-        self._credentials = credentials  # TLS to the servers; None: plaintext
+        self._tls = tls or TlsFiles()  # no CA: plaintext
+        self._tls_stamp = self._tls.stamp()
+        self._credentials = channel_credentials(self._tls)
         self._options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
         self.targets = list(targets)
         self._stub_cls = stub_cls
@@ -85,17 +88,45 @@ class BackendPool:
             else:
                 self._add(target)
 
-    def _add(self, address: str) -> Backend:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         if self._credentials is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options, interceptors=self._interceptors)
-        else:
-            channel = grpc.aio.secure_channel(address, self._credentials, options=self._options,
-                                              interceptors=self._interceptors)
+            return grpc.aio.insecure_channel(address, options=self._options, interceptors=self._interceptors)
+        return grpc.aio.secure_channel(address, self._credentials, options=self._options,
+                                       interceptors=self._interceptors)
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.create_task(channel.close(grace=60))  # lets its calls finish
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _add(self, address: str) -> Backend:
+        channel = self._channel(address)
         backend = Backend(self.kind, address, self._stub_cls(channel), channel)
         self.backends.append(backend)
         metrics.BACKEND_OUTSTANDING.labels(self.kind, address).set_function(lambda: backend.outstanding)
         metrics.BACKEND_UP.labels(self.kind, address).set(1)
         return backend
+
+    def reload_tls(self) -> bool:
+        """New channels once the gateway's TLS files change (certificates rotated in place); calls under
+        way finish on the old ones. Files that do not load leave the current channels in use."""
+        stamp = self._tls.stamp()
+        if stamp == self._tls_stamp:
+            return False
+        self._tls_stamp = stamp
+        try:
+            credentials = channel_credentials(self._tls)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS files changed but did not load, %s servers keep the previous ones: %s", self.kind, exc)
+            return False
+        self._credentials = credentials
+        for backend in self.backends:
+            old = backend.channel
+            backend.channel = self._channel(backend.address)
+            backend.stub = self._stub_cls(backend.channel)
+            self._close_later(old)
+        log.info("TLS certificate reloaded: new channels to %d %s servers", len(self.backends), self.kind)
+        return True
 
     async def resolve(self) -> None:
         """Re-resolve "dns:" entries: new addresses join the pool, vanished ones leave it."""
@@ -121,9 +152,7 @@ class BackendPool:
             self.backends.remove(backend)
             metrics.BACKEND_OUTSTANDING.remove(self.kind, backend.address)
             metrics.BACKEND_UP.remove(self.kind, backend.address)
-            task = asyncio.create_task(backend.channel.close(grace=60))  # lets its calls finish
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_later(backend.channel)
 
     def candidates(self, exclude: set[str] = frozenset()) -> list[Backend]:
         """Servers passing health checks; when none does, all of them: a call fails fast if they are
@@ -150,6 +179,7 @@ class BackendPool:
 
     async def check(self, timeout_s: float) -> int:
         """Health-check every server, ejecting those that fail and re-admitting those that pass."""
+        self.reload_tls()
         await self.resolve()
         results = await asyncio.gather(*(self._check(b, timeout_s) for b in self.backends))
         return sum(results)

@@ -174,6 +174,9 @@ def test_a_certificate_needs_its_key(pki):
         TlsFiles(tls_cert_file=cert)
     with pytest.raises(ValueError, match="tls_key_file"):
         TlsFiles(tls_cert_file=cert, tls_key_file=key.with_name("missing.pem"))
+    _, other_key = pki["gateway"]
+    with pytest.raises(ValueError, match="does not go with"):  # refused at start-up, not at the first handshake
+        add_port(grpc.aio.server(), "127.0.0.1:0", TlsFiles(tls_cert_file=cert, tls_key_file=other_key))
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/tls-certs.sh needs the openssl command")
@@ -208,3 +211,74 @@ def test_the_throw_away_certificates_script_makes_a_working_mutual_tls_pair(tmp_
         return results
 
     assert asyncio.run(calls()) == {"gateway": "ok", "health check": "ok", "wrong name": "UNAVAILABLE"}
+
+
+class ReadyVision(dvd_pb2_grpc.VisionServiceServicer):
+    async def Health(self, request, context):
+        return dvd_pb2.HealthResponse(ready=True)
+
+
+def install(folder: Path, authority: Authority, name: str, key_of: str | None = None) -> TlsFiles:
+    """Copy a certificate for `name` (and its key, or `key_of`'s: a mismatched pair) and the CA into `folder`."""
+    folder.mkdir(exist_ok=True)
+    cert, key = authority.issue(name)
+    if key_of is not None:
+        key = authority.issue(key_of)[1]
+    for source, target in ((cert, "tls.crt"), (key, "tls.key"), (authority.ca_file, "ca.crt")):
+        (folder / target).write_bytes(source.read_bytes())
+    return TlsFiles(tls_cert_file=folder / "tls.crt", tls_key_file=folder / "tls.key", tls_ca_file=folder / "ca.crt")
+
+
+def test_rotated_certificates_are_picked_up_without_a_restart(tmp_path, caplog):
+    """Both sides move from one CA to another in place: the server's next handshake and the gateway's next
+    health check use the new files; a half-written rotation (certificate and key that do not match) leaves
+    the previous files in use on both sides."""
+    from gateway.backends import VisionPool
+
+    for name in ("old", "new"):
+        (tmp_path / name).mkdir()
+    old, new = Authority(tmp_path / "old", "old"), Authority(tmp_path / "new", "new")
+    servers, gateway = install(tmp_path / "servers", old, "servers"), install(tmp_path / "gateway", old, "gateway")
+    old_gateway = install(tmp_path / "old-client", old, "gateway")  # clients of a connection of their own
+    new_gateway = install(tmp_path / "new-client", new, "gateway")
+
+    async def handshake(files: TlsFiles, address: str) -> str:
+        """A call on a connection of its own (no shared subchannel), with `files` as the client's."""
+        options = [("grpc.ssl_target_name_override", "servers"), ("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.secure_channel(address, channel_credentials(files), options=options) as channel:
+            try:
+                await dvd_pb2_grpc.VisionServiceStub(channel).Health(dvd_pb2.HealthRequest(), timeout=5)
+                return "ok"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        dvd_pb2_grpc.add_VisionServiceServicer_to_server(ReadyVision(), server)
+        address = f"127.0.0.1:{free_port()}"
+        add_port(server, address, servers)
+        await server.start()
+        pool = VisionPool([address], tls=gateway, server_name="servers")
+        try:
+            assert await pool.check(5) == 1
+            install(tmp_path / "servers", new, "servers")
+            assert await handshake(old_gateway, address) == "UNAVAILABLE"  # the server already uses the new CA
+            channel = pool.backends[0].channel
+            install(tmp_path / "gateway", new, "gateway")
+            assert await pool.check(5) == 1 and pool.backends[0].channel is not channel  # new channel, new files
+            assert await handshake(new_gateway, address) == "ok"
+
+            channel = pool.backends[0].channel
+            install(tmp_path / "servers", new, "servers", key_of="stray")
+            install(tmp_path / "gateway", new, "gateway", key_of="stray")
+            assert await pool.check(5) == 1 and pool.backends[0].channel is channel  # kept
+            assert await handshake(old_gateway, address) == "UNAVAILABLE"
+            assert await handshake(new_gateway, address) == "ok"  # the server kept its previous (new-CA) files
+        finally:
+            await pool.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "did not load" in r.getMessage()]
+    assert any("servers keep the previous ones" in w for w in warnings)  # the gateway's pool
+    assert any("the previous ones stay in use" in w for w in warnings)  # the server's fetcher
