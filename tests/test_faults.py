@@ -137,8 +137,11 @@ def extra(hardened_stack, tmp_path_factory):
             kill_group(process)
 
 
-def chat(seed: int, max_tokens: int = 4, stream: bool = False, image: str | None = None) -> dict:
+def chat(seed: int, max_tokens: int = 4, stream: bool = False, image: str | None = None,
+         ignore_eos: bool = False) -> dict:
+    """ignore_eos: all max_tokens tokens; the tiny random model may pick EOS early, and where depends on batching."""
     return {"model": MODEL, "max_tokens": max_tokens, "stream": stream, "temperature": 0,
+            **({"ignore_eos": True} if ignore_eos else {}),
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe this picture."}, {
                 "type": "image_url", "image_url": {"url": image or data_url(make_image(32, 32, seed))}}]}]}
 
@@ -324,8 +327,9 @@ def test_language_server_killed_mid_stream_with_features_in_flight_then_restarte
     wait_until(lambda: metric(b_metrics, "dvd_language_features_pending_requests") == 2
                and metric(b_metrics, "dvd_language_requests_in_flight") == 1, 10, "B holds and awaits features")
 
-    streams = [Stream(extra.url("fleet"), chat(100 + i, max_tokens=600, stream=True)) for i in range(6)]
-    solo = Stream(extra.url("solo"), chat(0, max_tokens=600, stream=True, image=BIG))
+    streams = [Stream(extra.url("fleet"), chat(100 + i, max_tokens=600, stream=True, ignore_eos=True))
+               for i in range(6)]
+    solo = Stream(extra.url("solo"), chat(0, max_tokens=600, stream=True, image=BIG, ignore_eos=True))
     threads = [threading.Thread(target=s.run, daemon=True) for s in (*streams, solo)]
     for thread in threads:
         thread.start()
@@ -376,10 +380,10 @@ def test_vision_server_killed_mid_batch_then_restarted_is_readmitted(hardened_st
     b_port = extra.ports["vision-b"]
     b_metrics = f"http://{HOST}:{extra.ports['vision-b-metrics']}/metrics"
     fleet = f"{extra.url('fleet')}/metrics"
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(12) as pool:  # enough 13-tile Encode calls that B is busy for a while
         futures = [pool.submit(httpx.post, f"{extra.url('fleet')}/v1/chat/completions",
                                json=chat(0, image=data_url(make_image(896, 672, 300 + i))), timeout=120)
-                   for i in range(6)]
+                   for i in range(12)]
         wait_until(lambda: metric(fleet, "dvd_gateway_backend_outstanding", address=f"{HOST}:{b_port}") >= 1, 60,
                    "an Encode reaches vision B", interval_s=0.02)
         kill_group(extra.processes["vision-b"])

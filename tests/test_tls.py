@@ -175,8 +175,12 @@ def test_a_certificate_needs_its_key(pki):
     with pytest.raises(ValueError, match="tls_key_file"):
         TlsFiles(tls_cert_file=cert, tls_key_file=key.with_name("missing.pem"))
     _, other_key = pki["gateway"]
-    with pytest.raises(ValueError, match="does not go with"):  # refused at start-up, not at the first handshake
+
+    async def listen() -> None:
         add_port(grpc.aio.server(), "127.0.0.1:0", TlsFiles(tls_cert_file=cert, tls_key_file=other_key))
+
+    with pytest.raises(ValueError, match="does not go with"):  # refused at start-up, not at the first handshake
+        asyncio.run(listen())
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/tls-certs.sh needs the openssl command")
