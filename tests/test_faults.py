@@ -116,9 +116,17 @@ def extra(hardened_stack, tmp_path_factory):
     extra = plan_extra(hardened_stack)
     logs = tmp_path_factory.mktemp("faults-logs")
     extra.logs = logs
+    # The fleet must not eject B for answering a health check late: B is slow while it prefills a big image
+    # on this shared CPU, and the kill test needs streams on it.
+    saved = dict(os.environ)
+    os.environ["DVD_GATEWAY_HEALTH_TIMEOUT_S"] = "15"  # inherited by the gateways started here
     try:
-        for name in extra.commands_by_name:
-            start_one(extra, name, logs)
+        try:
+            for name in extra.commands_by_name:
+                start_one(extra, name, logs)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         wait_until(lambda: all(httpx.get(f"{extra.url(g)}/health", timeout=5).status_code == 200
                                for g in ("fleet", "solo")) and
                    httpx.get(f"{extra.url('fleet')}/health", timeout=5).json() ==
@@ -333,9 +341,12 @@ def test_language_server_killed_mid_stream_with_features_in_flight_then_restarte
     threads = [threading.Thread(target=s.run, daemon=True) for s in (*streams, solo)]
     for thread in threads:
         thread.start()
-    wait_until(lambda: all(s.tokens >= 2 or s.done or s.error for s in (*streams, solo)), 90,
-               "every stream generates")
-    on_b = metric(f"{extra.url('fleet')}/metrics", "dvd_gateway_backend_outstanding", address=b_address)
+    fleet_on_b = lambda: metric(f"{extra.url('fleet')}/metrics", "dvd_gateway_backend_outstanding",  # noqa: E731
+                                address=b_address)
+    wait_until(lambda: all(s.tokens >= 2 or s.done or s.error for s in (*streams, solo))
+               and solo.tokens >= 2 and not solo.done and fleet_on_b() >= 1, 90,
+               "every stream generates, with streams of both gateways under way on B")
+    on_b = fleet_on_b()
     kill_group(extra.processes["language-b"])
     for thread in threads:
         thread.join(150)
