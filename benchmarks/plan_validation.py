@@ -43,13 +43,13 @@ import typer
 
 from benchmarks.loadgen import LoadPoint
 from benchmarks.run import RunOptions, bench
-from benchmarks.servers import coupled_command, free_port
+from benchmarks.servers import coupled_command
 from benchmarks.vision import build_model, time_batches
 from benchmarks.workload import Workload as BenchWorkload
 from benchmarks.workload import synthetic
 from checkpoint.generate import write_checkpoint
 from checkpoint.presets import ModelConfig
-from dvd.launcher import start, stop
+from dvd.launcher import free_port, start, stop
 from language_server.settings import LanguageServerSettings
 from planner.plan import run as predict
 from planner.profiles import (

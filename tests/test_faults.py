@@ -118,15 +118,11 @@ def extra(hardened_stack, tmp_path_factory):
     extra.logs = logs
     # The fleet must not eject B for answering a health check late: B is slow while it prefills a big image
     # on this shared CPU, and the kill test needs streams on it.
-    saved = dict(os.environ)
-    os.environ["DVD_GATEWAY_HEALTH_TIMEOUT_S"] = "15"  # inherited by the gateways started here
     try:
-        try:
+        with pytest.MonkeyPatch.context() as environment:
+            environment.setenv("DVD_GATEWAY_HEALTH_TIMEOUT_S", "15")  # inherited by the gateways started here
             for name in extra.commands_by_name:
                 start_one(extra, name, logs)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
         wait_until(lambda: all(httpx.get(f"{extra.url(g)}/health", timeout=5).status_code == 200
                                for g in ("fleet", "solo")) and
                    httpx.get(f"{extra.url('fleet')}/health", timeout=5).json() ==
