@@ -406,6 +406,15 @@ def test_wrong_hidden_size_is_dropped_and_counted():
     run(body())
 
 
+async def send_after_teardown(sender: RdmaFeatureSender, endpoint: str, item: ImageFeatures) -> None:
+    """Send `item` over a connection that was just torn down: the first try may fail on the dead connection
+    (the sender learns of the teardown from that failure), the second must go over a new one."""
+    try:
+        await sender.send(endpoint, item)
+    except TransportError:
+        await sender.send(endpoint, item)
+
+
 @pytest.mark.parametrize(
     "mangle",
     [
@@ -416,20 +425,28 @@ def test_wrong_hidden_size_is_dropped_and_counted():
 def test_a_protocol_violation_tears_the_connection_down_and_the_sender_reconnects(mangle):
     async def body():
         async with rdma_stack(slots=2) as stack:
+            endpoint = stack.receiver.endpoint
             with rdma_sender(stack) as sender:
+                await sender.send(endpoint, make_item("before"))
+                # Whether the receiver's queue pair refuses writes once the violation is seen, checked before
+                # anything else runs: a message written in that moment must fail at the sender, not land unread.
+                receiver_qp, loop, refusing = sender._connections[endpoint].qp.peer, asyncio.get_running_loop(), []
+
+                def on_drop(reason: str) -> None:
+                    stack.drops.update([reason])
+                    loop.call_soon(lambda: refusing.append(bool(receiver_qp.error or receiver_qp.closed)))
+
+                stack.receiver._on_drop = on_drop
                 stack.fabric.mangle_next_write = mangle
-                await sender.send(stack.receiver.endpoint, make_item("broken"))
-                await wait_until(lambda: stack.drops["rdma_protocol"] == 1)
-                # The connection is gone; the next message (after at most one failed try) uses a new one.
+                await sender.send(endpoint, make_item("broken"))
+                await wait_until(lambda: stack.drops["rdma_protocol"] == 1 and refusing)
+                assert refusing == [True]
+                # The next message, after at most one failed try, goes over a new connection.
                 fresh = make_item("fresh")
-                for _ in range(20):
-                    with contextlib.suppress(TransportError):
-                        await sender.send(stack.receiver.endpoint, fresh)
-                        break
-                    await asyncio.sleep(0.05)
-                await wait_until(lambda: len(stack.items) == 1)
-            assert [i.request_id for i in stack.items] == ["fresh"]
-            assert same(stack.items[0], fresh)
+                await send_after_teardown(sender, endpoint, fresh)
+                await wait_until(lambda: len(stack.items) == 2)
+            assert [i.request_id for i in stack.items] == ["before", "fresh"]
+            assert same(stack.items[1], fresh)
 
     run(body())
 
@@ -450,11 +467,7 @@ def test_a_link_failure_fails_the_waiting_send_and_later_sends_reconnect():
                     await waiting  # well before the 5 s timeout
                 await wait_until(lambda: stack.drops["rdma_error"] >= 1)
                 after = make_item("after-link")
-                for _ in range(20):
-                    with contextlib.suppress(TransportError):
-                        await sender.send(endpoint, after)
-                        break
-                    await asyncio.sleep(0.05)
+                await send_after_teardown(sender, endpoint, after)
                 await wait_until(lambda: [i.request_id for i in stack.items] == ["first", "after-link"])
 
     run(body())

@@ -340,8 +340,12 @@ class _ReceiverConnection:
                 asyncio.ensure_future(result)
 
     def _break(self, reason: str) -> None:
+        """End the connection at once: with the queue pair in the error state, a message the sender writes
+        from now on fails at the sender (which reconnects) instead of landing here unread."""
         log.warning("RDMA feature connection broken: %s", reason)
         self.broken.set_result(reason)
+        with contextlib.suppress(VerbsError):
+            self.qp.to_error(reason)
 
 
 # --- sender -------------------------------------------------------------------------------------------------

@@ -80,6 +80,9 @@ class QueuePair(Protocol):
 
     def wait_completions(self, timeout_s: float) -> list[Completion]: ...
 
+    def to_error(self, status: str) -> None:
+        """Move to the error state: the peer's writes and sends from now on fail at the peer."""
+
     def close(self) -> None: ...
 
 
@@ -253,6 +256,11 @@ class PyverbsQueuePair:
                 found.append(Completion(wr_id=wc.wr_id, opcode=opcodes.get(wc.opcode, Opcode.RECV), ok=ok,
                                         imm=wc.imm_data if has_imm else None, byte_len=wc.byte_len,
                                         status="success" if ok else f"wc status {wc.status}"))
+
+    def to_error(self, status: str) -> None:
+        from pyverbs.qp import QPAttr
+
+        self._qp.modify(QPAttr(qp_state=self._e.IBV_QPS_ERR), self._e.IBV_QP_STATE)
 
     def close(self) -> None:
         for resource in (self._qp, *self._mrs, self._cq, self._channel):
