@@ -28,6 +28,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 5000),
 ]
 DNS_PREFIX = "dns:"
+# A server that refuses a health check, or says it is not ready, is ejected at once; one that answers late is
+# likely busy (a long prefill on a loaded host) and is ejected only after this many late answers in a row.
+LATE_CHECKS_TO_EJECT = 3
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Backend:
     outstanding: int = 0
     up: bool = True  # optimistic until a health check or a failed call says otherwise
     weights: str = ""  # the fingerprint of the weights it serves, from its last health reply
+    late_checks: int = 0  # health checks in a row that timed out
     description: dvd_pb2.ModelDescription | None = field(default=None)
 
     def mark_down(self, reason: str) -> None:
@@ -185,12 +189,23 @@ class BackendPool:
         return sum(results)
 
     async def _check(self, backend: Backend, timeout_s: float) -> bool:
-        ok = await healthy(backend, timeout_s)
-        if ok:
+        """Whether `backend` stays in the pool after one health check."""
+        try:
+            reply = await backend.stub.Health(dvd_pb2.HealthRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            late = exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            backend.late_checks = backend.late_checks + 1 if late else 0
+            if not late or backend.late_checks >= LATE_CHECKS_TO_EJECT:
+                backend.mark_down(f"health check failed ({backend.late_checks} late in a row)" if late else
+                                  f"health check failed: {exc.code().name}")
+            return backend.up
+        backend.late_checks = 0
+        backend.weights = reply.weights
+        if reply.ready:
             backend.mark_up()
         else:
-            backend.mark_down("health check failed")
-        return ok
+            backend.mark_down("the server reports it is not ready")
+        return reply.ready
 
     async def close(self) -> None:
         for backend in self.backends:
@@ -256,15 +271,6 @@ class VisionPool(BackendPool):
         before the vision weights changed are not found after (while a rollout mixes two, both count).
         A server not yet health-checked does not count until it has told."""
         return "+".join(sorted({b.weights for b in self.candidates() if b.weights}))
-
-
-async def healthy(backend: Backend, timeout_s: float = 2.0) -> bool:
-    try:
-        reply = await backend.stub.Health(dvd_pb2.HealthRequest(), timeout=timeout_s)
-    except grpc.aio.AioRpcError:
-        return False
-    backend.weights = reply.weights
-    return reply.ready
 
 
 async def check_forever(pools: list[BackendPool], interval_s: float, timeout_s: float) -> None:

@@ -7,17 +7,19 @@ import io
 import json
 import re
 
+import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import make_image
-from gateway.backends import VisionPool
+from gateway.backends import LATE_CHECKS_TO_EJECT, VisionPool
 from gateway.errors import APIError
 from gateway.images import ImageFetcher, decode_data_url, image_format
 from gateway.reasoning import ThinkSplitter, split_thinking
 from gateway.settings import load_settings
+from proto import dvd_pb2, dvd_pb2_grpc
 
 
 def reference_split(text: str) -> tuple[str, str]:
@@ -138,3 +140,42 @@ def test_settings_come_from_flags_then_env_then_file(tmp_path, monkeypatch):
         load_settings(tmp_path / "typo.toml")
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "missing.toml")
+
+
+class SlowHealth(dvd_pb2_grpc.VisionServiceServicer):
+    """A vision server whose Health answers after `delay_s` (a server busy on a loaded host)."""
+
+    delay_s = 0.0
+
+    async def Health(self, request, context):  # noqa: N802
+        await asyncio.sleep(self.delay_s)
+        return dvd_pb2.HealthResponse(ready=True, model="tiny", weights="w")
+
+
+def test_a_server_answering_health_checks_late_is_ejected_only_after_three_in_a_row_and_a_gone_one_at_once():
+    async def run():
+        servicer = SlowHealth()
+        server = grpc.aio.server()
+        dvd_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        pool = VisionPool([f"127.0.0.1:{port}"])
+        backend = pool.backends[0]
+        seen = []
+        try:
+            servicer.delay_s = 1.0
+            for _ in range(LATE_CHECKS_TO_EJECT):
+                seen.append((await pool.check(timeout_s=0.2), backend.up))
+            servicer.delay_s = 0.0
+            seen.append((await pool.check(timeout_s=5), backend.up))  # answers in time again: re-admitted
+            servicer.delay_s = 1.0
+            seen.append((await pool.check(timeout_s=0.2), backend.up))  # the count of late answers starts anew
+            await server.stop(None)
+            seen.append((await pool.check(timeout_s=5), backend.up))  # gone: refused at once
+        finally:
+            await server.stop(None)
+            await pool.close()
+        return seen
+
+    late_but_kept = [(1, True)] * (LATE_CHECKS_TO_EJECT - 1)
+    assert asyncio.run(run()) == [*late_but_kept, (0, False), (1, True), (1, True), (0, False)]
