@@ -14,7 +14,6 @@ Each target gets one warm-up conversation first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -115,16 +114,8 @@ def started_targets(model: str, log_dir: Path):
     """(name, context manager yielding a running `benchmarks.servers.Target`) for each server to start."""
     from benchmarks import servers
 
-    @contextlib.contextmanager
-    def dvd_without_cache():
-        os.environ["DVD_GATEWAY_FEATURE_CACHE"] = "false"  # read by the gateway the launcher starts
-        try:
-            with servers.dvd(model, log_dir) as target:
-                yield target
-        finally:
-            del os.environ["DVD_GATEWAY_FEATURE_CACHE"]
-
-    return [("dvd", lambda: servers.dvd(model, log_dir)), ("dvd-no-cache", dvd_without_cache),
+    return [("dvd", lambda: servers.dvd(model, log_dir)),
+            ("dvd-no-cache", lambda: servers.dvd(model, log_dir, env={"DVD_GATEWAY_FEATURE_CACHE": "false"})),
             ("coupled", lambda: servers.coupled(model, log_dir))]
 
 

@@ -49,7 +49,7 @@ from benchmarks.workload import Workload as BenchWorkload
 from benchmarks.workload import synthetic
 from checkpoint.generate import write_checkpoint
 from checkpoint.presets import ModelConfig
-from dvd.launcher import free_port, start, stop
+from dvd.launcher import Servers, free_port, http_ready
 from language_server.settings import LanguageServerSettings
 from planner.plan import run as predict
 from planner.profiles import (
@@ -98,16 +98,6 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-@dataclasses.dataclass
-class Fleet:
-    """Servers to start together (what `dvd.launcher.start` runs)."""
-
-    servers: dict[str, list[str]]
-
-    def commands(self) -> dict[str, list[str]]:
-        return self.servers
-
-
 def dvd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvd.cli", *args]
 
@@ -143,24 +133,9 @@ def answers_health(address: str, stub_class) -> bool:
         return False
 
 
-def started(fleet: Fleet, ready: list[tuple[str, type]], log_dir: Path, timeout_s: float = 600):
-    """Start `fleet`, wait until every (address, stub) in `ready` answers Health; returns the processes."""
-    processes = start(fleet, log_dir=log_dir)
-    deadline = time.monotonic() + timeout_s
-    try:
-        waiting = list(ready)
-        while waiting:
-            dead = [name for name, p in processes.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"{dead} exited during start-up; logs in {log_dir}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{[address for address, _ in waiting]} not ready in {timeout_s:.0f} s")
-            waiting = [(address, stub) for address, stub in waiting if not answers_health(address, stub)]
-            time.sleep(0.5)
-    except BaseException:
-        stop(processes)
-        raise
-    return processes
+def all_answer_health(servers: list[tuple[str, type]]):
+    """Readiness of gRPC servers: every (address, stub class) answers Health as ready."""
+    return lambda: all(answers_health(address, stub) for address, stub in servers)
 
 
 # ---------------------------------------------------------------- profiles
@@ -194,12 +169,9 @@ def profile_vision(config: ModelConfig, checkpoint: Path, log_dir: Path) -> tupl
     # of the client's latency after preprocessing and the model (gRPC, scheduling, sending).
     port = free_port()
     command = vision_command("--model", str(checkpoint), "--port", str(port))
-    processes = started(Fleet({"vision-profile": command}), [(f"{HOST}:{port}", dvd_pb2_grpc.VisionServiceStub)],
-                        log_dir)
-    try:
+    with Servers({"vision-profile": command}, log_dir=log_dir).running(
+            all_answer_health([(f"{HOST}:{port}", dvd_pb2_grpc.VisionServiceStub)]), what="the vision server is up"):
         timings = asyncio.run(_encode_sequentially(port, 16))
-    finally:
-        stop(processes)
     timings = timings[2:]  # warm-up
     preprocess = statistics.median(t["preprocess_s"] for t in timings)
     latency = statistics.median(t["latency_s"] for t in timings)
@@ -270,12 +242,9 @@ def profile_language(checkpoint: Path, log_dir: Path) -> tuple[LanguageProfile, 
     port, feature_port = free_port(), free_port()
     command = language_command("--model", str(checkpoint), "--port", str(port),
                                "--feature-bind", f"tcp://{HOST}:{feature_port}")
-    processes = started(Fleet({"language-profile": command}), [(f"{HOST}:{port}", dvd_pb2_grpc.LanguageServiceStub)],
-                        log_dir)
-    try:
+    ready = all_answer_health([(f"{HOST}:{port}", dvd_pb2_grpc.LanguageServiceStub)])
+    with Servers({"language-profile": command}, log_dir=log_dir).running(ready, what="the language server is up"):
         return asyncio.run(_language_sweeps(port))
-    finally:
-        stop(processes)
 
 
 async def _generate(stub, sender: TcpFeatureSender, endpoint: str, hidden: int, tiles: int, max_tokens: int) -> dict:
@@ -491,17 +460,12 @@ def measure_dvd(checkpoint: Path, vision: int, language: int, log_dir: Path, **l
     servers["gateway"] = dvd("gateway", "--port", str(gateway_port), "--served-model-name", "tiny",
                              *[arg for a in vision_addresses for arg in ("--vision-server", a)],
                              *[arg for a in language_addresses for arg in ("--language-server", a)])
-    processes = started(Fleet(servers), ready, log_dir)
-    try:
-        url = f"http://{HOST}:{gateway_port}"
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{url}/health", timeout=5).status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the gateway did not see its servers healthy")
-            time.sleep(0.5)
-        return drive(url, processes=processes, **load_args)
-    finally:
-        stop(processes)
+    url = f"http://{HOST}:{gateway_port}"
+    gateway_sees_all = {"vision_servers_up": vision, "language_servers_up": language}
+    launched = Servers(servers, log_dir=log_dir)
+    with launched.running(lambda: all_answer_health(ready)() and http_ready(url, health=gateway_sees_all)(),
+                          what="every server answers Health and the gateway sees them all"):
+        return drive(url, processes=launched.processes, **load_args)
 
 
 @contextlib.contextmanager
@@ -509,23 +473,12 @@ def coupled_server(checkpoint: Path, log_dir: Path):
     """`vllm serve` of the HF-format checkpoint fed pixels (as `dvd bench compare` starts it), all of it on
     core 0 like one language server; yields its URL and processes once healthy."""
     port = free_port()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    url = f"http://{HOST}:{port}"
     command = ["taskset", "-c", "0", "env", "VLLM_CPU_OMP_THREADS_BIND=0", *coupled_command(str(checkpoint), port)]
-    processes = start(Fleet({"coupled": command}), log_dir=log_dir)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if processes["coupled"].poll() is not None:
-                raise RuntimeError(f"vllm serve exited; see {log_dir / 'coupled.log'}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("vllm serve did not start in 10 minutes")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://{HOST}:{port}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(1)
-        yield f"http://{HOST}:{port}", processes
-    finally:
-        stop(processes)
+    launched = Servers({"coupled": command}, log_dir=log_dir,
+                       env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+    with launched.running(http_ready(url), what=f"vllm serve answers at {url}"):
+        yield url, launched.processes
 
 
 def measure_coupled(checkpoint: Path, log_dir: Path, **load_args) -> list[Measured]:

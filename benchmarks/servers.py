@@ -9,14 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
 
 from dvd import launcher
 from dvd.launcher import free_port
@@ -43,30 +39,6 @@ def coupled_command(model: str, port: int, max_model_len: int = 8192) -> list[st
     return command
 
 
-def _wait_http(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with code {process.returncode} during start-up")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                httpx.get(f"{url}/v1/models", timeout=5).raise_for_status()
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f} s")
-
-
-def _stop(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM; after `timeout_s`, SIGKILL to its whole process group (vLLM's engine processes included)."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def stop_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so that the servers started here are stopped on the way out."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -76,30 +48,21 @@ def stop_on_sigterm() -> None:
 def coupled(model: str, log_dir: Path, timeout_s: float = 600.0) -> Iterator[Target]:
     """`vllm serve` of `model` on a free port, stopped on exit; its log goes to `log_dir/coupled.log`."""
     port = free_port()
-    env = {**os.environ, **launcher.OFFLINE_ENV}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    with open(log_dir / "coupled.log", "wb") as log:
-        process = subprocess.Popen(coupled_command(model, port), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_http(url, process, timeout_s)
-            yield Target(url)
-        finally:
-            _stop(process)
+    url = f"http://127.0.0.1:{port}"
+    server = launcher.Servers({"coupled": coupled_command(model, port)}, log_dir=log_dir,
+                              env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+    with server.running(launcher.http_ready(url), timeout_s, f"vllm serve answers at {url}"):
+        yield Target(url)
 
 
 @contextlib.contextmanager
-def dvd(model: str, log_dir: Path, timeout_s: float = 600.0) -> Iterator[Target]:
-    """A DvD stack (vision server, language server, gateway) of `model` on free ports, stopped on exit."""
+def dvd(model: str, log_dir: Path, timeout_s: float = 600.0, env: dict[str, str] | None = None) -> Iterator[Target]:
+    """A DvD stack (vision server, language server, gateway) of `model` on free ports, stopped on exit; `env`
+    adds settings for the servers (e.g. `DVD_GATEWAY_FEATURE_CACHE`)."""
     stack = launcher.Stack(model=model, gateway_port=free_port(), vision_port=free_port(),
                            language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                            language_metrics_port=free_port())
-    processes = launcher.start(stack, log_dir)
-    try:
-        launcher.wait_ready(stack, processes, timeout_s)
+    with stack.servers(log_dir, env).running(stack.ready(), timeout_s, "the gateway reports both servers up"):
         yield Target(stack.gateway_url, {
             "vision": f"http://{stack.host}:{stack.vision_metrics_port}/metrics",
             "language": f"http://{stack.host}:{stack.language_metrics_port}/metrics"})
-    finally:
-        launcher.stop(processes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port on {host} in {candidates}")
 
 
+def secret_environment(secret: str | None) -> dict[str, str]:
+    """The internal secret for all three servers: in their environment, never on a command line."""
+    return {f"DVD_{role}_INTERNAL_SECRET": secret for role in ("VISION", "LANGUAGE", "GATEWAY")} if secret else {}
+
+
 @dataclass
 class Stack:
     """Where each server listens; the defaults are what `dvd up` uses."""
@@ -70,6 +77,25 @@ class Stack:
     @property
     def gateway_url(self) -> str:
         return f"http://{self.host}:{self.gateway_port}"
+
+    def servers(self, log_dir: Path | None = None, env: dict[str, str] | None = None) -> Servers:
+        """The stack's servers, not started yet; the internal secret goes to all three through the environment."""
+        env = {**secret_environment(self.internal_secret), **(env or {})}
+        return Servers(self.commands(), log_dir=log_dir, env=env)
+
+    def ready(self) -> Callable[[], bool]:
+        return http_ready(self.gateway_url)
+
+    def up_command(self) -> list[str]:
+        """`dvd up` serving this stack (it runs `commands()` itself)."""
+        metrics = []
+        if self.vision_metrics_port:
+            metrics += ["--vision-metrics-port", str(self.vision_metrics_port)]
+        if self.language_metrics_port:
+            metrics += ["--language-metrics-port", str(self.language_metrics_port)]
+        return [sys.executable, "-m", "dvd.cli", "up", "--model", self.model, "--port", str(self.gateway_port),
+                "--vision-port", str(self.vision_port), "--language-port", str(self.language_port),
+                "--feature-port", str(self.feature_port), *metrics]
 
     def commands(self) -> dict[str, list[str]]:
         dvd = [sys.executable, "-m", "dvd.cli"]
@@ -97,49 +123,111 @@ def _own_session() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start(stack: Stack, log_dir: Path | None = None) -> dict[str, subprocess.Popen]:
-    """Start every server; with `log_dir`, each one's output goes to `<name>.log` there."""
-    env = {**os.environ, **OFFLINE_ENV}
-    secret = getattr(stack, "internal_secret", None)  # any object with `commands()` may be started
-    if secret:
-        env.update({f"DVD_{role}_INTERNAL_SECRET": secret for role in ("VISION", "LANGUAGE", "GATEWAY")})
-    processes = {}
-    for name, command in stack.commands().items():
-        output = open(log_dir / f"{name}.log", "wb") if log_dir else None  # noqa: SIM115 (owned by the child)
-        stderr = subprocess.STDOUT if output else None
-        processes[name] = subprocess.Popen(command, env=env, stdout=output, stderr=stderr, preexec_fn=_own_session)
-    return processes
+def http_ready(url: str, headers: dict[str, str] | None = None, health: dict | None = None) -> Callable[[], bool]:
+    """Readiness of a gateway (or `vllm serve`) at `url`: /health answers 200, with the body `health` when
+    given, and /v1/models answers 200."""
+
+    def probe() -> bool:
+        reply = httpx.get(f"{url}/health", headers=headers, timeout=5)
+        if reply.status_code != 200 or (health is not None and reply.json() != health):
+            return False
+        return httpx.get(f"{url}/v1/models", headers=headers, timeout=5).status_code == 200
+
+    return probe
 
 
-def wait_ready(stack: Stack, processes: dict[str, subprocess.Popen], timeout_s: float = 300.0) -> None:
-    """Return once the gateway reports both servers up; raise if a server exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for name, process in processes.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {process.returncode} during start-up")
-        try:
-            if httpx.get(f"{stack.gateway_url}/health", timeout=2).status_code == 200:
-                httpx.get(f"{stack.gateway_url}/v1/models", timeout=5).raise_for_status()
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the stack was not ready within {timeout_s:.0f} s")
+class Servers:
+    """Named server processes started together, waited for with one readiness probe, stopped together: the one
+    way `dvd up`, the tests and the benchmarks start servers. Each runs in its own session (see
+    `_own_session`), so that a signal to its process group reaches its children (vLLM's engine) too."""
 
+    def __init__(self, commands: dict[str, list[str]], *, log_dir: Path | None = None,
+                 env: dict[str, str] | None = None, stop_timeout_s: float = 15.0):
+        self.commands = dict(commands)
+        self.log_dir = log_dir
+        self.stop_timeout_s = stop_timeout_s
+        self.env = {**OFFLINE_ENV, **(env or {})}  # on top of this process's environment
+        self.processes: dict[str, subprocess.Popen] = {}
 
-def stop(processes: dict[str, subprocess.Popen], timeout_s: float = 15.0) -> None:
-    """SIGTERM every server, then SIGKILL whatever is left after `timeout_s`."""
-    for process in processes.values():
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for process in processes.values():
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
+    def start(self, *names: str) -> Servers:
+        """Start the named servers (all by default); a restarted server's earlier log is kept beside its new one."""
+        env = {**os.environ, **self.env}
+        for name in names or self.commands:
+            output = None
+            if self.log_dir:
+                log = self.log_dir / f"{name}.log"
+                if log.exists():
+                    log.rename(self.log_dir / f"{name}.{time.monotonic_ns()}.log")
+                output = open(log, "wb")  # noqa: SIM115 (owned by the child)
+            self.processes[name] = subprocess.Popen(self.commands[name], env=env, stdout=output,
+                                                    stderr=subprocess.STDOUT if output else None,
+                                                    preexec_fn=_own_session)
+            if output:
+                output.close()
+        return self
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace") if self.log_dir else ""
+
+    def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str = "the servers are ready") -> None:
+        """Poll `ready` (an HTTP or gRPC error while polling counts as not yet) until it holds; raise
+        RuntimeError if a server exits meanwhile, TimeoutError after `timeout_s`."""
+        import grpc
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {process.returncode} while waiting until {what}"
+                                       + (f"; its log ends:\n{self.log(name)[-3000:]}" if self.log_dir else ""))
+            try:
+                if ready():
+                    return
+            except (httpx.HTTPError, grpc.RpcError, ValueError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                where = f"; logs in {self.log_dir}" if self.log_dir else ""
+                raise TimeoutError(f"not within {timeout_s:.0f} s: {what}{where}")
+            time.sleep(0.5)
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Signal a server's whole process group (a crashed container) and wait for the server to exit."""
+        process = self.processes[name]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        process.wait(30)
+
+    def stop(self, *names: str) -> None:
+        """SIGTERM the named servers (all by default), SIGKILL whatever of their process groups is left after
+        `stop_timeout_s`; never blocks much longer, whatever a server is waiting for."""
+        processes = [self.processes[n] for n in names or list(self.processes) if n in self.processes]
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # the server or its leftover children
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+    def __enter__(self) -> Servers:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @contextlib.contextmanager
+    def running(self, ready: Callable[[], bool], timeout_s: float = 600.0,
+                what: str = "the servers are ready") -> Iterator[Servers]:
+        """Started and ready inside the block, stopped after it (also when start-up fails)."""
+        try:
+            self.start()
+            self.wait_until(ready, timeout_s, what)
+            yield self
+        finally:
+            self.stop()
 
 
 def _examples(stack: Stack, model: str) -> str:
@@ -171,13 +259,14 @@ def run_stack(stack: Stack) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    processes = start(stack)
+    servers = stack.servers()
     try:
-        wait_ready(stack, processes)
+        servers.start()
+        servers.wait_until(stack.ready(), timeout_s=300, what="the gateway reports both servers up")
         model = httpx.get(f"{stack.gateway_url}/v1/models", timeout=5).json()["data"][0]["id"]
         print(_examples(stack, model), flush=True)
         while True:
-            for name, process in processes.items():
+            for name, process in servers.processes.items():
                 if process.poll() is not None:
                     print(f"{name} exited with code {process.returncode}; stopping the stack", file=sys.stderr)
                     return 1
@@ -188,4 +277,4 @@ def run_stack(stack: Stack) -> int:
         print(f"dvd up failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        stop(processes)
+        servers.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,37 @@ def metric(url: str, name: str, **labels) -> float:
         if sample == name and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def wait_until(condition, timeout_s: float, what, interval_s: float = 0.2) -> None:
+    """Poll `condition` until it holds (an exception while polling, e.g. a server not listening yet, counts
+    as not yet); fail naming `what` (a string, or a function that describes the state seen) after
+    `timeout_s`. Deadlines are generous: no test depends on speed."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if condition():
+                return
+        except (httpx.HTTPError, ValueError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what() if callable(what) else what}"
+        time.sleep(interval_s)
+
+
+def sse_lines(reply) -> Iterator[str]:
+    """The lines of a streamed (server-sent events) reply, split as the SSE format splits them: at line feeds
+    only. httpx's `iter_lines` also splits at U+2028, U+0085 and the like, which the random model's text
+    may hold inside a JSON string."""
+    pending = b""
+    for data in reply.iter_bytes():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode()
+    if pending:
+        yield pending.removesuffix(b"\r").decode()
 
 
 def make_image(width: int, height: int, seed: int) -> Image.Image:

@@ -3,18 +3,16 @@ reliability tests (bad input, security, faults, soak), which run next to each ot
 
 from __future__ import annotations
 
-import os
 import secrets
+import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import openai
 
 from conftest import free_port
-from dvd.launcher import Stack, start, stop
+from dvd.launcher import Servers, Stack, http_ready
 
 MODEL = "tiny"
 MAX_BODY_BYTES = 8 << 20
@@ -29,7 +27,7 @@ MAX_MODEL_LEN = 4096
 class HardenedStack(Stack):
     api_key: str = field(default_factory=lambda: "sk-" + secrets.token_urlsafe(24))
     logs: Path | None = None
-    processes: dict = field(default_factory=dict)
+    launched: Servers | None = None
 
     def config(self) -> str:
         return (f'api_keys = ["{self.api_key}"]\nserved_model_name = "{MODEL}"\nmax_body_bytes = {MAX_BODY_BYTES}\n'
@@ -47,35 +45,18 @@ class HardenedStack(Stack):
 
     def start(self) -> None:
         (self.logs / "gateway.toml").write_text(self.config())
-        saved = dict(os.environ)
-        os.environ.update(self.environment())  # inherited by the servers only while they start
-        try:
-            self.processes = start(self, log_dir=self.logs)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        self.wait_ready(timeout_s=600)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Until the gateway sees both servers and serves the model list (with the API key)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for name, process in self.processes.items():
-                if process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {process.returncode}:\n{self.log(name)[-3000:]}")
-            try:
-                if httpx.get(f"{self.gateway_url}/health", timeout=5).status_code == 200 and httpx.get(
-                        f"{self.gateway_url}/v1/models", headers=self.headers, timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"the hardened stack was not ready within {timeout_s:.0f} s; logs in {self.logs}")
+        self.launched = self.servers(self.logs, env=self.environment()).start()
+        self.launched.wait_until(http_ready(self.gateway_url, headers=self.headers), timeout_s=600,
+                                 what="the gateway sees both servers and serves the model list (with the API key)")
 
     def stop(self) -> None:
-        if self.processes:
-            stop(self.processes)
-            self.processes = {}
+        if self.launched is not None:
+            self.launched.stop()
+            self.launched = None
+
+    @property
+    def processes(self) -> dict[str, subprocess.Popen]:
+        return self.launched.processes if self.launched else {}
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.gateway_url}/v1", api_key=kwargs.pop("api_key", self.api_key),
@@ -92,7 +73,7 @@ class HardenedStack(Stack):
                 "language-server": f"http://{self.host}:{self.language_metrics_port}/metrics"}
 
     def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
+        return self.launched.log(name)
 
 
 def plan(model: str, logs: Path) -> HardenedStack:

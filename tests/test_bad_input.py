@@ -306,8 +306,10 @@ def test_after_the_corpus_every_server_is_healthy_holds_nothing_and_answers(hard
     stack = hardened_stack
     assert httpx.get(f"{stack.gateway_url}/health", timeout=10).json() == {"vision_servers_up": 1,
                                                                            "language_servers_up": 1}
-    reply = stack.client().chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": [
-        {"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": {"url": GOOD_URL}}]}])
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe."},
+                                             {"type": "image_url", "image_url": {"url": GOOD_URL}}]}]
+    reply = stack.client().chat.completions.create(model=MODEL, max_tokens=3, messages=messages,
+                                                   extra_body={"ignore_eos": True})
     assert reply.usage.completion_tokens == 3 and reply.usage.prompt_tokens_details.image_tokens == 256
     urls = stack.metrics_urls
     assert metric(urls["gateway"], "dvd_gateway_requests_total", status="500") == 0
@@ -371,6 +373,7 @@ def test_features_that_would_harm_vllm_fail_their_request_only(hardened_stack, n
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         assert metric(language_metrics, "dvd_language_features_dropped_total", reason="hidden_size") == dropped + 1
     assert metric(stack.metrics_urls["language-server"], "dvd_language_features_pending_bytes") == 0
-    reply = stack.client().chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": GOOD_URL}}]}])
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": GOOD_URL}}]}]
+    reply = stack.client().chat.completions.create(model=MODEL, max_tokens=2, messages=messages,
+                                                   extra_body={"ignore_eos": True})
     assert reply.usage.completion_tokens == 2

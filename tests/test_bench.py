@@ -16,7 +16,7 @@ from benchmarks.loadgen import arrival_times
 from benchmarks.metrics import RequestResult, summarize
 from benchmarks.workload import BenchRequest, Workload, WorkloadError, from_folder, read_jsonl, synthetic, write_jsonl
 from conftest import free_port, make_image, png_bytes
-from dvd.launcher import OFFLINE_ENV, Stack, wait_ready
+from dvd.launcher import OFFLINE_ENV, Servers, Stack
 
 DVD = [sys.executable, "-m", "dvd.cli"]
 ENV = {**os.environ, **OFFLINE_ENV}
@@ -190,18 +190,9 @@ def stack(tiny_checkpoints, tmp_path_factory):
     stack = Stack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
                   language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                   language_metrics_port=free_port())
-    with open(tmp_path_factory.mktemp("logs") / "dvd-up.log", "wb") as log:
-        process = subprocess.Popen(DVD + [
-            "up", "--model", stack.model, "--port", str(stack.gateway_port), "--vision-port", str(stack.vision_port),
-            "--language-port", str(stack.language_port), "--feature-port", str(stack.feature_port),
-            "--vision-metrics-port", str(stack.vision_metrics_port),
-            "--language-metrics-port", str(stack.language_metrics_port)], stdout=log, stderr=subprocess.STDOUT, env=ENV)
-        try:
-            wait_ready(stack, {"dvd up": process}, timeout_s=600)
-            yield stack
-        finally:
-            process.terminate()
-            process.wait(60)
+    with Servers({"dvd up": stack.up_command()}, log_dir=tmp_path_factory.mktemp("logs"),
+                 stop_timeout_s=60).running(stack.ready()):
+        yield stack
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import data_url, free_port, make_image
-from dvd.launcher import Stack, start, stop, wait_ready
+from dvd.launcher import Stack
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -414,9 +414,7 @@ def test_compose_cpu_topology_serves_a_chat_completion_as_local_processes(compos
     stack = ComposeStack(str(tiny_checkpoints["custom"]), servers, ports)
     commands = stack.commands()
     assert all("127.0.0.1" in " ".join(c) and "0.0.0.0" not in " ".join(c) for c in commands.values())
-    processes = start(stack, log_dir=tmp_path)
-    try:
-        wait_ready(stack, processes, timeout_s=600)
+    with stack.servers(tmp_path).running(stack.ready()):
         healthcheck = load_healthcheck()
         assert healthcheck.main(["vision-server", str(ports["50051"])]) == 0
         assert healthcheck.main(["language-server", str(ports["50061"])]) == 0
@@ -433,5 +431,3 @@ def test_compose_cpu_topology_serves_a_chat_completion_as_local_processes(compos
         language_metrics = httpx.get(f"http://127.0.0.1:{ports['9401']}/metrics", timeout=10).text
         assert re.search(r"^dvd_vision_tiles_total({[^}]*})? [1-9]", vision_metrics, re.M)
         assert re.search(r"^dvd_language_features_received_total [1-9]", language_metrics, re.M)
-    finally:
-        stop(processes)

@@ -6,10 +6,7 @@ The three servers run as real processes (vLLM included); the last test stops the
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -17,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import data_url, free_port, make_image, make_video, png_bytes
-from dvd.launcher import OFFLINE_ENV, Stack, wait_ready
+from conftest import data_url, free_port, make_image, make_video, png_bytes, sse_lines
+from dvd.launcher import Servers, Stack
 from language_server.server import VISION_PREFIXES
 from proto import dvd_pb2, dvd_pb2_grpc
 
@@ -31,26 +28,11 @@ def up(tiny_checkpoints, tmp_path_factory):
     stack = Stack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
                   language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                   language_metrics_port=free_port())
-    log = open(tmp_path_factory.mktemp("logs") / "dvd-up.log", "wb")  # noqa: SIM115
-    command = [sys.executable, "-m", "dvd.cli", "up", "--model", stack.model, "--port", str(stack.gateway_port),
-               "--vision-port", str(stack.vision_port), "--language-port", str(stack.language_port),
-               "--feature-port", str(stack.feature_port), "--vision-metrics-port", str(stack.vision_metrics_port),
-               "--language-metrics-port", str(stack.language_metrics_port)]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV})
-    try:
-        wait_ready(stack, {"dvd up": process}, timeout_s=600)
-    except BaseException:
-        process.kill()
-        raise
-    yield stack, process
-    if process.poll() is None:  # a test failed before the SIGTERM test: stop the stack all the same
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()  # the servers get SIGTERM from their parent-death signal
-            process.wait()
-    log.close()
+    # Stopped with SIGTERM unless the SIGTERM test did it already; the servers also get SIGTERM from their
+    # parent-death signal should `dvd up` be killed.
+    dvd_up = Servers({"dvd up": stack.up_command()}, log_dir=tmp_path_factory.mktemp("logs"), stop_timeout_s=60)
+    with dvd_up.running(stack.ready()):
+        yield stack, dvd_up.processes["dvd up"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +69,7 @@ def test_models_lists_the_served_checkpoint(client, up):
 def test_chat_completion_with_images(client, model, num_images):
     images = [make_image(640, 360, seed=i) for i in range(num_images)]
     reply = client.chat.completions.create(model=model, messages=user("Describe the picture.", *images),
-                                           max_tokens=6, temperature=0)
+                                           max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 6
     assert reply.choices[0].message.content
@@ -101,8 +83,11 @@ def test_chat_completion_with_images(client, model, num_images):
 def test_streamed_chat_matches_non_streamed(client, model, num_images):
     images = [make_image(300, 500, seed=10 + i) for i in range(num_images)]
     messages = user("What is shown?", *images)
-    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    exactly = {"ignore_eos": True}  # six tokens whenever the random model would pick EOS
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                           extra_body=exactly)
     chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                                 extra_body=exactly,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -194,11 +179,11 @@ def test_client_disconnect_cancels_the_generation(up, model):
     stack, _ = up
     metrics_url = f"http://127.0.0.1:{stack.language_metrics_port}/metrics"
     before = counter(metrics_url, 'dvd_language_requests_total{outcome="cancelled"}')
-    body = {"model": model, "stream": True, "max_tokens": 4000,
+    body = {"model": model, "stream": True, "max_tokens": 4000, "ignore_eos": True,
             "messages": user("Write a long story.", make_image(64, 64, 3))}
     with httpx.stream("POST", f"{stack.gateway_url}/v1/chat/completions", json=body, timeout=60) as reply:
         assert reply.status_code == 200
-        next(reply.iter_lines())  # the first chunk arrived: the request is generating; now hang up
+        next(sse_lines(reply))  # the first chunk arrived: the request is generating; now hang up
     outcomes = {}
     for _ in range(300):  # up to 30 s: two loaded cores can be slow to notice the hang-up
         outcomes = {o: counter(metrics_url, f'dvd_language_requests_total{{outcome="{o}"}}')

@@ -17,7 +17,7 @@ import pytest
 
 from checkpoint.generate import write_checkpoint
 from conftest import data_url, encode_to_local_receiver, free_port, make_image, metric
-from dvd.launcher import Stack, start, stop, wait_ready
+from dvd.launcher import Stack
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +50,10 @@ def stack(tiny_checkpoints, tmp_path_factory):
                        language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                        language_metrics_port=free_port(), uncached_port=free_port(), retrained_model=str(retrained),
                        retrained_vision_port=free_port(), retrained_port=free_port())
-    processes = start(stack, log_dir=tmp_path_factory.mktemp("feature-cache-logs"))
-    try:
-        wait_ready(stack, processes, timeout_s=600)
-        for port in (stack.uncached_port, stack.retrained_port):
-            wait_ready(dataclasses.replace(stack, gateway_port=port), processes, timeout_s=120)
+    gateways = [stack.ready()] + [dataclasses.replace(stack, gateway_port=port).ready()
+                                  for port in (stack.uncached_port, stack.retrained_port)]
+    with stack.servers(tmp_path_factory.mktemp("feature-cache-logs")).running(lambda: all(g() for g in gateways)):
         yield stack
-    finally:
-        stop(processes)
 
 
 class Counters:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -14,28 +12,21 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import data_url, free_port, make_image
+from dvd.launcher import Servers
 from gateway.schemas import ChatCompletionRequest
 
 
 @pytest.fixture(scope="module")
-def lonely_gateway():
+def lonely_gateway(tmp_path_factory):
     """A gateway whose vision and language servers do not exist."""
     port = free_port()
     command = [sys.executable, "-m", "dvd.cli", "gateway", "--port", str(port), "--served-model-name", "tiny",
                "--vision-server", f"127.0.0.1:{free_port()}", "--language-server", f"127.0.0.1:{free_port()}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            break
-        except httpx.TransportError:
-            if process.poll() is not None:
-                pytest.fail(f"gateway exited with {process.returncode}")
-            time.sleep(0.1)
-    yield url
-    process.terminate()
-    process.wait(10)
+    gateway = Servers({"gateway": command}, log_dir=tmp_path_factory.mktemp("lonely-logs"))
+    with gateway.running(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503,
+                         what="the gateway answers, its servers missing"):
+        yield url
 
 
 def test_health_is_503_without_servers(lonely_gateway):

@@ -12,8 +12,6 @@ import base64
 import contextlib
 import io
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -26,8 +24,8 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import data_url, free_port, make_image, metric, png_bytes
-from dvd.launcher import OFFLINE_ENV, Stack, start, stop, wait_ready
+from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines, wait_until
+from dvd.launcher import Servers, Stack, http_ready
 from gateway.reasoning import R1_SYSTEM_PROMPT
 
 pytestmark = pytest.mark.slow
@@ -125,17 +123,13 @@ def stack(tiny_checkpoints, tmp_path_factory):
                   "--language-server", language],
     }
     stack.logs_dir = logs
-    processes = start(stack, log_dir=logs)
-    try:
-        wait_ready(stack, processes, timeout_s=600)
-        for port in (stack.strict_port, stack.spare_port):  # ready once their health checks found the servers
-            for _ in range(100):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["language_servers_up"]:
-                    break
-                time.sleep(0.2)
+    # Ready once the strict and spare gateways' health checks found the servers too (the strict one's dead
+    # vision server stays down; the spare one's second vision server comes later).
+    others = [http_ready(f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {API_KEY}"},
+                         health={"vision_servers_up": 1, "language_servers_up": 1})
+              for port in (stack.strict_port, stack.spare_port)]
+    with stack.servers(logs).running(lambda: stack.ready()() and all(ready() for ready in others)):
         yield stack
-    finally:
-        stop(processes)
 
 
 def client_for(port: int, **kwargs) -> openai.OpenAI:
@@ -164,11 +158,15 @@ def user(text: str, *images, detail: str = "auto") -> list[dict]:
 PICTURE = make_image(64, 64, 1)
 
 
-VLLM_PARAMS = ("top_k", "min_p", "repetition_penalty")  # not in OpenAI's API: the client sends them as extra_body
+VLLM_PARAMS = ("top_k", "min_p", "repetition_penalty", "ignore_eos")  # not in OpenAI's API: sent as extra_body
 
 
 def extra(params: dict) -> dict:
+    """The request's parameters for the openai client. Unless a grammar must be able to end the output, the
+    tests ask for exactly max_tokens tokens: when the random model picks EOS differs between CPUs."""
     params = dict(params)
+    if "response_format" not in params:
+        params.setdefault("ignore_eos", True)
     params["extra_body"] = {**params.get("extra_body", {}), **{k: params.pop(k) for k in VLLM_PARAMS if k in params}}
     return params
 
@@ -458,20 +456,19 @@ def test_metrics_count_requests_latencies_and_backend_load(stack, client, model)
 
 
 def test_in_flight_cap_answers_429_with_retry_after(stack, model):
-    body = {"model": model, "stream": True, "max_tokens": 3000, "messages": user("Write a long story.", PICTURE)}
+    body = {"model": model, "stream": True, "max_tokens": 3000, "ignore_eos": True,  # busy until the test hangs up
+            "messages": user("Write a long story.", PICTURE)}
     headers = {"authorization": f"Bearer {API_KEY}"}
     url = f"http://127.0.0.1:{stack.strict_port}/v1/chat/completions"
     with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as busy:
         assert busy.status_code == 200
-        lines = busy.iter_lines()
+        lines = sse_lines(busy)
         assert next(lines).startswith("data: ")
         with pytest.raises(openai.RateLimitError) as error:
             ask(client_for(stack.strict_port, api_key=API_KEY), model, messages=[{"role": "user", "content": "x"}])
         assert error.value.response.headers["retry-after"] == "1"
-    for _ in range(50):  # the hung-up stream is released
-        if metric(f"http://127.0.0.1:{stack.strict_port}/metrics", "dvd_gateway_requests_in_flight") == 0:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: metric(f"http://127.0.0.1:{stack.strict_port}/metrics", "dvd_gateway_requests_in_flight") == 0,
+               60, "the hung-up stream is released")
     assert ask(client_for(stack.strict_port, api_key=API_KEY), model, max_tokens=1).choices
 
 
@@ -489,13 +486,11 @@ def test_dead_vision_server_is_ejected_and_encode_goes_to_the_live_one(stack, mo
 def test_non_streamed_client_disconnect_cancels_the_generation(stack, model):
     url = f"http://127.0.0.1:{stack.language_metrics_port}/metrics"
     before = metric(url, "dvd_language_requests_total", outcome="cancelled")
-    body = {"model": model, "max_tokens": 4000, "messages": user("Write a long story.", PICTURE)}
+    body = {"model": model, "max_tokens": 4000, "ignore_eos": True, "messages": user("Write a long story.", PICTURE)}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{stack.gateway_url}/v1/chat/completions", json=body, timeout=2)
-    for _ in range(100):
-        if metric(url, "dvd_language_requests_total", outcome="cancelled") == before + 1:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: metric(url, "dvd_language_requests_total", outcome="cancelled") == before + 1, 60,
+               "the language server counts the generation cancelled")
     assert metric(url, "dvd_language_requests_total", outcome="cancelled") == before + 1
 
 
@@ -508,23 +503,15 @@ def test_a_vision_server_that_comes_up_is_admitted_shares_the_load_and_leaves_wi
     assert metric(metrics_url, "dvd_gateway_backend_up", kind="vision", address=second) == 0
     command = [sys.executable, "-m", "dvd.cli", "vision-server", "--model", stack.model, "--port",
                str(stack.spare_vision_port)]
-    log = open(tmp_path / "vision-2.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV})
-    try:
-        deadline = time.monotonic() + 180
-        while metric(metrics_url, "dvd_gateway_backend_up", kind="vision", address=second) != 1:
-            assert process.poll() is None and time.monotonic() < deadline, "second vision server did not start"
-            time.sleep(0.5)
+    with Servers({"vision-2": command}, log_dir=tmp_path).start() as second_server:
+        second_server.wait_until(lambda: metric(metrics_url, "dvd_gateway_backend_up", kind="vision",
+                                                address=second) == 1, 180, "the spare gateway admits it")
         with ThreadPoolExecutor(4) as pool:  # concurrent: least-outstanding spreads them
             replies = list(pool.map(lambda i: ask(spare, model, messages=user("x", make_image(64, 64, 470 + i)),
                                                   max_tokens=2), range(8)))
         assert all(r.usage.prompt_tokens_details.image_tokens == 256 for r in replies)
         assert metric(metrics_url, "dvd_gateway_backend_requests_total", kind="vision", address=second,
                       outcome="ok") >= 1
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
     for i in range(4):  # gone: ejected by the first failed call or health check, and nothing fails
         assert ask(spare, model, messages=user("x", make_image(64, 64, 480 + i)), max_tokens=1).choices
     assert metric(metrics_url, "dvd_gateway_backend_up", kind="vision", address=second) == 0

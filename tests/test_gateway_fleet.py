@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import data_url, free_port, make_image, metric, png_bytes
-from dvd.launcher import start
+from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines
+from dvd.launcher import Servers, http_ready
 from gateway.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 
 pytestmark = pytest.mark.slow
@@ -40,7 +36,6 @@ class Server:
     port: int
     metrics_port: int
     command: list[str]
-    process: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
@@ -56,7 +51,7 @@ class Fleet:
     vision: list[Server]
     language: list[Server]
     gateways: dict[str, Server] = field(default_factory=dict)
-    logs: Path | None = None
+    launched: Servers | None = None  # every server, started by the fixture
 
     def url(self, gateway: str) -> str:
         return f"http://{HOST}:{self.gateways[gateway].port}"
@@ -65,7 +60,7 @@ class Fleet:
     def servers(self) -> list[Server]:
         return [*self.vision, *self.language, *self.gateways.values()]
 
-    def commands(self) -> dict[str, list[str]]:  # what `dvd.launcher.start` runs
+    def commands(self) -> dict[str, list[str]]:
         return {server.name: server.command for server in self.servers}
 
 
@@ -98,72 +93,15 @@ def plan_fleet(model: str) -> Fleet:
     return fleet
 
 
-def start_fleet(fleet: Fleet, logs: Path) -> None:
-    """Start every server as `dvd up` does: each in its own session, so that SIGKILL of its process group
-    takes vLLM's engine processes with it; output to `<name>.log` in `logs`."""
-    fleet.logs = logs
-    for name, process in start(fleet, log_dir=logs).items():
-        next(s for s in fleet.servers if s.name == name).process = process
-
-
-def wait_fleet_ready(fleet: Fleet, timeout_s: float) -> None:
-    """Until both gateways see all of their servers; raise if a server exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    wanted = {"fleet": {"vision_servers_up": 2, "language_servers_up": 2},
-              "pair": {"vision_servers_up": 1, "language_servers_up": 1}}
-    while time.monotonic() < deadline:
-        for server in fleet.servers:
-            if server.process.poll() is not None:
-                tail = (fleet.logs / f"{server.name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{server.name} exited with code {server.process.returncode}:\n{tail}")
-        try:
-            if all(httpx.get(f"{fleet.url(g)}/health", timeout=5).json() == w for g, w in wanted.items()):
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the fleet was not ready within {timeout_s:.0f} s; logs in {fleet.logs}")
-
-
-def kill_group(server: Server, sig: signal.Signals) -> None:
-    """Signal the server's whole process group (it leads its own session): it and its children."""
-    if server.process.poll() is None:
-        try:
-            os.killpg(server.process.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop_fleet(fleet: Fleet, timeout_s: float = 15.0) -> None:
-    """SIGTERM every server, then SIGKILL the process groups still there after `timeout_s`; never blocks
-    longer, whatever a server's sockets are waiting for."""
-    for server in fleet.servers:
-        if server.process is not None and server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for server in fleet.servers:
-        if server.process is None:
-            continue
-        try:
-            server.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            kill_group(server, signal.SIGKILL)
-            server.process.wait(10)
-        try:  # vLLM's engine process and any other child left behind
-            os.killpg(server.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 @pytest.fixture(scope="module")
 def fleet(tiny_checkpoints, tmp_path_factory):
     fleet = plan_fleet(str(tiny_checkpoints["custom"]))
-    try:
-        start_fleet(fleet, tmp_path_factory.mktemp("gateway-fleet-logs"))
-        wait_fleet_ready(fleet, timeout_s=420)
+    fleet.launched = Servers(fleet.commands(), log_dir=tmp_path_factory.mktemp("gateway-fleet-logs"))
+    both_see_all = [http_ready(fleet.url("fleet"), health={"vision_servers_up": 2, "language_servers_up": 2}),
+                    http_ready(fleet.url("pair"), health={"vision_servers_up": 1, "language_servers_up": 1})]
+    with fleet.launched.running(lambda: all(ready() for ready in both_see_all),
+                                what="both gateways see all of their servers"):
         yield fleet
-    finally:
-        stop_fleet(fleet)
 
 
 def assert_openai_error(body: dict, status: int) -> dict:
@@ -388,7 +326,8 @@ def test_fuzzed_requests_against_live_servers_get_no_5xx_no_hang_and_the_stack_s
 
 
 def chat(url: str, seed: int, max_tokens: int = 4, stream: bool = False) -> dict:
-    return {"model": MODEL, "max_tokens": max_tokens, "stream": stream, "temperature": 0,
+    """Exactly max_tokens tokens: when the random model picks EOS depends on the CPU and on batching."""
+    return {"model": MODEL, "max_tokens": max_tokens, "stream": stream, "temperature": 0, "ignore_eos": True,
             "messages": user("Describe this picture.", data_url(make_image(32, 32, seed)))}
 
 
@@ -482,7 +421,7 @@ class Stream:
                 if reply.status_code != 200:
                     self.error = assert_openai_error(json.loads(reply.read()), reply.status_code)
                     return
-                for line in reply.iter_lines():
+                for line in sse_lines(reply):
                     if not line.startswith("data: "):
                         continue
                     data = line.removeprefix("data: ")
@@ -503,7 +442,7 @@ class Stream:
 
 def retries(fleet: Fleet) -> Counter:
     """Calls the fleet gateway moved to another server after theirs became unreachable, by kind."""
-    lines = (fleet.logs / "fleet.log").read_text().splitlines()
+    lines = fleet.launched.log("fleet").splitlines()
     return Counter("Encode" if "retrying Encode" in line else "Generate" for line in lines
                    if "unavailable; retrying" in line)
 
@@ -537,7 +476,7 @@ def test_killing_a_vision_and_a_language_server_mid_run_costs_only_the_requests_
                        for s in (*fleet.vision, *fleet.language)}
         killed_at = time.monotonic()
         for server in (vision_b, language_b):  # each with its children (vLLM's engine): a crashed container
-            kill_group(server, signal.SIGKILL)
+            fleet.launched.kill(server.name)
         replies = [r.result(150) for r in replies]
     finally:
         burst.shutdown(wait=False, cancel_futures=True)

@@ -20,7 +20,7 @@ import torch
 from checkpoint.formats import IMAGE_PLACEHOLDER
 from checkpoint.presets import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from conftest import data_url, encode_to_local_receiver, free_port, make_image, png_bytes
-from dvd.launcher import Stack, start, stop, wait_ready
+from dvd.launcher import Stack
 from language_server.prompt import ChatRenderer, load_chat_template
 from proto import dvd_pb2, dvd_pb2_grpc
 from vision_server.preprocess import preprocess
@@ -42,12 +42,8 @@ IMAGES = {
 def hf_stack(tiny_checkpoints, tmp_path_factory):
     stack = Stack(model=str(tiny_checkpoints["hf"]), gateway_port=free_port(), vision_port=free_port(),
                   language_port=free_port(), feature_port=free_port(), dtype="float32", feature_dtype="float32")
-    processes = start(stack, log_dir=tmp_path_factory.mktemp("hf-stack-logs"))
-    try:
-        wait_ready(stack, processes, timeout_s=600)
+    with stack.servers(tmp_path_factory.mktemp("hf-stack-logs")).running(stack.ready()):
         yield stack
-    finally:
-        stop(processes)
 
 
 @dataclass

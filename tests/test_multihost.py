@@ -10,7 +10,6 @@ feature timeout's reach, and requests succeed again once the link is back.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import shutil
@@ -28,7 +27,7 @@ import torch
 import zmq
 
 from conftest import data_url, make_image
-from dvd.launcher import OFFLINE_ENV
+from dvd.launcher import Servers, http_ready
 from transport.frames import ImageFeatures, encode_frames
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -80,7 +79,7 @@ class Hosts:
         self.vision_ns, self.language_ns = f"dvd-v-{tag}", f"dvd-l-{tag}"
         self.vision_if, self.language_if = f"dvdv{tag}"[:15], f"dvdl{tag}"[:15]
         self.log_dir = log_dir
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.servers = Servers({}, log_dir=log_dir, env={"DVD_LANGUAGE_FEATURE_TIMEOUT_S": str(FEATURE_TIMEOUT_S)})
 
     def create(self) -> None:
         for ns in (self.vision_ns, self.language_ns):
@@ -107,26 +106,15 @@ class Hosts:
     def link(self, up: bool) -> None:
         sh("ip", "-n", self.vision_ns, "link", "set", self.vision_if, "up" if up else "down")
 
-    def start(self, name: str, ns: str, *args: str, env: dict | None = None) -> None:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
-        self.processes[name] = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "dvd.cli", *args],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV, **(env or {})},
-            start_new_session=True)
+    def start(self, name: str, ns: str, *args: str) -> None:
+        self.servers.commands[name] = ["ip", "netns", "exec", ns, sys.executable, "-m", "dvd.cli", *args]
+        self.servers.start(name)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log"))
 
     def destroy(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        self.servers.stop()
         for ns in (self.vision_ns, self.language_ns):  # removing a namespace removes its veth end
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
@@ -140,15 +128,15 @@ def hosts(tiny_checkpoints, tmp_path_factory):
         model = str(tiny_checkpoints["custom"])
         hosts.start("language-server", hosts.language_ns, "language-server", "--model", model,
                     "--host", LANGUAGE_ADDRESS, "--port", "50061", "--metrics-port", "9102",
-                    "--feature-bind", f"tcp://{LANGUAGE_ADDRESS}:5600",
-                    env={"DVD_LANGUAGE_FEATURE_TIMEOUT_S": str(FEATURE_TIMEOUT_S)})
+                    "--feature-bind", f"tcp://{LANGUAGE_ADDRESS}:5600")
         hosts.start("vision-server", hosts.vision_ns, "vision-server", "--model", model,
                     "--host", "127.0.0.1", "--port", "50051", "--metrics-port", "9101")
         hosts.start("gateway", hosts.vision_ns, "gateway", "--host", "127.0.0.1", "--port", "8000",
                     "--vision-server", "127.0.0.1:50051", "--language-server", f"{LANGUAGE_ADDRESS}:50061",
                     "--request-timeout-s", "30", "--health-interval-s", "1")
         with in_namespace(hosts.vision_ns) as vision_host:
-            vision_host.submit(wait_ready, hosts).result()
+            ready = http_ready("http://127.0.0.1:8000")  # polled from inside namespace V
+            vision_host.submit(hosts.servers.wait_until, ready, 240, "the two-host stack serves").result()
             hosts.vision_host = vision_host
             yield hosts
     except BaseException:
@@ -156,20 +144,6 @@ def hosts(tiny_checkpoints, tmp_path_factory):
         raise
     finally:
         hosts.destroy()
-
-
-def wait_ready(hosts: Hosts, timeout_s: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for name, process in hosts.processes.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {process.returncode}:\n{hosts.logs()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get("http://127.0.0.1:8000/health", timeout=2).status_code == 200:
-                httpx.get("http://127.0.0.1:8000/v1/models", timeout=5).raise_for_status()
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"the two-host stack was not ready within {timeout_s:.0f} s:\n{hosts.logs()}")
 
 
 def chat(image_size: tuple[int, int]) -> openai.types.chat.ChatCompletion:

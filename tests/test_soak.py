@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import data_url, make_image, metric, png_bytes
+from conftest import data_url, make_image, metric, png_bytes, sse_lines
 from hardened import MAX_IN_FLIGHT, MAX_PENDING_FEATURE_BYTES, MODEL
 
 pytestmark = pytest.mark.slow
@@ -75,13 +75,13 @@ class Load:
                 return "400 (bad image)"
             assert reply.status_code == 200, (reply.status_code, reply.read()[:300])
             if kind == "hang up":
-                next(reply.iter_lines())
+                next(sse_lines(reply))
                 return "client hung up"
             if not request["stream"]:
                 completion = json.loads(reply.read())
                 assert completion["usage"]["completion_tokens"] <= request["max_tokens"] * request.get("n", 1)
                 return "200"
-            lines = [line for line in reply.iter_lines() if line]
+            lines = [line for line in sse_lines(reply) if line]
             assert lines[-1] == "data: [DONE]", lines[-3:]
             return "200 streamed"
 

@@ -7,7 +7,6 @@ import asyncio
 import datetime
 import importlib.util
 import ipaddress
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import data_url, free_port, make_image
 from dvd.grpc_tls import TlsFiles, add_port, channel_credentials
-from dvd.launcher import Stack, start, stop, wait_ready
+from dvd.launcher import Stack
 from proto import dvd_pb2, dvd_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -90,18 +89,8 @@ def stack(tiny_checkpoints, pki, tmp_path_factory):
     stack = Stack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
                   language_port=free_port(), feature_port=free_port(), max_model_len=4096)
     logs = tmp_path_factory.mktemp("tls-logs")
-    saved = dict(os.environ)
-    os.environ.update(tls_environment(pki))  # inherited by the servers only while they start
-    try:
-        processes = start(stack, log_dir=logs)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    try:
-        wait_ready(stack, processes, timeout_s=600)
+    with stack.servers(logs, env=tls_environment(pki)).running(stack.ready()):
         yield stack, logs
-    finally:
-        stop(processes)
 
 
 def test_a_chat_completion_crosses_mutual_tls_to_both_servers(stack):
@@ -109,7 +98,7 @@ def test_a_chat_completion_crosses_mutual_tls_to_both_servers(stack):
     client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
     picture = {"type": "image_url", "image_url": {"url": data_url(make_image(448, 448, 41))}}
-    reply = client.chat.completions.create(model=model, max_tokens=4, messages=[
+    reply = client.chat.completions.create(model=model, max_tokens=4, extra_body={"ignore_eos": True}, messages=[
         {"role": "user", "content": [picture, {"type": "text", "text": "What is it?"}]}])
     assert reply.usage.completion_tokens == 4 and reply.usage.prompt_tokens_details.image_tokens == 256
     for server in ("vision-server", "language-server"):
