@@ -25,8 +25,9 @@ checkpoint: $(TINY)/config.json
 up: $(TINY)/config.json
 	$(VENV)/bin/dvd up --model $(TINY) --port $(PORT)
 
+# The slowest 15 tests are listed at the end, so slow tests show up.
 test: $(INSTALLED)
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=15
 
 # Compose and Kubernetes files against their schemas, offline (no Docker engine or cluster needed).
 deploy-check: $(INSTALLED)
