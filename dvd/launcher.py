@@ -115,10 +115,15 @@ class Stack:
         }
 
 
-def _own_session() -> None:
-    """Child set-up: Ctrl-C in the terminal reaches only `dvd up`, which stops the servers in order;
-    and on Linux a server gets SIGTERM if `dvd up` itself dies."""
-    os.setsid()
+def _own_process_group() -> None:
+    """Child set-up: Ctrl-C in the terminal reaches only `dvd up`, which stops the servers in order; a signal
+    to the group reaches the server's children (vLLM's engine) too; and on Linux a server gets SIGTERM if
+    `dvd up` itself dies.
+
+    A process group, not a session: Linux schedules each session as one group (autogroup), and a vLLM engine
+    on CPU busy-waits between its two processes; with the servers in sessions of their own, that starved every
+    other session on a 2-core host for up to 10 s at a time (the gateway, the vision server, the client)."""
+    os.setpgid(0, 0)
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -138,8 +143,8 @@ def http_ready(url: str, headers: dict[str, str] | None = None, health: dict | N
 
 class Servers:
     """Named server processes started together, waited for with one readiness probe, stopped together: the one
-    way `dvd up`, the tests and the benchmarks start servers. Each runs in its own session (see
-    `_own_session`), so that a signal to its process group reaches its children (vLLM's engine) too."""
+    way `dvd up`, the tests and the benchmarks start servers. Each runs in its own process group (see
+    `_own_process_group`), so that a signal to its process group reaches its children (vLLM's engine) too."""
 
     def __init__(self, commands: dict[str, list[str]], *, log_dir: Path | None = None,
                  env: dict[str, str] | None = None, stop_timeout_s: float = 15.0):
@@ -161,7 +166,7 @@ class Servers:
                 output = open(log, "wb")  # noqa: SIM115 (owned by the child)
             self.processes[name] = subprocess.Popen(self.commands[name], env=env, stdout=output,
                                                     stderr=subprocess.STDOUT if output else None,
-                                                    preexec_fn=_own_session)
+                                                    preexec_fn=_own_process_group)
             if output:
                 output.close()
         return self

@@ -1,11 +1,22 @@
-"""`dvd.launcher.free_port`: the ports test stacks and benchmarks start servers on."""
+"""`dvd.launcher`: the ports test stacks and benchmarks start servers on, and `Servers`, which starts, waits for
+and stops them (`dvd up`, the tests and the benchmarks)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import sys
 from pathlib import Path
 
-from dvd.launcher import free_port
+import pytest
+
+from conftest import wait_until
+from dvd.launcher import Servers, free_port
+
+# A "server" that starts a child of its own (as a language server starts vLLM's engine), says so, and waits.
+WITH_CHILD = [sys.executable, "-c", "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(600)']); print(child.pid, flush=True); time.sleep(600)"]
 
 
 def test_free_ports_are_distinct_bindable_and_never_ephemeral():
@@ -16,3 +27,36 @@ def test_free_ports_are_distinct_bindable_and_never_ephemeral():
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))
 
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_servers_get_a_process_group_of_their_own_in_the_launchers_session_and_stop_with_their_children(tmp_path):
+    """A process group, so that a kill reaches vLLM's engine processes too; the launcher's session, so that
+    Linux's per-session scheduling groups (autogroup) do not let a busy-waiting vLLM engine starve the others."""
+    with Servers({"server": WITH_CHILD, "other": WITH_CHILD}, log_dir=tmp_path).start() as servers:
+        servers.wait_until(lambda: all(servers.log(name).strip() for name in servers.processes), 60,
+                           "each server has started its child")
+        children = {name: int(servers.log(name).split()[0]) for name in servers.processes}
+        for name, process in servers.processes.items():
+            assert os.getpgid(process.pid) == process.pid  # a group of its own
+            assert os.getpgid(children[name]) == process.pid  # its child in it
+            assert os.getsid(process.pid) == os.getsid(0)  # no session of its own
+        servers.kill("server")
+        assert servers.processes["server"].returncode == -signal.SIGKILL
+        wait_until(lambda: not alive(children["server"]), 30, "the killed server's child is gone")
+        assert alive(children["other"])
+    assert servers.processes["other"].poll() is not None
+    wait_until(lambda: not alive(children["other"]), 30, "the stopped server's child is gone")
+
+
+def test_a_server_that_exits_during_start_up_fails_the_wait_with_its_log(tmp_path):
+    failing = [sys.executable, "-c", "import sys; print('no checkpoint at /nowhere'); sys.exit(3)"]
+    with Servers({"server": failing}, log_dir=tmp_path).start() as servers, \
+            pytest.raises(RuntimeError, match="(?s)server exited with code 3.*no checkpoint at /nowhere"):
+        servers.wait_until(lambda: False, 60, "it serves")
