@@ -8,7 +8,10 @@ two gateways in front of them: `pair` (vision A and language A only), which the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -21,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines
+from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines, wait_until
 from dvd.launcher import Servers, http_ready
 from gateway.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 
@@ -451,34 +454,42 @@ BIG = [data_url(make_image(896, 672, 200 + i)) for i in range(6)]  # 13 tiles ea
 
 
 def test_killing_a_vision_and_a_language_server_mid_run_costs_only_the_requests_on_them(fleet):
-    """SIGKILL language server B while 12 streams generate, and vision server B while 6 more requests
-    are being encoded; then the survivors serve everything."""
+    """SIGKILL language server B while 12 streams generate, then vision server B while 6 more requests wait
+    for their Encode calls; then the survivors serve everything. The streams are long enough to be under way
+    at the kill at any speed; both vision servers are stopped (SIGSTOP) while the 6 requests arrive, so
+    least-outstanding leaves Encode calls waiting on each until the kill (vision A then resumes)."""
     url = fleet.url("fleet")
     gateway_metrics = f"{url}/metrics"
-    vision_b, language_b = fleet.vision[1], fleet.language[1]
+    vision_a, vision_b, language_b = fleet.vision[0], fleet.vision[1], fleet.language[1]
+    outstanding_on = lambda server: metric(gateway_metrics, "dvd_gateway_backend_outstanding",  # noqa: E731
+                                           address=server.address)
     streams = [Stream(i) for i in range(12)]
-    threads = [threading.Thread(target=s.run, args=(url, 400), daemon=True) for s in streams]
+    threads = [threading.Thread(target=s.run, args=(url, 2000), daemon=True) for s in streams]
     burst = ThreadPoolExecutor(len(BIG))
     retries_before = retries(fleet)
+    vision_pids = [fleet.launched.processes[server.name].pid for server in fleet.vision]
     try:
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 90
-        while not all(s.tokens >= 2 or s.ended_at for s in streams):  # every stream is generating
-            assert time.monotonic() < deadline, [vars(s) for s in streams]
-            time.sleep(0.05)
+        wait_until(lambda: all(s.tokens >= 2 or s.ended_at for s in streams), 120,
+                   lambda: f"every stream generates: {[vars(s) for s in streams]}")
+        outstanding = {s.name: outstanding_on(s) for s in fleet.language}
+        killed_at = time.monotonic()
+        fleet.launched.kill(language_b.name)  # with its children (vLLM's engine): a crashed container
+        for pid in vision_pids:
+            os.killpg(pid, signal.SIGSTOP)
         big = [{**chat(url, 0), "messages": user("Describe this picture.", image)} for image in BIG]
         replies = [burst.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120) for body in big]
-        while metric(gateway_metrics, "dvd_gateway_backend_outstanding", address=vision_b.address) < 1:
-            assert time.monotonic() < deadline, "no Encode reached vision server B"
-            time.sleep(0.01)
-        outstanding = {s.name: metric(gateway_metrics, "dvd_gateway_backend_outstanding", address=s.address)
-                       for s in (*fleet.vision, *fleet.language)}
-        killed_at = time.monotonic()
-        for server in (vision_b, language_b):  # each with its children (vLLM's engine): a crashed container
-            fleet.launched.kill(server.name)
+        wait_until(lambda: outstanding_on(vision_a) >= 1 and outstanding_on(vision_b) >= 1, 60,
+                   "Encode calls wait on both vision servers")
+        outstanding |= {s.name: outstanding_on(s) for s in fleet.vision}
+        fleet.launched.kill(vision_b.name)
+        os.killpg(vision_pids[0], signal.SIGCONT)
         replies = [r.result(150) for r in replies]
     finally:
+        for pid in vision_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGCONT)
         burst.shutdown(wait=False, cancel_futures=True)
         for thread in threads:
             thread.join(150)
