@@ -306,8 +306,12 @@ def test_language_server_killed_mid_stream_with_features_in_flight_then_restarte
           f"solo: {[s.error for s in solo]}; the call waiting for features: {code.name} {message!r}")
     assert not [s.exception for s in (*streams, *solo) if s.exception]
     assert len(failed) <= on_b  # only streams on B fail; a stream placed on B before its first token moves to A
-    for stream in [*failed, *solo]:  # clear in-band errors naming the server that went away
-        assert stream.status == 200 and stream.tokens >= 2, vars(stream)
+    # Clear in-band errors naming the server that went away, after what the streams had: the solo streams were
+    # seen generating; a fleet stream may have been cut after its first token (it is not retried once it has
+    # produced output).
+    assert all(stream.tokens >= 2 for stream in solo), [vars(s) for s in solo]
+    for stream in [*failed, *solo]:
+        assert stream.status == 200, vars(stream)
         assert stream.error["code"] == 503 and b_address in stream.error["message"], stream.error
     wait_until(lambda: backend_up(extra, "fleet", "language", b_port) == 0, 10, "B ejected from fleet")
     assert httpx.post(f"{extra.url('fleet')}/v1/chat/completions", json=chat(5), timeout=60).status_code == 200
