@@ -6,7 +6,7 @@ both go through the dataclasses here so the two never disagree.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 # InternVL's tokens added after Qwen3's vocabulary, at their real ids.
@@ -106,9 +106,6 @@ class ModelConfig:
     @property
     def compressed_projector_input_size(self) -> int:
         return self.vision.hidden_size * int(1 / self.downsample_ratio) ** 4  # 16C, `mlp2`'s input
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_name(cls, name: str) -> ModelConfig:

@@ -12,7 +12,9 @@ from benchmarks.cli import app as bench_app
 
 # Before anything imports vLLM or transformers; vLLM's spawned workers re-import this module too.
 from language_server import torchvision_compat  # noqa: F401
+from language_server.settings import LanguageServerSettings
 from planner.cli import app as plan_app
+from vision_server.settings import VisionServerSettings
 
 app = typer.Typer(help="DvD: decoupled vision-language serving for InternVL3.5.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -48,54 +50,76 @@ def checkpoint(
     typer.echo(f"wrote {preset} checkpoint ({format} format) to {path}")
 
 
+def given(**flags) -> dict:
+    """The flags given on the command line: a flag left out must not override the server's environment
+    (`DVD_VISION_*`, ...) or settings file, so each option's default is None and the settings hold the real one."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+def flag_for(settings_cls):
+    """Flags for `settings_cls`'s settings, each showing the default the settings class has."""
+
+    def flag(name: str, help: str | None = None):
+        default = settings_cls.model_fields[name].default
+        return typer.Option(help=help, show_default=False if default is None else str(default))
+
+    return flag
+
+
+vision_flag, language_flag = flag_for(VisionServerSettings), flag_for(LanguageServerSettings)
+
+
 @app.command("vision-server")
 def vision_server(
-    model: Annotated[str, typer.Option(help="Checkpoint folder (either format)")] = str(DEFAULT_MODEL),
-    host: str = "127.0.0.1",
-    port: int = 50051,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port")] = None,
-    device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), or e.g. cuda:0,cuda:1")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32")] = "auto",
-    compile: Annotated[bool, typer.Option(help="torch.compile the vision model")] = False,
-    feature_dtype: Annotated[str, typer.Option(help="Dtype on the wire: bfloat16, float16 or float32")] = "bfloat16",
-    max_batch_tiles: Annotated[int, typer.Option(help="Tiles per encoder batch, across requests")] = 32,
-    max_batch_wait_ms: Annotated[float, typer.Option(help="Longest wait of a tile for a fuller batch")] = 5.0,
+    model: Annotated[str | None, vision_flag("model", "Checkpoint folder (either format)")] = None,
+    host: Annotated[str | None, vision_flag("host")] = None,
+    port: Annotated[int | None, vision_flag("port")] = None,
+    metrics_port: Annotated[int | None, vision_flag("metrics_port", "Prometheus port")] = None,
+    device: Annotated[str | None, vision_flag("device", "auto (every GPU, else CPU), or e.g. cuda:0,cuda:1")] = None,
+    dtype: Annotated[str | None, vision_flag("dtype", "auto, bfloat16 or float32")] = None,
+    compile: Annotated[bool | None, vision_flag("compile", "torch.compile the vision model")] = None,
+    feature_dtype: Annotated[str | None, vision_flag("feature_dtype", "Wire dtype: bfloat16, float16, float32")] = None,
+    max_batch_tiles: Annotated[int | None, vision_flag("max_batch_tiles", "Tiles per encoder batch")] = None,
+    max_batch_wait_ms: Annotated[float | None, vision_flag("max_batch_wait_ms", "Wait for a fuller batch")] = None,
     log_level: str = "info",
 ) -> None:
-    """Serve VisionService: tiling, batched InternViT + MLP projector (+ ViR), features sent to language servers."""
+    """Serve VisionService: tiling, batched InternViT + MLP projector (+ ViR), features sent to language servers.
+    Settings: flags, then DVD_VISION_* environment variables, then defaults."""
     from vision_server.server import main
-    from vision_server.settings import VisionServerSettings
 
     _logging(log_level)
-    main(VisionServerSettings(model=model, host=host, port=port, metrics_port=metrics_port, device=device,
-                              dtype=dtype, feature_dtype=feature_dtype, max_batch_tiles=max_batch_tiles,
-                              max_batch_wait_ms=max_batch_wait_ms, compile=compile))
+    flags = given(model=model, host=host, port=port, metrics_port=metrics_port, device=device, dtype=dtype,
+                  feature_dtype=feature_dtype, max_batch_tiles=max_batch_tiles, max_batch_wait_ms=max_batch_wait_ms,
+                  compile=compile)
+    main(VisionServerSettings(**flags))
 
 
 @app.command("language-server")
 def language_server(
-    model: Annotated[str, typer.Option(help="Checkpoint folder (either format)")] = str(DEFAULT_MODEL),
-    host: str = "127.0.0.1",
-    port: int = 50061,
-    feature_bind: Annotated[str, typer.Option(help="ZeroMQ endpoint the feature receiver binds")] = "tcp://127.0.0.1:5600",
-    feature_advertise: Annotated[str | None, typer.Option(help="Endpoint vision servers send to")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port")] = None,
-    dtype: Annotated[str, typer.Option(help="vLLM dtype (auto, bfloat16, float32)")] = "auto",
-    max_model_len: int = 8192,
-    kv_cache_gib: Annotated[int, typer.Option(help="KV cache size on CPU, GiB")] = 1,
-    feature_cache_mib: Annotated[int, typer.Option(
-        help="Features of recently used images kept for later turns of a chat, MiB; 0: off")] = 2048,
+    model: Annotated[str | None, language_flag("model", "Checkpoint folder (either format)")] = None,
+    host: Annotated[str | None, language_flag("host")] = None,
+    port: Annotated[int | None, language_flag("port")] = None,
+    feature_bind: Annotated[str | None, language_flag("feature_bind", "Feature receiver's ZeroMQ endpoint")] = None,
+    feature_advertise: Annotated[str | None, language_flag("feature_advertise", "Where vision servers send")] = None,
+    metrics_port: Annotated[int | None, language_flag("metrics_port", "Prometheus port")] = None,
+    dtype: Annotated[str | None, language_flag("dtype", "vLLM dtype (auto, bfloat16, float32)")] = None,
+    max_model_len: Annotated[int | None, language_flag("max_model_len")] = None,
+    kv_cache_gib: Annotated[int | None, language_flag("kv_cache_gib", "KV cache size on CPU, GiB")] = None,
+    feature_cache_mib: Annotated[int | None, typer.Option(
+        help="Features of recently used images kept for later turns of a chat, MiB; 0: off",
+        show_default=str(LanguageServerSettings.model_fields["feature_cache_bytes"].default >> 20))] = None,
     log_level: str = "info",
 ) -> None:
-    """Serve LanguageService: vLLM in embedding-only mode, fed by the feature receiver."""
+    """Serve LanguageService: vLLM in embedding-only mode, fed by the feature receiver.
+    Settings: flags, then DVD_LANGUAGE_* environment variables, then defaults."""
     from language_server.server import main
-    from language_server.settings import LanguageServerSettings
 
     _logging(log_level)
-    main(LanguageServerSettings(model=model, host=host, port=port, feature_bind=feature_bind,
-                                feature_advertise=feature_advertise, metrics_port=metrics_port, dtype=dtype,
-                                max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                                feature_cache_bytes=feature_cache_mib << 20))
+    feature_cache_bytes = feature_cache_mib << 20 if feature_cache_mib is not None else None
+    flags = given(model=model, host=host, port=port, feature_bind=feature_bind, feature_advertise=feature_advertise,
+                  metrics_port=metrics_port, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                  feature_cache_bytes=feature_cache_bytes)
+    main(LanguageServerSettings(**flags))
 
 
 @app.command()
@@ -130,7 +154,7 @@ def gateway(
              "request_timeout_s": request_timeout_s, "health_interval_s": health_interval_s,
              "max_images_per_request": max_images_per_request,
              "image_fetch_allowed_networks": image_fetch_allowed_network, "feature_cache": feature_cache}
-    main(load_settings(config, **{name: value for name, value in flags.items() if value is not None}))
+    main(load_settings(config, **given(**flags)))
 
 
 @app.command()

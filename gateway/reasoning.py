@@ -61,9 +61,3 @@ class ThinkSplitter:
         reasoning, self._buffer = self._buffer, ""
         return (reasoning, "") if self._thinking else ("", reasoning)
 
-
-def split_thinking(text: str) -> tuple[str, str]:
-    """A whole completion as (reasoning, content)."""
-    splitter = ThinkSplitter()
-    first, second = splitter.feed(text), splitter.flush()
-    return first[0] + second[0], first[1] + second[1]

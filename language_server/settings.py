@@ -1,4 +1,5 @@
-"""Language server settings: CLI flags override `DVD_LANGUAGE_*` environment variables."""
+"""Language server settings: flags given on the command line, then `DVD_LANGUAGE_*`
+environment variables, then these defaults."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dvd.grpc_tls import TlsFiles
 class LanguageServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd/grpc_tls.py)
     model_config = SettingsConfigDict(env_prefix="DVD_LANGUAGE_")
 
-    model: str
+    model: str = "checkpoints/tiny"  # the checkpoint `make up` writes
     host: str = "127.0.0.1"
     port: int = 50061  # gRPC LanguageService
     feature_transport: Literal["tcp", "rdma"] = "tcp"  # rdma: feature_bind is rdma://host:port (needs pyverbs)

@@ -221,7 +221,9 @@ def test_dvd_up_runs_the_same_services_ports_and_settings_as_the_compose_cpu_pro
                 assert theirs.get(flag) == values, f"{role} {flag}: compose {theirs.get(flag)}, dvd up {values}"
         # Flags only the compose file sets must not change behaviour: they repeat the CLI's defaults,
         # except the container-only ones (where features are sent; metrics are on for `dvd up` here too).
-        defaults = {f"--{p.name.replace('_', '-')}": p.default for p in cli[role].params}
+        # A server flag's default lives in the server's settings, and its help shows it (see dvd.cli.flag_for).
+        defaults = {f"--{p.name.replace('_', '-')}": p.show_default if isinstance(p.show_default, str) else p.default
+                    for p in cli[role].params}
         for flag in set(theirs) - set(ours) - {"--feature-advertise"}:
             assert theirs[flag] == [str(defaults[flag])], f"{role} {flag} differs from `dvd up`"
     advertise = flags(servers["language-server"]["argv"])["--feature-advertise"][0]

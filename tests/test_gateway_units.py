@@ -17,9 +17,16 @@ from conftest import make_image
 from gateway.backends import LATE_CHECKS_TO_EJECT, VisionPool
 from gateway.errors import APIError
 from gateway.images import ImageFetcher, decode_data_url, image_format
-from gateway.reasoning import ThinkSplitter, split_thinking
+from gateway.reasoning import ThinkSplitter
 from gateway.settings import load_settings
 from proto import dvd_pb2, dvd_pb2_grpc
+
+
+def split_whole(text: str) -> tuple[str, str]:
+    """A whole completion through the splitter in one piece, as (reasoning, content)."""
+    splitter = ThinkSplitter()
+    (reasoning, content), (more_reasoning, more_content) = splitter.feed(text), splitter.flush()
+    return reasoning + more_reasoning, content + more_content
 
 
 def reference_split(text: str) -> tuple[str, str]:
@@ -42,13 +49,13 @@ def test_think_splitter_gives_the_same_split_for_any_chunking(text, cuts):
         r, c = splitter.feed(text[begin:end])
         reasoning, content = reasoning + r, content + c
     r, c = splitter.flush()
-    assert (reasoning + r, content + c) == reference_split(text) == split_thinking(text)
+    assert (reasoning + r, content + c) == reference_split(text) == split_whole(text)
 
 
 def test_think_splitter_examples():
-    assert split_thinking("<think>\nhmm</think>\nAnswer") == ("\nhmm", "\nAnswer")
-    assert split_thinking("no tags at all") == ("no tags at all", "")  # cut off while thinking
-    assert split_thinking("</think>direct") == ("", "direct")
+    assert split_whole("<think>\nhmm</think>\nAnswer") == ("\nhmm", "\nAnswer")
+    assert split_whole("no tags at all") == ("no tags at all", "")  # cut off while thinking
+    assert split_whole("</think>direct") == ("", "direct")
 
 
 def encoded(fmt: str, **save) -> bytes:

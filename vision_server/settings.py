@@ -1,4 +1,5 @@
-"""Vision server settings: CLI flags override `DVD_VISION_*` environment variables."""
+"""Vision server settings: flags given on the command line, then `DVD_VISION_*` environment
+variables, then these defaults."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dvd.grpc_tls import TlsFiles
 class VisionServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd/grpc_tls.py)
     model_config = SettingsConfigDict(env_prefix="DVD_VISION_")
 
-    model: str
+    model: str = "checkpoints/tiny"  # the checkpoint `make up` writes
     host: str = "127.0.0.1"
     port: int = 50051  # gRPC VisionService
     metrics_port: int | None = None
