@@ -291,9 +291,13 @@ def test_language_server_killed_mid_stream_with_features_in_flight_then_restarte
         thread.start()
     fleet_on_b = lambda: metric(f"{extra.url('fleet')}/metrics", "dvd_gateway_backend_outstanding",  # noqa: E731
                                 address=b_address)
-    wait_until(lambda: all(s.tokens >= 2 for s in solo) or any(s.done or s.error or s.exception for s in solo), 180,
-               lambda: f"both solo streams generate on B: {[vars(s) for s in solo]}")
-    assert not any(s.done or s.error or s.exception for s in solo), [vars(s) for s in solo]
+    # Every fleet stream placed for good (it has output, or ended) before counting those on B: a stream that
+    # could still be placed would make the count a guess.
+    ended = lambda s: s.done or s.error or s.exception  # noqa: E731
+    wait_until(lambda: (all(s.tokens >= 2 for s in solo) and all(s.tokens >= 1 or ended(s) for s in streams))
+               or any(ended(s) for s in solo), 180,
+               lambda: f"both solo streams generate on B, every fleet stream has output: {[vars(s) for s in streams]}")
+    assert not any(ended(s) for s in solo), [vars(s) for s in solo]
     on_b = fleet_on_b()
     extra.servers.kill("language-b")
     for thread in threads:
