@@ -319,6 +319,15 @@ def test_sender_recovers_when_the_receiver_restarts_on_the_same_endpoint():
                 await s.send(endpoint, first)
                 await wait_until(lambda: len(got.items) == 1)
                 assert same(got.items[0], first)
+                # A message sent before the sender's ZeroMQ thread has seen the peer go is lost with the peer
+                # (one-way transport); wait for that moment, then no message may be queued for the dead peer.
+                monitor = s._endpoints[endpoint].sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            try:
+                event = zmq.utils.monitor.parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), 10))
+                assert event["event"] == zmq.EVENT_DISCONNECTED
+            finally:
+                s._endpoints[endpoint].sock.disable_monitor()
+                monitor.close(linger=0)
             # Receiver gone: nothing is queued for a dead peer, the send fails within its timeout.
             with pytest.raises(TransportError, match="accepted nothing for 1 s"):
                 await s.send(endpoint, make_item("while-down", 0, 1))
