@@ -248,6 +248,35 @@ def test_images_are_multi_stage_non_root_with_a_health_check_and_the_dvd_entrypo
         assert (root / source).exists(), source
     ignore = (DEPLOY / f"{name}.dockerignore").read_text()
     assert "!deploy/healthcheck.py" in ignore
+    # The base images are build arguments, declared before the first FROM.
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert all(re.fullmatch(r"\$\{\w+\}", image) for image in froms), froms
+    header = text.split("\nFROM ", 1)[0]
+    assert all(re.search(rf"^ARG {image[2:-1]}=\S+", header, re.M) for image in froms)
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_hold_every_package_of_the_distribution(name):
+    """Every package pyproject lists (dvd's CLI imports benchmarks and planner) is in the context and copied."""
+    root = DEPLOY.parent
+    pyproject = (root / "pyproject.toml").read_text()
+    find = re.search(r"^\[tool\.setuptools\.packages\.find\]\ninclude = \[(.*)\]", pyproject, re.M)
+    packages = [p.rstrip("*") for p in re.findall(r'"([^"]+)"', find[1]) if (root / p.rstrip("*")).is_dir()]
+    assert {"dvd", "benchmarks", "planner"} <= set(packages)
+    text = (DEPLOY / name).read_text()
+    ignore = (DEPLOY / f"{name}.dockerignore").read_text().split()
+    for package in packages:
+        assert re.search(rf"^COPY {package} {package}$", text, re.M), package
+        assert any(line.startswith(f"!{package}/") for line in ignore), package
+
+
+def test_cpu_image_takes_the_pinned_cpu_torch_from_its_index_before_the_rest_from_pypi():
+    text = (DEPLOY / "Dockerfile.cpu").read_text()
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    torch = text.index('pip install --no-deps --extra-index-url "$TORCH_INDEX_URL" -r deploy/torch-cpu.txt')
+    assert torch < text.index("pip install '.[cpu]'")
+    assert re.search(r"^COPY deploy/torch-cpu.txt ", text, re.M)
+    assert "!deploy/torch-cpu.txt" in (DEPLOY / "Dockerfile.cpu.dockerignore").read_text().split()
 
 
 def test_prometheus_scrapes_every_server_on_its_metrics_port(compose):
