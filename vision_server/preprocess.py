@@ -109,11 +109,12 @@ def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
     # The reference re-resizes each tile to its own size (a copy in PIL), then ToTensor and Normalize:
     # (u8 / 255 - mean) / std, in float32, in this order.
     pixels = torch.from_numpy(np.stack([np.asarray(tile.convert("RGB")) for tile in tiles]))
-    # pixels: [tiles, H, W, 3] uint8 -> [tiles, 3, H, W] float32
-    pixels = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)
+    # pixels: [tiles, H, W, 3] uint8 -> [tiles, 3, H, W] float32, normalised in place: one float copy at a time
+    # (64 video frames are 154 MB of float32).
+    pixels = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return pixels.sub(mean).div(std).contiguous()
+    return pixels.sub_(mean).div_(std)
 
 
 def preprocess(
