@@ -14,6 +14,7 @@ from PIL import Image
 
 from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD
 from conftest import make_video
+from vision_server import video
 from vision_server.preprocess import IMAGE_SIZE, ImageError, dynamic_tiles, to_pixel_values
 from vision_server.settings import VisionServerSettings
 from vision_server.video import (
@@ -106,6 +107,20 @@ def test_a_long_video_decodes_only_the_groups_holding_sampled_frames():
     assert all(np.array_equal(np.asarray(a), b) for a, b in zip(picked, decode_everything_then_pick(data, 8)))
     with pytest.raises(ImageError, match=r"needs \d+ decoded frames; the limit is 100 \(max_video_decoded_frames\)"):
         decode_picked_frames(data, 8, VideoLimits(max_decoded_frames=100))
+
+
+def test_when_the_decoder_puts_out_fewer_frames_than_the_container_lists_the_picks_follow_the_decoder(monkeypatch):
+    data = encode_video(90, 128, 96, options={"preset": "veryfast", "g": "20"})
+    index = video._index
+
+    def overcounting(data, budget):  # a container listing ten frames more than its decoder puts out
+        pts, keyframes, width, height = index(data, budget)
+        return pts + [max(pts) + 512 * k for k in range(1, 11)], keyframes + [False] * 10, width, height
+
+    monkeypatch.setattr(video, "_index", overcounting)
+    picked = decode_picked_frames(data, 8)
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(picked, decode_everything_then_pick(data, 8)))
+    assert frame_indices(100, 8) != frame_indices(90, 8)
 
 
 SMALL = make_video(30)  # 96x64, 30 frames
