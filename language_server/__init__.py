@@ -1,3 +1,3 @@
 """Language server: vLLM in embedding-only mode, fed image features by the vision server."""
 
-from language_server import torchvision_compat  # noqa: F401  (must precede any vLLM/transformers import)
+from language_server import torch_compat  # noqa: F401  (must precede any vLLM/transformers import)

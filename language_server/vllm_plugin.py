@@ -4,7 +4,7 @@ vLLM loads general plugins in each of its processes, so the classes are known to
 workers however they were started. New names change nothing for other users of vLLM; the language
 server selects them through `hf_overrides`. The classes are registered as objects, not as lazy
 "module:Class" strings, because vLLM inspects lazy ones in a fresh interpreter that would import
-torchvision before the work-around in `language_server.torchvision_compat` could run.
+torchvision before the work-around in `language_server.torch_compat` could run.
 """
 
 from __future__ import annotations

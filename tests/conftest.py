@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dvd.launcher import free_port  # noqa: F401  (the test modules take it from here)
-from language_server import torchvision_compat  # noqa: F401  (before transformers / vLLM imports)
+from language_server import torch_compat  # noqa: F401  (before transformers / vLLM imports)
 
 
 @pytest.fixture(scope="session")

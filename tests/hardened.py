@@ -21,6 +21,7 @@ MAX_IN_FLIGHT = 8
 MAX_PENDING_FEATURE_BYTES = 4 << 20
 FEATURE_TTL_S = 5
 MAX_MODEL_LEN = 4096
+MAX_VIDEO_DECODED_PIXELS = 6 * 96 * 64  # six frames of conftest's make_video
 
 
 @dataclass
@@ -41,7 +42,8 @@ class HardenedStack(Stack):
 
     def environment(self) -> dict[str, str]:
         return {"DVD_LANGUAGE_MAX_PENDING_FEATURE_BYTES": str(MAX_PENDING_FEATURE_BYTES),
-                "DVD_LANGUAGE_FEATURE_TTL_S": str(FEATURE_TTL_S)}
+                "DVD_LANGUAGE_FEATURE_TTL_S": str(FEATURE_TTL_S),
+                "DVD_VISION_MAX_VIDEO_DECODED_PIXELS": str(MAX_VIDEO_DECODED_PIXELS)}
 
     def start(self) -> None:
         (self.logs / "gateway.toml").write_text(self.config())

@@ -23,8 +23,8 @@ import httpx
 import pytest
 import torch
 
-from conftest import data_url, make_image, metric, png_bytes
-from hardened import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MODEL
+from conftest import data_url, make_image, make_video, metric, png_bytes
+from hardened import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_VIDEO_DECODED_PIXELS, MODEL
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureSender
@@ -113,6 +113,10 @@ HTTP_CORPUS = [
     Case("file: URL", 400, "only data:, http: and https:", with_images("file:///etc/passwd")),
     Case("corrupt video", 400, "corrupt or unsupported video", {**chat(), "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": as_url(os.urandom(5000), "video/mp4")}}]}]}),
+    Case("video over max_video_decoded_pixels", 400,
+         f"image 0: the video needs {8 * 96 * 64} decoded pixels; the limit is {MAX_VIDEO_DECODED_PIXELS} "
+         "(max_video_decoded_pixels)", {**chat(), "messages": [{"role": "user", "content": [
+             {"type": "video_url", "video_url": {"url": as_url(make_video(30), "video/mp4"), "num_frames": 8}}]}]}),
     Case("image in an assistant message", 400, "only accepted in user messages", {**chat(), "messages": [
         {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": GOOD_URL}}]}]}),
     # the body itself

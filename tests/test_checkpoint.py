@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-import language_server.torchvision_compat  # noqa: F401  (before transformers' InternVL imports torchvision)
+import language_server.torch_compat  # noqa: F401  (before transformers imports torchvision)
 from checkpoint.formats import IMAGE_PLACEHOLDER, CheckpointConfigError, detect_format, read_model_config
 from checkpoint.generate import (
     VIDEO_TOKEN,

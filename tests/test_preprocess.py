@@ -14,14 +14,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD
-from conftest import make_video
 from vision_server.preprocess import (
     ImageError,
     decode_image,
     dynamic_tiles,
-    frame_indices,
     preprocess,
-    preprocess_video,
     tile_grid,
     to_pixel_values,
 )
@@ -250,28 +247,3 @@ def test_decompression_bomb_is_refused_without_allocating():
 
 def test_image_error_is_a_value_error():
     assert issubclass(ImageError, ValueError)
-
-
-def test_video_frames_are_sampled_as_the_model_card_does():
-    def reference_get_index(max_frame: int, num_segments: int) -> list[int]:
-        seg_size = float(max_frame - 0) / num_segments
-        return [int(0 + (seg_size / 2) + np.round(seg_size * idx)) for idx in range(num_segments)]
-
-    for total, frames in [(30, 8), (7, 8), (100, 32), (1, 4)]:
-        assert frame_indices(total, frames) == reference_get_index(total - 1, frames)
-    pixels = preprocess_video(make_video(30), 8)
-    assert pixels.shape == (8, 3, 448, 448)
-    # Frame i is grey level 8 * i: the sampled frames come back in order, at the sampled indices.
-    grey = (pixels[:, 0, 224, 224] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
-    expected = torch.tensor([8.0 * i for i in frame_indices(30, 8)])
-    assert torch.allclose(grey, expected, atol=4)  # MPEG-4 is lossy
-
-
-@pytest.mark.parametrize("data,message", [
-    (b"", "empty"),
-    (b"\x00\x00\x00\x18ftypmp42" + bytes(200), "corrupt or unsupported video"),
-    (bytes(range(256)) * 8, "corrupt or unsupported video"),
-])
-def test_bad_videos_fail_clearly(data, message):
-    with pytest.raises(ImageError, match=message):
-        preprocess_video(data, 8)

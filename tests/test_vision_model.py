@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import language_server.torchvision_compat  # noqa: F401  (before transformers' InternVL imports torchvision)
+import language_server.torch_compat  # noqa: F401  (before transformers imports torchvision)
 from checkpoint.generate import write_checkpoint
 from vision_server import loader
 from vision_server.loader import VISION_PREFIXES, VisionCheckpointError, load_vision_model

@@ -109,11 +109,12 @@ def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
     # The reference re-resizes each tile to its own size (a copy in PIL), then ToTensor and Normalize:
     # (u8 / 255 - mean) / std, in float32, in this order.
     pixels = torch.from_numpy(np.stack([np.asarray(tile.convert("RGB")) for tile in tiles]))
-    # pixels: [tiles, H, W, 3] uint8 -> [tiles, 3, H, W] float32
-    pixels = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)
+    # pixels: [tiles, H, W, 3] uint8 -> [tiles, 3, H, W] float32, normalised in place: one float copy at a time
+    # (64 video frames are 154 MB of float32).
+    pixels = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return pixels.sub(mean).div(std).contiguous()
+    return pixels.sub_(mean).div_(std)
 
 
 def preprocess(
@@ -128,49 +129,3 @@ def preprocess(
     """Encoded image bytes to pixel values [tiles, 3, 448, 448] float32."""
     image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     return to_pixel_values(dynamic_tiles(image, min_tiles, max_tiles, IMAGE_SIZE, use_thumbnail))
-
-
-def frame_indices(num_decoded: int, num_frames: int) -> list[int]:
-    """The model card's `get_index` (no time bounds): the middle of `num_frames` equal segments."""
-    last = num_decoded - 1
-    segment = last / num_frames
-    return [int(segment / 2 + round(segment * i)) for i in range(num_frames)]
-
-
-def preprocess_video(
-    data: bytes, num_frames: int, *, max_bytes: int = 64 << 20, max_pixels: int = 16_000_000,
-    max_decoded_frames: int = 4096,
-) -> torch.Tensor:
-    """Encoded video bytes to `num_frames` evenly sampled frames, one 448x448 tile each: [frames, 3, 448, 448].
-
-    As in the model card's `load_video` with `max_num=1`: each frame is resized to one tile, no thumbnail.
-    """
-    import av  # PyAV: FFmpeg's decoders, from memory
-
-    if not data:
-        raise ImageError("video is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise ImageError(f"video is {len(data)} bytes; the limit is {max_bytes}")
-    if num_frames < 1:
-        raise ImageError(f"a video needs at least 1 frame, asked for {num_frames}")
-    frames: list[Image.Image] = []
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise ImageError("the video has no video stream")
-            stream = container.streams.video[0]
-            if stream.codec_context.width * stream.codec_context.height > max_pixels:
-                raise ImageError(f"video frames of {stream.codec_context.width}x{stream.codec_context.height} "
-                                 f"exceed the {max_pixels}-pixel limit")
-            for frame in container.decode(stream):
-                if len(frames) == max_decoded_frames:
-                    raise ImageError(f"video has more than {max_decoded_frames} frames")
-                frames.append(frame.to_image())
-    except ImageError:
-        raise
-    except Exception as e:  # noqa: BLE001  (FFmpeg reports corrupt input in many ways)
-        raise ImageError(f"corrupt or unsupported video ({type(e).__name__}: {e})") from None
-    if not frames:
-        raise ImageError("the video holds no decodable frame")
-    picked = [frames[i].convert("RGB") for i in frame_indices(len(frames), num_frames)]
-    return to_pixel_values([tile for frame in picked for tile in dynamic_tiles(frame, 1, 1, IMAGE_SIZE, True)])

@@ -25,8 +25,9 @@ from transport.tcp import TransportError
 from vision_server import metrics
 from vision_server.engine import EncodedImage, VirParams, VisionEngine
 from vision_server.in_flight import InFlight, content_key
-from vision_server.preprocess import ImageError, preprocess, preprocess_video
+from vision_server.preprocess import ImageError, preprocess
 from vision_server.settings import VisionServerSettings
+from vision_server.video import VideoLimits, preprocess_video
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
         self._engines = engines  # one per device
         self._config = config
         self._settings = settings
+        self._video_limits = VideoLimits.of(settings)
         self._sender = sender
         self._model_name = model_name
         self._preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
@@ -86,8 +88,7 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
                 if image.video_frames > settings.max_video_frames:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {index}: {image.video_frames} "
                                         f"video frames exceed {settings.max_video_frames}")
-                job = partial(preprocess_video, image.data, image.video_frames, max_bytes=settings.max_video_bytes,
-                              max_pixels=settings.max_image_pixels)
+                job = partial(preprocess_video, image.data, image.video_frames, self._video_limits)
             else:
                 max_tiles = image.max_tiles or settings.default_max_tiles
                 if max_tiles > settings.max_tiles_limit:

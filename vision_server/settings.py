@@ -30,7 +30,12 @@ class VisionServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd/g
     max_image_bytes: int = 20 << 20
     max_image_pixels: int = 64_000_000
     max_video_bytes: int = 64 << 20
-    max_video_frames: int = 64
+    max_video_frames: int = 64  # frames sampled from one video (a request's num_frames)
+    # Bounds on decoding one video (vision_server/video.py); over one, the request is refused naming it.
+    max_video_length_frames: int = 36_000  # frames in the file, counted without decoding (20 min at 30 fps)
+    max_video_decoded_frames: int = 2_048  # frames decoded (only groups holding a sampled frame are)
+    max_video_decoded_pixels: int = 2_000_000_000  # width x height summed over them (~960 frames of 1080p)
+    video_decode_timeout_s: float = 10.0  # wall clock for demuxing and decoding one video
     preprocess_workers: int = 2
     send_timeout_s: float = 30.0
     feature_transport: Literal["tcp", "rdma"] = "tcp"  # rdma: also send to rdma:// endpoints (needs pyverbs)
