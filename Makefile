@@ -44,3 +44,8 @@ proto: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) checkpoints
+
+# The CPU image built and run for real: needs root, podman and debootstrap (deploy/README.md, "Image check").
+.PHONY: image-check
+image-check: $(INSTALLED)
+	PYTHON=$(PY) TORCH_INDEX_URL=$(TORCH_INDEX_URL) deploy/image-check.sh

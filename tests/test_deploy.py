@@ -28,6 +28,8 @@ from dvd.launcher import Stack
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_TLS = DEPLOY / "docker-compose.tls.yml"  # an override file: `-f docker-compose.yml -f docker-compose.tls.yml`
+COMPOSE_HOST = DEPLOY / "docker-compose.host.yml"  # an override file: the cpu profile on the host network
+IMAGE_CHECK = DEPLOY / "image-check.sh"
 OVERLAYS = ["gpu", "cpu", "gpu-tls"]  # gpu-tls: the gpu overlay with the tls component
 K8S_VERSION = "1.37.0"
 ROLES = ("vision-server", "language-server", "gateway")
@@ -116,15 +118,43 @@ def compose_errors(document: dict) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
 
 
-def with_override(base: dict, override: dict) -> dict:
-    """Compose's merge of an override file into services: mappings merge, `volumes` lists append."""
-    merged = {**base, "services": dict(base["services"])}
-    for name, extra in override["services"].items():
-        service = dict(merged["services"][name])
-        service["environment"] = {**service.get("environment", {}), **extra.get("environment", {})}
-        service["volumes"] = [*service.get("volumes", []), *extra.get("volumes", [])]
-        merged["services"][name] = service
-    return merged
+RESET = object()  # Compose's `!reset` tag: the key is dropped from the merged file
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's `!reset` tag."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+
+
+def load_compose(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=ComposeLoader)
+
+
+def with_override(base, override):
+    """Compose's merge of an override file: mappings merge, `!reset` drops a key, `command` and scalars
+    replace, other sequences (volumes) append."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if value is RESET:
+                merged.pop(key, None)
+            elif key in merged and key not in ("command", "entrypoint"):
+                merged[key] = with_override(merged[key], value)
+            else:
+                merged[key] = value
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        return [*base, *override]
+    return override
+
+
+def without_resets(document):
+    """An override file as the schema sees it: its `!reset` keys left out."""
+    if isinstance(document, dict):
+        return {k: without_resets(v) for k, v in document.items() if v is not RESET}
+    return [without_resets(v) for v in document] if isinstance(document, list) else document
 
 
 def test_compose_file_is_valid_against_the_compose_specification(compose):
@@ -167,6 +197,54 @@ def test_compose_tls_override_gives_every_dvd_server_its_certificates_and_each_r
             tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"), name
         if role == "gateway":
             assert loaded.tls_server_name == "dvd-servers"  # the name in the servers' certificate
+
+
+def test_compose_host_override_puts_the_cpu_profile_on_the_host_network(compose):
+    """The three cpu servers, host networking, no aliases or published ports, explicit limits, and the image's
+    own health check (which reads each server's port from its command line)."""
+    override = load_compose(COMPOSE_HOST)
+    merged = with_override(compose, override)
+    assert not compose_errors(without_resets(override)) and not compose_errors(merged)
+    cpu_servers = {name for name, s in compose["services"].items()
+                   if "cpu" in s.get("profiles", []) and s["command"][0] in ROLES}
+    assert set(override["services"]) == cpu_servers
+    for name in cpu_servers:
+        service = merged["services"][name]
+        assert service["network_mode"] == "host", name
+        assert not {"networks", "ports", "healthcheck"} & set(service), name
+        assert {"nofile", "nproc"} <= set(service["ulimits"]), name
+        assert service["image"] == compose["services"][name]["image"] and service["profiles"] == ["cpu"]
+    dockerfile = (DEPLOY / "Dockerfile.cpu").read_text()
+    assert re.search(r'^HEALTHCHECK .* CMD \["python", "/opt/dvd/healthcheck.py"\]$', dockerfile, re.M)
+
+
+def test_compose_host_override_changes_only_addresses_and_ports_each_its_own(compose):
+    """Same flags as the cpu profile (hence as `dvd up`); each service name or 0.0.0.0 becomes 127.0.0.1 and
+    each port one new port throughout, set by a DVD_HOST_*_PORT variable that image-check.sh sets."""
+    override = load_compose(COMPOSE_HOST)
+    address = re.compile(r"(tcp://)?(?:([\w.-]+):)?(\d+)")
+    ports: dict[str, str] = {}
+    names = {"0.0.0.0"} | {n for s in cpu_profile(compose).values() for n in s["names"]}
+    for name, service in override["services"].items():
+        ours = [interpolate(str(a)) for a in service["command"]]
+        theirs = [interpolate(str(a)) for a in compose["services"][name]["command"]]
+        assert len(ours) == len(theirs), name
+        for mine, base in zip(ours, theirs, strict=True):
+            if mine == base:
+                continue
+            if base in names:
+                assert mine == "127.0.0.1", (name, base, mine)
+                continue
+            m, b = address.fullmatch(mine), address.fullmatch(base)
+            assert m and b and m[1] == b[1] and m[2] in (None, "127.0.0.1") and (b[2] is None) == (m[2] is None)
+            assert ports.setdefault(b[3], m[3]) == m[3], f"{name}: port {b[3]} mapped to two ports"
+        for flag in ("--port", "--metrics-port"):
+            for port in flags(ours).get(flag, []):
+                assert port in ports.values(), f"{name} {flag} {port}: the cpu profile's port"
+    assert len(set(ports.values())) == len(ports) and not set(ports.values()) & set(ports), ports
+    variables = set(re.findall(r"\$\{(DVD_HOST_\w+):-", COMPOSE_HOST.read_text()))
+    assert len([v for v in variables if v.endswith("_PORT")]) == len(ports)
+    assert variables == set(re.findall(r"\b(DVD_HOST_\w+)=", IMAGE_CHECK.read_text()))
 
 
 def test_compose_has_both_profiles_and_monitoring_in_each(compose):
