@@ -163,10 +163,10 @@ def test_video_limits_are_the_vision_servers_settings():
     (b"\x00\x00\x00\x18ftypmp42" + bytes(200), "corrupt or unsupported video"),
     (bytes(range(256)) * 8, "corrupt or unsupported video"),
     # Lists of other files or URLs: FFmpeg would open what they name.
-    # Lists of other files or URLs, which FFmpeg would open, are not probed at all.
+    # Lists of other files or URLs, which FFmpeg would open, are refused.
     (b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\nfile:///etc/hostname\n#EXT-X-ENDLIST\n",
      "corrupt or unsupported video"),
-    (b"ffconcat version 1.0\nfile /etc/hostname\n", "corrupt or unsupported video"),
+    (b"ffconcat version 1.0\nfile /etc/hostname\n", "container format is not one of"),
 ])
 def test_bad_videos_fail_clearly(data, message):
     with pytest.raises(ImageError, match=message):
