@@ -180,7 +180,7 @@ async def _unless_disconnected(request: Request, awaitable):
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
+        secret = settings.secret()
         tls = {"tls": settings, "server_name": settings.tls_server_name}  # settings hold the TLS files
         app.state.vision = VisionPool(settings.vision_servers, secret, **tls)
         app.state.language = LanguagePool(settings.language_servers, secret, **tls)

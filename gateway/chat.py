@@ -9,13 +9,13 @@ call goes to another server of its kind.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 
 import grpc
 
+from contracts.content_keys import content_key, frame_keys
 from gateway import metrics
 from gateway.backends import Backend, LanguagePool, VisionPool
 from gateway.errors import APIError, from_grpc
@@ -178,10 +178,8 @@ def content_keys(model: str, weights: str, images: list[dvd_pb2.ImageInput]) -> 
     changes its features."""
     keys = []
     for image in images:
-        digest = hashlib.sha256(f"{model}\0{weights}\0{image.max_tiles}\0{image.video_frames}\0".encode())
-        digest.update(image.data)
-        key = digest.hexdigest()
-        keys += [f"{key}.{frame}" for frame in range(image.video_frames)] if image.video_frames else [key]
+        keys += frame_keys(content_key(image.data, model, weights, image.max_tiles, image.video_frames),
+                           image.video_frames)
     return keys
 
 

@@ -10,8 +10,8 @@ import grpc
 from prometheus_client import start_http_server
 
 from checkpoint.formats import VIR_PREFIXES, detect_format
-from dvd.grpc_secret import server_interceptors
-from dvd.grpc_tls import add_port
+from contracts.grpc_secret import server_interceptors
+from contracts.grpc_tls import add_port
 from language_server import metrics
 from language_server.engine import build_engine
 from language_server.feature_cache import FeatureCache
@@ -91,7 +91,7 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
         model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s, cache=cache,
         on_engine_dead=on_engine_dead,
     )
-    secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
+    secret = settings.secret()
     server = grpc.aio.server(interceptors=server_interceptors(secret),
                              options=[("grpc.max_receive_message_length", 64 << 20)])
     dvd_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)

@@ -362,7 +362,7 @@ def test_gateway_addresses_every_language_replica_the_autoscaler_may_start(rende
 
 def test_the_tls_component_gives_every_role_its_certificate_files_and_nothing_else_changes(rendered):
     """With the component each role reads its certificate, key and CA from a mounted TLS Secret (the
-    variables dvd/grpc_tls.py reads); without it, no role has any TLS setting."""
+    variables contracts/grpc_tls.py reads); without it, no role has any TLS setting."""
     overlay, docs = rendered
     workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
     roles = {"dvd-vision": ("VISION", "dvd-tls-servers"), "dvd-language": ("LANGUAGE", "dvd-tls-servers"),
