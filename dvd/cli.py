@@ -171,7 +171,7 @@ def up(
     language_metrics_port: int | None = None,
 ) -> None:
     """Start a vision server, a language server and the gateway as local processes, wired together."""
-    from dvd.launcher import Stack, run_stack
+    from launcher import Stack, run_stack
 
     _logging("info")
     if not model.exists() and model == DEFAULT_MODEL:

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import data_url, free_port, make_image
-from dvd.launcher import Stack
+from launcher import Stack
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"

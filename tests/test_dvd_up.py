@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from conftest import data_url, free_port, make_image, make_video, png_bytes, sse_lines
-from dvd.launcher import Servers, Stack
 from language_server.server import VISION_PREFIXES
+from launcher import Servers, Stack
 from proto import dvd_pb2, dvd_pb2_grpc
 
 pytestmark = pytest.mark.slow

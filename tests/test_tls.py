@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import data_url, free_port, make_image
 from contracts.grpc_tls import TlsFiles, add_port, channel_credentials
-from dvd.launcher import Stack
+from launcher import Stack
 from proto import dvd_pb2, dvd_pb2_grpc
 
 pytestmark = pytest.mark.slow
