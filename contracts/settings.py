@@ -20,6 +20,7 @@ class InternalSecurity(TlsFiles):
 
 
 class RequestLimits(BaseModel):
-    """What one request may ask of a server; each video frame counts as one image."""
+    """What one request may ask of a vision or language server; each video frame counts as one image. The gateway
+    declares none: it refuses what the chosen language server advertises it would refuse (`Describe`)."""
 
     max_images_per_request: int = Field(16, ge=0)

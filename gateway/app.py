@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import metrics
 from gateway.backends import LanguagePool, VisionPool, check_forever
-from gateway.chat import PreparedChat, generate, load_images, prepare_chat
+from gateway.chat import PreparedChat, accepting, generate, load_images, prepare_chat
 from gateway.errors import APIError
 from gateway.images import ImageFetcher
 from gateway.reasoning import ThinkSplitter
@@ -283,6 +283,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                      len(chat.sources), chat.n, body.stream, body.user)
 
             async def first_response():
+                accepting(await state.language.describe(), chat)  # before any image is downloaded
                 await load_images(chat, settings, state.fetcher, state.vision.weights)
                 return await anext(responses)
 

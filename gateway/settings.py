@@ -13,10 +13,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from contracts.settings import InternalSecurity, RequestLimits
+from contracts.settings import InternalSecurity
 
 
-class GatewaySettings(BaseSettings, InternalSecurity, RequestLimits):  # the shared pieces: contracts/settings.py
+class GatewaySettings(BaseSettings, InternalSecurity):  # the shared piece: contracts/settings.py
     model_config = SettingsConfigDict(env_prefix="DVD_GATEWAY_", extra="forbid")
 
     host: str = "127.0.0.1"
@@ -36,6 +36,7 @@ class GatewaySettings(BaseSettings, InternalSecurity, RequestLimits):  # the sha
     health_interval_s: float = Field(5.0, gt=0)  # servers failing a check are ejected until one passes
     health_timeout_s: float = Field(2.0, gt=0)
     max_n: int = Field(8, ge=1)  # choices per request
+    # Images per request: no setting here; each language server advertises its own limit (`Describe`).
     max_image_bytes: int = Field(20 << 20, gt=0)  # per image, after base64 decoding or download
     max_tiles: int = Field(12, ge=1)  # per image for detail "high"/"auto"; "low" is one tile
     video_frames: int = Field(8, ge=1, le=64)  # frames sampled from a video_url part, one tile each

@@ -171,7 +171,7 @@ def test_prompt_longer_than_the_context_is_a_400(client, model):
 
 def test_too_many_images_is_a_400(client, model):
     tiny = make_image(32, 32, 0)
-    with pytest.raises(openai.BadRequestError, match="more than 16 images"):
+    with pytest.raises(openai.BadRequestError, match="17 images in one request; the language server takes at most 16"):
         client.chat.completions.create(model=model, messages=user("many", *[tiny] * 17), max_tokens=1)
 
 
