@@ -49,8 +49,8 @@ from benchmarks.workload import Workload as BenchWorkload
 from benchmarks.workload import synthetic
 from checkpoint.generate import write_checkpoint
 from checkpoint.presets import ModelConfig
-from dvd.launcher import Servers, free_port, http_ready
 from language_server.settings import LanguageServerSettings
+from launcher import Servers, free_port, http_ready
 from planner.plan import run as predict
 from planner.profiles import (
     CoupledProfile,

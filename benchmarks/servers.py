@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dvd import launcher
-from dvd.launcher import free_port
+import launcher
+from launcher import free_port
 
 
 @dataclass

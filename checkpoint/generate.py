@@ -62,10 +62,35 @@ class TensorSpec:
     fill: float = 0.0
 
 
+def _norm(name: str, size: int, layer_norm: bool = True) -> list[TensorSpec]:
+    """A LayerNorm (weight and bias) or, with `layer_norm=False`, an RMSNorm (weight)."""
+    bias = [TensorSpec(f"{name}.bias", (size,))] if layer_norm else []
+    return [TensorSpec(f"{name}.weight", (size,), fill=1.0), *bias]
+
+
+def _linear(name: str, n_out: int, n_in: int, bias: bool = True, std: float = INIT_STD) -> list[TensorSpec]:
+    weight = TensorSpec(f"{name}.weight", (n_out, n_in), std)
+    return [weight, TensorSpec(f"{name}.bias", (n_out,), INIT_STD)] if bias else [weight]
+
+
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """All weights of the model, custom-format names, in checkpoint order."""
-    v, t = cfg.vision, cfg.language
-    C, H = v.hidden_size, t.hidden_size
+    H = cfg.language.hidden_size
+    specs = vit_specs(cfg)
+    specs += [  # mlp1 = LayerNorm(4C) -> Linear(4C, H) -> GELU -> Linear(H, H)
+        *_norm("mlp1.0", cfg.projector_input_size),
+        *_linear("mlp1.1", H, cfg.projector_input_size),
+        *_linear("mlp1.3", H, H, std=PROJECTOR_OUT_STD),
+    ]
+    if cfg.flash:
+        specs += vir_specs(cfg)
+    return specs + llm_specs(cfg)
+
+
+def vit_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """InternViT's weights: `vision_model.*`."""
+    v = cfg.vision
+    C = v.hidden_size
     specs = [
         TensorSpec("vision_model.embeddings.class_embedding", (1, 1, C), INIT_STD),
         TensorSpec(
@@ -74,73 +99,60 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
         TensorSpec("vision_model.embeddings.patch_embedding.bias", (C,), INIT_STD),
         TensorSpec("vision_model.embeddings.position_embedding", (1, v.num_patches + 1, C), INIT_STD),
     ]
-
-    def norm(name: str, size: int, layer_norm: bool = True) -> list[TensorSpec]:
-        bias = [TensorSpec(f"{name}.bias", (size,))] if layer_norm else []
-        return [TensorSpec(f"{name}.weight", (size,), fill=1.0), *bias]
-
-    def linear(
-        name: str, n_out: int, n_in: int, bias: bool = True, std: float = INIT_STD
-    ) -> list[TensorSpec]:
-        weight = TensorSpec(f"{name}.weight", (n_out, n_in), std)
-        return [weight, TensorSpec(f"{name}.bias", (n_out,), INIT_STD)] if bias else [weight]
-
-    vit_layer_norm = v.norm_type == "layer_norm"
+    layer_norm = v.norm_type == "layer_norm"
     for i in range(v.num_layers):
         p = f"vision_model.encoder.layers.{i}"
         specs += [
             TensorSpec(f"{p}.ls1", (C,), fill=v.layer_scale_init),
             TensorSpec(f"{p}.ls2", (C,), fill=v.layer_scale_init),
-            *norm(f"{p}.norm1", C, vit_layer_norm),
-            *linear(f"{p}.attn.qkv", 3 * C, C, bias=v.qkv_bias),  # rows: q, k, v
+            *_norm(f"{p}.norm1", C, layer_norm),
+            *_linear(f"{p}.attn.qkv", 3 * C, C, bias=v.qkv_bias),  # rows: q, k, v
         ]
         if v.qk_normalization:
-            specs += norm(f"{p}.attn.q_norm", C, False) + norm(f"{p}.attn.k_norm", C, False)
+            specs += _norm(f"{p}.attn.q_norm", C, False) + _norm(f"{p}.attn.k_norm", C, False)
         specs += [
-            *linear(f"{p}.attn.proj", C, C),
-            *norm(f"{p}.norm2", C, vit_layer_norm),
-            *linear(f"{p}.mlp.fc1", v.intermediate_size, C),
-            *linear(f"{p}.mlp.fc2", C, v.intermediate_size),
+            *_linear(f"{p}.attn.proj", C, C),
+            *_norm(f"{p}.norm2", C, layer_norm),
+            *_linear(f"{p}.mlp.fc1", v.intermediate_size, C),
+            *_linear(f"{p}.mlp.fc2", C, v.intermediate_size),
         ]
+    return specs
 
-    specs += [  # mlp1 = LayerNorm(4C) -> Linear(4C, H) -> GELU -> Linear(H, H)
-        *norm("mlp1.0", cfg.projector_input_size),
-        *linear("mlp1.1", H, cfg.projector_input_size),
-        *linear("mlp1.3", H, H, std=PROJECTOR_OUT_STD),
-    ]
-    if cfg.flash:
-        specs += vir_specs(cfg, norm, linear)
 
-    specs.append(TensorSpec("language_model.model.embed_tokens.weight", (t.vocab_size, H), EMBED_STD))
+def llm_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """The Qwen3 language model's weights: `language_model.*`."""
+    t = cfg.language
+    H = t.hidden_size
+    specs = [TensorSpec("language_model.model.embed_tokens.weight", (t.vocab_size, H), EMBED_STD)]
     for i in range(t.num_layers):
         p = f"language_model.model.layers.{i}"
         specs += [
-            *norm(f"{p}.input_layernorm", H, False),
-            *linear(f"{p}.self_attn.q_proj", t.num_heads * t.head_dim, H, bias=False),
-            *linear(f"{p}.self_attn.k_proj", t.num_kv_heads * t.head_dim, H, bias=False),
-            *linear(f"{p}.self_attn.v_proj", t.num_kv_heads * t.head_dim, H, bias=False),
-            *linear(f"{p}.self_attn.o_proj", H, t.num_heads * t.head_dim, bias=False),
-            *norm(f"{p}.self_attn.q_norm", t.head_dim, False),
-            *norm(f"{p}.self_attn.k_norm", t.head_dim, False),
-            *norm(f"{p}.post_attention_layernorm", H, False),
-            *linear(f"{p}.mlp.gate_proj", t.intermediate_size, H, bias=False),
-            *linear(f"{p}.mlp.up_proj", t.intermediate_size, H, bias=False),
-            *linear(f"{p}.mlp.down_proj", H, t.intermediate_size, bias=False),
+            *_norm(f"{p}.input_layernorm", H, False),
+            *_linear(f"{p}.self_attn.q_proj", t.num_heads * t.head_dim, H, bias=False),
+            *_linear(f"{p}.self_attn.k_proj", t.num_kv_heads * t.head_dim, H, bias=False),
+            *_linear(f"{p}.self_attn.v_proj", t.num_kv_heads * t.head_dim, H, bias=False),
+            *_linear(f"{p}.self_attn.o_proj", H, t.num_heads * t.head_dim, bias=False),
+            *_norm(f"{p}.self_attn.q_norm", t.head_dim, False),
+            *_norm(f"{p}.self_attn.k_norm", t.head_dim, False),
+            *_norm(f"{p}.post_attention_layernorm", H, False),
+            *_linear(f"{p}.mlp.gate_proj", t.intermediate_size, H, bias=False),
+            *_linear(f"{p}.mlp.up_proj", t.intermediate_size, H, bias=False),
+            *_linear(f"{p}.mlp.down_proj", H, t.intermediate_size, bias=False),
         ]
-    specs += norm("language_model.model.norm", H, False)
+    specs += _norm("language_model.model.norm", H, False)
     if not t.tie_word_embeddings:
         specs.append(TensorSpec("language_model.lm_head.weight", (t.vocab_size, H), INIT_STD))
     return specs
 
 
-def vir_specs(cfg: ModelConfig, norm, linear) -> list[TensorSpec]:
+def vir_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """InternVL3.5-Flash's ViR weights under the reference names: `mlp2`, `pooling_before_gating`, `gating`."""
     C, H, C16 = cfg.vision.hidden_size, cfg.language.hidden_size, cfg.compressed_projector_input_size
     specs = [  # mlp2 = LayerNorm(16C) -> Linear(16C, 2H) -> GELU -> Linear(2H, 2H) -> GELU -> Linear(2H, H)
-        *norm("mlp2.0", C16),
-        *linear("mlp2.1", 2 * H, C16),
-        *linear("mlp2.4", 2 * H, 2 * H),
-        *linear("mlp2.7", H, 2 * H, std=PROJECTOR_OUT_STD),
+        *_norm("mlp2.0", C16),
+        *_linear("mlp2.1", 2 * H, C16),
+        *_linear("mlp2.4", 2 * H, 2 * H),
+        *_linear("mlp2.7", H, 2 * H, std=PROJECTOR_OUT_STD),
         TensorSpec("pooling_before_gating.query_token", (1, C), INIT_STD),
     ]
     for i in range(1, 5):
@@ -148,14 +160,14 @@ def vir_specs(cfg: ModelConfig, norm, linear) -> list[TensorSpec]:
         specs += [
             TensorSpec(f"{p}.in_proj_weight", (3 * C, C), INIT_STD),
             TensorSpec(f"{p}.in_proj_bias", (3 * C,), INIT_STD),
-            *linear(f"{p}.out_proj", C, C),
-            *norm(f"pooling_before_gating.norm{i}", C),
+            *_linear(f"{p}.out_proj", C, C),
+            *_norm(f"pooling_before_gating.norm{i}", C),
         ]
     for i in range(1, 5):  # residual blocks: Linear(C, 4C) -> GELU -> Linear(4C, C) -> LayerNorm(C)
-        specs += [*linear(f"gating.block{i}.0", 4 * C, C), *linear(f"gating.block{i}.3", C, 4 * C),
-                  *norm(f"gating.block{i}.5", C)]
+        specs += [*_linear(f"gating.block{i}.0", 4 * C, C), *_linear(f"gating.block{i}.3", C, 4 * C),
+                  *_norm(f"gating.block{i}.5", C)]
     # A wide router head spreads p0 across tiles, so that a tiny random model routes some tiles each way.
-    return specs + [*norm("gating.gate.0", C), *linear("gating.gate.1", 2, C, std=ROUTER_STD)]
+    return specs + [*_norm("gating.gate.0", C), *_linear("gating.gate.1", 2, C, std=ROUTER_STD)]
 
 
 def make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:

@@ -61,7 +61,7 @@ def channel_to(role: str, address: str):
     """A plaintext channel, or a TLS one when the server in this container serves TLS."""
     import grpc
 
-    from dvd.grpc_tls import TlsFiles, channel_credentials
+    from contracts.grpc_tls import TlsFiles, channel_credentials
 
     prefix = "DVD_VISION_" if role == "vision-server" else "DVD_LANGUAGE_"
     cert, key, ca = (os.environ.get(prefix + name) for name in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE"))

@@ -137,7 +137,6 @@ def gateway(
     max_in_flight: Annotated[int | None, typer.Option(help="Requests in progress before 429; 0: no cap")] = None,
     request_timeout_s: Annotated[float | None, typer.Option(help="Deadline of one request")] = None,
     health_interval_s: Annotated[float | None, typer.Option(help="Seconds between health checks")] = None,
-    max_images_per_request: int | None = None,
     image_fetch_allowed_network: Annotated[list[str] | None, typer.Option(
         help="Network (CIDR) that http(s) image URLs may point into although it is not public (repeatable)")] = None,
     feature_cache: Annotated[bool | None, typer.Option(
@@ -152,7 +151,6 @@ def gateway(
     flags = {"host": host, "port": port, "vision_servers": vision_server, "language_servers": language_server,
              "served_model_name": served_model_name, "api_keys": api_key, "max_in_flight": max_in_flight,
              "request_timeout_s": request_timeout_s, "health_interval_s": health_interval_s,
-             "max_images_per_request": max_images_per_request,
              "image_fetch_allowed_networks": image_fetch_allowed_network, "feature_cache": feature_cache}
     main(load_settings(config, **given(**flags)))
 
@@ -171,7 +169,7 @@ def up(
     language_metrics_port: int | None = None,
 ) -> None:
     """Start a vision server, a language server and the gateway as local processes, wired together."""
-    from dvd.launcher import Stack, run_stack
+    from launcher import Stack, run_stack
 
     _logging("info")
     if not model.exists() and model == DEFAULT_MODEL:

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import metrics
 from gateway.backends import LanguagePool, VisionPool, check_forever
-from gateway.chat import PreparedChat, generate, load_images, prepare_chat
+from gateway.chat import PreparedChat, accepting, generate, load_images, prepare_chat
 from gateway.errors import APIError
 from gateway.images import ImageFetcher
 from gateway.reasoning import ThinkSplitter
@@ -177,10 +177,12 @@ async def _unless_disconnected(request: Request, awaitable):
             await asyncio.gather(task, return_exceptions=True)  # its generator is free again afterwards
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def _lifespan(settings: GatewaySettings):
+    """The app's clients and pools: made at start-up on `app.state`, health-checked meanwhile, closed at the end."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
+        secret = settings.secret()
         tls = {"tls": settings, "server_name": settings.tls_server_name}  # settings hold the TLS files
         app.state.vision = VisionPool(settings.vision_servers, secret, **tls)
         app.state.language = LanguagePool(settings.language_servers, secret, **tls)
@@ -196,16 +198,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await app.state.vision.close()
         await app.state.language.close()
 
-    app = FastAPI(title="DvD gateway", lifespan=lifespan)
-    app.add_middleware(RequestContext, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
+    return lifespan
 
-    async def served_model_name() -> str:
-        if settings.served_model_name:
-            return settings.served_model_name
-        described = await app.state.language.describe()
-        if not described:
-            raise APIError(503, "no language server is available")
-        return PurePath(described[0].description.model).name
+
+def _openai_errors(app: FastAPI, settings: GatewaySettings) -> None:
+    """Every error as OpenAI's error JSON, counted by status; a 429 or 503 carries a Retry-After."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -234,6 +231,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's generic "error parsing the body"
             message = f"the body is not valid UTF-8 JSON: {exc.__cause__}"
         return await api_error(request, APIError(exc.status_code, message))
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    app = FastAPI(title="DvD gateway", lifespan=_lifespan(settings))
+    app.add_middleware(RequestContext, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
+    _openai_errors(app, settings)
+
+    async def served_model_name() -> str:
+        if settings.served_model_name:
+            return settings.served_model_name
+        described = await app.state.language.describe()
+        if not described:
+            raise APIError(503, "no language server is available")
+        return PurePath(described[0].description.model).name
 
     @app.get("/health")
     async def health():
@@ -283,6 +294,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                      len(chat.sources), chat.n, body.stream, body.user)
 
             async def first_response():
+                accepting(await state.language.describe(), chat)  # before any image is downloaded
                 await load_images(chat, settings, state.fetcher, state.vision.weights)
                 return await anext(responses)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from dvd.grpc_secret import client_interceptors
-from dvd.grpc_tls import TlsFiles, channel_credentials
+from contracts.grpc_secret import client_interceptors
+from contracts.grpc_tls import TlsFiles, channel_credentials
 from gateway import metrics
 from gateway.errors import APIError
 from proto import dvd_pb2, dvd_pb2_grpc

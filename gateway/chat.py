@@ -9,13 +9,13 @@ call goes to another server of its kind.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 
 import grpc
 
+from contracts.content_keys import content_key, frame_keys
 from gateway import metrics
 from gateway.backends import Backend, LanguagePool, VisionPool
 from gateway.errors import APIError, from_grpc
@@ -131,9 +131,6 @@ def prepare_chat(request: ChatCompletionRequest, settings: GatewaySettings, requ
                     source = ImageSource(part.image_url.url, max_tiles)
                     parts.append(dvd_pb2.ContentPart(image=True))
                 sources.append(source)
-                if sum(s.images for s in sources) > settings.max_images_per_request:
-                    raise APIError(400, f"more than {settings.max_images_per_request} images in one request "
-                                        "(each video frame counts as one)", param="messages")
         messages.append(dvd_pb2.ChatMessage(role=role, content=parts))
     if thinking:  # the model card's way: the R1 prompt as the system prompt, the request's own after it
         if messages[0].role == "system":
@@ -178,10 +175,8 @@ def content_keys(model: str, weights: str, images: list[dvd_pb2.ImageInput]) -> 
     changes its features."""
     keys = []
     for image in images:
-        digest = hashlib.sha256(f"{model}\0{weights}\0{image.max_tiles}\0{image.video_frames}\0".encode())
-        digest.update(image.data)
-        key = digest.hexdigest()
-        keys += [f"{key}.{frame}" for frame in range(image.video_frames)] if image.video_frames else [key]
+        keys += frame_keys(content_key(image.data, model, weights, image.max_tiles, image.video_frames),
+                           image.video_frames)
     return keys
 
 
@@ -239,12 +234,23 @@ class _Unreachable(Exception):
         self.error = error
 
 
+def accepting(servers: list[Backend], chat: PreparedChat) -> list[Backend]:
+    """The language servers that take the request's images, by the limit each advertises (`Describe`); a 400
+    naming the limit when none does. The gateway keeps no limit of its own: the language server's is the rule."""
+    fits = [b for b in servers if chat.image_count <= b.description.max_images_per_request]
+    if servers and not fits:
+        limit = max(b.description.max_images_per_request for b in servers)
+        raise APIError(400, f"{chat.image_count} images in one request; the language server takes at most {limit} "
+                            "(each video frame counts as one)", param="messages")
+    return fits
+
+
 async def generate(vision: VisionPool, language: LanguagePool, chat: PreparedChat, timeout_s: float,
                    max_extra_load: int = 0):
     """Yields the language servers' `GenerateResponse`s; raises `APIError` on any failure."""
     tried: set[str] = set()
     while True:
-        described = [b for b in await language.describe() if b.address not in tried]
+        described = accepting([b for b in await language.describe() if b.address not in tried], chat)
         if not described:
             raise APIError(503, "no language server is available")
         with language.lease(described, prefer=language.holders.best(chat.image_keys),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -13,10 +13,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from dvd.grpc_tls import TlsFiles
+from contracts.settings import InternalSecurity
 
 
-class GatewaySettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS to the servers (dvd/grpc_tls.py)
+class GatewaySettings(BaseSettings, InternalSecurity):  # the shared piece: contracts/settings.py
     model_config = SettingsConfigDict(env_prefix="DVD_GATEWAY_", extra="forbid")
 
     host: str = "127.0.0.1"
@@ -27,8 +27,6 @@ class GatewaySettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS to the serv
     language_servers: list[str] = ["127.0.0.1:50061"]
     served_model_name: str | None = None  # default: the language server's checkpoint folder name
     api_keys: list[str] = []  # when set, /v1/* needs "Authorization: Bearer <one of them>"
-    # Shared secret sent on every gRPC call to the vision and language servers (their internal_secret).
-    internal_secret: SecretStr | None = None
     tls_server_name: str | None = None  # the name checked in servers' TLS certificates (default: the address's host)
     # Largest request body; a base64 image is 4/3 of its bytes, so 16 images at max_image_bytes need more.
     max_body_bytes: int = Field(100 << 20, gt=0)
@@ -38,7 +36,7 @@ class GatewaySettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS to the serv
     health_interval_s: float = Field(5.0, gt=0)  # servers failing a check are ejected until one passes
     health_timeout_s: float = Field(2.0, gt=0)
     max_n: int = Field(8, ge=1)  # choices per request
-    max_images_per_request: int = Field(16, ge=0)
+    # Images per request: no setting here; each language server advertises its own limit (`Describe`).
     max_image_bytes: int = Field(20 << 20, gt=0)  # per image, after base64 decoding or download
     max_tiles: int = Field(12, ge=1)  # per image for detail "high"/"auto"; "low" is one tile
     video_frames: int = Field(8, ge=1, le=64)  # frames sampled from a video_url part, one tile each

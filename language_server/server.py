@@ -10,8 +10,8 @@ import grpc
 from prometheus_client import start_http_server
 
 from checkpoint.formats import VIR_PREFIXES, detect_format
-from dvd.grpc_secret import server_interceptors
-from dvd.grpc_tls import add_port
+from contracts.grpc_secret import server_interceptors
+from contracts.grpc_tls import add_port
 from language_server import metrics
 from language_server.engine import build_engine
 from language_server.feature_cache import FeatureCache
@@ -36,20 +36,24 @@ async def serve(settings: LanguageServerSettings) -> None:
         engine.shutdown()
 
 
-async def _serve(settings: LanguageServerSettings, engine) -> None:
-    model_config = engine.model_config
-    hidden_size = model_config.get_hidden_size()
+async def _language_only_parameters(engine) -> list[str]:
+    """The engine's parameter names; embedding-only mode must not build the vision tower, so none is a vision one."""
     parameter_names = (await engine.collective_rpc("dvd_parameter_names"))[0]
     vision_held = [n for n in parameter_names if n.startswith(VISION_PREFIXES)]
-    if vision_held:  # embedding-only mode must not build the tower; refuse to serve if it did
+    if vision_held:
         raise RuntimeError(f"the language engine loaded vision parameters, e.g. {vision_held[:3]}")
+    return parameter_names
+
+
+def _feature_intake(settings: LanguageServerSettings, hidden_size: int):
+    """Where features arrive: the receiver, the store that holds them for their Generate call, and the cache of
+    recently used images (None when off), each reporting to the metrics."""
 
     def on_drop(reason: str, num_bytes: int = 0) -> None:
         metrics.FEATURES_DROPPED.labels(reason).inc()
 
     store = FeatureStore(ttl_s=settings.feature_ttl_s, max_bytes=settings.max_pending_feature_bytes,
                          on_drop=on_drop)
-
     metrics.FEATURES_PENDING_BYTES.set_function(lambda: store.num_bytes)
     metrics.FEATURES_PENDING_REQUESTS.set_function(lambda: len(store))
     cache = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
@@ -70,6 +74,14 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
         secret=settings.feature_secret.get_secret_value() if settings.feature_secret else None,
         rdma_device=settings.rdma_device, rdma_slots=settings.rdma_slots,
     )
+    return receiver, store, cache
+
+
+async def _serve(settings: LanguageServerSettings, engine) -> None:
+    model_config = engine.model_config
+    hidden_size = model_config.get_hidden_size()
+    parameter_names = await _language_only_parameters(engine)
+    receiver, store, cache = _feature_intake(settings, hidden_size)
     description = dvd_pb2.ModelDescription(
         model=settings.model,
         checkpoint_format=detect_format(settings.model),
@@ -91,7 +103,7 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
         model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s, cache=cache,
         on_engine_dead=on_engine_dead,
     )
-    secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
+    secret = settings.secret()
     server = grpc.aio.server(interceptors=server_interceptors(secret),
                              options=[("grpc.max_receive_message_length", 64 << 20)])
     dvd_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)

@@ -8,10 +8,10 @@ from typing import Literal
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dvd.grpc_tls import TlsFiles
+from contracts.settings import InternalSecurity, RequestLimits
 
 
-class LanguageServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd/grpc_tls.py)
+class LanguageServerSettings(BaseSettings, InternalSecurity, RequestLimits):  # the shared pieces: contracts/settings.py
     model_config = SettingsConfigDict(env_prefix="DVD_LANGUAGE_")
 
     model: str = "checkpoints/tiny"  # the checkpoint `make up` writes
@@ -30,12 +30,9 @@ class LanguageServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd
     gpu_memory_utilization: float = 0.2  # on CPU, checked against NUMA node 0's free memory
     max_num_seqs: int = 64
     enforce_eager: bool = True
-    max_images_per_request: int = 16
     feature_timeout_s: float = 60.0  # how long Generate waits for its features
     feature_ttl_s: float = 60.0  # how long unclaimed features are kept
     max_pending_feature_bytes: int = 4 << 30
     # Features of recently used images, by content key, so that a chat's later turns need not resend them;
     # 0 turns the cache off.
     feature_cache_bytes: int = 2 << 30
-    # Shared secret that gateway calls must carry (authorization metadata); unset: none needed.
-    internal_secret: SecretStr | None = None

@@ -1,1 +1,1 @@
-"""Protocol buffers: control plane services and the feature frame header."""
+"""Protocol buffers: the control-plane services and the feature frame header; the bottom layer, importing nothing."""

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dvd.launcher import free_port  # noqa: F401  (the test modules take it from here)
 from language_server import torch_compat  # noqa: F401  (before transformers / vLLM imports)
+from launcher import free_port  # noqa: F401  (the test modules take it from here)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 
 from conftest import free_port
-from dvd.launcher import Servers, Stack, http_ready
+from launcher import Servers, Stack, http_ready
 
 MODEL = "tiny"
 MAX_BODY_BYTES = 8 << 20

@@ -109,7 +109,7 @@ HTTP_CORPUS = [
     Case("empty image", 400, "holds no bytes", with_images("data:image/png;base64,")),
     Case("image over max_image_bytes", 400, f"larger than the {MAX_IMAGE_BYTES}-byte limit",
          with_images(as_url(GOOD_PNG + bytes(MAX_IMAGE_BYTES)))),
-    Case("17 images", 400, "more than 16 images", with_images(*[GOOD_URL] * 17)),
+    Case("17 images", 400, "the language server takes at most 16", with_images(*[GOOD_URL] * 17)),
     Case("file: URL", 400, "only data:, http: and https:", with_images("file:///etc/passwd")),
     Case("corrupt video", 400, "corrupt or unsupported video", {**chat(), "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": as_url(os.urandom(5000), "video/mp4")}}]}]}),

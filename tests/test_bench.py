@@ -16,7 +16,7 @@ from benchmarks.loadgen import arrival_times
 from benchmarks.metrics import RequestResult, summarize
 from benchmarks.workload import BenchRequest, Workload, WorkloadError, from_folder, read_jsonl, synthetic, write_jsonl
 from conftest import free_port, make_image, png_bytes
-from dvd.launcher import OFFLINE_ENV, Servers, Stack
+from launcher import OFFLINE_ENV, Servers, Stack
 
 DVD = [sys.executable, "-m", "dvd.cli"]
 ENV = {**os.environ, **OFFLINE_ENV}

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import data_url, free_port, make_image
-from dvd.launcher import Stack
+from launcher import Stack
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -467,9 +467,29 @@ def test_gateway_addresses_every_language_replica_the_autoscaler_may_start(rende
     assert json.loads(config["DVD_GATEWAY_VISION_SERVERS"]) == ["dvd-vision:50051"]
 
 
+def test_every_config_key_is_a_setting_its_server_reads_itself_and_no_args_repeat_one(rendered):
+    """The servers read their DVD_<ROLE>_* environment (flags, then environment, then defaults), so the
+    ConfigMap holds nothing but their settings and the pods' args reference none of its keys."""
+    from gateway.settings import GatewaySettings
+    from language_server.settings import LanguageServerSettings
+    from vision_server.settings import VisionServerSettings
+
+    _, docs = rendered
+    config = by_kind(docs, "ConfigMap")["dvd-config"]["data"]
+    fields = {"VISION": VisionServerSettings.model_fields, "LANGUAGE": LanguageServerSettings.model_fields,
+              "GATEWAY": GatewaySettings.model_fields}
+    for key in config:
+        role, _, name = key.removeprefix("DVD_").partition("_")
+        assert name.lower() in fields.get(role, {}), f"dvd-config: {key} is no server's setting"
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+    for name, workload in workloads.items():
+        args = " ".join(workload["spec"]["template"]["spec"]["containers"][0]["args"])
+        assert not set(re.findall(r"\$\((\w+)\)", args)) & set(config), f"{name}: {args}"
+
+
 def test_the_tls_component_gives_every_role_its_certificate_files_and_nothing_else_changes(rendered):
     """With the component each role reads its certificate, key and CA from a mounted TLS Secret (the
-    variables dvd/grpc_tls.py reads); without it, no role has any TLS setting."""
+    variables contracts/grpc_tls.py reads); without it, no role has any TLS setting."""
     overlay, docs = rendered
     workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
     roles = {"dvd-vision": ("VISION", "dvd-tls-servers"), "dvd-language": ("LANGUAGE", "dvd-tls-servers"),

@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from conftest import data_url, free_port, make_image, make_video, png_bytes, sse_lines
-from dvd.launcher import Servers, Stack
 from language_server.server import VISION_PREFIXES
+from launcher import Servers, Stack
 from proto import dvd_pb2, dvd_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -171,7 +171,7 @@ def test_prompt_longer_than_the_context_is_a_400(client, model):
 
 def test_too_many_images_is_a_400(client, model):
     tiny = make_image(32, 32, 0)
-    with pytest.raises(openai.BadRequestError, match="more than 16 images"):
+    with pytest.raises(openai.BadRequestError, match="17 images in one request; the language server takes at most 16"):
         client.chat.completions.create(model=model, messages=user("many", *[tiny] * 17), max_tokens=1)
 
 

@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from conftest import data_url, free_port, make_image, metric, sse_lines, wait_until
-from dvd.launcher import Servers, http_ready, secret_environment
 from hardened import MODEL, dvd
+from launcher import Servers, http_ready, secret_environment
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureSender

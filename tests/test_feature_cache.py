@@ -8,13 +8,14 @@ import asyncio
 import pytest
 import torch
 
+from contracts.content_keys import content_key, frame_keys
 from gateway.backends import FeatureHolders
 from gateway.chat import ImageSource, PreparedChat, _inputs_for, content_keys
 from language_server.feature_cache import FeatureCache
 from language_server.feature_store import FeatureStore, FeatureTimeout
 from proto import dvd_pb2
 from transport.frames import ImageFeatures
-from vision_server.in_flight import InFlight, content_key
+from vision_server.in_flight import InFlight
 
 
 def features(request_id: str, index: int, count: int, rows: int = 4, hidden: int = 8) -> ImageFeatures:
@@ -141,10 +142,11 @@ def test_failed_work_fails_every_caller_and_is_forgotten():
     asyncio.run(run())
 
 
-def test_vision_content_key_covers_bytes_and_settings():
+def test_content_key_covers_bytes_and_settings_and_names_each_video_frame():
     assert content_key(b"png", 12, 0, None) == content_key(b"png", 12, 0, None)
     assert len({content_key(b"png", 12, 0, None), content_key(b"png!", 12, 0, None), content_key(b"png", 6, 0, None),
                 content_key(b"png", 12, 0, "vir")}) == 4
+    assert frame_keys("k") == ["k"] and frame_keys("k", 3) == ["k.0", "k.1", "k.2"]
 
 
 # ---------------------------------------------------------------- gateway: keys, subsets, affinity

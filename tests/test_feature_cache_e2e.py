@@ -17,7 +17,7 @@ import pytest
 
 from checkpoint.generate import write_checkpoint
 from conftest import data_url, encode_to_local_receiver, free_port, make_image, metric
-from dvd.launcher import Stack
+from launcher import Stack
 
 pytestmark = pytest.mark.slow
 

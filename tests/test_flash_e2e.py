@@ -13,7 +13,7 @@ import pytest
 from checkpoint.generate import write_checkpoint
 from checkpoint.presets import ModelConfig
 from conftest import data_url, encode_to_local_receiver, free_port, make_image
-from dvd.launcher import Stack
+from launcher import Stack
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import data_url, free_port, make_image
-from dvd.launcher import Servers
 from gateway.schemas import ChatCompletionRequest
+from launcher import Servers
 
 
 @pytest.fixture(scope="module")

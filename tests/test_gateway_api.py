@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 
 from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines, wait_until
-from dvd.launcher import Servers, Stack, http_ready
 from gateway.reasoning import R1_SYSTEM_PROMPT
+from launcher import Servers, Stack, http_ready
 
 pytestmark = pytest.mark.slow
 API_KEY = "sk-dvd-test"

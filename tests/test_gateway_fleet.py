@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines, wait_until
-from dvd.launcher import Servers, http_ready
 from gateway.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from launcher import Servers, http_ready
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"  # --served-model-name of both gateways

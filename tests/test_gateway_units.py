@@ -1,4 +1,5 @@
-"""Gateway pieces on their own: the thinking splitter, image checks, SSRF address rules, settings sources."""
+"""Gateway pieces on their own: the thinking splitter, image checks, SSRF address rules, settings sources, and the
+app in-process against fake servers."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ import json
 import re
 
 import grpc
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import make_image
+from conftest import data_url, make_image
+from gateway.app import create_app
 from gateway.backends import LATE_CHECKS_TO_EJECT, VisionPool
 from gateway.errors import APIError
 from gateway.images import ImageFetcher, decode_data_url, image_format
 from gateway.reasoning import ThinkSplitter
-from gateway.settings import load_settings
+from gateway.settings import GatewaySettings, load_settings
 from proto import dvd_pb2, dvd_pb2_grpc
 
 
@@ -186,3 +189,64 @@ def test_a_server_answering_health_checks_late_is_ejected_only_after_three_in_a_
 
     late_but_kept = [(1, True)] * (LATE_CHECKS_TO_EJECT - 1)
     assert asyncio.run(run()) == [*late_but_kept, (0, False), (1, True), (1, True), (0, False)]
+
+
+class FakeVision(dvd_pb2_grpc.VisionServiceServicer):
+    async def Health(self, request, context):  # noqa: N802
+        return dvd_pb2.HealthResponse(ready=True, model="tiny", weights="w")
+
+
+class FakeLanguage(dvd_pb2_grpc.LanguageServiceServicer):
+    """A language server that advertises `max_images` and answers every Generate with "ok"."""
+
+    def __init__(self, max_images: int):
+        self.max_images = max_images
+        self.image_counts: list[int] = []  # of the Generate calls it got
+
+    async def Health(self, request, context):  # noqa: N802
+        return dvd_pb2.HealthResponse(ready=True, model="tiny")
+
+    async def Describe(self, request, context):  # noqa: N802
+        return dvd_pb2.ModelDescription(model="/checkpoints/tiny", hidden_size=64, max_model_len=4096,
+                                        feature_endpoint="tcp://127.0.0.1:9", max_images_per_request=self.max_images)
+
+    async def Generate(self, request, context):  # noqa: N802
+        self.image_counts.append(request.image_count)
+        yield dvd_pb2.GenerateResponse(missing=dvd_pb2.MissingImages())  # holds them all: nothing to encode
+        yield dvd_pb2.GenerateResponse(text="ok", finish_reason="stop",
+                                       usage=dvd_pb2.Usage(prompt_tokens=3, completion_tokens=1))
+
+
+def test_the_gateway_takes_the_image_limit_the_language_server_advertises():
+    language = FakeLanguage(max_images=2)
+    pictures = [{"type": "image_url", "image_url": {"url": data_url(make_image(16, 16, seed))}} for seed in range(3)]
+
+    def chat(images: int) -> dict:
+        return {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": pictures[:images]}]}
+
+    async def run():
+        servers = []
+        for add, servicer in ((dvd_pb2_grpc.add_VisionServiceServicer_to_server, FakeVision()),
+                              (dvd_pb2_grpc.add_LanguageServiceServicer_to_server, language)):
+            server = grpc.aio.server()
+            add(servicer, server)
+            servers.append((server, server.add_insecure_port("127.0.0.1:0")))
+            await server.start()
+        (_, vision_port), (_, language_port) = servers
+        app = create_app(GatewaySettings(vision_servers=[f"127.0.0.1:{vision_port}"],
+                                         language_servers=[f"127.0.0.1:{language_port}"]))
+        try:
+            async with app.router.lifespan_context(app), httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+                too_many = await client.post("/v1/chat/completions", json=chat(3))
+                allowed = await client.post("/v1/chat/completions", json=chat(2))
+        finally:
+            for server, _ in servers:
+                await server.stop(None)
+        return too_many, allowed
+
+    too_many, allowed = asyncio.run(run())
+    assert too_many.status_code == 400
+    assert "3 images in one request; the language server takes at most 2" in too_many.json()["error"]["message"]
+    assert allowed.status_code == 200 and allowed.json()["choices"][0]["message"]["content"] == "ok"
+    assert language.image_counts == [2]  # the refused request never reached it

@@ -1,4 +1,4 @@
-"""`dvd.launcher`: the ports test stacks and benchmarks start servers on, and `Servers`, which starts, waits for
+"""`launcher`: the ports test stacks and benchmarks start servers on, and `Servers`, which starts, waits for
 and stops them (`dvd up`, the tests and the benchmarks)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_until
-from dvd.launcher import Servers, free_port
+from launcher import Servers, free_port
 
 # A "server" that starts a child of its own (as a language server starts vLLM's engine), says so, and waits.
 WITH_CHILD = [sys.executable, "-c", "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "

@@ -20,8 +20,8 @@ import torch
 from checkpoint.formats import IMAGE_PLACEHOLDER
 from checkpoint.presets import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from conftest import data_url, encode_to_local_receiver, free_port, make_image, png_bytes
-from dvd.launcher import Stack
 from language_server.prompt import ChatRenderer, load_chat_template
+from launcher import Stack
 from proto import dvd_pb2, dvd_pb2_grpc
 from vision_server.preprocess import preprocess
 

@@ -27,7 +27,7 @@ import torch
 import zmq
 
 from conftest import data_url, make_image
-from dvd.launcher import Servers, http_ready
+from launcher import Servers, http_ready
 from transport.frames import ImageFeatures, encode_frames
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -17,11 +17,11 @@ import httpx
 import pytest
 
 from conftest import data_url, free_port, make_image, png_bytes
-from dvd.launcher import OFFLINE_ENV
 from gateway.errors import APIError
 from gateway.images import ImageFetcher
 from gateway.request_context import new_request_id
 from hardened import MODEL, dvd
+from launcher import OFFLINE_ENV
 from proto import dvd_pb2, dvd_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent

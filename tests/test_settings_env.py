@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from conftest import data_url, free_port, make_image, metric
-from dvd.launcher import Servers, http_ready
+from launcher import Servers, http_ready
 from proto import dvd_pb2, dvd_pb2_grpc
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import data_url, free_port, make_image
-from dvd.grpc_tls import TlsFiles, add_port, channel_credentials
-from dvd.launcher import Stack
+from contracts.grpc_tls import TlsFiles, add_port, channel_credentials
+from launcher import Stack
 from proto import dvd_pb2, dvd_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -174,7 +174,7 @@ def test_a_certificate_needs_its_key(pki):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/tls-certs.sh needs the openssl command")
 def test_the_throw_away_certificates_script_makes_a_working_mutual_tls_pair(tmp_path):
-    """deploy/tls-certs.sh's files, loaded by dvd.grpc_tls as the servers and the gateway load them: the
+    """deploy/tls-certs.sh's files, loaded by contracts.grpc_tls as the servers and the gateway load them: the
     gateway (name dvd-servers) and the health check (the server's own files, name localhost) get through."""
     subprocess.run([str(Path(__file__).parents[1] / "deploy" / "tls-certs.sh"), str(tmp_path / "tls")],
                    check=True, capture_output=True)

@@ -162,10 +162,24 @@ def test_video_limits_are_the_vision_servers_settings():
     (b"", "empty"),
     (b"\x00\x00\x00\x18ftypmp42" + bytes(200), "corrupt or unsupported video"),
     (bytes(range(256)) * 8, "corrupt or unsupported video"),
+    # Lists of other files or URLs: FFmpeg would open what they name.
+    # Lists of other files or URLs, which FFmpeg would open, are refused.
+    (b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\nfile:///etc/hostname\n#EXT-X-ENDLIST\n",
+     "corrupt or unsupported video"),
+    (b"ffconcat version 1.0\nfile /etc/hostname\n", "container format is not one of"),
 ])
 def test_bad_videos_fail_clearly(data, message):
     with pytest.raises(ImageError, match=message):
         preprocess_video(data, 8)
+
+
+def test_only_video_file_formats_are_opened():
+    """FFmpeg opens a PNG as a one-frame video (its png_pipe demuxer); that demuxer is not on the list."""
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, "PNG")
+    assert av.open(io.BytesIO(png.getvalue())).format.name == "png_pipe"
+    with pytest.raises(ImageError, match="container format is not one of the accepted video files"):
+        preprocess_video(png.getvalue(), 1)
 
 
 # --- the plan, against a model of a decoder ---------------------------------------------------------

@@ -1,1 +1,1 @@
-"""Feature wire format and transports shared by the vision and language servers."""
+"""Feature wire format and transports shared by the vision and language servers; below both, above `proto` only."""

@@ -1,26 +1,18 @@
 """Identical images in flight at once are encoded once.
 
 Several requests of one conversation, or one request naming the same image twice, often carry the same
-bytes. The first caller's encode runs; later callers with the same content key await its result. The
-work is cancelled only when every caller waiting on it has gone.
+bytes. The first caller's encode runs; later callers with the same content key (`contracts/content_keys.py`)
+await its result. The work is cancelled only when every caller waiting on it has gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-
-
-def content_key(data: bytes, *settings) -> str:
-    """Hex digest of an input's bytes and every setting that changes its features."""
-    digest = hashlib.sha256("\0".join(map(repr, settings)).encode() + b"\0")
-    digest.update(data)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 from prometheus_client import start_http_server
 
 from checkpoint.formats import read_model_config
-from dvd.grpc_secret import server_interceptors
-from dvd.grpc_tls import add_port
+from contracts.grpc_secret import server_interceptors
+from contracts.grpc_tls import add_port
 from proto import dvd_pb2_grpc
 from transport.backends import FeatureSender
 from vision_server import metrics
@@ -59,7 +59,7 @@ async def serve(settings: VisionServerSettings) -> None:
                            rdma=settings.feature_transport == "rdma", rdma_device=settings.rdma_device)
     metrics.FEATURE_INFLIGHT_BYTES.set_function(lambda: sender.inflight_bytes)
     service = VisionService(engines, read_model_config(settings.model), settings, sender, model_name=settings.model)
-    secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
+    secret = settings.secret()
     max_message = settings.max_images_per_request * settings.max_image_bytes + (1 << 20)
     server = grpc.aio.server(interceptors=server_interceptors(secret),
                              options=[("grpc.max_receive_message_length", max_message)])

@@ -18,13 +18,14 @@ import grpc
 import torch
 
 from checkpoint.presets import ModelConfig
+from contracts.content_keys import content_key, frame_keys
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.backends import FeatureSender
 from transport.frames import ImageFeatures
 from transport.tcp import TransportError
 from vision_server import metrics
 from vision_server.engine import EncodedImage, VirParams, VisionEngine
-from vision_server.in_flight import InFlight, content_key
+from vision_server.in_flight import InFlight
 from vision_server.preprocess import ImageError, preprocess
 from vision_server.settings import VisionServerSettings
 from vision_server.video import VideoLimits, preprocess_video
@@ -109,7 +110,7 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
                 raise result
             if image.video_frames:  # frames: [1, 3, 448, 448] each
                 pixels += list(result.split(1))
-                image_keys += [f"{key}.{frame}" for frame in range(image.video_frames)]
+                image_keys += frame_keys(key, image.video_frames)
             else:
                 pixels.append(result)
                 image_keys.append(key)

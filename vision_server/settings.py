@@ -8,10 +8,10 @@ from typing import Literal
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dvd.grpc_tls import TlsFiles
+from contracts.settings import InternalSecurity, RequestLimits
 
 
-class VisionServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd/grpc_tls.py)
+class VisionServerSettings(BaseSettings, InternalSecurity, RequestLimits):  # the shared pieces: contracts/settings.py
     model_config = SettingsConfigDict(env_prefix="DVD_VISION_")
 
     model: str = "checkpoints/tiny"  # the checkpoint `make up` writes
@@ -26,7 +26,6 @@ class VisionServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd/g
     max_tiles_limit: int = 128  # largest max_tiles a request may ask for (the model card's test-time limit)
     max_batch_tiles: int = 32  # tiles per encoder batch, across requests
     max_batch_wait_ms: float = 5.0  # how long the first waiting tile may wait for a fuller batch
-    max_images_per_request: int = 16
     max_image_bytes: int = 20 << 20
     max_image_pixels: int = 64_000_000
     max_video_bytes: int = 64 << 20
@@ -42,5 +41,3 @@ class VisionServerSettings(BaseSettings, TlsFiles):  # TlsFiles: gRPC TLS (dvd/g
     feature_secret: SecretStr | None = None  # shared with the language servers (CURVE on TCP, HMAC on RDMA)
     max_inflight_feature_bytes: int = 256 << 20  # per destination: handed to the transport, not yet written out
     rdma_device: str | None = None  # e.g. mlx5_0; None: the first RDMA device
-    # Shared secret that gateway calls must carry (authorization metadata); unset: none needed.
-    internal_secret: SecretStr | None = None

@@ -18,6 +18,12 @@ from PIL import Image
 
 from vision_server.preprocess import IMAGE_SIZE, ImageError, dynamic_tiles, to_pixel_values
 
+# FFmpeg demuxers a video may use, by FFmpeg's names: the usual video files. Playlist and list formats (HLS,
+# DASH, concat, image2 patterns ...) would make FFmpeg open other files or URLs named inside the upload.
+VIDEO_DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "mpegts", "h264", "hevc", "mpeg", "flv",
+                  "ogg", "asf", "gif")
+_OPEN_OPTIONS = {"format_whitelist": ",".join(VIDEO_DEMUXERS)}
+
 
 @dataclass(frozen=True)
 class VideoLimits:
@@ -140,7 +146,12 @@ def _index(data: bytes, budget: DecodeBudget) -> tuple[list[int | None], list[bo
     import av  # PyAV: FFmpeg's demuxers and decoders, from memory
 
     limits = budget.limits
-    with av.open(io.BytesIO(data), mode="r") as container:
+    try:
+        container = av.open(io.BytesIO(data), mode="r", options=_OPEN_OPTIONS)
+    except av.error.ArgumentError:  # FFmpeg: "Format ... not on whitelist"
+        raise ImageError("the video's container format is not one of the accepted video files (mp4/mov, "
+                         "matroska/webm, avi, mpeg-ts, mpeg, flv, ogg, asf, gif, raw h264/hevc)") from None
+    with container:
         if not container.streams.video:
             raise ImageError("the video has no video stream")
         stream = container.streams.video[0]
@@ -168,7 +179,7 @@ def _decode(data: bytes, runs: list[Run], picked: set[int], budget: DecodeBudget
 
     images: dict[int, Image.Image] = {}
     produced = 0
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with av.open(io.BytesIO(data), mode="r", options=_OPEN_OPTIONS) as container:
         stream = container.streams.video[0]
         decoder = stream.codec_context
         runs_left = iter(runs)

@@ -1,0 +1,11 @@
+"""Starts DvD's servers as local processes: one way for `dvd up`, the tests and the benchmarks.
+
+Below the CLI and the benchmarks, beside the servers it starts, whose code it never imports (it runs them as
+`python -m dvd.cli ...`): the standard library, httpx and grpc only.
+"""
+
+from launcher.ports import free_port
+from launcher.processes import OFFLINE_ENV, Servers, http_ready
+from launcher.stack import Stack, run_stack, secret_environment
+
+__all__ = ["OFFLINE_ENV", "Servers", "Stack", "free_port", "http_ready", "run_stack", "secret_environment"]
