@@ -24,7 +24,7 @@ from dvd.launcher import Stack
 pytestmark = [pytest.mark.slow, pytest.mark.full_size, pytest.mark.timeout(1800)]  # minutes per setup on a shared CPU
 
 NEW_TOKENS = 4
-# Both sides fp32. Seen here (2-core AMD EPYC, AVX2): features bit-identical, logprobs within 1e-6 (one float32
+# Both sides fp32. Seen here (2-core AMD EPYC VM, AVX-512): features bit-identical, logprobs within 1e-6 (one float32
 # step at -11). The tolerances leave room for other CPUs' kernels and summation orders: features as in
 # tests/test_lossless.py (1e-5 relative, 1e-5 of the largest value absolute); logprobs 1e-4, 100x what was seen
 # and below the smallest gap seen between the reference's two best tokens (1.4e-3): an error large enough to flip
