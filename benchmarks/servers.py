@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,10 +21,11 @@ from launcher import free_port
 
 @dataclass
 class Target:
-    """A running server: its root URL and, for DvD, the servers' Prometheus pages."""
+    """A running server: its root URL and, for DvD, the servers' Prometheus pages and processes."""
 
     base_url: str
     metrics_pages: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # server name -> its process
 
 
 def coupled_command(model: str, port: int, max_model_len: int = 8192) -> list[str]:
@@ -62,7 +64,7 @@ def dvd(model: str, log_dir: Path, timeout_s: float = 600.0, env: dict[str, str]
     stack = launcher.Stack(model=model, gateway_port=free_port(), vision_port=free_port(),
                            language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                            language_metrics_port=free_port())
-    with stack.servers(log_dir, env).running(stack.ready(), timeout_s, "the gateway reports both servers up"):
+    with stack.servers(log_dir, env).running(stack.ready(), timeout_s, "the gateway reports both servers up") as up:
         yield Target(stack.gateway_url, {
             "vision": f"http://{stack.host}:{stack.vision_metrics_port}/metrics",
-            "language": f"http://{stack.host}:{stack.language_metrics_port}/metrics"})
+            "language": f"http://{stack.host}:{stack.language_metrics_port}/metrics"}, up.processes)

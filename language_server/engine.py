@@ -9,9 +9,18 @@ from language_server.settings import LanguageServerSettings
 from language_server.vllm_plugin import ARCHITECTURES, register
 
 
+def set_cpu_kv_cache(settings: LanguageServerSettings, environ=os.environ) -> None:
+    """vLLM's CPU KV-cache size (`VLLM_CPU_KVCACHE_SPACE`, read by its engine processes) from `kv_cache_gib`.
+
+    Given by a flag or `DVD_LANGUAGE_KV_CACHE_GIB`, it wins over an inherited `VLLM_CPU_KVCACHE_SPACE`; its
+    default only fills that variable's absence."""
+    if "kv_cache_gib" in settings.model_fields_set or "VLLM_CPU_KVCACHE_SPACE" not in environ:
+        environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
+
+
 def build_engine(settings: LanguageServerSettings):
     """Start an `AsyncLLM` fed with image embeddings instead of pixels."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    set_cpu_kv_cache(settings)
     from vllm import AsyncEngineArgs
     from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM

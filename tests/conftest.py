@@ -87,7 +87,8 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def encode_to_local_receiver(vision_port: int, image: Image.Image | list[Image.Image], **options):
+def encode_to_local_receiver(vision_port: int, image: Image.Image | list[Image.Image], timeout_s: float = 60,
+                             **options):
     """Call a vision server's Encode (one image or several) with this process as the feature endpoint.
 
     Returns the EncodeResponse and the `ImageFeatures` that arrived over ZeroMQ.
@@ -109,7 +110,7 @@ def encode_to_local_receiver(vision_port: int, image: Image.Image | list[Image.I
             async with grpc.aio.insecure_channel(f"127.0.0.1:{vision_port}") as channel:
                 reply = await dvd_pb2_grpc.VisionServiceStub(channel).Encode(dvd_pb2.EncodeRequest(
                     request_id=uuid.uuid4().hex, feature_endpoint=receiver.endpoint,
-                    images=[dvd_pb2.ImageInput(data=png_bytes(i)) for i in images], **options), timeout=60)
+                    images=[dvd_pb2.ImageInput(data=png_bytes(i)) for i in images], **options), timeout=timeout_s)
             for _ in range(200):
                 if len(received) == len(reply.images):
                     break

@@ -1,40 +1,36 @@
 """Lossless decoupling: DvD's output equals coupled inference of the same HF-format checkpoint.
 
 The reference is transformers running the whole model (vision tower, projector and LLM in one
-process, fp32). DvD runs the vision server, the ZeroMQ transport, vLLM and the gateway as separate
-processes, with fp32 features on the wire. Tolerance for log-probabilities: LOGPROB_ATOL (absolute).
+process, fp32; tests/coupled.py). DvD runs the vision server, the ZeroMQ transport, vLLM and the gateway
+as separate processes, with fp32 features on the wire. Both generate exactly NEW_TOKENS tokens (EOS
+ignored). Tolerance for log-probabilities: LOGPROB_ATOL (absolute). tests/test_lossless_1b.py does the
+same at the 1B geometry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
 
 import grpc
 import openai
 import pytest
-import tokenizers
 import torch
 
-from checkpoint.formats import IMAGE_PLACEHOLDER
-from checkpoint.presets import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from conftest import data_url, encode_to_local_receiver, free_port, make_image, png_bytes
-from language_server.prompt import ChatRenderer, load_chat_template
+from conftest import encode_to_local_receiver, free_port, make_image, png_bytes
+from coupled import TOP_K, Completion, CoupledReference, from_openai, greedy_chat, mismatches, user
 from launcher import Stack
 from proto import dvd_pb2, dvd_pb2_grpc
-from vision_server.preprocess import preprocess
 
 pytestmark = pytest.mark.slow
 
 LOGPROB_ATOL = 2e-3  # fp32 on both sides; vLLM's CPU kernels and transformers' differ in summation order
-TOP_K = 5
 NEW_TOKENS = 8
 
 IMAGES = {
     "wide": make_image(900, 300, seed=21),  # 3x1 grid + thumbnail
     "tall": make_image(320, 760, seed=22),  # 1x2 grid + thumbnail
-    "small": make_image(120, 90, seed=23),  # one tile
+    "small": make_image(120, 90, seed=23),  # 4:3, so a 4x3 grid + thumbnail
 }
 
 
@@ -46,91 +42,9 @@ def hf_stack(tiny_checkpoints, tmp_path_factory):
         yield stack
 
 
-@dataclass
-class Completion:
-    text: str
-    logprobs: list[float]  # of the chosen token at each step
-    top_logprobs: list[list[float]]  # the TOP_K best log-probabilities at each step, best first
-
-
-def mismatches(got: Completion, want: Completion) -> list[str]:
-    """What differs between two greedy completions (empty: equal within LOGPROB_ATOL)."""
-    problems = []
-    if got.text != want.text:
-        problems.append(f"text {got.text!r} != {want.text!r}")
-    if len(got.logprobs) != len(want.logprobs):
-        return problems + [f"{len(got.logprobs)} tokens != {len(want.logprobs)}"]
-    for step, (a, b) in enumerate(zip(got.logprobs, want.logprobs)):
-        if abs(a - b) > LOGPROB_ATOL:
-            problems.append(f"step {step}: chosen logprob {a:.5f} != {b:.5f}")
-    for step, (a, b) in enumerate(zip(got.top_logprobs, want.top_logprobs)):
-        if len(a) != len(b) or max(abs(x - y) for x, y in zip(a, b)) > LOGPROB_ATOL:
-            problems.append(f"step {step}: top logprobs {a} != {b}")
-    return problems
-
-
-class CoupledReference:
-    """transformers' InternVLForConditionalGeneration on the whole checkpoint: the coupled baseline."""
-
-    def __init__(self, path):
-        import transformers
-
-        self.model = transformers.InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        self.renderer = ChatRenderer(load_chat_template(path))
-        self.tokens_per_tile = 256
-
-    def pixel_values(self, images) -> list[torch.Tensor]:
-        return [preprocess(png_bytes(image), max_tiles=12) for image in images]
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-1,
-                                                      vision_feature_select_strategy="default")
-        return out.pooler_output.reshape(-1, out.pooler_output.shape[-1])  # [tiles * 256, H]
-
-    def generate(self, text: str, images) -> Completion:
-        pixels = self.pixel_values(images)
-        content = [{"type": "text", "text": text}] + [{"type": "image"} for _ in images]
-        prompt = self.renderer.render([{"role": "user", "content": content}])
-        pieces = prompt.split(IMAGE_PLACEHOLDER["hf"])
-        assert len(pieces) == len(images) + 1
-        expanded = pieces[0]
-        for piece, tiles in zip(pieces[1:], pixels):
-            expanded += IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (tiles.shape[0] * self.tokens_per_tile) + IMG_END_TOKEN
-            expanded += piece
-        input_ids = torch.tensor([self.tokenizer.encode(expanded, add_special_tokens=False).ids])
-        kwargs = {"pixel_values": torch.cat(pixels)} if images else {}
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                      max_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
-                                      **kwargs)
-        new_ids = out.sequences[0, input_ids.shape[1]:].tolist()
-        logprobs = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
-        eos = {151645, 151643}
-        text_ids = [t for t in new_ids if t not in eos]
-        return Completion(
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
-            logprobs=[lp[t].item() for lp, t in zip(logprobs, new_ids)],
-            top_logprobs=[lp.topk(TOP_K).values.tolist() for lp in logprobs],
-        )
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoints) -> CoupledReference:
     return CoupledReference(tiny_checkpoints["hf"])
-
-
-def from_openai(reply) -> Completion:
-    content = reply.choices[0].logprobs.content
-    return Completion(text=reply.choices[0].message.content, logprobs=[c.logprob for c in content],
-                      top_logprobs=[[t.logprob for t in c.top_logprobs] for c in content])
-
-
-def user(text: str, images) -> list[dict]:
-    parts = [{"type": "text", "text": text}]
-    parts += [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
-    return [{"role": "user", "content": parts}]
 
 
 @pytest.mark.parametrize("name", list(IMAGES))
@@ -161,10 +75,8 @@ def test_greedy_output_equals_coupled_inference(hf_stack, reference, text, names
     """(b) Tokens and top logprobs through gateway -> vision -> wire -> vLLM equal the coupled run."""
     images = [IMAGES[n] for n in names]
     client = openai.OpenAI(base_url=f"{hf_stack.gateway_url}/v1", api_key="unused", max_retries=0)
-    model = client.models.list().data[0].id
-    reply = client.chat.completions.create(model=model, messages=user(text, images), max_tokens=NEW_TOKENS,
-                                           temperature=0, logprobs=True, top_logprobs=TOP_K)
-    assert mismatches(from_openai(reply), reference.generate(text, images)) == []
+    got = greedy_chat(client, text, images, NEW_TOKENS)
+    assert mismatches(got, reference.generate(text, images, NEW_TOKENS), LOGPROB_ATOL) == []
 
 
 def test_two_requests_in_flight_each_get_their_own_images(hf_stack, reference):
@@ -176,12 +88,13 @@ def test_two_requests_in_flight_each_get_their_own_images(hf_stack, reference):
         model = (await client.models.list()).data[0].id
         return await asyncio.gather(*[
             client.chat.completions.create(model=model, messages=user(text, images), max_tokens=NEW_TOKENS,
-                                           temperature=0, logprobs=True, top_logprobs=TOP_K)
+                                           temperature=0, logprobs=True, top_logprobs=TOP_K,
+                                           extra_body={"ignore_eos": True})
             for text, images in cases])
 
     replies = asyncio.run(both())
     for (text, images), reply in zip(cases, replies):
-        assert mismatches(from_openai(reply), reference.generate(text, images)) == []
+        assert mismatches(from_openai(reply), reference.generate(text, images, NEW_TOKENS), LOGPROB_ATOL) == []
 
 
 def _generate_with_features_of(stack: Stack, text: str, sent_image, prompt_image_count: int = 1) -> Completion:
@@ -197,7 +110,8 @@ def _generate_with_features_of(stack: Stack, text: str, sent_image, prompt_image
                 request_id=rid, feature_endpoint=endpoint, images=[dvd_pb2.ImageInput(data=png_bytes(sent_image))]))
             message = dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(text=text)] + [
                 dvd_pb2.ContentPart(image=True)] * prompt_image_count)
-            sampling = dvd_pb2.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=True, top_logprobs=TOP_K)
+            sampling = dvd_pb2.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=True, top_logprobs=TOP_K,
+                                              ignore_eos=True)
             text_out, chosen, top = [], [], []
             async for response in language.Generate(dvd_pb2.GenerateRequest(
                     request_id=rid, messages=[message], sampling=sampling, image_count=prompt_image_count)):
@@ -212,7 +126,7 @@ def _generate_with_features_of(stack: Stack, text: str, sent_image, prompt_image
 def test_misrouted_features_are_caught_by_the_comparison(hf_stack, reference):
     """(c) Request B given request A's features no longer equals B's coupled run: the check can fail."""
     text = "Describe the image."
-    want_b = reference.generate(text, [IMAGES["tall"]])
-    assert mismatches(_generate_with_features_of(hf_stack, text, IMAGES["tall"]), want_b) == []
+    want_b = reference.generate(text, [IMAGES["tall"]], NEW_TOKENS)
+    assert mismatches(_generate_with_features_of(hf_stack, text, IMAGES["tall"]), want_b, LOGPROB_ATOL) == []
     misrouted = _generate_with_features_of(hf_stack, text, IMAGES["wide"])  # A's image under B's prompt
-    assert mismatches(misrouted, want_b) != []
+    assert mismatches(misrouted, want_b, LOGPROB_ATOL) != []

@@ -149,8 +149,9 @@ def _index(data: bytes, budget: DecodeBudget) -> tuple[list[int | None], list[bo
     try:
         container = av.open(io.BytesIO(data), mode="r", options=_OPEN_OPTIONS)
     except av.error.ArgumentError:  # FFmpeg: "Format ... not on whitelist"
-        raise ImageError("corrupt or unsupported video: its container format is not one of the accepted video "
-                         "files (mp4/mov, matroska/webm, avi, mpeg-ts, mpeg, flv, ogg, asf, gif, raw h264/hevc)") from None
+        raise ImageError("corrupt or unsupported video: its container format is not one of the accepted "
+                         "video files (mp4/mov, matroska/webm, avi, mpeg-ts, mpeg, flv, ogg, asf, gif, "
+                         "raw h264/hevc)") from None
     with container:
         if not container.streams.video:
             raise ImageError("the video has no video stream")
