@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fproto/dvd.proto\x12\x06\x64vd.v1\"\xe0\x01\n\rFeatureHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bimage_index\x18\x02 \x01(\r\x12\x13\n\x0bimage_count\x18\x03 \x01(\r\x12\x13\n\x0btile_tokens\x18\x04 \x03(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x1c\n\x05\x64type\x18\x06 \x01(\x0e\x32\r.dvd.v1.DType\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12\x12\n\x05\x63rc32\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0csent_unix_ns\x18\t \x01(\x04\x42\x08\n\x06_crc32\"X\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmax_tiles\x18\x02 \x01(\r\x12\x14\n\x0cvideo_frames\x18\x03 \x01(\r\x12\x13\n\x0bimage_index\x18\x04 \x01(\r\"\x98\x02\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.dvd.v1.ImageInput\x12\x18\n\x10\x66\x65\x61ture_endpoint\x18\x03 \x01(\t\x12\x14\n\x07use_vir\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16vir_relative_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12#\n\x16vir_absolute_threshold\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x13\n\x0bimage_count\x18\x07 \x01(\rB\n\n\x08_use_virB\x19\n\x17_vir_relative_thresholdB\x19\n\x17_vir_absolute_threshold\"w\n\rImageEncoding\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0btile_tokens\x18\x04 \x03(\r\x12\x15\n\rfeature_bytes\x18\x05 \x01(\x04\"J\n\rEncodeTimings\x12\x15\n\rpreprocess_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x0f\n\x07send_ms\x18\x03 \x01(\x01\"_\n\x0e\x45ncodeResponse\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.dvd.v1.ImageEncoding\x12&\n\x07timings\x18\x02 \x01(\x0b\x32\x15.dvd.v1.EncodeTimings\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x08H\x00\x42\x06\n\x04part\"A\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12$\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x13.dvd.v1.ContentPart\"\xe5\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\t\n\x01n\x18\x0e \x01(\r\x12\x13\n\x0bjson_schema\x18\x0f \x01(\t\x12\x13\n\x0bjson_object\x18\x10 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xba\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.dvd.v1.ChatMessage\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.dvd.v1.SamplingParams\x12\x13\n\x0bimage_count\x18\x04 \x01(\r\x12\x19\n\x11\x66\x65\x61ture_timeout_s\x18\x05 \x01(\x01\x12\x12\n\nimage_keys\x18\x06 \x03(\t\"&\n\rMissingImages\x12\x15\n\rimage_indices\x18\x01 \x03(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x1f\n\x03top\x18\x04 \x03(\x0b\x32\x12.dvd.v1.TopLogprob\"}\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_images\x18\x05 \x01(\r\"f\n\x0fGenerateTimings\x12\x17\n\x0f\x66\x65\x61ture_wait_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x04 \x01(\x01\"\xf1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12&\n\x08logprobs\x18\x03 \x03(\x0b\x32\x14.dvd.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.dvd.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.dvd.v1.GenerateTimings\x12\r\n\x05index\x18\x07 \x01(\r\x12&\n\x07missing\x18\x08 \x01(\x0b\x32\x15.dvd.v1.MissingImages\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\xbb\x01\n\x10ModelDescription\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_format\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x18\n\x10\x66\x65\x61ture_endpoint\x18\x05 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\r\x12\x17\n\x0fparameter_names\x18\x07 \x03(\t\"\x0f\n\rHealthRequest\"?\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\t*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x42\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x32\x81\x01\n\rVisionService\x12\x37\n\x06\x45ncode\x12\x15.dvd.v1.EncodeRequest\x1a\x16.dvd.v1.EncodeResponse\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponse2\x80\x02\n\x0fLanguageService\x12?\n\x08Generate\x12\x17.dvd.v1.GenerateRequest\x1a\x18.dvd.v1.GenerateResponse0\x01\x12\x34\n\x05\x41\x62ort\x12\x14.dvd.v1.AbortRequest\x1a\x15.dvd.v1.AbortResponse\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponse\x12=\n\x08\x44\x65scribe\x12\x17.dvd.v1.DescribeRequest\x1a\x18.dvd.v1.ModelDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fproto/dvd.proto\x12\x06\x64vd.v1\"\xe0\x01\n\rFeatureHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bimage_index\x18\x02 \x01(\r\x12\x13\n\x0bimage_count\x18\x03 \x01(\r\x12\x13\n\x0btile_tokens\x18\x04 \x03(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x1c\n\x05\x64type\x18\x06 \x01(\x0e\x32\r.dvd.v1.DType\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12\x12\n\x05\x63rc32\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0csent_unix_ns\x18\t \x01(\x04\x42\x08\n\x06_crc32\"X\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmax_tiles\x18\x02 \x01(\r\x12\x14\n\x0cvideo_frames\x18\x03 \x01(\r\x12\x13\n\x0bimage_index\x18\x04 \x01(\r\"\x98\x02\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.dvd.v1.ImageInput\x12\x18\n\x10\x66\x65\x61ture_endpoint\x18\x03 \x01(\t\x12\x14\n\x07use_vir\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16vir_relative_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12#\n\x16vir_absolute_threshold\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x13\n\x0bimage_count\x18\x07 \x01(\rB\n\n\x08_use_virB\x19\n\x17_vir_relative_thresholdB\x19\n\x17_vir_absolute_threshold\"w\n\rImageEncoding\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0btile_tokens\x18\x04 \x03(\r\x12\x15\n\rfeature_bytes\x18\x05 \x01(\x04\"J\n\rEncodeTimings\x12\x15\n\rpreprocess_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x0f\n\x07send_ms\x18\x03 \x01(\x01\"_\n\x0e\x45ncodeResponse\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.dvd.v1.ImageEncoding\x12&\n\x07timings\x18\x02 \x01(\x0b\x32\x15.dvd.v1.EncodeTimings\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x08H\x00\x42\x06\n\x04part\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x90\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12$\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x13.dvd.v1.ContentPart\x12$\n\ntool_calls\x18\x03 \x03(\x0b\x32\x10.dvd.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x11\n\treasoning\x18\x05 \x01(\t\"U\n\x05Tools\x12\x12\n\ntools_json\x18\x01 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x02 \x01(\t\x12\x10\n\x08\x66unction\x18\x03 \x01(\t\x12\x16\n\x0eparallel_calls\x18\x04 \x01(\x08\"\xe5\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\t\n\x01n\x18\x0e \x01(\r\x12\x13\n\x0bjson_schema\x18\x0f \x01(\t\x12\x13\n\x0bjson_object\x18\x10 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.dvd.v1.ChatMessage\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.dvd.v1.SamplingParams\x12\x13\n\x0bimage_count\x18\x04 \x01(\r\x12\x19\n\x11\x66\x65\x61ture_timeout_s\x18\x05 \x01(\x01\x12\x12\n\nimage_keys\x18\x06 \x03(\t\x12\x1c\n\x05tools\x18\x07 \x01(\x0b\x32\r.dvd.v1.Tools\x12\x17\n\x0f\x65nable_thinking\x18\x08 \x01(\x08\"&\n\rMissingImages\x12\x15\n\rimage_indices\x18\x01 \x03(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x1f\n\x03top\x18\x04 \x03(\x0b\x32\x12.dvd.v1.TopLogprob\"}\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_images\x18\x05 \x01(\r\"f\n\x0fGenerateTimings\x12\x17\n\x0f\x66\x65\x61ture_wait_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x04 \x01(\x01\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xaf\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12&\n\x08logprobs\x18\x03 \x03(\x0b\x32\x14.dvd.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.dvd.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.dvd.v1.GenerateTimings\x12\r\n\x05index\x18\x07 \x01(\r\x12&\n\x07missing\x18\x08 \x01(\x0b\x32\x15.dvd.v1.MissingImages\x12\x11\n\treasoning\x18\t \x01(\t\x12)\n\ntool_calls\x18\n \x03(\x0b\x32\x15.dvd.v1.ToolCallDelta\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\xbb\x01\n\x10ModelDescription\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_format\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x18\n\x10\x66\x65\x61ture_endpoint\x18\x05 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\r\x12\x17\n\x0fparameter_names\x18\x07 \x03(\t\"\x0f\n\rHealthRequest\"?\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\t*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x42\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x32\x81\x01\n\rVisionService\x12\x37\n\x06\x45ncode\x12\x15.dvd.v1.EncodeRequest\x1a\x16.dvd.v1.EncodeResponse\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponse2\x80\x02\n\x0fLanguageService\x12?\n\x08Generate\x12\x17.dvd.v1.GenerateRequest\x1a\x18.dvd.v1.GenerateResponse0\x01\x12\x34\n\x05\x41\x62ort\x12\x14.dvd.v1.AbortRequest\x1a\x15.dvd.v1.AbortResponse\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponse\x12=\n\x08\x44\x65scribe\x12\x17.dvd.v1.DescribeRequest\x1a\x18.dvd.v1.ModelDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.dvd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2758
-  _globals['_DTYPE']._serialized_end=2828
+  _globals['_DTYPE']._serialized_start=3176
+  _globals['_DTYPE']._serialized_end=3246
   _globals['_FEATUREHEADER']._serialized_start=28
   _globals['_FEATUREHEADER']._serialized_end=252
   _globals['_IMAGEINPUT']._serialized_start=254
@@ -47,38 +47,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODERESPONSE']._serialized_end=919
   _globals['_CONTENTPART']._serialized_start=921
   _globals['_CONTENTPART']._serialized_end=975
-  _globals['_CHATMESSAGE']._serialized_start=977
-  _globals['_CHATMESSAGE']._serialized_end=1042
-  _globals['_SAMPLINGPARAMS']._serialized_start=1045
-  _globals['_SAMPLINGPARAMS']._serialized_end=1530
-  _globals['_GENERATEREQUEST']._serialized_start=1533
-  _globals['_GENERATEREQUEST']._serialized_end=1719
-  _globals['_MISSINGIMAGES']._serialized_start=1721
-  _globals['_MISSINGIMAGES']._serialized_end=1759
-  _globals['_TOPLOGPROB']._serialized_start=1761
-  _globals['_TOPLOGPROB']._serialized_end=1823
-  _globals['_TOKENLOGPROB']._serialized_start=1825
-  _globals['_TOKENLOGPROB']._serialized_end=1922
-  _globals['_USAGE']._serialized_start=1924
-  _globals['_USAGE']._serialized_end=2049
-  _globals['_GENERATETIMINGS']._serialized_start=2051
-  _globals['_GENERATETIMINGS']._serialized_end=2153
-  _globals['_GENERATERESPONSE']._serialized_start=2156
-  _globals['_GENERATERESPONSE']._serialized_end=2397
-  _globals['_ABORTREQUEST']._serialized_start=2399
-  _globals['_ABORTREQUEST']._serialized_end=2433
-  _globals['_ABORTRESPONSE']._serialized_start=2435
-  _globals['_ABORTRESPONSE']._serialized_end=2465
-  _globals['_DESCRIBEREQUEST']._serialized_start=2467
-  _globals['_DESCRIBEREQUEST']._serialized_end=2484
-  _globals['_MODELDESCRIPTION']._serialized_start=2487
-  _globals['_MODELDESCRIPTION']._serialized_end=2674
-  _globals['_HEALTHREQUEST']._serialized_start=2676
-  _globals['_HEALTHREQUEST']._serialized_end=2691
-  _globals['_HEALTHRESPONSE']._serialized_start=2693
-  _globals['_HEALTHRESPONSE']._serialized_end=2756
-  _globals['_VISIONSERVICE']._serialized_start=2831
-  _globals['_VISIONSERVICE']._serialized_end=2960
-  _globals['_LANGUAGESERVICE']._serialized_start=2963
-  _globals['_LANGUAGESERVICE']._serialized_end=3219
+  _globals['_TOOLCALL']._serialized_start=977
+  _globals['_TOOLCALL']._serialized_end=1032
+  _globals['_CHATMESSAGE']._serialized_start=1035
+  _globals['_CHATMESSAGE']._serialized_end=1179
+  _globals['_TOOLS']._serialized_start=1181
+  _globals['_TOOLS']._serialized_end=1266
+  _globals['_SAMPLINGPARAMS']._serialized_start=1269
+  _globals['_SAMPLINGPARAMS']._serialized_end=1754
+  _globals['_GENERATEREQUEST']._serialized_start=1757
+  _globals['_GENERATEREQUEST']._serialized_end=1998
+  _globals['_MISSINGIMAGES']._serialized_start=2000
+  _globals['_MISSINGIMAGES']._serialized_end=2038
+  _globals['_TOPLOGPROB']._serialized_start=2040
+  _globals['_TOPLOGPROB']._serialized_end=2102
+  _globals['_TOKENLOGPROB']._serialized_start=2104
+  _globals['_TOKENLOGPROB']._serialized_end=2201
+  _globals['_USAGE']._serialized_start=2203
+  _globals['_USAGE']._serialized_end=2328
+  _globals['_GENERATETIMINGS']._serialized_start=2330
+  _globals['_GENERATETIMINGS']._serialized_end=2432
+  _globals['_TOOLCALLDELTA']._serialized_start=2434
+  _globals['_TOOLCALLDELTA']._serialized_end=2509
+  _globals['_GENERATERESPONSE']._serialized_start=2512
+  _globals['_GENERATERESPONSE']._serialized_end=2815
+  _globals['_ABORTREQUEST']._serialized_start=2817
+  _globals['_ABORTREQUEST']._serialized_end=2851
+  _globals['_ABORTRESPONSE']._serialized_start=2853
+  _globals['_ABORTRESPONSE']._serialized_end=2883
+  _globals['_DESCRIBEREQUEST']._serialized_start=2885
+  _globals['_DESCRIBEREQUEST']._serialized_end=2902
+  _globals['_MODELDESCRIPTION']._serialized_start=2905
+  _globals['_MODELDESCRIPTION']._serialized_end=3092
+  _globals['_HEALTHREQUEST']._serialized_start=3094
+  _globals['_HEALTHREQUEST']._serialized_end=3109
+  _globals['_HEALTHRESPONSE']._serialized_start=3111
+  _globals['_HEALTHRESPONSE']._serialized_end=3174
+  _globals['_VISIONSERVICE']._serialized_start=3249
+  _globals['_VISIONSERVICE']._serialized_end=3378
+  _globals['_LANGUAGESERVICE']._serialized_start=3381
+  _globals['_LANGUAGESERVICE']._serialized_end=3637
 # @@protoc_insertion_point(module_scope)
