@@ -227,6 +227,10 @@ class FeatureHolders:
         while len(self._holder) > self._max_keys:
             self._holder.popitem(last=False)
 
+    def holder(self, key: str) -> str | None:
+        """The address that last took `key`, if any."""
+        return self._holder.get(key)
+
     def best(self, keys: list[str]) -> str | None:
         """The address holding most of `keys`, if any holds one."""
         votes: dict[str, int] = {}

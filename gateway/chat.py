@@ -1,66 +1,79 @@
-"""One chat completion across the servers: Encode and Generate run concurrently under one request id.
+"""OpenAI chat completions: the request as a `Job`, and the language server's responses as chunks.
 
-The language server waits for the features that the vision server sends it directly; the gateway
-only carries control messages. An Encode failure cancels the Generate; leaving early (client gone,
-error) cancels both. A server that cannot be reached before it produced anything is ejected and the
-call goes to another server of its kind.
+`chunks` is the one event stream: the streamed answer sends each chunk as a server-sent event, the
+non-streamed one folds the same chunks into one `ChatCompletion`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncIterator
 
-import grpc
+from fastapi import APIRouter, Depends, Request
 
-from contracts.content_keys import content_key, frame_keys
 from gateway import metrics
-from gateway.backends import Backend, LanguagePool, VisionPool
-from gateway.errors import APIError, from_grpc
-from gateway.images import ImageFetcher, decode_data_url, decode_video_data_url
+from gateway.auth import require_api_key
+from gateway.errors import ERROR_RESPONSES, APIError
 from gateway.reasoning import R1_SYSTEM_PROMPT
-from gateway.schemas import ChatCompletionRequest, JSONObjectFormat, JSONSchemaResponseFormat
+from gateway.request_context import REQUEST_ID
+from gateway.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    FunctionCall,
+    JSONObjectFormat,
+    JSONSchemaResponseFormat,
+    PromptTokensDetails,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
+from gateway.serving import ImageSource, Job, Responses, ServingDep
 from gateway.settings import GatewaySettings
 from proto import dvd_pb2
-
-log = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "ignore_eos")
 
-
-@dataclass
-class ImageSource:
-    url: str
-    max_tiles: int
-    video_frames: int = 0  # a video: this many frames, each counted as one image
-
-    @property
-    def images(self) -> int:
-        return self.video_frames or 1
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 
-@dataclass
-class PreparedChat:
-    request_id: str
-    model: str
-    messages: list[dvd_pb2.ChatMessage]
-    sources: list[ImageSource]
-    sampling: dvd_pb2.SamplingParams
-    thinking: bool = False
-    images: list[dvd_pb2.ImageInput] = field(default_factory=list)  # one per source
-    image_keys: list[str] = field(default_factory=list)  # one per image (video frame); empty: no feature cache
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request, serving: ServingDep):
+    model = await serving.check_model(body.model)
+    job = prepare_chat(body, serving.settings, REQUEST_ID.get())
+    created = int(time.time())
 
-    @property
-    def n(self) -> int:
-        return self.sampling.n or 1
+    def events(responses: Responses) -> AsyncIterator[ChatCompletionChunk]:
+        return chunks(job, model, created, responses, logprobs=body.logprobs)
 
-    @property
-    def image_count(self) -> int:
-        """Images the language server waits for: every video frame is one."""
-        return sum(source.images for source in self.sources)
+    async def render_stream(responses: Responses) -> AsyncIterator[str]:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        try:
+            async for chunk in events(responses):
+                if chunk.usage is None or include_usage:
+                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+            yield "data: [DONE]\n\n"
+        except APIError as exc:  # headers are gone: report in-band, as OpenAI's API does
+            yield f"data: {json.dumps(exc.to_json())}\n\n"
+
+    async def render_body(responses: Responses) -> dict:
+        return (await fold(events(responses), thinking=job.thinking)).model_dump()
+
+    return await serving.run(request, job, stream=body.stream, render_stream=render_stream, render_body=render_body)
+
+
+# ---------------------------------------------------------------- request
 
 
 def _thinking(request: ChatCompletionRequest) -> bool:
@@ -73,6 +86,18 @@ def _thinking(request: ChatCompletionRequest) -> bool:
         raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false",
                        param="chat_template_kwargs")
     return kwargs.get("enable_thinking", False)
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's `logit_bias` (token ids as text) checked; the language server checks the ids against its vocabulary."""
+    result = {}
+    for token, value in (bias or {}).items():
+        if not token.isdigit() or int(token) >= 2**32:
+            raise APIError(400, f"logit_bias: {token!r} is not a token id", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: {value} for token {token} is outside -100 to 100", param="logit_bias")
+        result[int(token)] = value
+    return result
 
 
 def _sampling(request: ChatCompletionRequest, settings: GatewaySettings) -> dvd_pb2.SamplingParams:
@@ -94,6 +119,7 @@ def _sampling(request: ChatCompletionRequest, settings: GatewaySettings) -> dvd_
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs or 0,
         n=request.n,
+        logit_bias=logit_bias(request.logit_bias),
     )
     for name in SAMPLING_FIELDS:
         if getattr(request, name) is not None:
@@ -105,241 +131,195 @@ def _sampling(request: ChatCompletionRequest, settings: GatewaySettings) -> dvd_
     return sampling
 
 
-def prepare_chat(request: ChatCompletionRequest, settings: GatewaySettings, request_id: str) -> PreparedChat:
-    """Validate and convert an OpenAI request; image bytes are loaded later by `load_images`."""
+def tools_of(request: ChatCompletionRequest) -> dvd_pb2.Tools | None:
+    """The request's tools and tool choice, checked against each other."""
+    choice = request.tool_choice
+    if not request.tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    names = [tool.function.name for tool in request.tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: function names must be unique", param="tools")
+    tools = dvd_pb2.Tools(tools_json=json.dumps([t.model_dump(exclude_none=True) for t in request.tools]),
+                          parallel_calls=request.parallel_tool_calls)
+    if isinstance(choice, str):
+        tools.choice = choice
+    elif choice is not None:
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                           param="tool_choice")
+        tools.function = choice.function.name
+    else:
+        tools.choice = "auto"
+    if (tools.function or tools.choice == "required") and request.response_format is not None \
+            and request.response_format.type != "text":
+        raise APIError(400, "response_format cannot be combined with a required or named tool_choice",
+                       param="response_format")
+    return tools
+
+
+def _text(content) -> list[dvd_pb2.ContentPart]:
+    if isinstance(content, str) or content is None:
+        return [dvd_pb2.ContentPart(text=content or "")]
+    return [dvd_pb2.ContentPart(text=part.text) for part in content]
+
+
+def _message(message: ChatMessage, settings: GatewaySettings, sources: list[ImageSource]) -> dvd_pb2.ChatMessage:
+    """One OpenAI message in the servers' terms; its images' sources are added to `sources`."""
+    role = "system" if message.role == "developer" else message.role
+    if message.tool_calls and role != "assistant":
+        raise APIError(400, f"tool_calls belong to assistant messages, not {message.role}", param="messages")
+    if (message.tool_call_id is None) != (role != "tool"):
+        raise APIError(400, "tool messages, and only they, need tool_call_id", param="messages")
+    result = dvd_pb2.ChatMessage(role=role, tool_call_id=message.tool_call_id or "",
+                                 reasoning=message.reasoning_content or message.reasoning or "")
+    for call in message.tool_calls or []:
+        result.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
+    if isinstance(message.content, str) or message.content is None:
+        result.content.append(dvd_pb2.ContentPart(text=message.content or ""))
+        return result
+    for part in message.content:
+        if part.type == "text":
+            result.content.append(dvd_pb2.ContentPart(text=part.text))
+            continue
+        if role != "user":
+            raise APIError(400, f"images are only accepted in user messages, not {message.role}", param="messages")
+        if part.type == "video_url":  # "Frame1: <image>\nFrame2: <image>\n...", as the model card does
+            source = ImageSource(part.video_url.url, 1, part.video_url.num_frames or settings.video_frames)
+            for frame in range(source.video_frames):
+                result.content.extend([dvd_pb2.ContentPart(text=f"Frame{frame + 1}: "),
+                                       dvd_pb2.ContentPart(image=True)])
+        else:
+            source = ImageSource(part.image_url.url, 1 if part.image_url.detail == "low" else settings.max_tiles)
+            result.content.append(dvd_pb2.ContentPart(image=True))
+        sources.append(source)
+    return result
+
+
+def with_thinking_prompt(messages: list[dvd_pb2.ChatMessage]) -> None:
+    """The model card's way to think: the R1 prompt as the system prompt, the request's own after it."""
+    if messages and messages[0].role == "system":
+        messages[0].content.insert(0, dvd_pb2.ContentPart(text=R1_SYSTEM_PROMPT + "\n\n"))
+    else:
+        messages.insert(0, dvd_pb2.ChatMessage(role="system", content=[dvd_pb2.ContentPart(text=R1_SYSTEM_PROMPT)]))
+
+
+def prepare_chat(request: ChatCompletionRequest, settings: GatewaySettings, request_id: str) -> Job:
+    """Validate and convert an OpenAI request; image bytes are loaded later by the serving layer."""
     thinking = _thinking(request)
-    messages, sources = [], []
-    for message in request.messages:
-        role = "system" if message.role == "developer" else message.role
-        parts = []
-        if isinstance(message.content, str) or message.content is None:
-            parts.append(dvd_pb2.ContentPart(text=message.content or ""))
-        else:
-            for part in message.content:
-                if part.type == "text":
-                    parts.append(dvd_pb2.ContentPart(text=part.text))
-                    continue
-                if role != "user":
-                    raise APIError(400, f"images are only accepted in user messages, not {message.role}",
-                                   param="messages")
-                if part.type == "video_url":  # "Frame1: <image>\nFrame2: <image>\n...", as the model card does
-                    source = ImageSource(part.video_url.url, 1, part.video_url.num_frames or settings.video_frames)
-                    for frame in range(source.video_frames):
-                        parts += [dvd_pb2.ContentPart(text=f"Frame{frame + 1}: "), dvd_pb2.ContentPart(image=True)]
-                else:
-                    max_tiles = 1 if part.image_url.detail == "low" else settings.max_tiles
-                    source = ImageSource(part.image_url.url, max_tiles)
-                    parts.append(dvd_pb2.ContentPart(image=True))
-                sources.append(source)
-        messages.append(dvd_pb2.ChatMessage(role=role, content=parts))
-    if thinking:  # the model card's way: the R1 prompt as the system prompt, the request's own after it
-        if messages[0].role == "system":
-            messages[0].content.insert(0, dvd_pb2.ContentPart(text=R1_SYSTEM_PROMPT + "\n\n"))
-        else:
-            messages.insert(0, dvd_pb2.ChatMessage(role="system", content=[dvd_pb2.ContentPart(text=R1_SYSTEM_PROMPT)]))
-    return PreparedChat(request_id, request.model, messages, sources, _sampling(request, settings), thinking)
+    sources: list[ImageSource] = []
+    messages = [_message(message, settings, sources) for message in request.messages]
+    if thinking:
+        with_thinking_prompt(messages)
+    return Job(request_id, request.model, messages, sources, _sampling(request, settings), thinking,
+               tools_of(request))
 
 
-async def load_images(chat: PreparedChat, settings: GatewaySettings, fetcher: ImageFetcher,
-                      vision_weights: str = "") -> None:
-    """Decode data URLs (in threads) and download http(s) URLs, all of a request's images at once; with the
-    feature cache on, name each by content (`vision_weights`: the vision pool's weights fingerprint)."""
-
-    async def load(index: int, source: ImageSource) -> dvd_pb2.ImageInput:
-        if source.video_frames:
-            data = await asyncio.to_thread(decode_video_data_url, source.url, max_bytes=settings.max_video_bytes,
-                                           index=index)
-            return dvd_pb2.ImageInput(data=data, video_frames=source.video_frames)
-        if source.url.startswith("data:"):
-            data = await asyncio.to_thread(decode_data_url, source.url, max_bytes=settings.max_image_bytes,
-                                           index=index)
-        elif source.url.startswith(("http://", "https://")):
-            data = await fetcher.fetch(source.url, index=index)
-        else:
-            raise APIError(400, f"image {index}: only data:, http: and https: image URLs are supported, "
-                                f"got {source.url[:40]!r}", param="messages")
-        return dvd_pb2.ImageInput(data=data, max_tiles=source.max_tiles)
-
-    tasks = [asyncio.ensure_future(load(i, s)) for i, s in enumerate(chat.sources)]
-    try:
-        chat.images = list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:  # the first failure ends the others
-            task.cancel()
-    if settings.feature_cache and chat.images:
-        chat.image_keys = await asyncio.to_thread(content_keys, chat.model, vision_weights, chat.images)
+# ---------------------------------------------------------------- output
 
 
-def content_keys(model: str, weights: str, images: list[dvd_pb2.ImageInput]) -> list[str]:
-    """One key per image (video frame): the model, the vision weights, and everything of the input that
-    changes its features."""
-    keys = []
-    for image in images:
-        keys += frame_keys(content_key(image.data, model, weights, image.max_tiles, image.video_frames),
-                           image.video_frames)
-    return keys
+def usage_of(usage: dvd_pb2.Usage) -> Usage:
+    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                 total_tokens=usage.prompt_tokens + usage.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(image_tokens=usage.image_tokens,
+                                                           cached_tokens=usage.cached_tokens))
 
 
-def _inputs_for(chat: PreparedChat, indices) -> list[dvd_pb2.ImageInput]:
-    """The inputs holding the images `indices`, each told where its first image sits in the request."""
-    wanted, inputs, first = set(indices), [], 0
-    for source, image in zip(chat.sources, chat.images):
-        if wanted & set(range(first, first + source.images)):
-            selected = dvd_pb2.ImageInput()
-            selected.CopyFrom(image)
-            selected.image_index = first
-            inputs.append(selected)
-        first += source.images
-    return inputs
+def _logprobs(response: dvd_pb2.GenerateResponse) -> list[TokenLogprob]:
+    def entry(cls, item, **extra):
+        return cls(token=item.token, logprob=item.logprob, bytes=list(item.token.encode()), **extra)
+
+    return [entry(TokenLogprob, t, top_logprobs=[entry(TopLogprob, c) for c in t.top]) for t in response.logprobs]
 
 
-ENCODE_REPLY_GRACE_S = 5.0
+class TokenClock:
+    """One choice's token times, for the TPOT metric."""
+
+    def __init__(self) -> None:
+        self.tokens, self.first_at, self.last_at = 0, 0.0, 0.0
+
+    def add(self, response: dvd_pb2.GenerateResponse) -> None:
+        now = time.perf_counter()
+        if response.token_ids:
+            self.first_at = self.first_at or now
+            self.last_at = now
+            self.tokens += len(response.token_ids)
+        if response.finish_reason and self.tokens > 1:
+            metrics.TPOT.observe((self.last_at - self.first_at) / (self.tokens - 1))
 
 
-def _unavailable(exc: grpc.aio.AioRpcError) -> bool:
-    return exc.code() == grpc.StatusCode.UNAVAILABLE
+def delta_tool_calls(response: dvd_pb2.GenerateResponse) -> list[DeltaToolCall] | None:
+    return [DeltaToolCall(index=c.index, id=c.id or None, type="function" if c.id else None,
+                          function=DeltaFunctionCall(name=c.name or None, arguments=c.arguments))
+            for c in response.tool_calls] or None
 
 
-async def _encode(vision: VisionPool, request_id: str, images, feature_endpoint: str, timeout_s: float,
-                  image_count: int = 0):
-    tried: set[str] = set()
-    while True:
-        with vision.lease(vision.candidates(exclude=tried)) as backend:
-            request = dvd_pb2.EncodeRequest(request_id=request_id, images=images, feature_endpoint=feature_endpoint,
-                                            image_count=image_count)
-            try:
-                reply = await backend.stub.Encode(request, timeout=timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                metrics.BACKEND_REQUESTS.labels("vision", backend.address, exc.code().name.lower()).inc()
-                error = from_grpc(exc, f"vision server {backend.address}")
-                if not _unavailable(exc):
-                    raise error from None
-                # Unreachable: nothing, or a duplicate the language server drops, was sent. Try another.
-                backend.mark_down(exc.details() or "unavailable")
-                tried.add(backend.address)
-                if not vision.candidates(exclude=tried):
-                    raise error from None
-                log.warning("request %s: vision server %s unavailable; retrying Encode on another", request_id,
-                            backend.address)
-                continue
-            metrics.BACKEND_REQUESTS.labels("vision", backend.address, "ok").inc()
-            return reply
+async def chunks(job: Job, model: str, created: int, responses: Responses, *,
+                 logprobs: bool) -> AsyncIterator[ChatCompletionChunk]:
+    """The chat completion as chunks: a role chunk per choice, a chunk per response that carries anything
+    (the last token's chunk carries the finish reason, as vLLM sends it), then one usage chunk."""
+
+    def chunk(choices, usage=None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=f"chatcmpl-{job.request_id}", created=created, model=model, choices=choices,
+                                   usage=usage)
+
+    clocks = [TokenClock() for _ in range(job.n)]
+    for index in range(job.n):
+        yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+    usage = dvd_pb2.Usage()
+    async for response in responses:
+        clocks[response.index].add(response)
+        token_logprobs = ChoiceLogprobs(content=_logprobs(response)) if logprobs else None
+        tool_calls = delta_tool_calls(response)
+        if response.text or response.reasoning or tool_calls or token_logprobs or response.finish_reason:
+            delta = Delta(content=response.text or None, reasoning_content=response.reasoning or None,
+                          tool_calls=tool_calls)
+            yield chunk([ChunkChoice(index=response.index, delta=delta, logprobs=token_logprobs,
+                                     finish_reason=response.finish_reason or None)])
+        if response.HasField("usage"):
+            usage = response.usage
+    yield chunk([], usage=usage_of(usage))
 
 
-class _Unreachable(Exception):
-    """The language server failed before producing anything: the request may go elsewhere."""
+class _ChoiceSoFar:
+    def __init__(self) -> None:
+        self.content, self.reasoning, self.logprobs = [], [], None
+        self.calls: dict[int, dict] = {}
+        self.finish_reason: str | None = None
 
-    def __init__(self, error: APIError):
-        super().__init__(error.message)
-        self.error = error
+    def add(self, choice: ChunkChoice) -> None:
+        delta = choice.delta
+        self.content.append(delta.content or "")
+        self.reasoning.append(delta.reasoning_content or "")
+        for call in delta.tool_calls or []:
+            whole = self.calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+            whole["id"] = call.id or whole["id"]
+            whole["name"] = call.function.name or whole["name"]
+            whole["arguments"] += call.function.arguments or ""
+        if choice.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + choice.logprobs.content
+        self.finish_reason = choice.finish_reason or self.finish_reason
 
-
-def accepting(servers: list[Backend], chat: PreparedChat) -> list[Backend]:
-    """The language servers that take the request's images, by the limit each advertises (`Describe`); a 400
-    naming the limit when none does. The gateway keeps no limit of its own: the language server's is the rule."""
-    fits = [b for b in servers if chat.image_count <= b.description.max_images_per_request]
-    if servers and not fits:
-        limit = max(b.description.max_images_per_request for b in servers)
-        raise APIError(400, f"{chat.image_count} images in one request; the language server takes at most {limit} "
-                            "(each video frame counts as one)", param="messages")
-    return fits
-
-
-async def generate(vision: VisionPool, language: LanguagePool, chat: PreparedChat, timeout_s: float,
-                   max_extra_load: int = 0):
-    """Yields the language servers' `GenerateResponse`s; raises `APIError` on any failure."""
-    tried: set[str] = set()
-    while True:
-        described = accepting([b for b in await language.describe() if b.address not in tried], chat)
-        if not described:
-            raise APIError(503, "no language server is available")
-        with language.lease(described, prefer=language.holders.best(chat.image_keys),
-                            max_extra_load=max_extra_load) as backend:
-            # A retry gets its own id: the first server may still hold features under the first one.
-            request_id = chat.request_id if not tried else f"{chat.request_id}-{len(tried)}"
-            try:
-                async for response in _generate_on(backend, vision, chat, request_id, timeout_s):
-                    yield response
-                language.holders.record(chat.image_keys, backend.address)
-                return
-            except _Unreachable as exc:
-                backend.mark_down(exc.error.message)
-                tried.add(backend.address)
-                if not language.candidates(exclude=tried):
-                    raise exc.error from None
-                log.warning("request %s: language server %s unavailable; retrying on another", chat.request_id,
-                            backend.address)
+    def choice(self, index: int, thinking: bool) -> Choice:
+        calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+                 for _, c in sorted(self.calls.items())]
+        content = "".join(self.content)
+        message = AssistantMessage(content=None if calls and not content else content, tool_calls=calls,
+                                   reasoning_content="".join(self.reasoning) if thinking else None)
+        return Choice(index=index, message=message, finish_reason=self.finish_reason,
+                      logprobs=ChoiceLogprobs(content=self.logprobs) if self.logprobs is not None else None)
 
 
-async def _generate_on(backend: Backend, vision: VisionPool, chat: PreparedChat, request_id: str, timeout_s: float):
-    call = backend.stub.Generate(
-        dvd_pb2.GenerateRequest(request_id=request_id, messages=chat.messages, sampling=chat.sampling,
-                                image_count=chat.image_count, image_keys=chat.image_keys),
-        timeout=timeout_s,
-    )
-
-    def start_encode(images: list[dvd_pb2.ImageInput], image_count: int = 0) -> asyncio.Future:
-        return asyncio.ensure_future(
-            _encode(vision, request_id, images, backend.description.feature_endpoint, timeout_s, image_count))
-
-    # Without content keys Encode starts at once; with them, once the server has said what it lacks.
-    encode = None
-    if chat.images and not chat.image_keys:
-        encode = start_encode(chat.images)
-        metrics.IMAGES.labels("vision").inc(chat.image_count)
-    responses = call.__aiter__()
-    produced, outcome = False, "cancelled"
-    try:
-        while True:
-            next_response = asyncio.ensure_future(responses.__anext__())
-            if encode is not None and not encode.done():
-                await asyncio.wait({next_response, encode}, return_when=asyncio.FIRST_COMPLETED)
-                if encode.done() and encode.exception() is not None:
-                    next_response.cancel()
-                    outcome = "encode_failed"
-                    raise encode.exception()
-            try:
-                response = await next_response
-            except StopAsyncIteration:
-                break
-            except grpc.aio.AioRpcError as exc:
-                outcome = exc.code().name.lower()
-                if encode is not None and encode.done() and encode.exception() is not None:
-                    raise encode.exception() from None
-                error = from_grpc(exc, f"language server {backend.address}")
-                if _unavailable(exc) and not produced:
-                    raise _Unreachable(error) from None
-                if _unavailable(exc):
-                    backend.mark_down(exc.details() or "unavailable")
-                raise error from None
-            if response.HasField("missing"):
-                missing = response.missing.image_indices
-                inputs = _inputs_for(chat, missing)
-                if inputs:
-                    encode = start_encode(inputs, chat.image_count)
-                metrics.IMAGES.labels("vision").inc(len(missing))
-                metrics.IMAGES.labels("cache").inc(chat.image_count - len(missing))
-                continue
-            produced = True
-            if response.HasField("usage") and encode is not None:
-                _log_timings(request_id, encode.result() if encode.done() else None, response)
-            yield response
-        outcome = "ok"
-        if encode is not None and not encode.done():
-            # Generation ended, so every feature arrived and the Encode reply is moments behind: let it land
-            # rather than cancel a call that has done its work (and leave it uncounted).
-            await asyncio.wait({encode}, timeout=ENCODE_REPLY_GRACE_S)
-    finally:
-        metrics.BACKEND_REQUESTS.labels("language", backend.address, outcome).inc()
-        if encode is not None and not encode.done():
-            encode.cancel()
-        if not call.done():
-            call.cancel()  # the language server cancels its task and vLLM aborts the request
-
-
-def _log_timings(request_id: str, encoded: dvd_pb2.EncodeResponse | None, last: dvd_pb2.GenerateResponse) -> None:
-    e = encoded.timings if encoded else dvd_pb2.EncodeTimings()
-    t = last.timings
-    log.info("request %s: preprocess %.1f ms, encode %.1f ms, send %.1f ms, transfer %.1f ms, feature wait %.1f ms, "
-             "prefill %.1f ms, decode %.1f ms", request_id, e.preprocess_ms, e.encode_ms, e.send_ms,
-             t.transfer_ms, t.feature_wait_ms, t.prefill_ms, t.decode_ms)
+async def fold(events: AsyncIterator[ChatCompletionChunk], *, thinking: bool | None = None) -> ChatCompletion:
+    """The chunks of one chat completion as the whole `ChatCompletion`."""
+    choices: dict[int, _ChoiceSoFar] = {}
+    first = usage = None
+    async for chunk in events:
+        first = first or chunk
+        for choice in chunk.choices:
+            choices.setdefault(choice.index, _ChoiceSoFar()).add(choice)
+        usage = chunk.usage or usage
+    thinking = any(c.reasoning != [""] * len(c.reasoning) for c in choices.values()) if thinking is None else thinking
+    return ChatCompletion(id=first.id, created=first.created, model=first.model,
+                          choices=[c.choice(i, thinking) for i, c in sorted(choices.items())], usage=usage)

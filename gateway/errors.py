@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from gateway.schemas import ErrorDetail, ErrorResponse
+
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
@@ -27,8 +29,13 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def to_json(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.status}}
+        detail = ErrorDetail(message=self.message, type=ERROR_TYPES.get(self.status, "server_error"),
+                             param=self.param, code=self.status)
+        return ErrorResponse(error=detail).model_dump()
+
+
+# The error bodies every API route may answer with, for the OpenAPI document.
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
 
 
 def from_grpc(exc: grpc.aio.AioRpcError, server: str) -> APIError:

@@ -20,3 +20,6 @@ BACKEND_UP = Gauge("dvd_gateway_backend_up", "1 while a server passes health che
 IMAGES = Counter("dvd_gateway_images", "Images of chat completions, by where their features came from "
                  "(vision: encoded and sent; cache: held by the language server, or repeated in the request)",
                  ["source"])
+IMAGES_SENT_NEEDLESSLY = Counter("dvd_gateway_images_sent_needlessly",
+                                 "Images encoded at once for a language server that turned out to hold them "
+                                 "(a misprediction of the affinity map; the server drops the features)")

@@ -43,10 +43,46 @@ class VideoPart(Strict):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's newer "system"
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # "developer" is OpenAI's newer "system"
     content: str | list[ContentPart] | None = None
     name: str | None = None  # accepted for compatibility; the chat template has no place for it
+    tool_calls: list[ToolCall] | None = None  # assistant messages: the calls it made
+    tool_call_id: str | None = None  # tool messages: the call answered
+    reasoning_content: str | None = None  # assistant messages: their thinking, as this server returned it
+    reasoning: str | None = None  # the same, by vLLM's newer name
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None  # constrained calls always match the schema, strict or not
+
+
+class ChatTool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(Strict):
@@ -107,6 +143,16 @@ class ChatCompletionRequest(Strict):
     user: str | None = None  # logged with the request id
     # vLLM's way to switch Qwen3-style thinking on: {"enable_thinking": true}; the only key taken.
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300)  # token id (as text) -> -100..100
+    # Accepted and ignored, as `vllm serve` does: nothing is stored, and metadata is not kept.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # the prefix cache needs no key
 
 
 class TopLogprob(BaseModel):
@@ -139,6 +185,19 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None  # the thinking, when thinking mode is on
+    tool_calls: list[ToolCall] = []
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class Choice(BaseModel):
@@ -161,6 +220,7 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):

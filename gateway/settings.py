@@ -51,6 +51,10 @@ class GatewaySettings(BaseSettings, InternalSecurity):  # the shared piece: cont
     # `affinity_max_extra_load` more requests than the least loaded one).
     feature_cache: bool = True
     affinity_max_extra_load: int = Field(4, ge=0)
+    # Responses API: stored responses (for previous_response_id and GET), with their whole conversations
+    # (images included), kept in memory this long and within this many bytes, the oldest dropped first.
+    responses_store_ttl_s: float = Field(3600.0, gt=0)
+    responses_store_max_bytes: int = Field(256 << 20, ge=0)
 
 
 def load_settings(config_file: Path | str | None = None, **overrides) -> GatewaySettings:

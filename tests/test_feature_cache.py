@@ -10,7 +10,7 @@ import torch
 
 from contracts.content_keys import content_key, frame_keys
 from gateway.backends import FeatureHolders
-from gateway.chat import ImageSource, PreparedChat, _inputs_for, content_keys
+from gateway.serving import ImageSource, Job, content_keys, inputs_for
 from language_server.feature_cache import FeatureCache
 from language_server.feature_store import FeatureStore, FeatureTimeout
 from proto import dvd_pb2
@@ -164,13 +164,13 @@ def test_gateway_keys_one_per_image_and_frame_and_depend_on_model_weights_and_ti
 
 
 def test_only_the_inputs_holding_missing_images_are_encoded_with_their_positions():
-    chat = PreparedChat("r", "m", [], [ImageSource("a", 12), ImageSource("v", 1, 3), ImageSource("b", 12)],
+    chat = Job("r", "m", [], [ImageSource("a", 12), ImageSource("v", 1, 3), ImageSource("b", 12)],
                         dvd_pb2.SamplingParams())
     chat.images = [dvd_pb2.ImageInput(data=b"a"), dvd_pb2.ImageInput(data=b"v", video_frames=3),
                    dvd_pb2.ImageInput(data=b"b")]
-    assert [(i.data, i.image_index) for i in _inputs_for(chat, [4])] == [(b"b", 4)]
-    assert [(i.data, i.image_index) for i in _inputs_for(chat, [0, 2])] == [(b"a", 0), (b"v", 1)]
-    assert _inputs_for(chat, []) == []
+    assert [(i.data, i.image_index) for i in inputs_for(chat, [4])] == [(b"b", 4)]
+    assert [(i.data, i.image_index) for i in inputs_for(chat, [0, 2])] == [(b"a", 0), (b"v", 1)]
+    assert inputs_for(chat, []) == []
     assert chat.images[2].image_index == 0  # the request's own inputs are untouched
 
 

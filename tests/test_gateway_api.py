@@ -330,8 +330,9 @@ def test_thinking_mode_returns_the_thinking_as_reasoning_content(client, model):
 
 
 @pytest.mark.parametrize("params, match", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: this server does not support"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"functions": [{"name": "f"}]}, "functions: this server does not support"),
+    ({"logit_bias": {"1": 500}}, "logit_bias"),
+    ({"logit_bias": {"999999999": 1}}, "logit_bias"),
     ({"temperature": 2.5}, "temperature"),
     ({"top_k": -2}, "top_k"),
     ({"min_p": 1.5}, "min_p"),
@@ -347,7 +348,7 @@ def test_thinking_mode_returns_the_thinking_as_reasoning_content(client, model):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
      "json_schema"),
     ({"extra_body": {"chat_template_kwargs": {"add_generation_prompt": False}}}, "only enable_thinking"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "messages"),
 ])
 def test_unsupported_or_invalid_parameters_are_a_400(client, model, params, match):

@@ -6,13 +6,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import re
 
 import grpc
 import httpx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import data_url, make_image
@@ -20,45 +17,8 @@ from gateway.app import create_app
 from gateway.backends import LATE_CHECKS_TO_EJECT, VisionPool
 from gateway.errors import APIError
 from gateway.images import ImageFetcher, decode_data_url, image_format
-from gateway.reasoning import ThinkSplitter
 from gateway.settings import GatewaySettings, load_settings
 from proto import dvd_pb2, dvd_pb2_grpc
-
-
-def split_whole(text: str) -> tuple[str, str]:
-    """A whole completion through the splitter in one piece, as (reasoning, content)."""
-    splitter = ThinkSplitter()
-    (reasoning, content), (more_reasoning, more_content) = splitter.feed(text), splitter.flush()
-    return reasoning + more_reasoning, content + more_content
-
-
-def reference_split(text: str) -> tuple[str, str]:
-    """The rule written down once more: up to the first </think> is reasoning, a leading <think> dropped."""
-    text = text.removeprefix("<think>")
-    match = re.search("</think>", text)
-    return (text[:match.start()], text[match.end():]) if match else (text, "")
-
-
-think_text = st.lists(st.sampled_from(["<think>", "</think>", "<", "</", "think", ">", "a", " ", "\n", "</thi", "é"]),
-                      max_size=12).map("".join)
-
-
-@settings(max_examples=300, deadline=None)
-@given(text=think_text, cuts=st.lists(st.integers(0, 200), max_size=8))
-def test_think_splitter_gives_the_same_split_for_any_chunking(text, cuts):
-    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    splitter, reasoning, content = ThinkSplitter(), "", ""
-    for begin, end in zip(bounds, bounds[1:]):
-        r, c = splitter.feed(text[begin:end])
-        reasoning, content = reasoning + r, content + c
-    r, c = splitter.flush()
-    assert (reasoning + r, content + c) == reference_split(text) == split_whole(text)
-
-
-def test_think_splitter_examples():
-    assert split_whole("<think>\nhmm</think>\nAnswer") == ("\nhmm", "\nAnswer")
-    assert split_whole("no tags at all") == ("no tags at all", "")  # cut off while thinking
-    assert split_whole("</think>direct") == ("", "direct")
 
 
 def encoded(fmt: str, **save) -> bytes:
