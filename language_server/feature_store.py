@@ -107,6 +107,11 @@ class FeatureStore:
             raise FeatureMismatch(f"features say {entry.image_count} images, the request has {image_count}")
         entry.image_count = image_count
         entry.wanted = set(indices)
+        for index in set(entry.images) - entry.wanted:  # sent before the server said it holds them
+            unneeded = entry.images.pop(index)
+            entry.num_bytes -= unneeded.num_bytes
+            self.num_bytes -= unneeded.num_bytes
+            self._drop("not_needed", unneeded.num_bytes)
         if entry.arrived():
             entry.complete.set()
         try:

@@ -75,6 +75,22 @@ def test_features_that_arrived_before_the_claim_are_returned_in_index_order():
     run(body())
 
 
+def test_features_sent_before_the_claim_that_the_server_holds_are_dropped_and_counted():
+    """The gateway encodes at once what it predicts the server lacks; a wrong guess sends an image the server
+    holds, and the claim (which wants only the missing ones) drops it, freeing its bytes."""
+
+    async def body():
+        store, drops = new_store()
+        for index in (0, 1):
+            assert store.put(make_item("r", index, 3))
+        images = await store.claim("r", 3, timeout_s=0.0, indices=[1])
+        assert [i.image_index for i in images] == [1]
+        assert drops == [("not_needed", ITEM_BYTES)]
+        assert store.num_bytes == 0
+
+    run(body())
+
+
 def test_claim_with_everything_present_succeeds_even_with_a_zero_timeout():
     async def body():
         store, _ = new_store()
