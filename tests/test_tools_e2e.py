@@ -1,0 +1,193 @@
+"""Tool calling and the Responses API through real servers (vLLM's hermes tool parser in the language server),
+next to coupled `vllm serve --enable-auto-tool-choice --tool-call-parser hermes` of the same checkpoint, and
+driven by the official `openai` client and the OpenAI Agents SDK.
+
+The tiny model's text is random: the tests assert on the protocol (prompts, calls, schemas, item types),
+never on the prose, and compare DvD with coupled serving only where both must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import openai
+import pytest
+
+from conftest import data_url, make_image
+from launcher import Servers, Stack, free_port, http_ready
+
+pytestmark = pytest.mark.slow
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+IMAGES = [data_url(make_image(448, 448, 3)), data_url(make_image(896, 448, 4))]
+
+
+def user(text: str, images: int = 0) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in IMAGES[:images]]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def schema_valid(arguments: str) -> bool:
+    """The arguments are a JSON object matching WEATHER's parameters (the subset of JSON schema it uses)."""
+    value = json.loads(arguments)
+    return (isinstance(value, dict) and set(value) == {"city", "days"} and isinstance(value["city"], str)
+            and isinstance(value["days"], int) and not isinstance(value["days"], bool))
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoints, tmp_path_factory):
+    """DvD (`dvd up`'s three servers) and coupled `vllm serve` of the same custom-format checkpoint."""
+    model = str(tiny_checkpoints["custom"])
+    stack = Stack(model=model, gateway_port=free_port(), vision_port=free_port(), language_port=free_port(),
+                  feature_port=free_port(), dtype="float32", feature_dtype="float32")  # greedy equality needs fp32
+    coupled_port = free_port()
+    commands = stack.commands()
+    commands["coupled"] = [sys.executable, "-m", "benchmarks.vllm_cli", "serve", "--model", model,
+                           "--port", str(coupled_port), "--trust-remote-code", "--max-model-len", "8192",
+                           "--dtype", "float32", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                           "--gpu-memory-utilization", "0.2", "--max-num-seqs", "8", "--enforce-eager"]
+    coupled_url = f"http://127.0.0.1:{coupled_port}"
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache"))}
+    ready = [stack.ready(), http_ready(coupled_url)]
+    with Servers(commands, log_dir=tmp_path_factory.mktemp("tools-logs"), env=env).running(
+            lambda: all(check() for check in ready)):
+        dvd = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        coupled = openai.OpenAI(base_url=f"{coupled_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        yield dvd, coupled, dvd.models.list().data[0].id, coupled.models.list().data[0].id
+
+
+# ---------------------------------------------------------------- equal to coupled serving
+
+
+@pytest.mark.parametrize("images", [0, 1, 2])
+def test_the_prompt_with_tools_equals_coupled_serving(servers, images):
+    dvd, coupled, dvd_model, coupled_model = servers
+    history = [user("What is the weather where this was taken?", images),
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "cold"}]
+    for messages in (history[:1], history):
+        ours = dvd.chat.completions.create(model=dvd_model, messages=messages, tools=[WEATHER], max_tokens=1)
+        theirs = coupled.chat.completions.create(model=coupled_model, messages=messages, tools=[WEATHER],
+                                                 max_tokens=1)
+        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+
+
+def test_auto_tool_choice_gives_coupled_serving_s_output(servers):
+    dvd, coupled, dvd_model, coupled_model = servers
+    for images in (0, 1):
+        kwargs = dict(messages=[user("Weather in Paris for 2 days?", images)], tools=[WEATHER], tool_choice="auto",
+                      temperature=0, max_tokens=24)
+        ours = dvd.chat.completions.create(model=dvd_model, **kwargs).choices[0]
+        theirs = coupled.chat.completions.create(model=coupled_model, **kwargs).choices[0]
+        assert ours.message.content == theirs.message.content
+        assert [(c.function.name, c.function.arguments) for c in ours.message.tool_calls or []] == \
+            [(c.function.name, c.function.arguments) for c in theirs.message.tool_calls or []]
+        assert ours.finish_reason == theirs.finish_reason
+
+
+# ---------------------------------------------------------------- better than coupled serving
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_constrained_call_always_finishes_schema_valid(servers, tool_choice, stream):
+    """Even from a random model: the grammar has no whitespace to loop in, so the call closes."""
+    dvd, _, model, _ = servers
+    for seed in range(3):
+        kwargs = dict(model=model, messages=[user("Weather in Paris?", 1)], tools=[WEATHER], tool_choice=tool_choice,
+                      temperature=1.0, seed=seed, max_tokens=200, parallel_tool_calls=False)
+        if stream:
+            calls: dict[int, dict] = {}
+            for chunk in dvd.chat.completions.create(**kwargs, stream=True):
+                for delta in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+                    call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                    call["name"] += delta.function.name or ""
+                    call["arguments"] += delta.function.arguments or ""
+            found = list(calls.values())
+        else:
+            message = dvd.chat.completions.create(**kwargs).choices[0].message
+            found = [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
+        assert [c["name"] for c in found] == ["get_weather"]
+        assert schema_valid(found[0]["arguments"]), found
+
+
+# ---------------------------------------------------------------- the official client's tool loops
+
+
+def test_a_two_turn_tool_loop_with_an_image_on_chat_completions(servers):
+    dvd, _, model, _ = servers
+    messages = [user("What is the weather where this photo was taken?", 1)]
+    first = dvd.chat.completions.create(model=model, messages=messages, tools=[WEATHER], tool_choice="required",
+                                        max_tokens=100)
+    assert first.choices[0].finish_reason == "tool_calls"
+    call = first.choices[0].message.tool_calls[0]
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"weather": "sunny"})}]
+    second = dvd.chat.completions.create(model=model, messages=messages, tools=[WEATHER], max_tokens=8,
+                                         extra_body={"ignore_eos": True})
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result are in the prompt
+    assert second.usage.prompt_tokens_details.image_tokens == first.usage.prompt_tokens_details.image_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_loop_on_the_responses_api_with_previous_response_id(servers, stream):
+    dvd, _, model, _ = servers
+    tool = {"type": "function", **WEATHER["function"]}
+
+    def create(**kwargs):
+        if not stream:
+            return dvd.responses.create(model=model, tools=[tool], **kwargs)
+        events = list(dvd.responses.create(model=model, tools=[tool], stream=True, **kwargs))
+        assert events[0].type == "response.created" and events[-1].type in ("response.completed",
+                                                                             "response.incomplete")
+        return events[-1].response
+
+    first = create(input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": IMAGES[0]}, {"type": "input_text", "text": "Weather here?"}]}],
+        tool_choice="required", max_output_tokens=100, instructions="Use the tools.")
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1 and schema_valid(calls[0].arguments)
+    second = create(previous_response_id=first.id, max_output_tokens=8, input=[
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}])
+    assert second.previous_response_id == first.id and second.status in ("completed", "incomplete")
+    assert second.usage.input_tokens > first.usage.input_tokens  # the first turn, image included, came along
+    assert dvd.responses.retrieve(second.id).output == second.output
+
+
+# ---------------------------------------------------------------- a real agent framework
+
+
+@pytest.mark.parametrize("api", ["chat_completions", "responses"])
+def test_an_openai_agents_sdk_agent_calls_its_tool(servers, api):
+    """The Agents SDK's own loop: the model must call the tool first (tool_choice required, reset to auto
+    after the call, the SDK's default), the SDK runs it and sends the result back, the model answers."""
+    import agents
+    from agents import Agent, ModelSettings, Runner, function_tool, set_tracing_disabled
+
+    dvd, _, model_name, _ = servers
+    set_tracing_disabled(True)
+    calls = []
+
+    @function_tool
+    def get_weather(city: str, days: int) -> str:
+        """Current weather of a city."""
+        calls.append((city, days))
+        return "sunny"
+
+    client = openai.AsyncOpenAI(base_url=str(dvd.base_url), api_key="unused", max_retries=0, timeout=300)
+    model_cls = agents.OpenAIChatCompletionsModel if api == "chat_completions" else agents.OpenAIResponsesModel
+    agent = Agent(name="forecaster", instructions="Answer with the weather.", tools=[get_weather],
+                  model=model_cls(model=model_name, openai_client=client),
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=64, temperature=0.7))
+    result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
+    assert len(calls) == 1 and isinstance(calls[0][0], str) and isinstance(calls[0][1], int)
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and "message_output_item" in kinds
+    assert isinstance(result.final_output, str)
+
