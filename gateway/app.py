@@ -5,6 +5,7 @@ Each API is a router of its own; all of them share the serving layer (`gateway.s
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
@@ -15,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import catalog, chat, metrics, ops, responses
 from gateway.errors import APIError
-from gateway.request_context import REQUEST_ID, new_request_id
+from gateway.request_context import REQUEST_ARRIVAL_NS, REQUEST_ID, new_request_id
 from gateway.serving import Serving
 from gateway.settings import GatewaySettings
 
@@ -51,6 +52,7 @@ class RequestContext:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        arrival = REQUEST_ARRIVAL_NS.set(time.time_ns())
         request_id = new_request_id()
         token = REQUEST_ID.set(request_id)
 
@@ -68,6 +70,7 @@ class RequestContext:
             await self.app(scope, self._limited(receive), send_with_id)
         finally:
             REQUEST_ID.reset(token)
+            REQUEST_ARRIVAL_NS.reset(arrival)
 
 
 def _lifespan(settings: GatewaySettings):

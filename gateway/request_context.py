@@ -7,6 +7,7 @@ import uuid
 from contextvars import ContextVar
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+REQUEST_ARRIVAL_NS: ContextVar[int] = ContextVar("request_arrival_ns", default=0)  # wall clock, time.time_ns()
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 

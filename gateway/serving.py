@@ -32,6 +32,7 @@ from gateway import metrics
 from gateway.backends import Backend, LanguagePool, VisionPool, check_forever
 from gateway.errors import APIError, from_grpc
 from gateway.images import ImageFetcher, decode_data_url, decode_video_data_url
+from gateway.request_context import REQUEST_ARRIVAL_NS
 from gateway.settings import GatewaySettings
 from proto import dvd_pb2
 
@@ -62,6 +63,7 @@ class Job:
     sampling: dvd_pb2.SamplingParams
     thinking: bool = False
     tools: dvd_pb2.Tools | None = None
+    arrival_unix_ns: int = field(default_factory=lambda: REQUEST_ARRIVAL_NS.get() or time.time_ns())
     images: list[dvd_pb2.ImageInput] = field(default_factory=list)  # one per source
     image_keys: list[str] = field(default_factory=list)  # one per image (video frame); empty: no feature cache
 
@@ -310,12 +312,12 @@ def _unavailable(exc: grpc.aio.AioRpcError) -> bool:
 
 
 async def _encode(vision: VisionPool, request_id: str, images, feature_endpoint: str, timeout_s: float,
-                  image_count: int = 0):
+                  image_count: int = 0, arrival_unix_ns: int = 0):
     tried: set[str] = set()
     while True:
         with vision.lease(vision.candidates(exclude=tried)) as backend:
             request = dvd_pb2.EncodeRequest(request_id=request_id, images=images, feature_endpoint=feature_endpoint,
-                                            image_count=image_count)
+                                            image_count=image_count, request_arrival_unix_ns=arrival_unix_ns)
             try:
                 reply = await backend.stub.Encode(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:

@@ -53,7 +53,7 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ..., image_index: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "feature_endpoint", "use_vir", "vir_relative_threshold", "vir_absolute_threshold", "image_count")
+    __slots__ = ("request_id", "images", "feature_endpoint", "use_vir", "vir_relative_threshold", "vir_absolute_threshold", "image_count", "request_arrival_unix_ns")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class EncodeRequest(_message.Message):
     VIR_RELATIVE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     VIR_ABSOLUTE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ARRIVAL_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     feature_endpoint: str
@@ -68,7 +69,8 @@ class EncodeRequest(_message.Message):
     vir_relative_threshold: float
     vir_absolute_threshold: float
     image_count: int
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., feature_endpoint: _Optional[str] = ..., use_vir: _Optional[bool] = ..., vir_relative_threshold: _Optional[float] = ..., vir_absolute_threshold: _Optional[float] = ..., image_count: _Optional[int] = ...) -> None: ...
+    request_arrival_unix_ns: int
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., feature_endpoint: _Optional[str] = ..., use_vir: _Optional[bool] = ..., vir_relative_threshold: _Optional[float] = ..., vir_absolute_threshold: _Optional[float] = ..., image_count: _Optional[int] = ..., request_arrival_unix_ns: _Optional[int] = ...) -> None: ...
 
 class ImageEncoding(_message.Message):
     __slots__ = ("image_index", "num_tiles", "num_tokens", "tile_tokens", "feature_bytes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import openai
 import pytest
@@ -53,6 +54,7 @@ def test_encode_leaves_before_the_language_server_answers():
     assert reply.choices[0].message.content == "seen"
     assert len(vision.requests) == 1 and vision.requests[0].images[0].image_index == 0
     assert vision.requests[0].image_count == 1
+    assert 0 < time.time_ns() - vision.requests[0].request_arrival_unix_ns < 60e9  # for the dispatch metric
 
 
 def test_an_image_the_server_holds_is_not_encoded_and_a_wrong_guess_is_corrected():

@@ -46,6 +46,8 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
         self._in_flight: InFlight[EncodedImage] = InFlight()
 
     async def Encode(self, request: dvd_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
+        if request.request_arrival_unix_ns:
+            metrics.DISPATCH.observe(max(time.time_ns() - request.request_arrival_unix_ns, 0) / 1e9)
         rid, images, settings = request.request_id, request.images, self._settings
         if not rid or not request.feature_endpoint:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id and feature_endpoint are required")
