@@ -406,7 +406,8 @@ class _Generation:
             (self.job.images, 0)
         metrics.IMAGES.labels("vision").inc(len(todo))
         encode = asyncio.ensure_future(_encode(self.vision, self.request_id, images,
-                                               self.backend.description.feature_endpoint, self.timeout_s, count))
+                                               self.backend.description.feature_endpoint, self.timeout_s, count,
+                                               self.job.arrival_unix_ns))
         self.encodes[encode] = set(todo)
 
     def failed_encode(self) -> BaseException | None:
