@@ -32,6 +32,7 @@ from gateway.schemas import (
     FunctionCall,
     JSONObjectFormat,
     JSONSchemaResponseFormat,
+    NamedToolChoice,
     PromptTokensDetails,
     TokenLogprob,
     ToolCall,
@@ -131,28 +132,29 @@ def _sampling(request: ChatCompletionRequest, settings: GatewaySettings) -> dvd_
     return sampling
 
 
-def tools_of(request: ChatCompletionRequest) -> dvd_pb2.Tools | None:
-    """The request's tools and tool choice, checked against each other."""
-    choice = request.tool_choice
-    if not request.tools:
-        if choice not in (None, "none"):
+def tools_message(functions: list[dict], choice: str | None, named: str | None, parallel: bool) -> dvd_pb2.Tools | None:
+    """Function tools (chat-completions shape) and the tool choice (`choice`: none/auto/required, or `named`), checked
+    against each other, for the language server; None without tools."""
+    if not functions:
+        if named or choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
         return None
-    names = [tool.function.name for tool in request.tools]
+    names = [tool["function"]["name"] for tool in functions]
     if len(set(names)) != len(names):
         raise APIError(400, "tools: function names must be unique", param="tools")
-    tools = dvd_pb2.Tools(tools_json=json.dumps([t.model_dump(exclude_none=True) for t in request.tools]),
-                          parallel_calls=request.parallel_tool_calls)
-    if isinstance(choice, str):
-        tools.choice = choice
-    elif choice is not None:
-        if choice.function.name not in names:
-            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                           param="tool_choice")
-        tools.function = choice.function.name
-    else:
-        tools.choice = "auto"
-    if (tools.function or tools.choice == "required") and request.response_format is not None \
+    if named is not None and named not in names:
+        raise APIError(400, f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
+    return dvd_pb2.Tools(tools_json=json.dumps(functions), parallel_calls=parallel, function=named or "",
+                         choice="" if named else choice or "auto")
+
+
+def tools_of(request: ChatCompletionRequest) -> dvd_pb2.Tools | None:
+    """The request's tools and tool choice; a constrained choice leaves no room for a response format."""
+    choice = request.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    tools = tools_message([t.model_dump(exclude_none=True) for t in request.tools or []],
+                          None if named else choice, named, request.parallel_tool_calls)
+    if tools and (tools.function or tools.choice == "required") and request.response_format is not None \
             and request.response_format.type != "text":
         raise APIError(400, "response_format cannot be combined with a required or named tool_choice",
                        param="response_format")

@@ -49,7 +49,7 @@ from openai.types.responses.response import IncompleteDetails
 from openai.types.responses.response_reasoning_item import Content as ReasoningContent
 
 from gateway.auth import require_api_key
-from gateway.chat import TokenClock, with_thinking_prompt
+from gateway.chat import TokenClock, tools_message, with_thinking_prompt
 from gateway.errors import ERROR_RESPONSES, APIError
 from gateway.request_context import REQUEST_ID
 from gateway.responses_schemas import (
@@ -58,6 +58,7 @@ from gateway.responses_schemas import (
     InputItem,
     InputText,
     Message,
+    NamedFunctionChoice,
     OutputText,
     ReasoningItem,
     ReasoningText,
@@ -133,22 +134,10 @@ def _sampling(body: ResponsesRequest) -> dvd_pb2.SamplingParams:
 
 def _tools(body: ResponsesRequest) -> dvd_pb2.Tools | None:
     choice = body.tool_choice
-    if not body.tools:
-        if choice not in (None, "none"):
-            raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        return None
-    names = [tool.name for tool in body.tools]
-    if len(set(names)) != len(names):
-        raise APIError(400, "tools: function names must be unique", param="tools")
-    as_chat = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)} for t in body.tools]
-    tools = dvd_pb2.Tools(tools_json=json.dumps(as_chat), parallel_calls=body.parallel_tool_calls,
-                          choice=choice if isinstance(choice, str) else "auto" if choice is None else "")
-    if choice is not None and not isinstance(choice, str):
-        if choice.name not in names:
-            raise APIError(400, f"tool_choice names {choice.name!r}, which is not among the tools",
-                           param="tool_choice")
-        tools.function = choice.name
-    return tools
+    named = choice.name if isinstance(choice, NamedFunctionChoice) else None
+    functions = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                 for t in body.tools or []]
+    return tools_message(functions, None if named else choice, named, body.parallel_tool_calls)
 
 
 def _text_of(content) -> str:
