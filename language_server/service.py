@@ -55,12 +55,17 @@ def compact_json_grammar(schema: str) -> str:
     vLLM's own JSON mode lets whitespace go between any two tokens unless the whole engine is set
     otherwise, and a weak model can then emit whitespace until max_tokens; so the schema is compiled
     here, per request, with xgrammar (vLLM's default structured-output backend), whitespace off.
+    Unbounded strings and integers can still run to max_tokens: a schema bounds them with maxLength and
+    minimum/maximum.
     """
     import xgrammar
 
     try:
         json.loads(schema)
-        return str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
+        grammar = str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
+        # xgrammar's string characters admit raw control characters (tab, U+0000...), which JSON forbids and
+        # JSON parsers (vLLM's tool-call parsing among them) refuse: a weak model does emit them.
+        return grammar.replace(r'[^\"\\\r\n]', r'[^\"\\\x00-\x1f]')
     except json.JSONDecodeError as exc:
         raise ValueError(f"json_schema is not valid JSON: {exc}") from None
     except RuntimeError as exc:  # xgrammar's message names the unsupported part of the schema
