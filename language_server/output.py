@@ -89,6 +89,9 @@ class OutputParsers:
                 raise ValueError(f"tools_json is not valid JSON: {exc}") from None
             if not isinstance(data["tools"], list):
                 raise ValueError("tools_json must be a JSON array of tools")
+            names = [t.get("function", {}).get("name") for t in data["tools"] if isinstance(t, dict)]
+            if tools.function and tools.function not in names:
+                raise ValueError(f"the tool choice names function {tools.function!r}, which is not among the tools")
             if tools.function:
                 data["tool_choice"] = {"type": "function", "function": {"name": tools.function}}
             elif tools.choice in ("", *CHOICES):
