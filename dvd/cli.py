@@ -108,6 +108,8 @@ def language_server(
     feature_cache_mib: Annotated[int | None, typer.Option(
         help="Features of recently used images kept for later turns of a chat, MiB; 0: off",
         show_default=str(LanguageServerSettings.model_fields["feature_cache_bytes"].default >> 20))] = None,
+    tool_call_parser: Annotated[str | None, language_flag("tool_call_parser", "vLLM tool call parser")] = None,
+    reasoning_parser: Annotated[str | None, language_flag("reasoning_parser", "vLLM reasoning parser")] = None,
     log_level: str = "info",
 ) -> None:
     """Serve LanguageService: vLLM in embedding-only mode, fed by the feature receiver.
@@ -118,7 +120,8 @@ def language_server(
     feature_cache_bytes = feature_cache_mib << 20 if feature_cache_mib is not None else None
     flags = given(model=model, host=host, port=port, feature_bind=feature_bind, feature_advertise=feature_advertise,
                   metrics_port=metrics_port, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                  feature_cache_bytes=feature_cache_bytes)
+                  feature_cache_bytes=feature_cache_bytes, tool_call_parser=tool_call_parser,
+                  reasoning_parser=reasoning_parser)
     main(LanguageServerSettings(**flags))
 
 

@@ -16,6 +16,7 @@ from language_server import metrics
 from language_server.engine import build_engine
 from language_server.feature_cache import FeatureCache
 from language_server.feature_store import FeatureStore
+from language_server.output import OutputParsers
 from language_server.prompt import ChatRenderer, load_chat_template
 from language_server.service import LanguageService
 from language_server.settings import LanguageServerSettings
@@ -29,6 +30,7 @@ VISION_PREFIXES = ("vision_model.", "mlp1.", "vision_tower.", "multi_modal_proje
 
 
 async def serve(settings: LanguageServerSettings) -> None:
+    OutputParsers.check_names(settings.tool_call_parser, settings.reasoning_parser)  # before the slow engine start
     engine = build_engine(settings)
     try:
         await _serve(settings, engine)
@@ -79,6 +81,7 @@ def _feature_intake(settings: LanguageServerSettings, hidden_size: int):
 
 async def _serve(settings: LanguageServerSettings, engine) -> None:
     model_config = engine.model_config
+    parsers = OutputParsers(engine.get_tokenizer(), settings.tool_call_parser, settings.reasoning_parser)
     hidden_size = model_config.get_hidden_size()
     parameter_names = await _language_only_parameters(engine)
     receiver, store, cache = _feature_intake(settings, hidden_size)
@@ -101,7 +104,7 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
     service = LanguageService(
         engine, store, ChatRenderer(load_chat_template(settings.model)), description,
         model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s, cache=cache,
-        on_engine_dead=on_engine_dead,
+        on_engine_dead=on_engine_dead, parsers=parsers, vocab_size=model_config.get_vocab_size(),
     )
     secret = settings.secret()
     server = grpc.aio.server(interceptors=server_interceptors(secret),

@@ -19,6 +19,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from language_server import metrics
 from language_server.feature_cache import FeatureCache
 from language_server.feature_store import FeatureMismatch, FeatureOverCapacity, FeatureStore, FeatureTimeout
+from language_server.output import Choices, OutputParsers, ToolsRequest
 from language_server.prompt import ChatRenderer, PromptError, count_images, messages_to_dicts
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
@@ -54,27 +55,43 @@ def compact_json_grammar(schema: str) -> str:
     vLLM's own JSON mode lets whitespace go between any two tokens unless the whole engine is set
     otherwise, and a weak model can then emit whitespace until max_tokens; so the schema is compiled
     here, per request, with xgrammar (vLLM's default structured-output backend), whitespace off.
+    Unbounded strings and integers can still run to max_tokens: a schema bounds them with maxLength and
+    minimum/maximum.
     """
     import xgrammar
 
     try:
         json.loads(schema)
-        return str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
+        grammar = str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
+        # xgrammar's string characters admit raw control characters (tab, U+0000...), which JSON forbids and
+        # JSON parsers (vLLM's tool-call parsing among them) refuse: a weak model does emit them.
+        return grammar.replace(r'[^\"\\\r\n]', r'[^\"\\\x00-\x1f]')
     except json.JSONDecodeError as exc:
         raise ValueError(f"json_schema is not valid JSON: {exc}") from None
     except RuntimeError as exc:  # xgrammar's message names the unsupported part of the schema
         raise ValueError(f"json_schema cannot be used: {str(exc).rsplit(': ', 1)[-1]}") from None
 
 
-def to_vllm_sampling(params: dvd_pb2.SamplingParams) -> SamplingParams:
+def to_vllm_sampling(params: dvd_pb2.SamplingParams, tools: ToolsRequest | None = None,
+                     vocab_size: int | None = None) -> SamplingParams:
+    """vLLM's sampling parameters; a forced tool choice's JSON schema wins over the request's own."""
     kwargs = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"):
         if params.HasField(name):
             kwargs[name] = getattr(params, name)
-    if params.json_schema or params.json_object:
+    schema = tools.json_schema if tools is not None else None
+    if schema or params.json_schema or params.json_object:
         kwargs["structured_outputs"] = StructuredOutputsParams(
-            grammar=compact_json_grammar(params.json_schema or '{"type": "object"}'))
+            grammar=compact_json_grammar(schema or params.json_schema or '{"type": "object"}'))
+    if params.logit_bias:
+        too_large = [t for t in params.logit_bias if vocab_size is not None and t >= vocab_size]
+        if too_large:
+            raise ValueError(f"logit_bias token ids {sorted(too_large)[:5]} are not below the vocabulary size "
+                             f"{vocab_size}")
+        kwargs["logit_bias"] = dict(params.logit_bias)
+    if tools is not None:
+        kwargs["skip_special_tokens"] = tools.skip_special_tokens
     return SamplingParams(
         n=params.n or 1,
         max_tokens=params.max_tokens or None,
@@ -192,7 +209,7 @@ class Timeline:
 class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
     def __init__(self, engine, store: FeatureStore, renderer: ChatRenderer, description: dvd_pb2.ModelDescription,
                  *, model_dtype: torch.dtype, feature_timeout_s: float, cache: FeatureCache | None = None,
-                 on_engine_dead=lambda: None):
+                 on_engine_dead=lambda: None, parsers: OutputParsers | None = None, vocab_size: int | None = None):
         self._engine = engine
         self._store = store
         self._cache = cache
@@ -202,6 +219,8 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         self._feature_timeout_s = feature_timeout_s
         self._active: dict[str, asyncio.Task] = {}
         self._on_engine_dead = on_engine_dead
+        self._parsers = parsers  # None: no tools, no thinking split (tests with a fake engine)
+        self._vocab_size = vocab_size
 
     async def Generate(self, request: dvd_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         # aclosing: a hang-up that lands while gRPC writes a response closes this generator (GeneratorExit
@@ -240,7 +259,7 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         """The call's steps; each raises a `GenerateError` to stop it."""
         timeline = Timeline(start=time.perf_counter())
         image_count, keys, timeout_s = self.validate(request)
-        prompt, sampling = await self.prompt_and_sampling(request)
+        prompt, sampling, tools = await self.prompt_and_sampling(request)
         plan = self.plan_features(keys, image_count)
         if keys:  # the gateway has the vision server encode and send only these
             yield dvd_pb2.GenerateResponse(missing=dvd_pb2.MissingImages(image_indices=plan.needed))
@@ -248,9 +267,10 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         timeline.features_ready = time.perf_counter()
         metrics.FEATURE_WAIT.observe(timeline.features_ready - timeline.start)
         engine_prompt = self.engine_prompt(prompt, images, keys)
+        choices = self._parsers.choices(tools, request.enable_thinking) if self._parsers else None
         async with contextlib.aclosing(self.run_engine(engine_prompt, sampling, request.request_id)) as outputs:
             async for output in outputs:
-                for response in self.responses(output, request.sampling.top_logprobs, images, timeline):
+                for response in self.responses(output, request.sampling.top_logprobs, images, timeline, choices):
                     yield response
         timeline.observe()
 
@@ -272,17 +292,28 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
             raise InvalidRequest(f"feature_timeout_s {timeout_s} is negative")
         return image_count, keys, timeout_s
 
-    async def prompt_and_sampling(self, request: dvd_pb2.GenerateRequest) -> tuple[str, SamplingParams]:
-        """The chat template's prompt and vLLM's sampling parameters."""
+    async def prompt_and_sampling(self, request: dvd_pb2.GenerateRequest
+                                  ) -> tuple[str, SamplingParams, ToolsRequest | None]:
+        """The chat template's prompt, vLLM's sampling parameters and the request's tools (None: no tools)."""
         try:
-            prompt = self._renderer.render(messages_to_dicts(request.messages))
-            structured = request.sampling.json_schema or request.sampling.json_object
+            tools = self.tools(request)
+            prompt = self._renderer.render(messages_to_dicts(request.messages),
+                                           tools=tools.tool_dicts if tools else None)
+            structured = request.sampling.json_schema or request.sampling.json_object or (tools and tools.json_schema)
             # Compiling a JSON schema may take a while: not on the event loop.
-            sampling = await asyncio.to_thread(to_vllm_sampling, request.sampling) if structured else \
-                to_vllm_sampling(request.sampling)
+            sampling = await asyncio.to_thread(to_vllm_sampling, request.sampling, tools, self._vocab_size) \
+                if structured else to_vllm_sampling(request.sampling, tools, self._vocab_size)
         except (PromptError, ValueError, TypeError, VLLMClientError) as exc:
             raise InvalidRequest(str(exc)) from None
-        return prompt, sampling
+        return prompt, sampling, tools
+
+    def tools(self, request: dvd_pb2.GenerateRequest) -> ToolsRequest | None:
+        """The request's tools as vLLM's tool parser takes them; None without tools."""
+        if not request.HasField("tools"):
+            return None
+        if self._parsers is None:
+            raise ValueError("this server has no tool call parser")
+        return self._parsers.tools_request(request.tools)
 
     def plan_features(self, keys: list[str], image_count: int) -> FeaturePlan:
         """Split a request's images by content key into those held here, those to be sent (the first of
@@ -345,20 +376,26 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
             raise EngineDead("the language engine died; this server is restarting") from None
 
     @staticmethod
-    def responses(output, top_logprobs: int, images: Images, timeline: Timeline) -> list[dvd_pb2.GenerateResponse]:
-        """One vLLM output as responses, one per choice it advances; the last output's last response also
-        carries the usage and the timings."""
+    def responses(output, top_logprobs: int, images: Images, timeline: Timeline,
+                  choices: Choices | None = None) -> list[dvd_pb2.GenerateResponse]:
+        """One vLLM output as responses, one per choice it advances (its text split into content, reasoning
+        and tool calls by `choices`, when given); the last output's last response also carries the usage and
+        the timings."""
         now = time.perf_counter()
         responses = []
         for completion in output.outputs:  # with n > 1, deltas of one or more choices
             timeline.tokens(now, len(completion.token_ids))
-            responses.append(dvd_pb2.GenerateResponse(
+            finish_reason = (completion.finish_reason or "stop") if completion.finished() else ""
+            response = dvd_pb2.GenerateResponse(
                 index=completion.index,
                 text=completion.text,
                 token_ids=completion.token_ids,
                 logprobs=_token_logprobs(completion.token_ids, completion.logprobs, top_logprobs),
-                finish_reason=(completion.finish_reason or "stop") if completion.finished() else "",
-            ))
+                finish_reason=finish_reason,
+            )
+            if choices is not None:
+                choices.split(response, list(completion.token_ids))
+            responses.append(response)
         timeline.last_token = now
         if output.finished:
             prompt_tokens, cached_tokens = len(output.prompt_token_ids or []), output.num_cached_tokens or 0

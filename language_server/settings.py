@@ -36,3 +36,8 @@ class LanguageServerSettings(BaseSettings, InternalSecurity, RequestLimits):  # 
     # Features of recently used images, by content key, so that a chat's later turns need not resend them;
     # 0 turns the cache off.
     feature_cache_bytes: int = 2 << 30
+    # Output parsers, by their names in vLLM's registries (`vllm serve --tool-call-parser/--reasoning-parser`).
+    # hermes: Qwen3's `<tool_call>` JSON blocks. deepseek_r1: with thinking on, a leading `<think>` is dropped,
+    # text up to `</think>` is reasoning, the rest content; a completion cut off before `</think>` is all reasoning.
+    tool_call_parser: str = "hermes"
+    reasoning_parser: str = "deepseek_r1"

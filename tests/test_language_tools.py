@@ -1,0 +1,324 @@
+"""Tool calling and thinking in the language server: the prompt (tools block, tool calls, tool results), the
+output split by vLLM's parsers (content, reasoning, tool-call deltas), and a real server with the random tiny
+model, whose calls under a forced tool choice must always be schema-valid."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import jsonschema
+import pytest
+
+from conftest import free_port
+from language_server.output import OutputParsers
+from language_server.prompt import ChatRenderer, load_chat_template, messages_to_dicts
+from proto import dvd_pb2, dvd_pb2_grpc
+
+PARAMETERS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "days": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["city", "days"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+                                           "parameters": PARAMETERS}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def text(role: str, content: str, **fields) -> dvd_pb2.ChatMessage:
+    return dvd_pb2.ChatMessage(role=role, content=[dvd_pb2.ContentPart(text=content)], **fields)
+
+
+HISTORY = [
+    text("system", "Be brief."),
+    text("user", "Weather in Paris for 3 days, and the time?"),
+    dvd_pb2.ChatMessage(role="assistant", tool_calls=[
+        dvd_pb2.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris", "days": 3}'),
+        dvd_pb2.ToolCall(id="call_2", name="get_time", arguments="")]),
+    text("tool", "sunny", tool_call_id="call_1"),
+    text("tool", "12:00", tool_call_id="call_2"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoints):
+    from vllm.tokenizers import get_tokenizer
+
+    return get_tokenizer(str(tiny_checkpoints["custom"]), trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def parsers(tokenizer) -> OutputParsers:
+    return OutputParsers(tokenizer, "hermes", "deepseek_r1")
+
+
+# --- prompt ------------------------------------------------------------------------------------------------
+
+
+def tool_dicts(parsers: OutputParsers) -> list[dict]:
+    return parsers.tools_request(dvd_pb2.Tools(tools_json=json.dumps(TOOLS))).tool_dicts
+
+
+def test_tools_render_as_qwen3_renders_them(tiny_checkpoints, parsers):
+    renderer = ChatRenderer(load_chat_template(tiny_checkpoints["custom"]))
+    prompt = renderer.render(messages_to_dicts(HISTORY), tools=tool_dicts(parsers))
+    first_tool = json.dumps({"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+                                                               "parameters": PARAMETERS}}, ensure_ascii=False)
+    assert prompt.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to "
+                             "assist with the user query.\n\nYou are provided with function signatures within "
+                             f"<tools></tools> XML tags:\n<tools>\n{first_tool}\n")
+    assert prompt.endswith(
+        '</tool_call><|im_end|>\n<|im_start|>user\nWeather in Paris for 3 days, and the time?<|im_end|>\n'
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n12:00\n</tool_response>'
+        '<|im_end|>\n<|im_start|>assistant\n')
+    assert prompt.count("<|im_start|>system") == 1
+
+
+@pytest.mark.parametrize("fmt", ["custom", "hf"])
+@pytest.mark.parametrize("with_tools", [True, False])
+def test_prompt_equals_transformers_apply_chat_template(tiny_checkpoints, parsers, fmt, with_tools):
+    """vLLM renders HF-tokenizer chats with transformers' `apply_chat_template`: same template, same prompt."""
+    from transformers import AutoTokenizer
+
+    path = tiny_checkpoints[fmt]
+    messages = messages_to_dicts(HISTORY)
+    tools = tool_dicts(parsers) if with_tools else None
+    expected = AutoTokenizer.from_pretrained(path).apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert ChatRenderer(load_chat_template(path)).render(messages, tools=tools) == expected
+
+
+def test_messages_without_tools_render_as_before(tiny_checkpoints):
+    prompt = ChatRenderer(load_chat_template(tiny_checkpoints["custom"])).render(
+        messages_to_dicts([text("system", "S"), text("user", "U"), text("assistant", "A"), text("user", "V")]))
+    assert prompt == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA"
+                      "<|im_end|>\n<|im_start|>user\nV<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_bad_tool_arguments_in_the_history_become_an_empty_object():
+    message = dvd_pb2.ChatMessage(role="assistant", tool_calls=[dvd_pb2.ToolCall(name="f", arguments="{oops"),
+                                                                dvd_pb2.ToolCall(name="g", arguments="[1]")])
+    calls = messages_to_dicts([message])[0]["tool_calls"]
+    assert [c["function"]["arguments"] for c in calls] == [{}, {}]
+
+
+@pytest.mark.parametrize("tools, message", [
+    (dvd_pb2.Tools(tools_json="{"), "not valid JSON"),
+    (dvd_pb2.Tools(tools_json="{}"), "JSON array"),
+    (dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="sometimes"), "not one of"),
+    (dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="nope"), "nope"),
+    (dvd_pb2.Tools(tools_json=json.dumps([{"type": "function"}])), "invalid tools"),
+])
+def test_bad_tools_are_refused_with_a_clear_message(parsers, tools, message):
+    with pytest.raises(ValueError, match=message):
+        parsers.tools_request(tools)
+
+
+def test_unknown_parser_names_fail_with_the_registered_ones():
+    with pytest.raises(ValueError, match="unknown tool call parser 'nope'.*hermes"):
+        OutputParsers.check_names("nope", "deepseek_r1")
+    with pytest.raises(ValueError, match="unknown reasoning parser 'nope'.*deepseek_r1"):
+        OutputParsers.check_names("hermes", "nope")
+
+
+def test_forced_choices_get_vllms_schema_and_hermes_keeps_special_tokens(parsers):
+    required = parsers.tools_request(dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="required"))
+    assert json.loads(required.json_schema)["maxItems"] == 1  # parallel_calls false: at most one call
+    assert not required.skip_special_tokens
+    named = parsers.tools_request(dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="get_weather"))
+    assert json.loads(named.json_schema) == PARAMETERS
+    assert parsers.tools_request(dvd_pb2.Tools(tools_json=json.dumps(TOOLS))).json_schema is None
+    assert parsers.tools_request(dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="none")).skip_special_tokens
+
+
+# --- output ------------------------------------------------------------------------------------------------
+
+
+def run(parsers, tokenizer, output: str, tools: dvd_pb2.Tools | None = None, thinking: bool = False,
+        step: int = 1) -> dict:
+    """`output`'s tokens fed `step` at a time to one choice's parser; the deltas joined."""
+    chat_request = parsers.tools_request(tools).chat_request if tools else parsers.chat_request(None)
+    parser = parsers.choice_parser(chat_request, thinking)
+    ids = tokenizer.encode(output, add_special_tokens=False)
+    joined = {"content": "", "reasoning": "", "calls": {}, "pieces": 0}
+    for start in range(0, len(ids), step):
+        before = tokenizer.decode(ids[:start], skip_special_tokens=False)
+        delta = tokenizer.decode(ids[:start + step], skip_special_tokens=False)[len(before):]
+        piece = parser.feed(delta, ids[start:start + step], finished=start + step >= len(ids))
+        joined["content"] += piece.content
+        joined["reasoning"] += piece.reasoning
+        for call in piece.tool_calls:
+            whole = joined["calls"].setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+            for key in whole:
+                whole[key] += getattr(call, key)
+    joined["finish_reason"] = parser.finish_reason("stop")
+    return joined
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+AUTO = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), parallel_calls=True)
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_a_hermes_call_split_across_deltas(parsers, tokenizer, step):
+    out = run(parsers, tokenizer, "Let me look." + CALL, AUTO, step=step)
+    assert out["content"] == "Let me look."
+    [call] = out["calls"].values()
+    assert call["name"] == "get_weather" and call["id"].startswith("chatcmpl-tool-")
+    assert json.loads(call["arguments"]) == {"city": "Paris", "days": 3}
+    assert out["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_reasoning_then_a_tool_call(parsers, tokenizer, step):
+    out = run(parsers, tokenizer, "<think>Paris, 3 days.</think>\n\n" + CALL + "\n" + CALL.replace("3", "4"),
+              AUTO, thinking=True, step=step)
+    assert out["reasoning"] == "Paris, 3 days."
+    assert out["content"].strip() == ""
+    assert [json.loads(c["arguments"])["days"] for c in out["calls"].values()] == [3, 4]
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+def test_cut_off_reasoning_is_all_reasoning_and_the_think_tag_is_dropped(parsers, tokenizer, step):
+    assert run(parsers, tokenizer, "<think>Still thinking about it", thinking=True, step=step)["reasoning"] == \
+        "Still thinking about it"
+    out = run(parsers, tokenizer, "No tag here</think>\n\nAnswer.", thinking=True, step=step)
+    assert (out["reasoning"], out["content"]) == ("No tag here", "\n\nAnswer.")
+
+
+def test_text_held_back_as_a_possible_tag_is_flushed_at_the_end(parsers, tokenizer):
+    assert run(parsers, tokenizer, "Hello <tool", AUTO)["content"] == "Hello <tool"
+
+
+def test_choice_none_leaves_markup_as_content(parsers, tokenizer):
+    tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="none")
+    out = run(parsers, tokenizer, CALL, tools)
+    assert (out["content"], out["calls"], out["finish_reason"]) == (CALL, {}, "stop")
+
+
+def test_without_parallel_calls_only_the_first_is_kept(parsers, tokenizer):
+    out = run(parsers, tokenizer, CALL + "\n" + CALL, dvd_pb2.Tools(tools_json=json.dumps(TOOLS)))
+    assert list(out["calls"]) == [0]
+
+
+def test_forced_choices_become_calls(parsers, tokenizer):
+    required = run(parsers, tokenizer, '[{"name":"get_time","parameters":{}}]',
+                   dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="required"), thinking=True)
+    assert [(c["name"], c["arguments"]) for c in required["calls"].values()] == [("get_time", "{}")]
+    assert (required["content"], required["finish_reason"]) == ("", "tool_calls")
+    named = run(parsers, tokenizer, '{"city":"Oslo","days":1}',
+                dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="get_weather"))
+    assert [(c["name"], c["arguments"]) for c in named["calls"].values()] == [("get_weather",
+                                                                             '{"city":"Oslo","days":1}')]
+    assert named["finish_reason"] == "stop"  # as vLLM (and OpenAI) for a named choice
+
+
+# --- a real server -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def language_port(tiny_checkpoints, tmp_path_factory):
+    from launcher import Stack
+
+    stack = Stack(model=str(tiny_checkpoints["custom"]), language_port=free_port(), feature_port=free_port(),
+                  max_model_len=2048)
+
+    def ready() -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{stack.language_port}") as channel:
+            return dvd_pb2_grpc.LanguageServiceStub(channel).Health(dvd_pb2.HealthRequest(), timeout=5).ready
+
+    with stack.servers(tmp_path_factory.mktemp("logs")).start("language-server") as servers:
+        servers.wait_until(ready, timeout_s=600, what="the language server is ready")
+        yield stack.language_port
+
+
+def generate(port: int, messages, tools: dvd_pb2.Tools | None = None, **sampling) -> dict[int, dict]:
+    """One Generate call; per choice, its joined content, reasoning, tool calls, token ids and finish reason."""
+
+    async def call():
+        request = dvd_pb2.GenerateRequest(request_id=f"tools-{id(messages)}-{sorted(sampling.items())}",
+                                          messages=messages, sampling=dvd_pb2.SamplingParams(**sampling))
+        if tools is not None:
+            request.tools.CopyFrom(tools)
+        choices: dict[int, dict] = {}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async for response in dvd_pb2_grpc.LanguageServiceStub(channel).Generate(request, timeout=300):
+                choice = choices.setdefault(response.index, {"content": "", "reasoning": "", "calls": {},
+                                                             "token_ids": [], "finish_reason": ""})
+                choice["content"] += response.text
+                choice["reasoning"] += response.reasoning
+                choice["token_ids"] += response.token_ids
+                choice["finish_reason"] += response.finish_reason
+                for delta in response.tool_calls:
+                    whole = choice["calls"].setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                    for key in whole:
+                        whole[key] += getattr(delta, key)
+        return choices
+
+    return asyncio.run(call())
+
+
+def assert_valid_calls(choice: dict, names: set[str]) -> None:
+    assert choice["calls"], choice
+    for call in choice["calls"].values():
+        assert call["id"] and call["name"] in names, call
+        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call["name"])
+        jsonschema.validate(json.loads(call["arguments"]), schema)
+
+
+USER = [text("user", "Weather in Paris?")]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_required_choice_always_ends_as_a_schema_valid_call(language_port, seed):
+    tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="required")
+    choices = generate(language_port, USER, tools, max_tokens=96, temperature=1.0, seed=seed, n=2)
+    assert sorted(choices) == [0, 1]
+    for choice in choices.values():
+        assert choice["finish_reason"] == "tool_calls", choice
+        assert len(choice["calls"]) == 1 and choice["content"] == ""
+        assert_valid_calls(choice, {"get_weather", "get_time"})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_named_choice_always_ends_as_a_schema_valid_call(language_port, seed):
+    tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="get_weather")
+    [choice] = generate(language_port, USER, tools, max_tokens=96, temperature=1.0, seed=seed).values()
+    assert choice["finish_reason"] == "stop", choice
+    assert_valid_calls(choice, {"get_weather"})
+
+
+def test_choice_none_makes_no_calls(language_port):
+    tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="none")
+    [choice] = generate(language_port, USER, tools, max_tokens=8, ignore_eos=True).values()
+    assert choice["calls"] == {} and choice["finish_reason"] == "length"
+
+
+def test_auto_with_a_tool_history_renders_and_runs_with_two_choices(language_port):
+    tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), parallel_calls=True)
+    choices = generate(language_port, HISTORY, tools, max_tokens=8, n=2, ignore_eos=True)
+    assert sorted(choices) == [0, 1]
+    for choice in choices.values():
+        assert len(choice["token_ids"]) == 8
+        assert choice["finish_reason"] in ("length", "tool_calls")
+
+
+def test_logit_bias_makes_greedy_output_that_token(language_port):
+    [choice] = generate(language_port, USER, max_tokens=4, temperature=0.0, ignore_eos=True,
+                        logit_bias={1000: 100.0}).values()
+    assert choice["token_ids"] == [1000] * 4
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(language_port):
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(language_port, USER, max_tokens=2, logit_bias={10_000_000: 1.0})
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "vocabulary" in caught.value.details()
+
+
+def test_a_bad_tool_choice_is_an_invalid_argument(language_port):
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(language_port, USER, dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="nope"), max_tokens=2)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nope" in caught.value.details()
