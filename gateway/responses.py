@@ -49,7 +49,7 @@ from openai.types.responses.response import IncompleteDetails
 from openai.types.responses.response_reasoning_item import Content as ReasoningContent
 
 from gateway.auth import require_api_key
-from gateway.chat import TokenClock, tools_message, with_thinking_prompt
+from gateway.chat import TokenClock, logit_bias, tools_message, with_thinking_prompt
 from gateway.errors import ERROR_RESPONSES, APIError
 from gateway.request_context import REQUEST_ID
 from gateway.responses_schemas import (
@@ -120,8 +120,9 @@ def _thinking(body: ResponsesRequest) -> bool:
 
 
 def _sampling(body: ResponsesRequest) -> dvd_pb2.SamplingParams:
-    sampling = dvd_pb2.SamplingParams(max_tokens=body.max_output_tokens or 0, n=1)
-    for name in ("temperature", "top_p"):
+    sampling = dvd_pb2.SamplingParams(max_tokens=body.max_output_tokens or 0, n=1,
+                                      logit_bias=logit_bias(body.logit_bias))
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty"):
         if getattr(body, name) is not None:
             setattr(sampling, name, getattr(body, name))
     fmt = body.text.format if body.text else None

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from gateway.schemas import UINT32, Strict
+from gateway.schemas import INT32, UINT32, Strict
 
 
 class Echoed(BaseModel):
@@ -145,6 +145,12 @@ class ResponsesRequest(Strict):
     parallel_tool_calls: bool = True
     reasoning: ReasoningConfig | None = None
     text: TextConfig | None = None
+    # vLLM's sampling extras on this API, sent by the `openai` client as `extra_body`.
+    top_k: int | None = Field(default=None, ge=-1, le=INT32)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
     metadata: dict[str, str] | None = Field(default=None, max_length=16)  # returned with the response
     # Accepted and ignored, as `vllm serve` does.
     user: str | None = None

@@ -334,15 +334,19 @@ def test_responses_cut_off_by_max_output_tokens_are_incomplete_and_store_false_i
     async def cut(request, server):
         yield finish("partial", reason="length")
 
-    async def main():
-        async with gateway(FakeLanguage(cut)) as (client, _):
-            reply = await client.responses.create(model=MODEL, input="hi", max_output_tokens=1, store=False)
+    async def main(language):
+        async with gateway(language) as (client, _):
+            reply = await client.responses.create(model=MODEL, input="hi", max_output_tokens=1, store=False,
+                                                  extra_body={"top_k": 5, "logit_bias": {"7": -100}})
             with pytest.raises(openai.NotFoundError):
                 await client.responses.create(model=MODEL, input="more", previous_response_id=reply.id)
         return reply
 
-    reply = run(main())
+    language = FakeLanguage(cut)
+    reply = run(main(language))
     assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_output_tokens"
+    sampling = language.requests[0].sampling
+    assert (sampling.max_tokens, sampling.top_k, dict(sampling.logit_bias)) == (1, 5, {7: -100.0})
     assert reply.output_text == "partial"
 
 
