@@ -100,7 +100,7 @@ def or_exit(make, *args):
         raise typer.BadParameter(str(exc)) from None
 
 
-def bench_or_exit(base_url: str, workload, options, model: str | None, api_key: str) -> dict:
+def bench_or_exit(base_url: str | list[str], workload, options, model: str | None, api_key: str) -> dict:
     from benchmarks.run import bench
 
     try:
@@ -193,11 +193,22 @@ def compare(
     model: Annotated[Path | None, typer.Option(
         help="Checkpoint: start a DvD stack, then coupled `vllm serve`, one after the other, on free ports")] = None,
     dvd_url: Annotated[str | None, typer.Option(help="A running DvD gateway instead of --model")] = None,
-    coupled_url: Annotated[str | None, typer.Option(help="A running coupled server instead of --model")] = None,
+    coupled_url: Annotated[list[str] | None, typer.Option(
+        help="A running coupled server instead of --model; repeat for replicas, requests balanced")] = None,
     dvd_results: Annotated[Path | None, typer.Option(help="Read this DvD results JSON instead of running")] = None,
     coupled_results: Annotated[Path | None, typer.Option(help="Read this coupled results JSON instead")] = None,
     name: Annotated[str, typer.Option(help="Results are named bench_NAME*, coupled_NAME*")] = "compare",
     out_dir: Annotated[Path, typer.Option(help="Where results, table and plots go")] = Path("benchmarks/results"),
+    log_dir: Annotated[Path | None, typer.Option(
+        help="Keep the servers' logs in LOG_DIR/DvD and LOG_DIR/coupled (default: a temporary folder)")] = None,
+    placement: Annotated[str, typer.Option(
+        help="Servers started here: shared (all float over every core) or pinned (DvD's vision and language "
+             "servers each on cores of their own, coupled as one `vllm serve` replica per such core group)")] = (
+        "shared"),
+    vision_cores: Annotated[int | None, typer.Option(
+        help="pinned: cores for the vision side, the highest of this process's (default: half)")] = None,
+    dtype: Annotated[str, typer.Option(
+        help="Both systems' model dtype (language model and vision encoder; DvD's features too)")] = "bfloat16",
     api_key: ApiKeyOption = "unused",
     jsonl: JsonlOption = None,
     image_dir: FolderOption = None,
@@ -223,9 +234,14 @@ def compare(
     import tempfile
 
     from benchmarks import servers
+    from benchmarks.placement import Placement
     from benchmarks.report import write_comparison
     from benchmarks.run import print_summary, write_results
 
+    try:
+        where = Placement.choose(placement, vision_cores, dtype)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--placement / --vision-cores") from None
     servers.stop_on_sigterm()
     paths = {"DvD": out_dir / f"bench_{name}.json", "coupled": out_dir / f"coupled_{name}.json"}
     given = {"DvD": (dvd_results, dvd_url), "coupled": (coupled_results, coupled_url)}
@@ -242,19 +258,27 @@ def compare(
                            input_words, output_len, seed, warmup, len(options.points))
         with contextlib.ExitStack() as stack:
             if url:
-                target = servers.Target(url)
+                urls = [url] if isinstance(url, str) else url
+                target = servers.Target(urls[0], replica_urls=urls if len(urls) > 1 else [])
             else:
-                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"dvd-bench-{system}-")))
+                if log_dir:
+                    logs_here = log_dir / system
+                    logs_here.mkdir(parents=True, exist_ok=True)
+                else:
+                    logs_here = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"dvd-bench-{system}-")))
                 start = servers.dvd if system == "DvD" else servers.coupled
-                typer.echo(f"starting {system} ({model}); logs in {log_dir}")
+                typer.echo(f"starting {system} ({model}, placement {where.mode}); logs in {logs_here}")
                 try:
-                    target = stack.enter_context(start(str(model), log_dir))
+                    target = stack.enter_context(start(str(model), logs_here, placement=where))
                 except (RuntimeError, TimeoutError) as exc:
-                    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in log_dir.glob("*.log"))
+                    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in logs_here.glob("*.log"))
                     typer.echo(f"dvd bench: {system} did not start: {exc}\n{logs}", err=True)
                     raise typer.Exit(1) from None
             options.metrics_pages = target.metrics_pages
-            documents[system] = bench_or_exit(target.base_url, workload, options, None, api_key)
+            cores = target.cores()  # read while the servers run, before the sweep
+            documents[system] = bench_or_exit(target.urls, workload, options, None, api_key)
+            documents[system]["placement"] = (
+                where.described(system, cores) if target.processes else {"mode": "external", "urls": target.urls})
         write_results(documents[system], paths[system])
         typer.echo(f"{system}:")
         print_summary(documents[system])

@@ -3,7 +3,8 @@
 Arrivals follow `vllm bench serve`: gaps drawn from a gamma distribution (burstiness 1 = Poisson), scaled
 so the last request is sent at `requests / rate`; `inf` sends everything at once; an optional
 concurrency cap holds requests back client-side. A request counts as successful when at least one
-chunk carrying `choices` arrived and the stream ended without an error.
+chunk carrying `choices` arrived and the stream ended without an error. Against several replicas of one
+server (coupled data-parallel serving), each request goes to the replica with the fewest requests in flight.
 """
 
 from __future__ import annotations
@@ -93,10 +94,45 @@ async def send(client: openai.AsyncOpenAI, model: str, request: BenchRequest, ig
     return result
 
 
-async def run_point(client: openai.AsyncOpenAI, model: str, requests: list[BenchRequest], point: LoadPoint,
-                    burstiness: float, seed: int, ignore_eos: bool, sampling: dict,
+class Balancer:
+    """Replicas of one server: each request goes to the one with the fewest requests in flight when it is
+    sent; ties go to the replica after the last one chosen (round-robin among equals). One event loop, no
+    locks: choosing and counting happen between awaits."""
+
+    def __init__(self, clients: list[openai.AsyncOpenAI]):
+        if not clients:
+            raise ValueError("no replica to send to")
+        self.clients = list(clients)
+        self.outstanding = [0] * len(clients)
+        self.sent = [0] * len(clients)  # requests sent to each replica, warm-up included
+        self._after = len(clients) - 1  # the last replica chosen
+
+    def choose(self) -> int:
+        n = len(self.clients)
+        return min(range(n), key=lambda i: (self.outstanding[i], (i - self._after - 1) % n))
+
+    @contextlib.asynccontextmanager
+    async def client(self):
+        """The chosen replica's client, counted as busy inside the block."""
+        i = self._after = self.choose()
+        self.outstanding[i] += 1
+        self.sent[i] += 1
+        try:
+            yield self.clients[i]
+        finally:
+            self.outstanding[i] -= 1
+
+    async def send(self, model: str, request: BenchRequest, ignore_eos: bool, sampling: dict) -> RequestResult:
+        async with self.client() as client:
+            return await send(client, model, request, ignore_eos, sampling)
+
+
+async def run_point(targets: openai.AsyncOpenAI | Balancer, model: str, requests: list[BenchRequest],
+                    point: LoadPoint, burstiness: float, seed: int, ignore_eos: bool, sampling: dict,
                     progress: bool = True) -> tuple[list[RequestResult], float]:
-    """Send every request at `point`'s load; returns the results (in workload order) and the run's duration."""
+    """Send every request at `point`'s load to `targets` (one server, or replicas balanced); returns the results
+    (in workload order) and the run's duration."""
+    balancer = targets if isinstance(targets, Balancer) else Balancer([targets])
     offsets = arrival_times(len(requests), point.request_rate, burstiness, np.random.default_rng(seed))
     limit = asyncio.Semaphore(point.max_concurrency) if point.max_concurrency else contextlib.nullcontext()
     bar = tqdm(total=len(requests), desc=point.label, disable=not progress, unit="req")
@@ -104,7 +140,7 @@ async def run_point(client: openai.AsyncOpenAI, model: str, requests: list[Bench
     async def one(request: BenchRequest, offset: float) -> RequestResult:
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         async with limit:
-            result = await send(client, model, request, ignore_eos, sampling)
+            result = await balancer.send(model, request, ignore_eos, sampling)
         bar.update(1)
         return result
 

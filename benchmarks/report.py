@@ -39,12 +39,38 @@ def _fmt(template: str, value) -> str:
     return "-" if value is None else template.format(value)
 
 
+def _cores(cores: list[int]) -> str:
+    return ",".join(map(str, cores)) if cores else "-"
+
+
+def placement_line(name: str, document: dict) -> str:
+    """How a system was run: placement mode, dtypes, replicas, and the cores each process was seen on."""
+    placement = document.get("placement")
+    if not placement:
+        return f"{name}: placement not recorded"
+    if placement["mode"] == "external":
+        return f"{name}: running server(s) at {', '.join(placement['urls'])}, placement unknown"
+    threads = placement.get("threads", {})
+    processes = ", ".join(f"{server} on cores {_cores(cores)}"
+                          + (f" ({threads[server]} thread{'s' * (threads[server] != 1)})" if server in threads else "")
+                          for server, cores in placement.get("cores", {}).items())
+    dtypes = f"dtype {placement['dtype']}" + (f", features {placement['feature_dtype']}"
+                                              if "feature_dtype" in placement else "")
+    replicas = placement.get("replicas", 1)
+    balancing = f" ({placement['balancing']})" if replicas > 1 and "balancing" in placement else ""
+    if "requests_sent" in document.get("target", {}):
+        balancing += f", requests sent to each {document['target']['requests_sent']}"
+    return f"{name}: placement `{placement['mode']}`, {dtypes}, {replicas} replica{'s' * (replicas != 1)}" \
+           f"{balancing}; {processes}"
+
+
 def markdown(documents: dict[str, dict], plots: list[Path]) -> str:
     """The comparison table (one row per system and load point) with the runs' provenance."""
     axis, loads = load_axis(documents)
     (name_a, a), (name_b, b) = documents.items()
     lines = [f"# {name_a} vs {name_b}", "",
-             f"Workload: `{a['workload']}`  ", f"Settings: `{a['settings']}`", "",
+             f"Workload: `{a['workload']}`  ", f"Settings: `{a['settings']}`  ",
+             *[f"Placement of {placement_line(name, d)}  " for name, d in documents.items()], "",
              f"| system | {axis} | ok / failed | " + " | ".join(c for c, _, _ in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for i, load in enumerate(loads):

@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 
 from benchmarks import stages
-from benchmarks.loadgen import LoadPoint, run_point, send
+from benchmarks.loadgen import Balancer, LoadPoint, run_point
 from benchmarks.metrics import summarize
 from benchmarks.workload import Workload
 
@@ -93,34 +93,44 @@ def first_model_sync(base_url: str, api_key: str = "unused") -> str:
     return models[0].id
 
 
-async def bench(base_url: str, workload: Workload, options: RunOptions, model: str | None = None,
+async def bench(base_url: str | list[str], workload: Workload, options: RunOptions, model: str | None = None,
                 api_key: str = "unused") -> dict:
-    """Run the sweep against `base_url` (its `/v1` API) and return the results document."""
+    """Run the sweep against `base_url` (its `/v1` API) and return the results document. Several URLs are
+    replicas of one server (coupled data-parallel serving): each request goes to the one with the fewest requests
+    in flight; the document is still one result, with the replicas and what each was sent under `target`."""
     if len(workload.batches) != len(options.points):
         raise ValueError(f"{len(workload.batches)} request batches for {len(options.points)} load points")
-    client = openai.AsyncOpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=0,
-                                timeout=openai.Timeout(900.0, connect=30.0))
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    balancer = Balancer([openai.AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key, max_retries=0,
+                                            timeout=openai.Timeout(900.0, connect=30.0)) for url in urls])
+    client = balancer.clients[0]
     try:
         model = model or await first_model(client)
+        for url, other in zip(urls[1:], balancer.clients[1:]):
+            if model not in {m.id for m in (await other.models.list()).data}:
+                raise RuntimeError(f"the replica at {url} does not serve {model}")
+        target = {"base_url": urls[0], "model": model}
+        if len(urls) > 1:
+            target |= {"base_urls": urls, "balancing": "least outstanding requests"}
         document = {
             "tool": "dvd bench", "command": _command(),
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "target": {"base_url": base_url, "model": model}, "versions": versions(), "machine": machine(),
+            "target": target, "versions": versions(), "machine": machine(),
             "load_avg_before": _load(), "workload": workload.described,
             "settings": {"burstiness": options.burstiness, "warmup": len(workload.warmup), "seed": options.seed,
                          "ignore_eos": options.ignore_eos, "sampling": options.sampling,
                          "percentiles": options.percentiles, "goodput_slos_ms": options.slos_ms},
             "points": [],
         }
-        if workload.warmup:
-            first = await send(client, model, workload.warmup[0], options.ignore_eos, options.sampling)
+        if workload.warmup:  # the first alone (does the server answer at all?), the rest at once, balanced
+            first = await balancer.send(model, workload.warmup[0], options.ignore_eos, options.sampling)
             if not first.success:
                 raise RuntimeError(f"the first warm-up request failed: {first.error}")
-            await run_point(client, model, workload.warmup[1:], LoadPoint(), 1.0, options.seed, options.ignore_eos,
-                            options.sampling, progress=False)
+            await run_point(balancer, model, workload.warmup[1:], LoadPoint(), 1.0, options.seed,
+                            options.ignore_eos, options.sampling, progress=False)
         for point, requests in zip(options.points, workload.batches):
             before = await stages.snapshot(options.metrics_pages)
-            results, duration = await run_point(client, model, requests, point, options.burstiness, options.seed,
+            results, duration = await run_point(balancer, model, requests, point, options.burstiness, options.seed,
                                                 options.ignore_eos, options.sampling, options.progress)
             after = await stages.snapshot(options.metrics_pages)
             summary = summarize(results, duration, options.percentiles, options.slos_ms or None)
@@ -128,10 +138,13 @@ async def bench(base_url: str, workload: Workload, options: RunOptions, model: s
             if options.metrics_pages:
                 row["stages_ms"] = stages.stage_means_ms(before, after)
             document["points"].append(row)
+        if len(urls) > 1:
+            target["requests_sent"] = balancer.sent  # per replica, warm-up included
         document["load_avg_after"] = _load()
         return document
     finally:
-        await client.close()
+        for each in balancer.clients:
+            await each.close()
 
 
 def write_results(document: dict, json_path: Path) -> Path:

@@ -1,7 +1,9 @@
 """Local servers to benchmark: a DvD stack (`dvd up`'s launcher) or coupled `vllm serve` of the same checkpoint.
 
 Both get the same language-model settings (context length, eager mode, whole-prompt prefill and a 1 GiB KV
-cache on CPU), so a comparison differs only in where the vision encoder runs.
+cache on CPU) and the same dtypes (`Placement.dtype` for the language model and the vision encoder; DvD's
+features travel in it too), so a comparison differs only in where the vision encoder runs. Where each server
+runs, floating or pinned to cores of its own, is the `Placement` (benchmarks/placement.py).
 """
 
 from __future__ import annotations
@@ -16,25 +18,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import launcher
+from benchmarks.placement import Placement, pin, process_cores
 from launcher import free_port
 
 
 @dataclass
 class Target:
-    """A running server: its root URL and, for DvD, the servers' Prometheus pages and processes."""
+    """A running server: its root URL (several: replicas, balanced by the load generator), for DvD the servers'
+    Prometheus pages, and the processes started here."""
 
     base_url: str
     metrics_pages: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # server name -> its process
+    replica_urls: list[str] = field(default_factory=list)  # more than one: coupled data-parallel replicas
+
+    @property
+    def urls(self) -> list[str]:
+        return self.replica_urls or [self.base_url]
+
+    def cores(self) -> dict[str, list[int]]:
+        """Server name -> the cores its processes (children included) may run on, read now."""
+        return {name: process_cores(process.pid) for name, process in self.processes.items()}
 
 
-def coupled_command(model: str, port: int, max_model_len: int = 8192) -> list[str]:
-    """`vllm serve` with the vision tower, configured as DvD's language server configures vLLM."""
+def coupled_command(model: str, port: int, max_model_len: int = 8192, dtype: str = "auto") -> list[str]:
+    """`vllm serve` with the vision tower, configured as DvD's language server configures vLLM; `dtype` is the
+    whole model's, vision tower included."""
     from vllm.platforms import current_platform
 
     command = [sys.executable, "-m", "benchmarks.vllm_cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", Path(model).name, "--trust-remote-code",
-               "--max-model-len", str(max_model_len), "--enforce-eager"]
+               "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", dtype]
     if current_platform.is_cpu():  # see language_server/engine.py: no chunked prefill on CPU, small fraction
         command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 2048)),
                     "--gpu-memory-utilization", "0.2"]
@@ -47,24 +61,41 @@ def stop_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def coupled(model: str, log_dir: Path, timeout_s: float = 600.0) -> Iterator[Target]:
-    """`vllm serve` of `model` on a free port, stopped on exit; its log goes to `log_dir/coupled.log`."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = launcher.Servers({"coupled": coupled_command(model, port)}, log_dir=log_dir,
+def coupled(model: str, log_dir: Path, timeout_s: float = 600.0,
+            placement: Placement | None = None) -> Iterator[Target]:
+    """`vllm serve` of `model` on free ports, one replica per core group of `placement` (shared: one, floating),
+    stopped on exit; replica i logs to `log_dir/coupled-i.log` (a single one to `coupled.log`). Without a
+    placement: one floating replica in the checkpoint's dtype."""
+    groups = placement.coupled_cores() if placement else [None]
+    names = ["coupled"] if len(groups) == 1 else [f"coupled-{i}" for i in range(len(groups))]
+    urls, commands = [], {}
+    for name, cores in zip(names, groups):
+        port = free_port()
+        urls.append(f"http://127.0.0.1:{port}")
+        command = coupled_command(model, port, dtype=placement.dtype if placement else "auto")
+        commands[name] = pin(command, cores) if cores else command
+    server = launcher.Servers(commands, log_dir=log_dir,
                               env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
-    with server.running(launcher.http_ready(url), timeout_s, f"vllm serve answers at {url}"):
-        yield Target(url)
+    probes = [launcher.http_ready(url) for url in urls]
+    with server.running(lambda: all(probe() for probe in probes), timeout_s, f"vllm serve answers at {urls}"):
+        yield Target(urls[0], processes=server.processes, replica_urls=urls if len(urls) > 1 else [])
 
 
 @contextlib.contextmanager
-def dvd(model: str, log_dir: Path, timeout_s: float = 600.0, env: dict[str, str] | None = None) -> Iterator[Target]:
+def dvd(model: str, log_dir: Path, timeout_s: float = 600.0, env: dict[str, str] | None = None,
+        placement: Placement | None = None) -> Iterator[Target]:
     """A DvD stack (vision server, language server, gateway) of `model` on free ports, stopped on exit; `env`
-    adds settings for the servers (e.g. `DVD_GATEWAY_FEATURE_CACHE`)."""
+    adds settings for the servers (e.g. `DVD_GATEWAY_FEATURE_CACHE`); `placement` says where each runs and in
+    which dtypes (without one: all floating, with `dvd up`'s dtypes)."""
+    dtypes = {"dtype": placement.dtype, "vision_dtype": placement.dtype,
+              "feature_dtype": placement.feature_dtype} if placement else {}
     stack = launcher.Stack(model=model, gateway_port=free_port(), vision_port=free_port(),
                            language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
-                           language_metrics_port=free_port())
-    with stack.servers(log_dir, env).running(stack.ready(), timeout_s, "the gateway reports both servers up") as up:
+                           language_metrics_port=free_port(), **dtypes)
+    servers = stack.servers(log_dir, env)
+    for name, cores in (placement.dvd_cores() if placement else {}).items():  # the gateway floats
+        servers.commands[name] = pin(servers.commands[name], cores)
+    with servers.running(stack.ready(), timeout_s, "the gateway reports both servers up") as up:
         yield Target(stack.gateway_url, {
             "vision": f"http://{stack.host}:{stack.vision_metrics_port}/metrics",
             "language": f"http://{stack.host}:{stack.language_metrics_port}/metrics"}, up.processes)

@@ -31,7 +31,8 @@ class Stack:
     feature_port: int = 5600
     vision_metrics_port: int | None = None
     language_metrics_port: int | None = None
-    dtype: str = "auto"
+    dtype: str = "auto"  # the language model's (vLLM's --dtype)
+    vision_dtype: str | None = None  # the vision encoder's compute dtype; None: the server's (bf16 CUDA, fp32 CPU)
     feature_dtype: str = "bfloat16"
     max_model_len: int = 8192
     internal_secret: str | None = None  # given to all three servers (environment, not the command line)
@@ -63,10 +64,11 @@ class Stack:
         dvd = [sys.executable, "-m", "dvd.cli"]
         vision_metrics = ["--metrics-port", str(self.vision_metrics_port)] if self.vision_metrics_port else []
         language_metrics = ["--metrics-port", str(self.language_metrics_port)] if self.language_metrics_port else []
+        vision_dtype = ["--dtype", self.vision_dtype] if self.vision_dtype else []
         return {
             "vision-server": dvd + ["vision-server", "--model", self.model, "--host", self.host,
                                     "--port", str(self.vision_port), "--feature-dtype", self.feature_dtype,
-                                    *vision_metrics],
+                                    *vision_dtype, *vision_metrics],
             "language-server": dvd + ["language-server", "--model", self.model, "--host", self.host,
                                       "--port", str(self.language_port), "--dtype", self.dtype,
                                       "--max-model-len", str(self.max_model_len),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import json
 import math
@@ -244,3 +246,186 @@ def test_vllm_bench_serve_runs_against_the_gateway_and_counts_what_dvd_bench_cou
     # the same requests to the same server: both tools read the same prompt lengths from the usage
     assert medians["dvd bench"]["total_input_tokens"] == medians["vllm bench serve"]["total_input_tokens"]
     assert out.with_suffix(".md").read_text().startswith("# dvd bench vs vllm bench serve")
+
+
+# ---------------------------------------------------------------- placement and balancing (`compare --placement`)
+
+
+def test_cores_split_into_a_language_and_a_vision_share_of_at_least_one_each():
+    from benchmarks.placement import split_cores
+
+    assert split_cores({1, 0}) == ((0,), (1,))
+    assert split_cores(range(8)) == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert split_cores([0, 1, 2]) == ((0, 1), (2,))  # half, rounded down, for vision
+    assert split_cores([4, 5, 6, 7], vision_cores=1) == ((4, 5, 6), (7,))
+    assert split_cores([4, 5, 6, 7], vision_cores=3) == ((4,), (5, 6, 7))
+    with pytest.raises(ValueError, match="at least 2 cores"):
+        split_cores([3])
+    for wrong in (0, 4):
+        with pytest.raises(ValueError, match="at least one core to each side"):
+            split_cores(range(4), vision_cores=wrong)
+
+
+def test_pinned_placement_gives_each_server_and_each_coupled_replica_its_cores_and_threads():
+    from benchmarks.placement import Placement, pin
+
+    pinned = Placement.choose("pinned", vision_cores=1, cores=[0, 1, 2])
+    assert pinned.dvd_cores() == {"language-server": (0, 1), "vision-server": (2,)}  # the gateway floats
+    assert pinned.coupled_cores() == [(0, 1), (2,)]  # one replica per DvD server's core group
+    assert (pinned.dtype, pinned.feature_dtype) == ("bfloat16", "bfloat16")
+    assert pin(["python", "-m", "x"], (2, 0)) == ["taskset", "-c", "0,2", "env", "OMP_NUM_THREADS=2",
+                                                  "VLLM_CPU_OMP_THREADS_BIND=0,2", "python", "-m", "x"]
+    described = pinned.described("coupled", {"coupled-0": [0, 1], "coupled-1": [2]})
+    assert described == {"mode": "pinned", "dtype": "bfloat16", "replicas": 2,
+                         "balancing": "least outstanding requests", "cores": {"coupled-0": [0, 1], "coupled-1": [2]},
+                         "threads": {"coupled-0": 2, "coupled-1": 1}}
+    shared = Placement.choose("shared", dtype="float32")
+    assert shared.dvd_cores() == {} and shared.coupled_cores() == [None] and shared.feature_dtype == "float32"
+    with pytest.raises(ValueError, match="needs --placement pinned"):
+        Placement.choose("shared", vision_cores=1)
+    with pytest.raises(ValueError, match="shared, pinned"):
+        Placement.choose("spread")
+
+
+def fake_replicas(held: dict[int, asyncio.Event] | None = None):
+    """An httpx transport answering as OpenAI-compatible servers on ports 9001, 9002, ...: /v1/models and
+    streamed chat completions of 2 tokens; a replica whose port is in `held` answers only once its event is set.
+    Returns the transport and the ports of the chat requests in arrival order."""
+    import httpx
+
+    arrived: list[int] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [
+                {"id": "m", "object": "model", "created": 0, "owned_by": "x"}]})
+        arrived.append(request.url.port)
+        if held and request.url.port in held:
+            await asyncio.wait_for(held[request.url.port].wait(), 60)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+        events = [chunk | {"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+                  for t in ("a", "b")]
+        events.append(chunk | {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                                         "total_tokens": 5}})
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+
+    return httpx.MockTransport(handle), arrived
+
+
+def fake_clients(transport, count: int):
+    import httpx
+    import openai
+
+    return [openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{9001 + i}/v1", api_key="x", max_retries=0,
+                               http_client=httpx.AsyncClient(transport=transport)) for i in range(count)]
+
+
+def test_balancer_sends_each_request_to_the_replica_with_fewest_in_flight():
+    from benchmarks.loadgen import Balancer, LoadPoint, run_point
+
+    async def scenario():
+        release = asyncio.Event()
+        transport, arrived = fake_replicas({9001: release})
+        balancer = Balancer(fake_clients(transport, 2))
+        # Replica 9001 holds its first request until 9002 has served five: with two requests in flight at
+        # most, every later request must go to 9002 (round-robin would send the third to 9001 and stall).
+        requests = synthetic(6, [(32, 32)], 0, 2, 2, seed=0)
+
+        async def release_after_five():
+            while arrived.count(9002) < 5:
+                await asyncio.sleep(0)
+            release.set()
+
+        releaser = asyncio.create_task(release_after_five())
+        results, _ = await run_point(balancer, "m", requests, LoadPoint(max_concurrency=2), 1.0, 0, True, {},
+                                     progress=False)
+        await releaser
+        assert all(r.success for r in results)
+        assert arrived[:2] == [9001, 9002] and arrived.count(9001) == 1 and balancer.sent == [1, 5]
+        assert balancer.outstanding == [0, 0]
+
+    async def all_at_once():  # nothing answered yet: in turn, each replica once before any gets a second
+        balancer = Balancer(["a", "b", "c"])
+        async with contextlib.AsyncExitStack() as held:
+            chosen = [await held.enter_async_context(balancer.client()) for _ in range(7)]
+            assert chosen == ["a", "b", "c", "a", "b", "c", "a"] and balancer.outstanding == [3, 2, 2]
+        assert balancer.outstanding == [0, 0, 0] and balancer.choose() == 1  # ties: after the last chosen
+
+    asyncio.run(scenario())
+    asyncio.run(all_at_once())
+
+
+def test_bench_over_replicas_writes_one_result_with_the_requests_each_replica_got(monkeypatch):
+    import functools
+
+    import httpx
+    import openai
+
+    from benchmarks.loadgen import LoadPoint
+    from benchmarks.run import RunOptions, bench
+
+    transport, arrived = fake_replicas()
+    monkeypatch.setattr(openai, "AsyncOpenAI", functools.partial(
+        openai.AsyncOpenAI, http_client=httpx.AsyncClient(transport=transport)))
+    requests = synthetic(2 + 4, [(32, 32)], 0, 2, 2, seed=0)
+    workload = Workload.fresh(requests, warmup=2, points=1, described={"source": "test"})
+    urls = ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
+    document = asyncio.run(bench(urls, workload, RunOptions(points=[LoadPoint()], progress=False)))
+    [point] = document["points"]
+    assert (point["completed"], point["failed"], point["total_output_tokens"]) == (4, 0, 8)
+    assert document["target"]["base_urls"] == urls and document["target"]["model"] == "m"
+    assert document["target"]["requests_sent"] == [3, 3] and sorted(arrived) == [9001] * 3 + [9002] * 3
+
+
+def test_comparison_table_says_how_each_system_was_placed(tmp_path):
+    from benchmarks.report import write_comparison
+
+    dvd, coupled = result_document([2.0, 6.0]), result_document([1.0, 3.0])
+    dvd["placement"] = {"mode": "pinned", "dtype": "bfloat16", "feature_dtype": "bfloat16", "replicas": 1,
+                        "cores": {"vision-server": [1], "language-server": [0], "gateway": [0, 1]},
+                        "threads": {"vision-server": 1, "language-server": 1}}
+    coupled["placement"] = {"mode": "pinned", "dtype": "bfloat16", "replicas": 2,
+                            "balancing": "least outstanding requests", "cores": {"coupled-0": [0], "coupled-1": [1]},
+                            "threads": {"coupled-0": 1, "coupled-1": 1}}
+    coupled["target"]["requests_sent"] = [5, 5]
+    text = write_comparison({"DvD": dvd, "coupled": coupled}, tmp_path / "c").read_text()
+    assert ("Placement of DvD: placement `pinned`, dtype bfloat16, features bfloat16, 1 replica; vision-server on "
+            "cores 1 (1 thread), language-server on cores 0 (1 thread), gateway on cores 0,1") in text
+    assert ("Placement of coupled: placement `pinned`, dtype bfloat16, 2 replicas (least outstanding requests), "
+            "requests sent to each [5, 5]; coupled-0 on cores 0 (1 thread), coupled-1 on cores 1 (1 thread)") in text
+    assert text.index("Placement of") < text.index("| system |")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinned placement needs at least 2 cores")
+def test_compare_pinned_runs_each_server_on_its_cores_and_balances_over_two_coupled_replicas(tiny_checkpoints,
+                                                                                           tmp_path):
+    """The real CLI: DvD's servers and two coupled `vllm serve` replicas, each pinned; both replicas served."""
+    from benchmarks.placement import split_cores
+
+    language, vision = split_cores(os.sched_getaffinity(0))
+    compare = subprocess.run(DVD + [
+        "bench", "compare", "--model", str(tiny_checkpoints["custom"]), "--placement", "pinned", "--name", "pin",
+        "--out-dir", str(tmp_path / "results"), "--log-dir", str(tmp_path / "logs"), "--num-requests", "3",
+        "--output-len", "4", "--image-size", "448x448", "--warmup", "2", "--no-progress"],
+        capture_output=True, text=True, env=ENV, timeout=1200)
+    assert compare.returncode == 0, compare.stdout[-3000:] + compare.stderr[-3000:]
+    dvd = json.loads((tmp_path / "results" / "bench_pin.json").read_text())
+    coupled = json.loads((tmp_path / "results" / "coupled_pin.json").read_text())
+    for document in (dvd, coupled):
+        assert (document["points"][0]["completed"], document["points"][0]["failed"]) == (3, 0)
+    assert dvd["placement"]["cores"] == {"vision-server": list(vision), "language-server": list(language),
+                                         "gateway": sorted(os.sched_getaffinity(0))}
+    assert dvd["placement"]["threads"] == {"vision-server": len(vision), "language-server": len(language)}
+    assert (dvd["placement"]["dtype"], dvd["placement"]["feature_dtype"]) == ("bfloat16", "bfloat16")
+    assert coupled["placement"]["replicas"] == 2 and coupled["placement"]["dtype"] == "bfloat16"
+    assert coupled["placement"]["cores"] == {"coupled-0": list(language), "coupled-1": list(vision)}
+    sent = coupled["target"]["requests_sent"]
+    assert len(sent) == 2 and min(sent) >= 1 and sum(sent) == 2 + 3
+    for i in range(2):  # each replica's own access log shows the chat completions it served
+        log = (tmp_path / "logs" / "coupled" / f"coupled-{i}.log").read_text(errors="replace")
+        assert log.count('"POST /v1/chat/completions HTTP/1.1" 200') == sent[i], f"coupled-{i}"
+        assert "dtype=torch.bfloat16" in log
+    table = (tmp_path / "results" / "bench_pin_compare.md").read_text()
+    assert "Placement of coupled: placement `pinned`, dtype bfloat16, 2 replicas" in table
