@@ -1,9 +1,10 @@
 """Local servers to benchmark: a DvD stack (`dvd up`'s launcher) or coupled `vllm serve` of the same checkpoint.
 
 Both get the same language-model settings (context length, eager mode, whole-prompt prefill and a 1 GiB KV
-cache on CPU) and the same dtypes (`Placement.dtype` for the language model and the vision encoder; DvD's
-features travel in it too), so a comparison differs only in where the vision encoder runs. Where each server
-runs, floating or pinned to cores of its own, is the `Placement` (benchmarks/placement.py).
+cache on CPU) and, given a `Placement` (benchmarks/placement.py; `dvd bench compare` always gives one), the same
+dtypes: `Placement.dtype` for the language model and the vision encoder, DvD's features in it too. So a
+comparison differs only in where the vision encoder runs. The placement also says where each server runs:
+floating, or pinned to cores of its own.
 """
 
 from __future__ import annotations
