@@ -44,7 +44,11 @@ def schema_valid(arguments: str) -> bool:
 
 @pytest.fixture(scope="module")
 def servers(tiny_checkpoints, tmp_path_factory):
-    """DvD (`dvd up`'s three servers) and coupled `vllm serve` of the same custom-format checkpoint."""
+    """DvD (`dvd up`'s three servers) and coupled `vllm serve` of the same custom-format checkpoint.
+
+    The coupled server starts from an empty `VLLM_CACHE_ROOT`, as on a fresh machine: vLLM then inspects the
+    built-in InternVL architecture in a fresh interpreter, which must get the torchvision work-around too
+    (benchmarks/vllm_cli.py)."""
     model = str(tiny_checkpoints["custom"])
     stack = Stack(model=model, gateway_port=free_port(), vision_port=free_port(), language_port=free_port(),
                   feature_port=free_port(), dtype="float32", feature_dtype="float32")  # greedy equality needs fp32
@@ -55,12 +59,14 @@ def servers(tiny_checkpoints, tmp_path_factory):
                            "--dtype", "float32", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                            "--gpu-memory-utilization", "0.2", "--max-num-seqs", "8", "--enforce-eager"]
     coupled_url = f"http://127.0.0.1:{coupled_port}"
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache"))}
+    cache = tmp_path_factory.mktemp("vllm-cache")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache)}
     ready = [stack.ready(), http_ready(coupled_url)]
     with Servers(commands, log_dir=tmp_path_factory.mktemp("tools-logs"), env=env).running(
             lambda: all(check() for check in ready)):
         dvd = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=300)
         coupled = openai.OpenAI(base_url=f"{coupled_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        assert list(cache.glob("modelinfos/*")), "vLLM inspected the architecture itself and cached the result"
         yield dvd, coupled, dvd.models.list().data[0].id, coupled.models.list().data[0].id
 
 
