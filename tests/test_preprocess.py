@@ -18,7 +18,9 @@ from vision_server.preprocess import (
     ImageError,
     decode_image,
     dynamic_tiles,
+    normalize,
     preprocess,
+    preprocess_tiles,
     tile_grid,
     to_pixel_values,
 )
@@ -177,6 +179,18 @@ def test_pixel_values_equal_the_reference_pipeline(size):
     assert ours.dtype == torch.float32
     assert tuple(ours.shape) == expected.shape
     np.testing.assert_array_equal(ours.numpy(), expected)
+
+
+def test_uint8_tiles_normalised_anywhere_equal_the_float_pipeline():
+    """The host's uint8 tiles, normalised later (on the model's device), are the very pixel values of before."""
+    data = encode(random_image(1500, 400), "JPEG", quality=90)
+    tiles = preprocess_tiles(data, max_tiles=12)
+    assert tiles.dtype == torch.uint8 and tuple(tiles.shape) == (5, 448, 448, 3)
+    expected = reference_pixel_values(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(normalize(tiles).numpy(), expected)
+    np.testing.assert_array_equal(preprocess(data, max_tiles=12).numpy(), expected)
+    with pytest.raises(ValueError, match="uint8 tiles"):
+        normalize(tiles.float())
 
 
 def test_tiles_are_cut_row_major():
