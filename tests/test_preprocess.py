@@ -193,6 +193,15 @@ def test_uint8_tiles_normalised_anywhere_equal_the_float_pipeline():
         normalize(tiles.float())
 
 
+def test_the_device_path_table_lookup_is_the_reference_arithmetic_bit_for_bit():
+    """Off the CPU, normalisation looks values up in a table the CPU computed; every value in every channel."""
+    from vision_server.normalize import _reference_normalize, _table, lookup
+
+    values = torch.arange(256, dtype=torch.uint8)
+    tiles = torch.stack([values, values.flip(0), values.roll(7)], -1).view(1, 16, 16, 3)
+    assert torch.equal(lookup(tiles, _table(torch.device("cpu"))), _reference_normalize(tiles))
+
+
 def test_tiles_are_cut_row_major():
     image = random_image(1344, 896)  # exactly 3 x 2 tiles, no resampling
     tiles = dynamic_tiles(image, max_tiles=6)
