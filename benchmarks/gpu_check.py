@@ -8,7 +8,8 @@ equivalence: a generated checkpoint (checkpoint.generate.write_checkpoint, custo
 its LLM cut to one layer (the vision side never reads it). `1b`: InternViT-300M, all 24 layers; `38b`:
 InternViT-6B's full width and op set (RMSNorm, qk-norm, no qkv bias) with 4 of its 45 layers, so the fp32
 reference stays cheap. Inputs are uint8 tiles, as the vision server now gets them from the host. Checked:
-- normalisation on the device is bit-equal to the host's (torch.equal);
+- normalisation on the device is bit-equal to the host's (torch.equal); beside it, for information, whether
+  the same arithmetic run elementwise on the device would be;
 - fp32 on the device (TF32 off) against the fp32 reference on the CPU: relative L2 error < 1e-4;
 - bf16 through `VisionEngine` (the server's path: uint8 tiles copied, normalised and encoded on the device)
   against the fp32 reference: relative L2 error < 0.05 (tests/test_vision_model.py's bf16 bound); the
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint.presets import PRESETS, ModelConfig
+from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ModelConfig
 
 L2_FP32 = 1e-4
 L2_BF16 = 0.05
@@ -99,7 +100,12 @@ def equivalence(device: torch.device, out: Path, tiles_per_check: int) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     tiles = synthetic_tiles(tiles_per_check, seed=1)
     host = normalize(tiles)
+    on_device = tiles.to(device).permute(0, 3, 1, 2).contiguous().float().div_(255)  # the arithmetic, elementwise
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     result = {"normalize_bit_equal_on_device": torch.equal(normalize(tiles.to(device)).cpu(), host),
+              # for information: why vision_server/normalize.py looks values up off the CPU
+              "elementwise_arithmetic_bit_equal_on_device": torch.equal(on_device.sub_(mean).div_(std).cpu(), host),
               "tolerances": {"fp32_device_vs_cpu_relative_l2": L2_FP32, "bf16_vs_fp32_relative_l2": L2_BF16},
               "tiles": tiles_per_check, "geometries": {}}
     ok = result["normalize_bit_equal_on_device"]
