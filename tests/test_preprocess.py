@@ -18,7 +18,9 @@ from vision_server.preprocess import (
     ImageError,
     decode_image,
     dynamic_tiles,
+    normalize,
     preprocess,
+    preprocess_tiles,
     tile_grid,
     to_pixel_values,
 )
@@ -177,6 +179,27 @@ def test_pixel_values_equal_the_reference_pipeline(size):
     assert ours.dtype == torch.float32
     assert tuple(ours.shape) == expected.shape
     np.testing.assert_array_equal(ours.numpy(), expected)
+
+
+def test_uint8_tiles_normalised_anywhere_equal_the_float_pipeline():
+    """The host's uint8 tiles, normalised later (on the model's device), are the very pixel values of before."""
+    data = encode(random_image(1500, 400), "JPEG", quality=90)
+    tiles = preprocess_tiles(data, max_tiles=12)
+    assert tiles.dtype == torch.uint8 and tuple(tiles.shape) == (5, 448, 448, 3)
+    expected = reference_pixel_values(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(normalize(tiles).numpy(), expected)
+    np.testing.assert_array_equal(preprocess(data, max_tiles=12).numpy(), expected)
+    with pytest.raises(ValueError, match="uint8 tiles"):
+        normalize(tiles.float())
+
+
+def test_the_device_path_table_lookup_is_the_reference_arithmetic_bit_for_bit():
+    """Off the CPU, normalisation looks values up in a table the CPU computed; every value in every channel."""
+    from vision_server.normalize import _reference_normalize, _table, lookup
+
+    values = torch.arange(256, dtype=torch.uint8)
+    tiles = torch.stack([values, values.flip(0), values.roll(7)], -1).view(1, 16, 16, 3)
+    assert torch.equal(lookup(tiles, _table(torch.device("cpu"))), _reference_normalize(tiles))
 
 
 def test_tiles_are_cut_row_major():

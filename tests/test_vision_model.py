@@ -17,7 +17,7 @@ import language_server.torch_compat  # noqa: F401  (before transformers imports 
 from checkpoint.generate import write_checkpoint
 from vision_server import loader
 from vision_server.loader import VISION_PREFIXES, VisionCheckpointError, load_vision_model
-from vision_server.preprocess import preprocess
+from vision_server.preprocess import normalize, preprocess, preprocess_tiles
 from vision_server.vision_model import pixel_shuffle
 
 transformers = pytest.importorskip("transformers")
@@ -35,14 +35,16 @@ def assert_features_close(ours: torch.Tensor, reference: torch.Tensor, rel: floa
 @pytest.fixture(scope="module")
 def pixel_values() -> dict[str, torch.Tensor]:
     """A wide, a tall and a small image, PNG-encoded and run through our preprocessing."""
-    values = {}
-    for name, (width, height) in IMAGE_SIZES.items():
-        rng = np.random.default_rng(width)
-        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-        buf = io.BytesIO()
-        image.save(buf, "PNG")
-        values[name] = preprocess(buf.getvalue(), max_tiles=MAX_TILES)
-    return values
+    return {name: preprocess(image_bytes(name), max_tiles=MAX_TILES) for name in IMAGE_SIZES}
+
+
+def image_bytes(name: str) -> bytes:
+    width, height = IMAGE_SIZES[name]
+    rng = np.random.default_rng(width)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
 
 
 # --- against a model built and saved by transformers itself ----------------------------------------
@@ -152,6 +154,28 @@ def test_custom_and_hf_formats_give_the_same_features(tiny_features):
 def test_features_have_one_row_per_token_per_tile(tiny_features, pixel_values):
     for name, pixels in pixel_values.items():
         assert tiny_features["hf"][name].shape == (pixels.shape[0], 256, 64)
+
+
+def test_uint8_tiles_normalised_in_the_model_give_the_same_features(tiny_checkpoints, tiny_features, pixel_values):
+    """The vision server hands the model uint8 tiles: it normalises them itself, bit for bit as the host did."""
+    from vision_server.engine import VisionEngine
+
+    model = load_vision_model(tiny_checkpoints["custom"])
+    tiles = preprocess_tiles(image_bytes("small"), max_tiles=MAX_TILES)  # the fixture's image, [1, 448, 448, 3] u8
+    assert tiles.dtype == torch.uint8 and torch.equal(normalize(tiles), pixel_values["small"])
+    assert torch.equal(model(tiles), tiny_features["custom"]["small"])
+
+    async def encode():
+        engine = VisionEngine(model, device=torch.device("cpu"), dtype=torch.float32, feature_dtype=torch.float32)
+        try:
+            return await engine.encode("r", 0, tiles)
+        finally:
+            engine.close()
+
+    import asyncio
+
+    encoded = asyncio.run(encode())
+    assert torch.equal(encoded.features, tiny_features["custom"]["small"].reshape(-1, 64))
 
 
 def test_bfloat16_features_stay_close_to_float32(tiny_checkpoints, tiny_features, pixel_values):

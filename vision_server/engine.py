@@ -1,10 +1,11 @@
 """Running the scheduler's batches on the device, as a pipeline.
 
-Stage 1 (runner thread): take the next batch of tiles from `TileScheduler`, run ViT + projector(s),
-start the device-to-host copy. Stage 2 (finisher thread): wait for the copy, scatter rows into each
-image's buffers and, when an image's last tile is in, route it (ViR) and hand its features to the
-event loop. Stage 3 (event loop): send the features. So batch k+1 computes while batch k is copied
-and sent, and an image leaves as soon as its own tiles are done, not when its request is.
+Stage 1 (runner thread): take the next batch of tiles from `TileScheduler`, copy its uint8 tiles to the
+device, run normalisation + ViT + projector(s) there, start the device-to-host copy. Stage 2 (finisher
+thread): wait for the copy, scatter rows into each image's buffers and, when an image's last tile is in, route
+it (ViR) and hand its features to the event loop. Stage 3 (event loop): send the features. So batch k+1
+computes while batch k is copied and sent, and an image leaves as soon as its own tiles are done, not when its
+request is.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class VirParams:
 class _Work:
     """Per-image state shared by the runner and finisher threads."""
 
-    pixel_values: torch.Tensor  # [tiles, 3, 448, 448] on the host
+    pixel_values: torch.Tensor  # uint8 tiles [tiles, 448, 448, 3] (or float [tiles, 3, 448, 448]) on the host
     vir: VirParams | None
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -151,7 +152,8 @@ class VisionEngine:
             pixels = pixels.pin_memory()  # so that the host-to-device copy below is asynchronous
         use_vir = any(s.job.payload.vir is not None for s in batch)
         with torch.inference_mode():
-            x = pixels.to(self._device, self._dtype, non_blocking=True)
+            # uint8 tiles cross as they are (a quarter of float32's bytes); the model normalises them on the device.
+            x = pixels.to(self._device, None if pixels.dtype == torch.uint8 else self._dtype, non_blocking=True)
             outputs = self._model.forward_flash(x) if use_vir else (self._model(x),)
             # Features leave in the wire dtype; router probabilities stay fp32.
             host = tuple(t.to("cpu", t.dtype if t.dim() == 1 else self._feature_dtype, non_blocking=True)

@@ -1,6 +1,11 @@
 """Image bytes to InternVL3.5 pixel values: safe decoding, dynamic tiling and ImageNet normalisation.
 
 The tiling reproduces the model card's `dynamic_preprocess` and `build_transform` pixel for pixel.
+
+The host's work stops at uint8 tiles [tiles, 448, 448, 3] (`preprocess_tiles`): decoding, resizing and cutting.
+The float conversion and normalisation (`vision_server.normalize`) is as much host time again and makes 4x the
+bytes, so the vision model runs it on its own device (`VisionModel` accepts uint8 tiles). `preprocess` does both
+steps here, for callers that want the float32 pixel values themselves (the reference, tests).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD
+from vision_server.normalize import normalize
 
 IMAGE_SIZE = 448
 
@@ -104,20 +109,18 @@ def dynamic_tiles(
     return tiles
 
 
+def to_tile_bytes(tiles: list[Image.Image]) -> torch.Tensor:
+    """Stack RGB tiles into one uint8 tensor [tiles, H, W, 3], as PIL lays them out (no float work)."""
+    return torch.from_numpy(np.stack([np.asarray(tile.convert("RGB")) for tile in tiles]))
+
+
 def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
-    """Stack RGB tiles into normalised float32 pixel values [tiles, 3, H, W]."""
-    # The reference re-resizes each tile to its own size (a copy in PIL), then ToTensor and Normalize:
-    # (u8 / 255 - mean) / std, in float32, in this order.
-    pixels = torch.from_numpy(np.stack([np.asarray(tile.convert("RGB")) for tile in tiles]))
-    # pixels: [tiles, H, W, 3] uint8 -> [tiles, 3, H, W] float32, normalised in place: one float copy at a time
-    # (64 video frames are 154 MB of float32).
-    pixels = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return pixels.sub_(mean).div_(std)
+    """Stack RGB tiles into normalised float32 pixel values [tiles, 3, H, W] (on the host)."""
+    # The reference re-resizes each tile to its own size (a copy in PIL): np.asarray makes that copy.
+    return normalize(to_tile_bytes(tiles))
 
 
-def preprocess(
+def preprocess_tiles(
     data: bytes,
     max_tiles: int = 12,
     *,
@@ -126,6 +129,11 @@ def preprocess(
     max_bytes: int = 32 << 20,
     max_pixels: int = 64_000_000,
 ) -> torch.Tensor:
-    """Encoded image bytes to pixel values [tiles, 3, 448, 448] float32."""
+    """Encoded image bytes to uint8 tiles [tiles, 448, 448, 3]: the host's share of preprocessing."""
     image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    return to_pixel_values(dynamic_tiles(image, min_tiles, max_tiles, IMAGE_SIZE, use_thumbnail))
+    return to_tile_bytes(dynamic_tiles(image, min_tiles, max_tiles, IMAGE_SIZE, use_thumbnail))
+
+
+def preprocess(data: bytes, max_tiles: int = 12, **options) -> torch.Tensor:
+    """Encoded image bytes to pixel values [tiles, 3, 448, 448] float32 (`preprocess_tiles`, then `normalize`)."""
+    return normalize(preprocess_tiles(data, max_tiles, **options))

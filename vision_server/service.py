@@ -26,9 +26,9 @@ from transport.tcp import TransportError
 from vision_server import metrics
 from vision_server.engine import EncodedImage, VirParams, VisionEngine
 from vision_server.in_flight import InFlight
-from vision_server.preprocess import ImageError, preprocess
+from vision_server.preprocess import ImageError, preprocess_tiles
 from vision_server.settings import VisionServerSettings
-from vision_server.video import VideoLimits, preprocess_video
+from vision_server.video import VideoLimits, video_tiles
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,13 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
                 if image.video_frames > settings.max_video_frames:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {index}: {image.video_frames} "
                                         f"video frames exceed {settings.max_video_frames}")
-                job = partial(preprocess_video, image.data, image.video_frames, self._video_limits)
+                job = partial(video_tiles, image.data, image.video_frames, self._video_limits)
             else:
                 max_tiles = image.max_tiles or settings.default_max_tiles
                 if max_tiles > settings.max_tiles_limit:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"image {index}: max_tiles {max_tiles} exceeds {settings.max_tiles_limit}")
-                job = partial(preprocess, image.data, max_tiles=max_tiles, max_bytes=settings.max_image_bytes,
+                job = partial(preprocess_tiles, image.data, max_tiles=max_tiles, max_bytes=settings.max_image_bytes,
                               max_pixels=settings.max_image_pixels)
             jobs.append(loop.run_in_executor(self._preprocess_pool, job))
             keys.append(loop.run_in_executor(self._preprocess_pool, partial(
@@ -110,7 +110,7 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {result}")
             if isinstance(result, BaseException):
                 raise result
-            if image.video_frames:  # frames: [1, 3, 448, 448] each
+            if image.video_frames:  # frames: uint8 [1, 448, 448, 3] each
                 pixels += list(result.split(1))
                 image_keys += frame_keys(key, image.video_frames)
             else:

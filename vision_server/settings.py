@@ -3,9 +3,10 @@ variables, then these defaults."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.settings import InternalSecurity, RequestLimits
@@ -35,7 +36,9 @@ class VisionServerSettings(BaseSettings, InternalSecurity, RequestLimits):  # th
     max_video_decoded_frames: int = 2_048  # frames decoded (only groups holding a sampled frame are)
     max_video_decoded_pixels: int = 2_000_000_000  # width x height summed over them (~960 frames of 1080p)
     video_decode_timeout_s: float = 10.0  # wall clock for demuxing and decoding one video
-    preprocess_workers: int = 2
+    # Threads decoding and tiling images (PIL releases the GIL in both; benchmarks/preprocess.py measures it).
+    # Default: the cores this process may run on.
+    preprocess_workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), gt=0)
     send_timeout_s: float = 30.0
     feature_transport: Literal["tcp", "rdma"] = "tcp"  # rdma: also send to rdma:// endpoints (needs pyverbs)
     feature_secret: SecretStr | None = None  # shared with the language servers (CURVE on TCP, HMAC on RDMA)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vision_server.preprocess import IMAGE_SIZE, ImageError, dynamic_tiles, to_pixel_values
+from vision_server.preprocess import IMAGE_SIZE, ImageError, dynamic_tiles, normalize, to_tile_bytes
 
 # FFmpeg demuxers a video may use, by FFmpeg's names: the usual video files. Playlist and list formats (HLS,
 # DASH, concat, image2 patterns ...) would make FFmpeg open other files or URLs named inside the upload.
@@ -253,11 +253,17 @@ def decode_picked_frames(data: bytes, num_frames: int, limits: VideoLimits = Vid
     return [images[i] for i in picked]
 
 
-def preprocess_video(data: bytes, num_frames: int, limits: VideoLimits = VideoLimits()) -> torch.Tensor:
-    """Encoded video bytes to `num_frames` evenly sampled frames, one 448x448 tile each: [frames, 3, 448, 448].
+def video_tiles(data: bytes, num_frames: int, limits: VideoLimits = VideoLimits()) -> torch.Tensor:
+    """Encoded video bytes to `num_frames` evenly sampled frames, one 448x448 uint8 tile each: [frames, 448, 448, 3].
 
     As in the model card's `load_video` with `max_num=1`: each frame is resized to one tile, no thumbnail.
+    The vision model normalises them on its device (see vision_server/preprocess.py).
     """
     # Each picked frame becomes its one tile as soon as it is decoded: 0.6 MB held per frame, whatever its size.
     tiles = decode_picked_frames(data, num_frames, limits, lambda frame: dynamic_tiles(frame, 1, 1, IMAGE_SIZE)[0])
-    return to_pixel_values(tiles)
+    return to_tile_bytes(tiles)
+
+
+def preprocess_video(data: bytes, num_frames: int, limits: VideoLimits = VideoLimits()) -> torch.Tensor:
+    """`video_tiles`, normalised here: float32 pixel values [frames, 3, 448, 448]."""
+    return normalize(video_tiles(data, num_frames, limits))

@@ -8,6 +8,7 @@ from torch import nn
 
 from checkpoint.presets import ModelConfig
 from vision_server.intern_vit import InternViT
+from vision_server.normalize import normalize
 from vision_server.vir import CompressedProjector, Gating, RouterPooling
 
 
@@ -38,7 +39,12 @@ class Projector(nn.Module):
 
 
 class VisionModel(nn.Module):
-    """Pixel values [tiles, 3, 448, 448] to LLM-ready features [tiles, tokens_per_tile, H]."""
+    """Pixel values [tiles, 3, 448, 448] to LLM-ready features [tiles, tokens_per_tile, H].
+
+    The input may also be uint8 tiles [tiles, 448, 448, 3] (`vision_server.preprocess.preprocess_tiles`): they
+    are normalised here, on the weights' device, in float32 exactly as the host would
+    (`vision_server.normalize`), then cast to the weights' dtype. So the host ships a quarter of the bytes and
+    none of the float work."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -64,6 +70,8 @@ class VisionModel(nn.Module):
 
     def _vit_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.vit.embed.proj.weight
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize(pixel_values.to(weight.device, non_blocking=True))
         x = self.vit(pixel_values.to(weight.device, weight.dtype), self.num_layers)
         # x: [tiles, 1025, C] -> drop CLS -> [tiles, 32, 32, C]
         side = self.config.vision.image_size // self.config.vision.patch_size

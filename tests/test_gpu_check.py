@@ -1,0 +1,38 @@
+"""benchmarks/gpu_check: its CPU dry run (the CUDA parts need a lent GPU; benchmarks/gpu_check.sh runs them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_equivalence_dry_run_passes_on_a_generated_tiny_checkpoint(tmp_path):
+    done = run("equivalence", "--device", "cpu", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    result = json.loads((tmp_path / "equivalence.json").read_text())
+    assert result["pass"] and result["normalize_bit_equal_on_device"]
+    tiny = result["geometries"]["tiny"]
+    assert tiny["fp32_device_vs_cpu_relative_l2"] == 0.0  # the same device: bit-equal
+    assert 0 < tiny["bf16_vs_fp32_relative_l2"] < result["tolerances"]["bf16_vs_fp32_relative_l2"]
+
+
+def test_pipeline_dry_run_writes_a_summary_and_a_trace(tmp_path):
+    done = run("pipeline", "--device", "cpu", "--out", str(tmp_path), "--preset", "tiny", "--clients", "2",
+               "--images-per-client", "2", "--tiles-per-image", "2", "--max-batch-tiles", "4")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "pipeline.json").read_text())
+    assert summary["tiles"] == 2 * 2 * 3 and summary["batches"] >= 3  # 2 tiles + thumbnail per image
+    assert (tmp_path / summary["chrome_trace"]).stat().st_size > 0
+
+
+def test_the_script_parses():
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
