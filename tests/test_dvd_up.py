@@ -157,9 +157,9 @@ def test_bad_requests_get_openai_errors(client, model):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], temperature=5)
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match="functions: this server does not support"):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+                                       functions=[{"name": "f"}])
 
 
 def test_prompt_longer_than_the_context_is_a_400(client, model):
