@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import grpc
 import openai
 import pytest
 from gateway_fakes import MODEL, FakeLanguage, FakeVision, gateway, run
@@ -376,3 +377,55 @@ def test_the_response_store_is_bounded():
     with pytest.raises(Exception, match="not stored"):
         store.get("resp_0")
     assert store.get("resp_9").id == "resp_9"
+
+
+# ---------------------------------------------------------------- failures
+
+
+class FailingVision(FakeVision):
+    async def Encode(self, request, context):  # noqa: N802
+        self.requests.append(request)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image 0: not an image the server can decode")
+
+
+async def waits_for_features(request, server):
+    """As the real server does: says what it lacks, then waits for features that never come."""
+    yield dvd_pb2.GenerateResponse(missing=dvd_pb2.MissingImages(image_indices=[0]))
+    await asyncio.sleep(60)
+    yield finish("too late")
+
+
+def test_a_failed_encode_of_a_needed_image_fails_the_request_with_its_status():
+    language = FakeLanguage(waits_for_features)
+
+    async def main():
+        async with gateway(language, FailingVision()) as (_, http):
+            reply = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": image_chat()})
+            for _ in range(100):
+                if language.cancelled:
+                    break
+                await asyncio.sleep(0.05)
+            return reply
+
+    reply = run(main())
+    assert reply.status_code == 400 and "not an image the server can decode" in reply.json()["error"]["message"]
+    assert language.cancelled == 1  # the Generate waiting for the features was cancelled
+
+
+async def dies_after_a_token(request, server):
+    yield dvd_pb2.GenerateResponse(text="half", token_ids=[1])
+    raise RuntimeError("engine gone")
+
+
+def test_a_failure_after_the_first_token_ends_each_stream_in_band():
+    async def main():
+        async with gateway(FakeLanguage(dies_after_a_token)) as (client, http):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            chat = (await http.post("/v1/chat/completions", json=body)).text
+            events = [e async for e in await client.responses.create(model=MODEL, input="hi", stream=True)]
+        return chat, events
+
+    chat, events = run(main())
+    assert '"content":"half"' in chat and '"error"' in chat.split("\n\n")[-2] and "[DONE]" not in chat
+    assert [e.type for e in events][-2:] == ["response.output_text.delta", "response.failed"]
+    assert events[-1].response.status == "failed" and events[-1].response.error.code == "server_error"
