@@ -7,7 +7,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 REQUESTS = Counter("dvd_vision_requests", "Encode calls, by outcome", ["outcome"])
 DISPATCH = Histogram("dvd_vision_dispatch_seconds",
                      "API request arrival at the gateway to its Encode arriving here (needs synced clocks)",
-                     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1))
+                     buckets=(0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.010, 0.012, 0.014,
+                              0.016, 0.018, 0.020, 0.025, 0.035, 0.05, 0.1, 0.25, 1))
 IMAGES = Counter("dvd_vision_images", "Images encoded and sent")
 TILES = Counter("dvd_vision_tiles", "Tiles encoded, by device", ["device"])
 FEATURE_BYTES = Counter("dvd_vision_feature_bytes_sent", "Feature payload bytes sent")
