@@ -58,9 +58,10 @@ class OutputParsers:
     @staticmethod
     def check_names(tool_call_parser: str, reasoning_parser: str) -> None:
         """ValueError, naming the registered parsers, unless vLLM has parsers of both names."""
-        for name, registry, what in ((tool_call_parser, ToolParserManager, "tool call parser"),
-                                     (reasoning_parser, ReasoningParserManager, "reasoning parser")):
-            lookup = registry.get_reasoning_parser if registry is ReasoningParserManager else registry.get_tool_parser
+        for name, registry, lookup, what in (
+                (tool_call_parser, ToolParserManager, ToolParserManager.get_tool_parser, "tool call parser"),
+                (reasoning_parser, ReasoningParserManager, ReasoningParserManager.get_reasoning_parser,
+                 "reasoning parser")):
             try:
                 lookup(name)
             except KeyError:
@@ -126,7 +127,7 @@ class OutputParsers:
     def choices(self, tools: ToolsRequest | None, enable_thinking: bool) -> Choices | None:
         """The parser states of one request's choices; None when its output is plain text."""
         chat_request = tools.chat_request if tools else self.chat_request(None)
-        if self.choice_parser(chat_request, enable_thinking) is None:
+        if not chat_request.tools and not enable_thinking:
             return None
         return Choices(lambda: self.choice_parser(chat_request, enable_thinking))
 
@@ -135,11 +136,9 @@ class OutputParsers:
         """Whether the output is constrained to JSON tool calls (`required` or a named function)."""
         return bool(chat_request.tools) and chat_request.tool_choice not in ("auto", "none", None)
 
-    def choice_parser(self, chat_request: ChatCompletionRequest, enable_thinking: bool) -> ChoiceParser | None:
-        """A fresh parser state for one choice; None when the output is plain text (no tools, no thinking).
-        A forced (JSON) choice is all tool calls from the first token, so its thinking is not split off."""
-        if not chat_request.tools and not enable_thinking:
-            return None
+    def choice_parser(self, chat_request: ChatCompletionRequest, enable_thinking: bool) -> ChoiceParser:
+        """A fresh parser state for one choice. A forced (JSON) choice is all tool calls from the first token,
+        so its thinking is not split off."""
         thinking = enable_thinking and not self.forced(chat_request)
         return ChoiceParser(lambda: self._composed[thinking](self.tokenizer, chat_request.tools), chat_request)
 
@@ -235,10 +234,12 @@ class ChoiceParser:
         """Add what vLLM's non-streaming parse of the whole text has beyond what was streamed."""
         reasoning, content, calls = self._make_parser().parse(
             self._text, self._request, enable_auto_tools=True, model_output_token_ids=self._token_ids)
-        piece.reasoning += self._rest(reasoning or "", self._sent.reasoning)
-        piece.content += self._rest(content or "", self._sent.content)
-        self._sent.reasoning += self._rest(reasoning or "", self._sent.reasoning)
-        self._sent.content += self._rest(content or "", self._sent.content)
+        more_reasoning = self._rest(reasoning or "", self._sent.reasoning)
+        more_content = self._rest(content or "", self._sent.content)
+        piece.reasoning += more_reasoning
+        piece.content += more_content
+        self._sent.reasoning += more_reasoning
+        self._sent.content += more_content
         for index, call in enumerate(calls or []):
             name, arguments = self._sent.calls.get(index, ["", ""])
             if not name:

@@ -135,6 +135,14 @@ def test_forced_choices_get_vllms_schema_and_hermes_keeps_special_tokens(parsers
 # --- output ------------------------------------------------------------------------------------------------
 
 
+def add_call_deltas(calls: dict[int, dict], deltas) -> None:
+    """`ToolCallDelta`s joined into whole calls by index: ids, names and arguments concatenated."""
+    for delta in deltas:
+        whole = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+        for key in whole:
+            whole[key] += getattr(delta, key)
+
+
 def run(parsers, tokenizer, output: str, tools: dvd_pb2.Tools | None = None, thinking: bool = False,
         step: int = 1) -> dict:
     """`output`'s tokens fed `step` at a time to one choice's parser; the deltas joined."""
@@ -148,10 +156,7 @@ def run(parsers, tokenizer, output: str, tools: dvd_pb2.Tools | None = None, thi
         piece = parser.feed(delta, ids[start:start + step], finished=start + step >= len(ids))
         joined["content"] += piece.content
         joined["reasoning"] += piece.reasoning
-        for call in piece.tool_calls:
-            whole = joined["calls"].setdefault(call.index, {"id": "", "name": "", "arguments": ""})
-            for key in whole:
-                whole[key] += getattr(call, key)
+        add_call_deltas(joined["calls"], piece.tool_calls)
     joined["finish_reason"] = parser.finish_reason("stop")
     return joined
 
@@ -250,10 +255,7 @@ def generate(port: int, messages, tools: dvd_pb2.Tools | None = None, **sampling
                 choice["reasoning"] += response.reasoning
                 choice["token_ids"] += response.token_ids
                 choice["finish_reason"] += response.finish_reason
-                for delta in response.tool_calls:
-                    whole = choice["calls"].setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
-                    for key in whole:
-                        whole[key] += getattr(delta, key)
+                add_call_deltas(choice["calls"], response.tool_calls)
         return choices
 
     return asyncio.run(call())
