@@ -161,12 +161,6 @@ def tools_of(request: ChatCompletionRequest) -> dvd_pb2.Tools | None:
     return tools
 
 
-def _text(content) -> list[dvd_pb2.ContentPart]:
-    if isinstance(content, str) or content is None:
-        return [dvd_pb2.ContentPart(text=content or "")]
-    return [dvd_pb2.ContentPart(text=part.text) for part in content]
-
-
 def _message(message: ChatMessage, settings: GatewaySettings, sources: list[ImageSource]) -> dvd_pb2.ChatMessage:
     """One OpenAI message in the servers' terms; its images' sources are added to `sources`."""
     role = "system" if message.role == "developer" else message.role
@@ -193,7 +187,7 @@ def _message(message: ChatMessage, settings: GatewaySettings, sources: list[Imag
                 result.content.extend([dvd_pb2.ContentPart(text=f"Frame{frame + 1}: "),
                                        dvd_pb2.ContentPart(image=True)])
         else:
-            source = ImageSource(part.image_url.url, 1 if part.image_url.detail == "low" else settings.max_tiles)
+            source = ImageSource.image(part.image_url.url, part.image_url.detail, settings.max_tiles)
             result.content.append(dvd_pb2.ContentPart(image=True))
         sources.append(source)
     return result
@@ -313,8 +307,8 @@ class _ChoiceSoFar:
                       logprobs=ChoiceLogprobs(content=self.logprobs) if self.logprobs is not None else None)
 
 
-async def fold(events: AsyncIterator[ChatCompletionChunk], *, thinking: bool | None = None) -> ChatCompletion:
-    """The chunks of one chat completion as the whole `ChatCompletion`."""
+async def fold(events: AsyncIterator[ChatCompletionChunk], *, thinking: bool) -> ChatCompletion:
+    """The chunks of one chat completion as the whole `ChatCompletion` (`reasoning_content` with thinking on)."""
     choices: dict[int, _ChoiceSoFar] = {}
     first = usage = None
     async for chunk in events:
@@ -322,6 +316,5 @@ async def fold(events: AsyncIterator[ChatCompletionChunk], *, thinking: bool | N
         for choice in chunk.choices:
             choices.setdefault(choice.index, _ChoiceSoFar()).add(choice)
         usage = chunk.usage or usage
-    thinking = any(c.reasoning != [""] * len(c.reasoning) for c in choices.values()) if thinking is None else thinking
     return ChatCompletion(id=first.id, created=first.created, model=first.model,
                           choices=[c.choice(i, thinking) for i, c in sorted(choices.items())], usage=usage)

@@ -51,6 +51,11 @@ class ImageSource:
     def images(self) -> int:
         return self.video_frames or 1
 
+    @classmethod
+    def image(cls, url: str, detail: str, max_tiles: int) -> ImageSource:
+        """An image at the request's detail: "low" is one tile, "high" and "auto" up to `max_tiles`."""
+        return cls(url, 1 if detail == "low" else max_tiles)
+
 
 @dataclass
 class Job:
