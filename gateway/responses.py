@@ -13,6 +13,7 @@ Nothing survives a gateway restart, and each gateway replica has its own store.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -83,7 +84,8 @@ async def create_response(body: ResponsesRequest, request: Request, serving: Ser
     async def stored(responses: Responses) -> AsyncIterator:
         async for event in events(job, shell, responses):
             if event.type in ("response.completed", "response.incomplete") and body.store:
-                store.put(event.response, items + output_as_input(event.response))
+                history = items + output_as_input(event.response)
+                store.put(event.response, history, await asyncio.to_thread(store.size_of, event.response, history))
             yield event
 
     async def render_stream(responses: Responses) -> AsyncIterator[str]:
@@ -156,7 +158,7 @@ def _message(item: Message, settings: GatewaySettings, sources: list[ImageSource
             raise APIError(400, f"images are only accepted in user messages, not {item.role}", param="input")
         if not part.image_url:
             raise APIError(400, "input_image needs image_url: this server keeps no files (file_id)", param="input")
-        sources.append(ImageSource(part.image_url, 1 if part.detail == "low" else settings.max_tiles))
+        sources.append(ImageSource.image(part.image_url, part.detail, settings.max_tiles))
         message.content.append(dvd_pb2.ContentPart(image=True))
     return message
 
@@ -383,8 +385,13 @@ class ResponseStore:
         self._max_bytes, self._ttl_s = max_bytes, ttl_s
         self.num_bytes = 0
 
-    def put(self, response: Response, history: list[InputItem]) -> None:
-        size = len(response.model_dump_json()) + sum(len(item.model_dump_json()) for item in history)
+    @staticmethod
+    def size_of(response: Response, history: list[InputItem]) -> int:
+        """The bytes a stored response counts for: its JSON and its conversation's, images included (in a
+        thread: a long conversation serialises megabytes)."""
+        return len(response.model_dump_json()) + sum(len(item.model_dump_json()) for item in history)
+
+    def put(self, response: Response, history: list[InputItem], size: int) -> None:
         if size > self._max_bytes:
             return  # larger than the whole store: not kept
         self._entries[response.id] = _Stored(response, history, time.monotonic(), size)

@@ -372,7 +372,8 @@ def test_the_response_store_is_bounded():
     for number in range(10):
         response = Response(id=f"resp_{number}", object="response", created_at=0, model=MODEL, output=[],
                             parallel_tool_calls=True, tool_choice="auto", tools=[])
-        store.put(response, [*output_as_input(response), *([] if isinstance(request.input, str) else request.input)])
+        history = [*output_as_input(response), *([] if isinstance(request.input, str) else request.input)]
+        store.put(response, history, store.size_of(response, history))
     assert store.num_bytes <= 3000
     with pytest.raises(Exception, match="not stored"):
         store.get("resp_0")
