@@ -258,8 +258,7 @@ def compare(
                            input_words, output_len, seed, warmup, len(options.points))
         with contextlib.ExitStack() as stack:
             if url:
-                urls = [url] if isinstance(url, str) else url
-                target = servers.Target(urls[0], replica_urls=urls if len(urls) > 1 else [])
+                target = servers.Target([url] if isinstance(url, str) else url)
             else:
                 if log_dir:
                     logs_here = log_dir / system

@@ -20,7 +20,7 @@ from typing import Annotated
 import openai
 import typer
 
-from benchmarks.dispatch import cpu_model
+from benchmarks.run import machine
 from benchmarks.servers import coupled_command
 from launcher import Servers, Stack, free_port, http_ready
 
@@ -73,7 +73,7 @@ def main(model: Annotated[str, typer.Option(help="Checkpoint")] = "checkpoints/t
                     "schema_valid_calls": sum(t["schema_valid"] for t in trials), "trials": len(trials),
                     "finish_reasons": sorted({t["finish_reason"] for t in trials}), "each": trials}
     document = {"command": "python -m benchmarks.constrained_tools " + " ".join(sys.argv[1:]),
-                "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_1m": os.getloadavg()[0]},
+                "machine": machine() | {"load_1m": os.getloadavg()[0]},
                 "tool": TOOL, "max_tokens": max_tokens, "temperature": 1.0, "results": results}
     summary = {system: {name: f"{r['schema_valid_calls']}/{r['trials']} valid, finish {r['finish_reasons']}"
                         for name, r in by_choice.items()} for system, by_choice in results.items()}

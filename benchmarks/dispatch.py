@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.request_latency import image_url
+from benchmarks.run import machine
 from launcher import Servers, Stack, free_port, http_ready
 
 DISPATCH = "dvd_vision_dispatch_seconds"
@@ -44,13 +44,6 @@ def one_observation(before: dict[float, float], after: dict[float, float]) -> fl
     """The bucket (upper bound, seconds) that one request's observation fell into."""
     grown = [bound for bound in sorted(after) if after[bound] > before.get(bound, 0)]
     return grown[0] if grown else None
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main(model: Annotated[str, typer.Option(help="Checkpoint")] = "checkpoints/tiny",
@@ -96,7 +89,7 @@ def main(model: Annotated[str, typer.Option(help="Checkpoint")] = "checkpoints/t
                       "ttft_mean_ms": round(statistics.fmean(r["ttft_ms"]), 2), **r}
                for name, r in results.items()}
     document = {"command": "python -m benchmarks.dispatch " + " ".join(sys.argv[1:]),
-                "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_1m": os.getloadavg()[0]},
+                "machine": machine() | {"load_1m": os.getloadavg()[0]},
                 "image": [width, height], "requests_per_gateway": requests, "max_tokens": max_tokens,
                 "note": "dispatch = API request arrival at the gateway -> Encode arrival at the vision server, "
                         "as the upper bound of the histogram bucket each request fell into",

@@ -32,6 +32,7 @@ import torch
 import typer
 from PIL import Image
 
+from benchmarks import run
 from vision_server.preprocess import (
     IMAGE_SIZE,
     decode_image,
@@ -58,17 +59,9 @@ def smooth_photo(width: int, height: int, seed: int = 0, quality: int = 90) -> b
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores_given": len(os.sched_getaffinity(0)), "cpus_online": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "pillow": Image.__version__, "torch_threads": torch.get_num_threads()}
+    return run.machine() | {"cores_given": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+                            "torch": torch.__version__, "pillow": Image.__version__,
+                            "torch_threads": torch.get_num_threads()}
 
 
 def median_s(fn, repeats: int) -> float:

@@ -28,14 +28,13 @@ class Target:
     """A running server: its root URL (several: replicas, balanced by the load generator), for DvD the servers'
     Prometheus pages, and the processes started here."""
 
-    base_url: str
+    urls: list[str]  # more than one: coupled data-parallel replicas
     metrics_pages: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # server name -> its process
-    replica_urls: list[str] = field(default_factory=list)  # more than one: coupled data-parallel replicas
 
     @property
-    def urls(self) -> list[str]:
-        return self.replica_urls or [self.base_url]
+    def base_url(self) -> str:
+        return self.urls[0]
 
     def cores(self) -> dict[str, list[int]]:
         """Server name -> the cores its processes (children included) may run on, read now."""
@@ -79,7 +78,7 @@ def coupled(model: str, log_dir: Path, timeout_s: float = 600.0,
                               env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
     probes = [launcher.http_ready(url) for url in urls]
     with server.running(lambda: all(probe() for probe in probes), timeout_s, f"vllm serve answers at {urls}"):
-        yield Target(urls[0], processes=server.processes, replica_urls=urls if len(urls) > 1 else [])
+        yield Target(urls, processes=server.processes)
 
 
 @contextlib.contextmanager
@@ -97,6 +96,6 @@ def dvd(model: str, log_dir: Path, timeout_s: float = 600.0, env: dict[str, str]
     for name, cores in (placement.dvd_cores() if placement else {}).items():  # the gateway floats
         servers.commands[name] = pin(servers.commands[name], cores)
     with servers.running(stack.ready(), timeout_s, "the gateway reports both servers up") as up:
-        yield Target(stack.gateway_url, {
+        yield Target([stack.gateway_url], {
             "vision": f"http://{stack.host}:{stack.vision_metrics_port}/metrics",
             "language": f"http://{stack.host}:{stack.language_metrics_port}/metrics"}, up.processes)
