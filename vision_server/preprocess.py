@@ -43,7 +43,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
                 f"image declares {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
             )
         image.load()
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")  # convert copies even when RGB
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
