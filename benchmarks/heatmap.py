@@ -32,9 +32,11 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import numpy as np
 import psutil
 import typer
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import servers
 from benchmarks import workload as bench_workload
@@ -54,17 +56,18 @@ PREDICTED = ("throughput_rps", "goodput_rps", "ttft_p90_s", "tpot_p90_s")
 
 
 def planner_workload(tiles: int, output_tokens: int, rate: float, slos_ms: dict[str, float],
-                     requests: int = 400) -> PlannerWorkload:
+                     vir_compressed_share: float = 0.0, requests: int = 400) -> PlannerWorkload:
     images, (width, height) = IMAGES_FOR_TILES[tiles]
     return PlannerWorkload(name=f"{tiles}t_{output_tokens}o", images_per_request=images,
                            tiles_per_image=tiles // images, text_tokens=TEXT_TOKENS, output_tokens=output_tokens,
                            arrival_rate=rate, requests=requests, ttft_slo_s=slos_ms["ttft"] / 1e3,
-                           tpot_slo_s=slos_ms["tpot"] / 1e3, gpus=2)
+                           tpot_slo_s=slos_ms["tpot"] / 1e3, vir_compressed_share=vir_compressed_share, gpus=2)
 
 
 def predictions(profiles: StageProfiles, point: dict, slos_ms: dict[str, float]) -> dict:
     """The planner's figures for both systems at the point's rate."""
-    workload = planner_workload(point["tiles"], point["output_tokens"], point["rate"], slos_ms)
+    workload = planner_workload(point["tiles"], point["output_tokens"], point["rate"], slos_ms,
+                                point.get("vir_compressed_share", 0.0))
     predicted = {}
     for system, (vision, language) in (("DvD", (1, 1)), ("coupled", (0, 2))):
         summary = predict(profiles, workload, vision, language)
@@ -85,6 +88,20 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def vir_tiles(target: servers.Target) -> dict[str, float]:
+    """ViR's routed tiles so far by route (DvD with a Flash checkpoint; empty otherwise)."""
+    page = target.metrics_pages.get("vision")
+    if not page:
+        return {}
+    routes: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(page, timeout=10).text):
+        if family.name == "dvd_vision_vir_tiles":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    routes[sample.labels["route"]] = routes.get(sample.labels["route"], 0.0) + sample.value
+    return routes
+
+
 def requests_for(point: dict, count: int, seed: int) -> list[bench_workload.BenchRequest]:
     images, size = IMAGES_FOR_TILES[point["tiles"]]
     return bench_workload.synthetic(count, [size], images, INPUT_WORDS, point["output_tokens"], seed)
@@ -99,13 +116,18 @@ def measure(target: servers.Target, point: dict, load: LoadPoint, count: int, sl
     options = RunOptions(points=[load], slos_ms=slos_ms, percentiles=[50.0, 90.0, 99.0],
                          metrics_pages=target.metrics_pages, progress=False, seed=seed)
     before = {name: tree_cpu_seconds(p.pid) for name, p in target.processes.items()}
+    routed_before = vir_tiles(target)
     document = asyncio.run(bench(target.urls, work, options))
     used = {name: round(tree_cpu_seconds(p.pid) - before[name], 2) for name, p in target.processes.items()}
+    routed = {route: n - routed_before.get(route, 0.0) for route, n in vir_tiles(target).items()}
     row = document["points"][0]
     keep = ("completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
             "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_tpot_ms", "p90_tpot_ms", "p99_tpot_ms",
             "stages_ms")
-    return {key: row[key] for key in keep if key in row} | {"cpu_s": used, "load_avg": document["load_avg_after"]}
+    extra = {"vir_compressed_share": round(routed.get("compressed", 0.0) / sum(routed.values()), 3)} if any(
+        routed.values()) else {}
+    return ({key: row[key] for key in keep if key in row} | extra
+            | {"cpu_s": used, "load_avg": document["load_avg_after"]})
 
 
 @contextlib.contextmanager
@@ -123,6 +145,8 @@ def probe(target: servers.Target, system: str, plan: list[dict], concurrency: in
     for index, point in enumerate(plan):
         measured = measure(target, point, LoadPoint(math.inf, concurrency), count, {}, seed=1000 + index)
         point.setdefault("capacity_rps", {})[system] = round(measured["request_throughput"], 3)
+        if "vir_compressed_share" in measured:  # DvD with ViR: the planner's predictions use the share seen
+            point["vir_compressed_share"] = measured["vir_compressed_share"]
         typer.echo(f"probe {system} {point['tiles']} tiles, {point['output_tokens']} out: "
                    f"{measured['request_throughput']:.2f} req/s at concurrency {concurrency}")
 
@@ -241,7 +265,11 @@ def main(
     profiles: Annotated[Path, typer.Option(help="Stage profiles for the planner")] = RESULTS / "profiles/cpu_tiny.json",
     dtype: str = "bfloat16",
     out_dir: Path = RESULTS,
+    repredict_results: Annotated[Path | None, typer.Option(
+        "--repredict", help="Only recompute the predictions of this heatmap JSON on --profiles")] = None,
 ) -> None:
+    if repredict_results:
+        return repredict(repredict_results, profiles)
     tile_counts, outputs = parse_list(tiles), parse_list(output_tokens)
     if unknown := set(tile_counts) - set(IMAGES_FOR_TILES):
         raise typer.BadParameter(f"tiles per request {sorted(unknown)}: choose from {sorted(IMAGES_FOR_TILES)}")
@@ -262,21 +290,36 @@ def main(
         poisson(target, "DvD", plan, slos, seconds, least)
     with started("coupled", coupled_checkpoint, placement, log_dir) as target:
         poisson(target, "coupled", plan, slos, seconds, least)
-    for point in plan:
-        point["ratios"] = ratios(point)
     result = {"name": name, "command": shlex.join(["python", "-m", "benchmarks.heatmap", *sys.argv[1:]]),
               "machine": machine(), "versions": versions(), "model": str(model),
               "coupled_model": str(coupled_model or model),
               "placement": {"language": placement.language, "vision": placement.vision, "dtype": placement.dtype},
               "profiles": str(profiles), "slos_ms": slos, "probe_concurrency": probe_concurrency, "seconds": seconds,
-              "least": least, "points": plan,
-              "logs": str(log_dir)}
+              "least": least, "tiles": tile_counts, "output_tokens": outputs, "points": plan, "logs": str(log_dir)}
+    write(result, out_dir)
+
+
+def write(result: dict, out_dir: Path) -> None:
+    """heatmap_NAME.json, .md and .png, ratios (re)computed from the points."""
+    for point in result["points"]:
+        point["ratios"] = ratios(point)
+    name, slos = result["name"], result["slos_ms"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"heatmap_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / f"heatmap_{name}.md").write_text(markdown(result))
-    draw(plan, tile_counts, outputs, out_dir / f"heatmap_{name}.png",
-         f"DvD / coupled goodput ({name}; TTFT<={ttft_slo_ms:g} ms, TPOT<={tpot_slo_ms:g} ms)")
+    draw(result["points"], result["tiles"], result["output_tokens"], out_dir / f"heatmap_{name}.png",
+         f"DvD / coupled goodput ({name}; TTFT<={slos['ttft']:g} ms, TPOT<={slos['tpot']:g} ms)")
     typer.echo(markdown(result))
+
+
+def repredict(results: Path, profiles: Path) -> None:
+    """Recompute the planner's predictions of a results file on other stage profiles (e.g. fresher ones)."""
+    result = json.loads(results.read_text())
+    stage_profiles = StageProfiles.load(profiles)
+    for point in result["points"]:
+        point["predicted"] = predictions(stage_profiles, point, result["slos_ms"])
+    result["profiles"] = str(profiles)
+    write(result, results.parent)
 
 
 if __name__ == "__main__":
