@@ -429,3 +429,44 @@ def test_compare_pinned_runs_each_server_on_its_cores_and_balances_over_two_coup
         assert "dtype=torch.bfloat16" in log
     table = (tmp_path / "results" / "bench_pin_compare.md").read_text()
     assert "Placement of coupled: placement `pinned`, dtype bfloat16, 2 replicas" in table
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 6, 12])
+def test_heatmap_requests_carry_the_tiles_per_request_they_are_named_for(tiles):
+    import base64
+
+    from benchmarks.heatmap import requests_for
+    from vision_server.preprocess import preprocess_tiles
+
+    (request,) = requests_for({"tiles": tiles, "output_tokens": 16}, 1, seed=0)
+    counted = sum(preprocess_tiles(base64.b64decode(url.split(",", 1)[1]), max_tiles=12).shape[0]
+                  for url in request.images)
+    assert counted == tiles and request.output_len == 16
+
+
+def heatmap_point(tiles: int, out: int, dvd_goodput: float, coupled_goodput: float) -> dict:
+    def run(goodput: float, tpot: float, cpu: dict) -> dict:
+        return {"request_throughput": 2.0, "request_goodput": goodput, "p90_tpot_ms": tpot, "p90_ttft_ms": 300.0,
+                "cpu_s": cpu}
+
+    return {"tiles": tiles, "output_tokens": out, "rate": 1.8, "capacity_rps": {"DvD": 2.0, "coupled": 1.5},
+            "predicted": {"DvD": {"goodput_rps": 1.5, "tpot_p90_s": 0.01},
+                          "coupled": {"goodput_rps": 1.0, "tpot_p90_s": 0.02}},
+            "measured": {"DvD": run(dvd_goodput, 10.0, {"vision-server": 3.0, "language-server": 6.0}),
+                         "coupled": run(coupled_goodput, 20.0, {"coupled-0": 5.0, "coupled-1": 5.0})}}
+
+
+def test_heatmap_writes_ratios_table_and_map_and_tolerates_zero_goodput(tmp_path):
+    from benchmarks.heatmap import write
+
+    points = [heatmap_point(1, 16, 1.3, 1.0), heatmap_point(1, 64, 0.5, 0.0)]
+    result = {"name": "t", "slos_ms": {"ttft": 2000.0, "tpot": 30.0}, "tiles": [1], "output_tokens": [16, 64],
+              "points": points}
+    write(result, tmp_path)
+    first, second = json.loads((tmp_path / "heatmap_t.json").read_text())["points"]
+    assert first["ratios"] == {"goodput": 1.3, "throughput": 1.0, "tpot_p90": 0.5, "ttft_p90": 1.0,
+                               "predicted_goodput": 1.5, "predicted_tpot_p90": 0.5, "vision_over_language_cpu": 0.5}
+    assert second["ratios"]["goodput"] is None  # coupled met no SLO: no ratio rather than a division error
+    table = (tmp_path / "heatmap_t.md").read_text()
+    assert "| 1 | 16 | 2.00 / 1.50 | 1.8 |" in table and "1.30 (1.50)" in table and "| 0.50 |" in table
+    assert (tmp_path / "heatmap_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
