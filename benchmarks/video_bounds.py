@@ -24,6 +24,8 @@ from typing import Annotated
 
 import typer
 
+from benchmarks import run
+
 FRAMES, WIDTH, HEIGHT = 900, 1920, 1080
 OUTPUT = Path("benchmarks/results/video_bounds_cpu.json")
 CACHE = Path(tempfile.gettempdir())
@@ -124,13 +126,6 @@ def make_warm_up_video(path: Path) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 @app.command()
 def main(
     output: Annotated[Path, typer.Option(help="Where the JSON goes")] = OUTPUT,
@@ -147,7 +142,7 @@ def main(
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
         typer.echo(json.dumps(runs[-1]))
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": run.machine()["cpu"], "cores": os.cpu_count(), "python": platform.python_version()},
         "video": {"frames": FRAMES, "width": WIDTH, "height": HEIGHT, "codec": "h264 (libx264, veryfast, crf 20)",
                   "bytes": video.stat().st_size},
         "runs": runs,
