@@ -11,6 +11,10 @@ Stages: preprocess (decode + tiling), vision queue (queued -> first tile in a ba
 last tile through ViT + projector: the queue included), send (hand-off to ZeroMQ), transfer
 (vision send -> language receive), feature wait (Generate arrival -> all features present; overlaps
 the stages before it), prefill (features present -> first token), decode (first -> last token).
+
+The hop overhead is what the client waits for beyond the stages on the critical path: client TTFT minus
+(preprocess + encode [queue included] + send + transfer + prefill [the first decode step included]): the
+gateway's parsing, image decoding and gRPC calls, the servers' hand-offs, and the way back to the client.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import httpx
@@ -39,6 +46,7 @@ STAGES = {
     "prefill": ("language", "dvd_language_prefill_seconds"),
     "decode": ("language", "dvd_language_decode_seconds"),
 }
+HOP_STAGES = ("preprocess", "encode", "send", "transfer", "prefill")
 
 
 def histogram_totals(url: str) -> dict[str, tuple[float, float]]:
@@ -72,6 +80,7 @@ def main(
     height: int = 448,
     max_tokens: int = 16,
     warmup: int = 2,
+    out: Annotated[Path | None, typer.Option(help="Write the result JSON here")] = None,
 ) -> None:
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
@@ -90,6 +99,7 @@ def main(
         end = time.perf_counter()
         return (first or end) - start, end - start
 
+    load_before = os.getloadavg()[0]
     for seed in range(warmup):
         ask(seed)
     before = {kind: histogram_totals(url) for kind, url in pages.items()}
@@ -97,7 +107,9 @@ def main(
     after = {kind: histogram_totals(url) for kind, url in pages.items()}
 
     result = {"model": model, "image": [width, height], "requests": requests, "max_tokens": max_tokens,
-              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "stages_ms": {}}
+              "machine": {"cpu": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
+                          "load_1m_before": round(load_before, 2), "load_1m_after": round(os.getloadavg()[0], 2)},
+              "command": "python benchmarks/request_latency.py " + " ".join(sys.argv[1:]), "stages_ms": {}}
     for stage, (kind, name) in STAGES.items():
         s0, c0 = before[kind].get(name, (0.0, 0.0))
         s1, c1 = after[kind].get(name, (0.0, 0.0))
@@ -105,7 +117,14 @@ def main(
     ttft, e2e = zip(*client_times)
     result["client_ttft_ms"] = round(float(np.mean(ttft)) * 1e3, 2)
     result["client_e2e_ms"] = round(float(np.mean(e2e)) * 1e3, 2)
-    print(json.dumps(result, indent=2))
+    stages = [result["stages_ms"][stage] for stage in HOP_STAGES]
+    if None not in stages:
+        result["hop_overhead_ms"] = round(result["client_ttft_ms"] - sum(stages), 2)
+        result["hop_overhead_rule"] = "client TTFT - (" + " + ".join(HOP_STAGES) + ")"
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
