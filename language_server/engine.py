@@ -6,7 +6,11 @@ import os
 
 from checkpoint.formats import detect_format
 from language_server.settings import LanguageServerSettings
-from language_server.vllm_plugin import ARCHITECTURES, register
+from language_server.vllm_plugin import ARCHITECTURES, BUSY_POLL_ENV, register
+
+# How long vLLM's worker busy-polls for the next step before it sleeps (vLLM's own: 1 s). Steps of a running
+# request come milliseconds apart, so it still spins while generating; it sleeps while a request is upstream.
+ENGINE_BUSY_POLL_S = 0.05
 
 
 def set_cpu_kv_cache(settings: LanguageServerSettings, environ=os.environ) -> None:
@@ -21,6 +25,7 @@ def set_cpu_kv_cache(settings: LanguageServerSettings, environ=os.environ) -> No
 def build_engine(settings: LanguageServerSettings):
     """Start an `AsyncLLM` fed with image embeddings instead of pixels."""
     set_cpu_kv_cache(settings)
+    os.environ.setdefault(BUSY_POLL_ENV, str(ENGINE_BUSY_POLL_S))  # read by the plugin in vLLM's processes
     from vllm import AsyncEngineArgs
     from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM

@@ -5,11 +5,17 @@ workers however they were started. New names change nothing for other users of v
 server selects them through `hf_overrides`. The classes are registered as objects, not as lazy
 "module:Class" strings, because vLLM inspects lazy ones in a fresh interpreter that would import
 torchvision before the work-around in `language_server.torch_compat` could run.
+
+In the language server's own engine (`BUSY_POLL_ENV` set, inherited by its processes), it also shortens
+how long vLLM's worker busy-polls for the next step; elsewhere that stays vLLM's.
 """
 
 from __future__ import annotations
 
+import os
+
 ARCHITECTURES = {"custom": "DvdInternVLChatModel", "hf": "DvdInternS1ForConditionalGeneration"}
+BUSY_POLL_ENV = "DVD_ENGINE_BUSY_POLL_S"
 
 
 def register() -> None:
@@ -20,3 +26,23 @@ def register() -> None:
     for name in ARCHITECTURES.values():
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, getattr(vllm_models, name))
+    if os.environ.get(BUSY_POLL_ENV):
+        shorten_busy_poll(float(os.environ[BUSY_POLL_ENV]))
+
+
+def shorten_busy_poll(seconds: float) -> None:
+    """vLLM's shared-memory queue readers (the worker waiting for the engine's next step) spin, yielding the
+    CPU, for 1 s after each read before they sleep on a socket. Behind DvD the engine idles between requests
+    while the gateway and the vision server work, and that spin would take a core from the vision server;
+    after `seconds` without a step the reader sleeps and the next step wakes it (a socket ping)."""
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    init = shm_broadcast.SpinCondition.__init__
+    if getattr(init, "dvd_busy_poll_s", None) is not None:
+        return
+
+    def __init__(self, is_reader, context, notify_address, busy_loop_s: float = seconds):
+        init(self, is_reader, context, notify_address, busy_loop_s)
+
+    __init__.dvd_busy_poll_s = seconds
+    shm_broadcast.SpinCondition.__init__ = __init__
