@@ -15,6 +15,11 @@ the stages before it), prefill (features present -> first token), decode (first 
 The hop overhead is what the client waits for beyond the stages on the critical path: client TTFT minus
 (preprocess + encode [queue included] + send + transfer + prefill [the first decode step included]): the
 gateway's parsing, image decoding and gRPC calls, the servers' hand-offs, and the way back to the client.
+The server-side hop overhead starts the clock at the gateway instead (its TTFT histogram: request arrival to
+first output), leaving out the client's own JSON encoding and the upload.
+
+`--image noise` sends uniform random pixels as PNG (about 1.2 MB for 896x448, the worst case for the gateway's
+base64 decoding and the gRPC hop); `--image photo` a smooth JPEG photo of the same size (tens of kB).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ STAGES = {
     "feature_wait": ("language", "dvd_language_feature_wait_seconds"),
     "prefill": ("language", "dvd_language_prefill_seconds"),
     "decode": ("language", "dvd_language_decode_seconds"),
+    "gateway_ttft": ("gateway", "dvd_gateway_ttft_seconds"),
 }
 HOP_STAGES = ("preprocess", "encode", "send", "transfer", "prefill")
 
@@ -64,7 +70,11 @@ def histogram_totals(url: str) -> dict[str, tuple[float, float]]:
     return {name: (s, c) for name, (s, c) in totals.items()}
 
 
-def image_url(width: int, height: int, seed: int) -> str:
+def image_url(width: int, height: int, seed: int, kind: str = "noise") -> str:
+    if kind == "photo":
+        from benchmarks.preprocess import smooth_photo
+
+        return "data:image/jpeg;base64," + base64.b64encode(smooth_photo(width, height, seed)).decode()
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -78,18 +88,21 @@ def main(
     requests: Annotated[int, typer.Option(help="Sequential requests to average over")] = 20,
     width: int = 896,
     height: int = 448,
+    image: Annotated[str, typer.Option(help="noise (random-pixel PNG) or photo (smooth JPEG)")] = "noise",
     max_tokens: int = 16,
     warmup: int = 2,
     out: Annotated[Path | None, typer.Option(help="Write the result JSON here")] = None,
 ) -> None:
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
-    pages = {"vision": vision_metrics, "language": language_metrics}
+    pages = {"vision": vision_metrics, "language": language_metrics, "gateway": f"{gateway}/metrics"}
+    if image not in ("noise", "photo"):
+        raise typer.BadParameter("noise or photo", param_hint="--image")
 
     def ask(seed: int) -> tuple[float, float]:
         messages = [{"role": "user", "content": [
             {"type": "text", "text": "Describe the image."},
-            {"type": "image_url", "image_url": {"url": image_url(width, height, seed)}}]}]
+            {"type": "image_url", "image_url": {"url": image_url(width, height, seed, image)}}]}]
         start = time.perf_counter()
         first = None
         for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
@@ -106,7 +119,8 @@ def main(
     client_times = [ask(warmup + i) for i in range(requests)]
     after = {kind: histogram_totals(url) for kind, url in pages.items()}
 
-    result = {"model": model, "image": [width, height], "requests": requests, "max_tokens": max_tokens,
+    result = {"model": model, "image": [width, height], "image_kind": image, "requests": requests,
+              "max_tokens": max_tokens,
               "machine": {"cpu": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
                           "load_1m_before": round(load_before, 2), "load_1m_after": round(os.getloadavg()[0], 2)},
               "command": "python benchmarks/request_latency.py " + " ".join(sys.argv[1:]), "stages_ms": {}}
@@ -121,6 +135,8 @@ def main(
     if None not in stages:
         result["hop_overhead_ms"] = round(result["client_ttft_ms"] - sum(stages), 2)
         result["hop_overhead_rule"] = "client TTFT - (" + " + ".join(HOP_STAGES) + ")"
+        if result["stages_ms"]["gateway_ttft"] is not None:
+            result["server_hop_overhead_ms"] = round(result["stages_ms"]["gateway_ttft"] - sum(stages), 2)
     text = json.dumps(result, indent=2)
     print(text)
     if out:
