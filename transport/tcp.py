@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import operator
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,39 +48,43 @@ class _Endpoint:
     """One PUSH socket and its in-flight byte budget.
 
     A payload counts as in flight from `send` until ZeroMQ releases its buffer (written to the kernel, or
-    discarded); a dedicated thread waits on the message trackers in send order, which is the order
-    ZeroMQ releases them on one socket.
+    discarded). ZeroMQ releases them in send order on one socket, so released payloads are reaped from
+    the oldest whenever the budget is read; only a send that finds the budget full waits, in a thread,
+    for the oldest payload to go (a thread hop per message would cost more than the copy it saves).
     """
 
     def __init__(self, sock: zmq.asyncio.Socket, max_bytes: int):
         self.sock = sock
         self.max_bytes = max_bytes
-        self.inflight_bytes = 0
-        self._released = asyncio.Event()
+        self._bytes = 0  # sent and not yet released, plus reserved by sends under way
+        self._sent: deque[tuple[zmq.MessageTracker, int]] = deque()
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvd-feature-tracker")
+
+    @property
+    def inflight_bytes(self) -> int:
+        while self._sent and self._sent[0][0].done:
+            self._bytes -= self._sent.popleft()[1]
+        return self._bytes
 
     async def send(self, header: bytes, payload: memoryview) -> None:
         """Wait until the payload fits the budget (one larger than the budget goes alone), then queue it."""
         num_bytes = payload.nbytes
+        loop = asyncio.get_running_loop()
         while self.inflight_bytes and self.inflight_bytes + num_bytes > self.max_bytes:
-            self._released.clear()
-            await self._released.wait()
-        self.inflight_bytes += num_bytes
+            if self._sent:
+                await loop.run_in_executor(self._waiter, self._sent[0][0].wait)
+            else:  # the budget is held by sends under way on other tasks; they hold it only briefly
+                await asyncio.sleep(0.001)
+        self._bytes += num_bytes
         try:
             tracker = await self.sock.send_multipart([header, payload], copy=False, track=True)
         except BaseException:
-            self._release(num_bytes)
+            self._bytes -= num_bytes
             raise
-        loop = asyncio.get_running_loop()
-        waited = self._waiter.submit(tracker.wait)
-        waited.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, num_bytes))
-
-    def _release(self, num_bytes: int) -> None:
-        self.inflight_bytes -= num_bytes
-        self._released.set()
+        self._sent.append((tracker, num_bytes))
 
     def close(self) -> None:
-        self.sock.close(linger=0)  # frees every queued message, so the tracker thread finishes
+        self.sock.close(linger=0)  # frees every queued message, so a waiting tracker thread finishes
         self._waiter.shutdown(wait=False)
 
 
