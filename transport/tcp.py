@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import logging
 import operator
@@ -38,6 +39,29 @@ HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
 }
+
+
+# glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit hosts (half an arena heap).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MAX_HEAP_MMAP_THRESHOLD = 32 << 20
+KEPT_FREE_HEAP_BYTES = 64 << 20
+
+
+def keep_payload_memory_for_reuse() -> bool:
+    """Make glibc serve received payloads from memory freed by earlier ones; False where that is not glibc.
+
+    libzmq allocates every received message in its I/O thread. By default glibc returns a freed payload's
+    pages to the kernel (mmap for large blocks, madvise when a thread arena's top grows), so each new
+    payload page-faults and is zeroed again as the socket fills it: more kernel time than the copy out of
+    the socket. Payloads up to 32 MiB now come from the heap, and up to 64 MiB of freed heap stays mapped.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MAX_HEAP_MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, KEPT_FREE_HEAP_BYTES)
+    )
 
 
 class TransportError(RuntimeError):
@@ -172,6 +196,7 @@ class TcpFeatureReceiver:
         hidden_size: int | None = None,
         secret: str | None = None,
     ):
+        keep_payload_memory_for_reuse()
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._authenticator = None
