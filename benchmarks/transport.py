@@ -76,8 +76,8 @@ def receive_dvd_tcp(conn, count: int, max_bytes: int, ack: bool) -> None:
         task = asyncio.create_task(receiver.run())
         try:
             conn.send(receiver.endpoint)
-            while not arrivals.complete.is_set():
-                await asyncio.sleep(0.001)
+            while not await asyncio.to_thread(arrivals.complete.wait, 1.0):  # no polling beside the receiver
+                pass
         finally:
             task.cancel()
             receiver.close()

@@ -30,6 +30,7 @@ from transport.frames import FrameError, ImageFeatures, decode_frames, encode_fr
 log = logging.getLogger(__name__)
 
 HEADER_ROOM = 64 * 1024  # generous bound on a serialized FeatureHeader
+DRAIN_LIMIT = 32  # messages taken straight from the queue before the receiver yields to the event loop
 DEFAULT_MAX_INFLIGHT_BYTES = 256 << 20
 
 # Connection events the receiver counts as drops: a peer that failed the handshake (not ZeroMQ, wrong
@@ -221,9 +222,16 @@ class TcpFeatureReceiver:
         """Receive until cancelled."""
         watch = asyncio.create_task(self._count_failed_handshakes())
         try:
+            queued = zmq.Socket.shadow(self._socket.underlying)  # the same socket, without asyncio
             while True:
-                frames = await self._socket.recv_multipart(copy=False)
-                await self._deliver(frames)
+                await self._deliver(await self._socket.recv_multipart(copy=False))
+                # Messages already queued are taken without a round through the event loop each.
+                for _ in range(DRAIN_LIMIT):
+                    try:
+                        frames = queued.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    await self._deliver(frames)
         finally:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
