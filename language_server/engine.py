@@ -10,7 +10,7 @@ from language_server.vllm_plugin import ARCHITECTURES, BUSY_POLL_ENV, register
 
 # How long vLLM's worker busy-polls for the next step before it sleeps (vLLM's own: 1 s). Steps of a running
 # request come milliseconds apart, so it still spins while generating; it sleeps while a request is upstream.
-ENGINE_BUSY_POLL_S = 0.05
+ENGINE_BUSY_POLL_S = 0.01
 
 
 def set_cpu_kv_cache(settings: LanguageServerSettings, environ=os.environ) -> None:
