@@ -5,7 +5,8 @@ reads the servers' Prometheus histograms before and after, so each stage's mean 
 servers themselves:
 
     dvd up --vision-metrics-port 9101 --language-metrics-port 9102 &
-    python benchmarks/request_latency.py --requests 20 --width 896 --height 448
+    python -m benchmarks.request_latency --requests 20 --width 896 --height 448
+    python -m benchmarks.request_latency --model checkpoints/tiny --image photo   # starts a stack of its own
 
 Stages: preprocess (decode + tiling), vision queue (queued -> first tile in a batch), encode (queued ->
 last tile through ViT + projector: the queue included), send (hand-off to ZeroMQ), transfer
@@ -28,7 +29,6 @@ import base64
 import io
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -82,6 +82,8 @@ def image_url(width: int, height: int, seed: int, kind: str = "noise") -> str:
 
 
 def main(
+    model: Annotated[str | None, typer.Option(
+        help="Start a fresh DvD stack of this checkpoint (all floating) instead of using --gateway")] = None,
     gateway: str = "http://127.0.0.1:8000",
     vision_metrics: str = "http://127.0.0.1:9101/metrics",
     language_metrics: str = "http://127.0.0.1:9102/metrics",
@@ -93,6 +95,23 @@ def main(
     warmup: int = 2,
     out: Annotated[Path | None, typer.Option(help="Write the result JSON here")] = None,
 ) -> None:
+    if model:
+        import tempfile
+
+        from benchmarks import servers
+
+        servers.stop_on_sigterm()
+        with tempfile.TemporaryDirectory(prefix="request-latency-") as logs, servers.dvd(model, Path(logs)) as target:
+            return measure(target.base_url, target.metrics_pages["vision"], target.metrics_pages["language"],
+                           requests, width, height, image, max_tokens, warmup, out)
+    return measure(gateway, vision_metrics, language_metrics, requests, width, height, image, max_tokens, warmup,
+                   out)
+
+
+def measure(gateway: str, vision_metrics: str, language_metrics: str, requests: int, width: int, height: int,
+            image: str, max_tokens: int, warmup: int, out: Path | None) -> None:
+    from benchmarks.run import machine  # not at the top: benchmarks.run imports this module's stages
+
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
     pages = {"vision": vision_metrics, "language": language_metrics, "gateway": f"{gateway}/metrics"}
@@ -121,9 +140,9 @@ def main(
 
     result = {"model": model, "image": [width, height], "image_kind": image, "requests": requests,
               "max_tokens": max_tokens,
-              "machine": {"cpu": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
-                          "load_1m_before": round(load_before, 2), "load_1m_after": round(os.getloadavg()[0], 2)},
-              "command": "python benchmarks/request_latency.py " + " ".join(sys.argv[1:]), "stages_ms": {}}
+              "machine": machine() | {"load_1m_before": round(load_before, 2),
+                                          "load_1m_after": round(os.getloadavg()[0], 2)},
+              "command": "python -m benchmarks.request_latency " + " ".join(sys.argv[1:]), "stages_ms": {}}
     for stage, (kind, name) in STAGES.items():
         s0, c0 = before[kind].get(name, (0.0, 0.0))
         s1, c1 = after[kind].get(name, (0.0, 0.0))
