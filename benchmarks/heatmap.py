@@ -262,7 +262,8 @@ def main(
     least: int = 24,
     probe_concurrency: Annotated[int, typer.Option(help="Requests in flight in the capacity probes")] = 8,
     probe_requests: int = 16,
-    profiles: Annotated[Path, typer.Option(help="Stage profiles for the planner")] = RESULTS / "profiles/cpu_tiny.json",
+    profiles: Annotated[Path, typer.Option(help="Stage profiles for the planner")] = (
+        RESULTS / "profiles/cpu_tiny_2026_12.json"),
     dtype: str = "bfloat16",
     out_dir: Path = RESULTS,
     repredict_results: Annotated[Path | None, typer.Option(
