@@ -34,12 +34,12 @@ from typing import Annotated
 
 import httpx
 import numpy as np
-import psutil
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import servers
 from benchmarks import workload as bench_workload
+from benchmarks.cpu_per_request import cpu_seconds
 from benchmarks.loadgen import LoadPoint
 from benchmarks.placement import Placement
 from benchmarks.run import RunOptions, bench, machine, versions
@@ -57,7 +57,7 @@ PREDICTED = ("throughput_rps", "goodput_rps", "ttft_p90_s", "tpot_p90_s")
 
 def planner_workload(tiles: int, output_tokens: int, rate: float, slos_ms: dict[str, float],
                      vir_compressed_share: float = 0.0, requests: int = 400) -> PlannerWorkload:
-    images, (width, height) = IMAGES_FOR_TILES[tiles]
+    images = IMAGES_FOR_TILES[tiles][0]
     return PlannerWorkload(name=f"{tiles}t_{output_tokens}o", images_per_request=images,
                            tiles_per_image=tiles // images, text_tokens=TEXT_TOKENS, output_tokens=output_tokens,
                            arrival_rate=rate, requests=requests, ttft_slo_s=slos_ms["ttft"] / 1e3,
@@ -79,13 +79,7 @@ def predictions(profiles: StageProfiles, point: dict, slos_ms: dict[str, float])
 
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and everything below it, so far."""
-    total = 0.0
-    with contextlib.suppress(psutil.Error):
-        parent = psutil.Process(pid)
-        for member in [parent, *parent.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += sum(member.cpu_times()[:2])
-    return total
+    return sum(cpu_seconds(pid).values())
 
 
 def vir_tiles(target: servers.Target) -> dict[str, float]:
