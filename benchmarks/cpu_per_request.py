@@ -15,7 +15,6 @@ digits, four tokens), so no two prompts share a prefix beyond the chat template'
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import typer
 
 from benchmarks import servers
 from benchmarks.request_latency import image_url
-from benchmarks.run import machine
+from benchmarks.run import machine, print_and_write
 
 SETTLE_S = 2.0  # after the warm-up, before the idle window: spinning threads go quiet
 FILLER = " the"  # one token per repetition in Qwen3's tokenizer (checked: the prompt is measured, not assumed)
@@ -147,11 +146,7 @@ def main(model: Annotated[str, typer.Option(help="Checkpoint")] = "checkpoints/t
             document["language_vs_coupled"] = round(
                 language / document["coupled_text"]["servers"]["coupled"]["cpu_s_per_request"], 3)
             document["machine"]["load_after_coupled"] = [round(v, 2) for v in os.getloadavg()]
-    text = json.dumps(document, indent=2)
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    print_and_write(document, out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ bucket each), TTFT from the client (first streamed token):
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.request_latency import image_url
-from benchmarks.run import machine
+from benchmarks.run import machine, print_and_write
 from launcher import Servers, Stack, free_port, http_ready
 
 DISPATCH = "dvd_vision_dispatch_seconds"
@@ -94,11 +93,7 @@ def main(model: Annotated[str, typer.Option(help="Checkpoint")] = "checkpoints/t
                 "note": "dispatch = API request arrival at the gateway -> Encode arrival at the vision server, "
                         "as the upper bound of the histogram bucket each request fell into",
                 "results": summary}
-    text = json.dumps(document, indent=2)
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    print_and_write(document, out)
 
 
 if __name__ == "__main__":

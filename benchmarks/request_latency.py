@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import sys
 import time
@@ -110,7 +109,7 @@ def main(
 
 def measure(gateway: str, vision_metrics: str, language_metrics: str, requests: int, width: int, height: int,
             image: str, max_tokens: int, warmup: int, out: Path | None) -> None:
-    from benchmarks.run import machine  # not at the top: benchmarks.run imports this module's stages
+    from benchmarks.run import machine, print_and_write  # not at the top: benchmarks.run imports this module's stages
 
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
@@ -156,10 +155,7 @@ def measure(gateway: str, vision_metrics: str, language_metrics: str, requests: 
         result["hop_overhead_rule"] = "client TTFT - (" + " + ".join(HOP_STAGES) + ")"
         if result["stages_ms"]["gateway_ttft"] is not None:
             result["server_hop_overhead_ms"] = round(result["stages_ms"]["gateway_ttft"] - sum(stages), 2)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        out.write_text(text + "\n")
+    print_and_write(result, out)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,15 @@ def write_results(document: dict, json_path: Path) -> Path:
     return csv_path
 
 
+def print_and_write(document: dict, out: Path | None) -> None:
+    """A benchmark's result document as indented JSON on stdout and, given `out`, in that file."""
+    text = json.dumps(document, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def print_summary(document: dict) -> None:
     """One line per load point: the numbers people look at first."""
     for p in document["points"]:
