@@ -52,10 +52,10 @@ def load_workload(jsonl: Path | None, image_dir: Path | None, num_requests: int,
     if jsonl:
         requests = w.read_jsonl(jsonl, output_len)
         described = {"source": f"jsonl:{jsonl}", "num_requests": len(requests), "output_len": output_len}
-        return w.Workload.repeated(requests, warmup, points, described)
+        return w.RequestBatches.repeated(requests, warmup, points, described)
     requests, described = make_requests(image_dir, warmup + num_requests * points, image_size, images_per_request,
                                         input_words, output_len, seed)
-    return w.Workload.fresh(requests, warmup, points, {**described, "num_requests": num_requests})
+    return w.RequestBatches.fresh(requests, warmup, points, {**described, "num_requests": num_requests})
 
 
 def load_points(request_rate: list[float] | None, concurrency: list[int] | None):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.loadgen import LoadPoint
 from benchmarks.run import RunOptions, bench
-from benchmarks.workload import Workload, read_jsonl
+from benchmarks.workload import RequestBatches, read_jsonl
 
 COMPARED = ("completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
             "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
@@ -60,7 +60,7 @@ async def crosscheck(base_url: str, model: str, tokenizer: str, rounds: list[tup
                                    f"\n{finished.stderr[-3000:]}")
             theirs = json.loads((Path(tmp) / f"round{i}.json").read_text())
             runs["vllm bench serve"].append({key: theirs.get(key) for key in COMPARED})
-            workload = Workload([requests[0]] * warmup, [requests], {"source": f"jsonl:{ours_jsonl}"})
+            workload = RequestBatches([requests[0]] * warmup, [requests], {"source": f"jsonl:{ours_jsonl}"})
             ours = await bench(base_url, workload, options, model=model)
             runs["dvd bench"].append({key: ours["points"][0].get(key) for key in COMPARED})
             commands["dvd bench"] = ours["command"]

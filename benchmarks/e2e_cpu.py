@@ -34,9 +34,9 @@ import typer
 from benchmarks import servers
 from benchmarks.loadgen import LoadPoint
 from benchmarks.run import RunOptions, bench, machine, versions
-from benchmarks.workload import Workload, synthetic
+from benchmarks.workload import RequestBatches, synthetic
 from checkpoint.generate import write_checkpoint
-from checkpoint.presets import ModelConfig
+from checkpoint.geometry import ModelConfig
 
 SERVER_SETTINGS = ("dvd up's defaults: vision model fp32 on CPU, bf16 features over ZeroMQ, language model dtype "
                    "auto (bf16 on CPU), 1 GiB KV cache")
@@ -114,11 +114,11 @@ class TreeSampler:
         self._thread.join()
 
 
-def workload(requests: int, size: tuple[int, int], max_tokens: int) -> Workload:
+def workload(requests: int, size: tuple[int, int], max_tokens: int) -> RequestBatches:
     """One warm-up chat, then `requests` one-image and `requests` two-image chats, every image fresh."""
     one = synthetic(1 + requests, [size], 1, 8, max_tokens, seed=1)
     two = synthetic(requests, [size], 2, 8, max_tokens, seed=2)
-    return Workload(one[:1], [one[1:], two], {"source": "synthetic", "image_size": list(size), "input_words": 8,
+    return RequestBatches(one[:1], [one[1:], two], {"source": "synthetic", "image_size": list(size), "input_words": 8,
                                               "images_per_request": [1, 2], "output_len": max_tokens})
 
 
@@ -145,7 +145,7 @@ def serve_and_measure(checkpoint: Path, log_dir: Path, requests: int, size: tupl
 
 
 def main(
-    preset: Annotated[str, typer.Option(help="Model geometry (checkpoint/presets.py)")] = "1b",
+    preset: Annotated[str, typer.Option(help="Model geometry (checkpoint/geometry.py)")] = "1b",
     formats: Annotated[list[str], typer.Option("--format", help="Checkpoint formats to serve in turn")] = [  # noqa: B006
         "custom", "hf"],
     requests: Annotated[int, typer.Option(help="Chats of each kind (one image, two images)")] = 3,

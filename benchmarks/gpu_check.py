@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ModelConfig
+from checkpoint.geometry import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ModelConfig
 
 L2_FP32 = 1e-4
 L2_BF16 = 0.05

@@ -106,7 +106,7 @@ def measure(target: servers.Target, point: dict, load: LoadPoint, count: int, sl
     """`count` fresh requests of the point at `load` against a running system (after 2 warm-up requests):
     `vllm bench serve`'s figures, and the CPU seconds each of its servers spent."""
     requests = requests_for(point, count + 2, seed)
-    work = bench_workload.Workload(requests[:2], [requests[2:]], {"tiles": point["tiles"]})
+    work = bench_workload.RequestBatches(requests[:2], [requests[2:]], {"tiles": point["tiles"]})
     options = RunOptions(points=[load], slos_ms=slos_ms, percentiles=[50.0, 90.0, 99.0],
                          metrics_pages=target.metrics_pages, progress=False, seed=seed)
     before = {name: tree_cpu_seconds(p.pid) for name, p in target.processes.items()}

@@ -45,10 +45,9 @@ from benchmarks.loadgen import LoadPoint
 from benchmarks.run import RunOptions, bench
 from benchmarks.servers import coupled_command
 from benchmarks.vision import build_model, time_batches
-from benchmarks.workload import Workload as BenchWorkload
-from benchmarks.workload import synthetic
+from benchmarks.workload import RequestBatches, synthetic
 from checkpoint.generate import write_checkpoint
-from checkpoint.presets import ModelConfig
+from checkpoint.geometry import ModelConfig
 from language_server.settings import LanguageServerSettings
 from launcher import Servers, free_port, http_ready
 from planner.plan import run as predict
@@ -432,7 +431,7 @@ def drive(base_url: str, requests: int, concurrency: int, max_tokens: int, image
 def _drive_once(base_url: str, requests: int, concurrency: int, max_tokens: int, images_per_request: int,
                 processes: dict, seed: int) -> Measured:
     generated = synthetic(WARMUP + requests, [IMAGE_SIZE], images_per_request, INPUT_WORDS, max_tokens, seed=seed)
-    workload = BenchWorkload.fresh(generated, WARMUP, 1, {"source": "synthetic"})
+    workload = RequestBatches.fresh(generated, WARMUP, 1, {"source": "synthetic"})
     options = RunOptions(points=[LoadPoint(max_concurrency=concurrency)], ignore_eos=True,
                          sampling={"temperature": 0}, percentiles=[50.0, 90.0], progress=False)
     before, began = cpu_seconds(processes), time.perf_counter()

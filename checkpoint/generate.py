@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
 
 from checkpoint.formats import IMAGE_PLACEHOLDER, Format
-from checkpoint.presets import (
+from checkpoint.geometry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMG_CONTEXT_TOKEN,

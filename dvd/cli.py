@@ -41,7 +41,7 @@ def checkpoint(
     import dataclasses
 
     from checkpoint.generate import write_checkpoint
-    from checkpoint.presets import ModelConfig
+    from checkpoint.geometry import ModelConfig
 
     if format not in ("hf", "custom"):
         raise typer.BadParameter("format must be hf or custom", param_hint="--format")

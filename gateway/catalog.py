@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 
 from gateway.auth import require_api_key
 from gateway.errors import ERROR_RESPONSES
-from gateway.schemas import ModelCard, ModelList
+from gateway.schemas.common import ModelCard, ModelList
 from gateway.serving import ServingDep
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)

@@ -17,7 +17,7 @@ from gateway.auth import require_api_key
 from gateway.errors import ERROR_RESPONSES, APIError
 from gateway.reasoning import R1_SYSTEM_PROMPT
 from gateway.request_context import REQUEST_ID
-from gateway.schemas import (
+from gateway.schemas.chat import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,

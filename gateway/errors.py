@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from gateway.schemas import ErrorDetail, ErrorResponse
+from gateway.schemas.common import ErrorDetail, ErrorResponse
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",

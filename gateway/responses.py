@@ -53,7 +53,7 @@ from gateway.auth import require_api_key
 from gateway.chat import TokenClock, logit_bias, tools_message, with_thinking_prompt
 from gateway.errors import ERROR_RESPONSES, APIError
 from gateway.request_context import REQUEST_ID
-from gateway.responses_schemas import (
+from gateway.schemas.responses import (
     FunctionCallItem,
     FunctionCallOutput,
     InputItem,

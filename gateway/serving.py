@@ -29,9 +29,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from contracts.content_keys import content_key, frame_keys
 from gateway import metrics
-from gateway.backends import Backend, LanguagePool, VisionPool, check_forever
 from gateway.errors import APIError, from_grpc
 from gateway.images import ImageFetcher, decode_data_url, decode_video_data_url
+from gateway.pools import Backend, LanguagePool, VisionPool, check_forever
 from gateway.request_context import REQUEST_ARRIVAL_NS
 from gateway.settings import GatewaySettings
 from proto import dvd_pb2

@@ -12,7 +12,7 @@ Host-side costs (image decoding and tiling, per-request RPC) are copied from a m
 
 from __future__ import annotations
 
-from checkpoint.presets import LanguageConfig, ModelConfig
+from checkpoint.geometry import LanguageConfig, ModelConfig
 from planner.profiles import (
     DecodePoint,
     Geometry,

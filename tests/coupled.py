@@ -10,7 +10,7 @@ import tokenizers
 import torch
 
 from checkpoint.formats import IMAGE_PLACEHOLDER
-from checkpoint.presets import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from checkpoint.geometry import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from conftest import data_url, png_bytes
 from language_server.prompt import ChatRenderer, load_chat_template
 from vision_server.preprocess import preprocess

@@ -16,7 +16,15 @@ import pytest
 
 from benchmarks.loadgen import arrival_times
 from benchmarks.metrics import RequestResult, summarize
-from benchmarks.workload import BenchRequest, Workload, WorkloadError, from_folder, read_jsonl, synthetic, write_jsonl
+from benchmarks.workload import (
+    BenchRequest,
+    RequestBatches,
+    WorkloadError,
+    from_folder,
+    read_jsonl,
+    synthetic,
+    write_jsonl,
+)
 from conftest import free_port, make_image, png_bytes
 from launcher import OFFLINE_ENV, Servers, Stack
 
@@ -103,10 +111,10 @@ def test_synthetic_workload_is_the_same_for_the_same_seed():
 
 def test_fresh_workloads_never_send_a_request_twice_and_files_repeat_whole():
     requests = synthetic(2 + 3 * 4, [(32, 32)], 1, 4, 2, seed=0)
-    fresh = Workload.fresh(requests, warmup=2, points=3, described={})
+    fresh = RequestBatches.fresh(requests, warmup=2, points=3, described={})
     sent = fresh.warmup + [r for batch in fresh.batches for r in batch]
     assert [len(b) for b in fresh.batches] == [4, 4, 4] and len(set(sent)) == len(sent) == 14
-    repeated = Workload.repeated(requests[:3], warmup=4, points=2, described={})
+    repeated = RequestBatches.repeated(requests[:3], warmup=4, points=2, described={})
     assert repeated.batches == [requests[:3]] * 2 and repeated.warmup == requests[:3] + requests[:1]
 
 
@@ -369,7 +377,7 @@ def test_bench_over_replicas_writes_one_result_with_the_requests_each_replica_go
     monkeypatch.setattr(openai, "AsyncOpenAI", functools.partial(
         openai.AsyncOpenAI, http_client=httpx.AsyncClient(transport=transport)))
     requests = synthetic(2 + 4, [(32, 32)], 0, 2, 2, seed=0)
-    workload = Workload.fresh(requests, warmup=2, points=1, described={"source": "test"})
+    workload = RequestBatches.fresh(requests, warmup=2, points=1, described={"source": "test"})
     urls = ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
     document = asyncio.run(bench(urls, workload, RunOptions(points=[LoadPoint()], progress=False)))
     [point] = document["points"]

@@ -25,7 +25,7 @@ from checkpoint.generate import (
     tensor_specs,
     write_checkpoint,
 )
-from checkpoint.presets import (
+from checkpoint.geometry import (
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from contracts.content_keys import content_key, frame_keys
-from gateway.backends import FeatureHolders
+from gateway.pools import FeatureHolders
 from gateway.serving import ImageSource, Job, content_keys, inputs_for
 from language_server.feature_cache import FeatureCache
 from language_server.feature_store import FeatureStore, FeatureTimeout

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from checkpoint.generate import write_checkpoint
-from checkpoint.presets import ModelConfig
+from checkpoint.geometry import ModelConfig
 from conftest import data_url, encode_to_local_receiver, free_port, make_image
 from launcher import Stack
 

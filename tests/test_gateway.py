@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import data_url, free_port, make_image
-from gateway.schemas import ChatCompletionRequest
+from gateway.schemas.chat import ChatCompletionRequest
 from launcher import Servers
 
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines, wait_until
-from gateway.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from gateway.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from launcher import Servers, http_ready
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from gateway_fakes import MODEL, FakeLanguage, FakeVision, gateway, run
 
 from conftest import data_url, make_image
 from gateway import metrics
-from gateway.responses_schemas import ResponsesRequest
+from gateway.schemas.responses import ResponsesRequest
 from proto import dvd_pb2
 
 IMAGE = data_url(make_image(32, 24, 0))

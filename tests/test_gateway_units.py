@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import data_url, make_image
 from gateway.app import create_app
-from gateway.backends import LATE_CHECKS_TO_EJECT, VisionPool
 from gateway.errors import APIError
 from gateway.images import ImageFetcher, decode_data_url, image_format
+from gateway.pools import LATE_CHECKS_TO_EJECT, VisionPool
 from gateway.settings import GatewaySettings, load_settings
 from proto import dvd_pb2, dvd_pb2_grpc
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD
+from checkpoint.geometry import IMAGENET_MEAN, IMAGENET_STD
 from vision_server.preprocess import (
     ImageError,
     decode_image,

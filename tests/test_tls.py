@@ -226,7 +226,7 @@ def test_rotated_certificates_are_picked_up_without_a_restart(tmp_path, caplog):
     """Both sides move from one CA to another in place: the server's next handshake and the gateway's next
     health check use the new files; a half-written rotation (certificate and key that do not match) leaves
     the previous files in use on both sides."""
-    from gateway.backends import VisionPool
+    from gateway.pools import VisionPool
 
     for name in ("old", "new"):
         (tmp_path / name).mkdir()

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD
+from checkpoint.geometry import IMAGENET_MEAN, IMAGENET_STD
 from conftest import make_video
 from vision_server import video
 from vision_server.preprocess import IMAGE_SIZE, ImageError, dynamic_tiles, to_pixel_values

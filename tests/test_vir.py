@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from checkpoint.generate import write_checkpoint
-from checkpoint.presets import ModelConfig
+from checkpoint.geometry import ModelConfig
 from conftest import make_image, png_bytes
 from vision_server.engine import VirParams, VisionEngine
 from vision_server.loader import load_vision_model

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint.presets import VisionConfig
+from checkpoint.geometry import VisionConfig
 
 
 class RMSNorm(nn.Module):

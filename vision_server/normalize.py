@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from checkpoint.presets import IMAGENET_MEAN, IMAGENET_STD
+from checkpoint.geometry import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _reference_normalize(tiles: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from functools import partial
 import grpc
 import torch
 
-from checkpoint.presets import ModelConfig
+from checkpoint.geometry import ModelConfig
 from contracts.content_keys import content_key, frame_keys
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.backends import FeatureSender

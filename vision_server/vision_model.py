@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint.presets import ModelConfig
+from checkpoint.geometry import ModelConfig
 from vision_server.intern_vit import InternViT
 from vision_server.normalize import normalize
 from vision_server.vir import CompressedProjector, Gating, RouterPooling

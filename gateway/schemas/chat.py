@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field
 
-
-class Strict(BaseModel):
-    """Unknown fields are refused rather than silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
+from gateway.schemas.common import INT32, INT64, UINT32, Strict
 
 
 class ImageURL(Strict):
@@ -113,8 +109,6 @@ class JSONSchemaResponseFormat(Strict):
 
 ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
 
-INT64 = 2**63 - 1
-UINT32, INT32 = 2**32 - 1, 2**31 - 1  # the proto fields' widths: a wider value cannot be sent on
 
 
 class ChatCompletionRequest(Strict):
@@ -237,32 +231,3 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "dvd"
-
-    @computed_field
-    @property
-    def root(self) -> str:
-        """vLLM's extension: the model behind the name (`vllm bench serve` reads it)."""
-        return self.id
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail

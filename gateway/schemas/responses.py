@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from gateway.schemas import INT32, UINT32, Strict
+from gateway.schemas.common import INT32, UINT32, Strict
 
 
 class Echoed(BaseModel):

@@ -1,0 +1,1 @@
+"""The gateway's external shapes (pydantic): what every route shares, then one module per API."""
