@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from launcher import command_lines
 from launcher.processes import Servers, http_ready
 
 
@@ -51,31 +52,22 @@ class Stack:
 
     def up_command(self) -> list[str]:
         """`dvd up` serving this stack (it runs `commands()` itself)."""
-        metrics = []
-        if self.vision_metrics_port:
-            metrics += ["--vision-metrics-port", str(self.vision_metrics_port)]
-        if self.language_metrics_port:
-            metrics += ["--language-metrics-port", str(self.language_metrics_port)]
-        return [sys.executable, "-m", "dvd.cli", "up", "--model", self.model, "--port", str(self.gateway_port),
-                "--vision-port", str(self.vision_port), "--language-port", str(self.language_port),
-                "--feature-port", str(self.feature_port), *metrics]
+        return command_lines.up(self.model, port=self.gateway_port, vision_port=self.vision_port,
+                           language_port=self.language_port, feature_port=self.feature_port,
+                           vision_metrics_port=self.vision_metrics_port,
+                           language_metrics_port=self.language_metrics_port)
 
     def commands(self) -> dict[str, list[str]]:
-        dvd = [sys.executable, "-m", "dvd.cli"]
-        vision_metrics = ["--metrics-port", str(self.vision_metrics_port)] if self.vision_metrics_port else []
-        language_metrics = ["--metrics-port", str(self.language_metrics_port)] if self.language_metrics_port else []
-        vision_dtype = ["--dtype", self.vision_dtype] if self.vision_dtype else []
+        vision, language = f"{self.host}:{self.vision_port}", f"{self.host}:{self.language_port}"
         return {
-            "vision-server": dvd + ["vision-server", "--model", self.model, "--host", self.host,
-                                    "--port", str(self.vision_port), "--feature-dtype", self.feature_dtype,
-                                    *vision_dtype, *vision_metrics],
-            "language-server": dvd + ["language-server", "--model", self.model, "--host", self.host,
-                                      "--port", str(self.language_port), "--dtype", self.dtype,
-                                      "--max-model-len", str(self.max_model_len),
-                                      "--feature-bind", f"tcp://{self.host}:{self.feature_port}", *language_metrics],
-            "gateway": dvd + ["gateway", "--host", self.host, "--port", str(self.gateway_port),
-                              "--vision-server", f"{self.host}:{self.vision_port}",
-                              "--language-server", f"{self.host}:{self.language_port}"],
+            "vision-server": command_lines.vision_server(
+                self.model, host=self.host, port=self.vision_port, feature_dtype=self.feature_dtype,
+                dtype=self.vision_dtype, metrics_port=self.vision_metrics_port),
+            "language-server": command_lines.language_server(
+                self.model, host=self.host, port=self.language_port, dtype=self.dtype,
+                max_model_len=self.max_model_len, feature_bind=f"tcp://{self.host}:{self.feature_port}",
+                metrics_port=self.language_metrics_port),
+            "gateway": command_lines.gateway([vision], [language], host=self.host, port=self.gateway_port),
         }
 
 
