@@ -12,16 +12,15 @@ model may write whitespace until `max_tokens`; DvD compiles the grammar without 
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
-from typing import Annotated
 
 import openai
 import typer
 
-from benchmarks.run import machine
-from benchmarks.servers import coupled_command
+from benchmarks.toolkit.chat import served_model
+from benchmarks.toolkit.documents import command_line, write
+from benchmarks.toolkit.machine import load_average, machine
+from benchmarks.toolkit.options import CheckpointOption, OutOption
+from benchmarks.toolkit.servers import coupled_command
 from launcher import Servers, Stack, free_port, http_ready
 
 TOOL = {"type": "function", "function": {
@@ -51,9 +50,8 @@ def trial(client: openai.OpenAI, model: str, choice, seed: int, max_tokens: int)
             "completion_tokens": reply.usage.completion_tokens}
 
 
-def main(model: Annotated[str, typer.Option(help="Checkpoint")] = "checkpoints/tiny",
-         seeds: int = 10, max_tokens: int = 200,
-         out: Annotated[Path | None, typer.Option(help="Write the result JSON here")] = None) -> None:
+def main(model: CheckpointOption = "checkpoints/tiny", seeds: int = 10, max_tokens: int = 200,
+         out: OutOption = None) -> None:
     stack = Stack(model=model, gateway_port=free_port(), vision_port=free_port(), language_port=free_port(),
                   feature_port=free_port())
     coupled_port = free_port()
@@ -66,21 +64,19 @@ def main(model: Annotated[str, typer.Option(help="Checkpoint")] = "checkpoints/t
     with Servers(commands, env={"VLLM_CPU_KVCACHE_SPACE": "1"}).running(lambda: all(r() for r in ready)):
         for system, url in urls.items():
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-            served = client.models.list().data[0].id
+            served = served_model(client)
             for name, choice in CHOICES.items():
                 trials = [trial(client, served, choice, seed, max_tokens) for seed in range(seeds)]
                 results.setdefault(system, {})[name] = {
                     "schema_valid_calls": sum(t["schema_valid"] for t in trials), "trials": len(trials),
                     "finish_reasons": sorted({t["finish_reason"] for t in trials}), "each": trials}
-    document = {"command": "python -m benchmarks.constrained_tools " + " ".join(sys.argv[1:]),
-                "machine": machine() | {"load_1m": os.getloadavg()[0]},
+    document = {"command": command_line(), "machine": machine() | {"load_1m": load_average()[0]},
                 "tool": TOOL, "max_tokens": max_tokens, "temperature": 1.0, "results": results}
     summary = {system: {name: f"{r['schema_valid_calls']}/{r['trials']} valid, finish {r['finish_reasons']}"
                         for name, r in by_choice.items()} for system, by_choice in results.items()}
     print(json.dumps(summary, indent=2))
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(document, indent=2) + "\n")
+        write(document, out)
 
 
 if __name__ == "__main__":

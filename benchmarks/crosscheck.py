@@ -9,8 +9,8 @@ from what the server cached during the one before. Both warm up as vLLM does: th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -18,9 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.loadgen import LoadPoint
-from benchmarks.run import RunOptions, bench
-from benchmarks.workload import RequestBatches, read_jsonl
+from benchmarks.toolkit import servers
+from benchmarks.toolkit.documents import write as write_document
+from benchmarks.toolkit.loadgen import LoadPoint
+from benchmarks.toolkit.machine import load_average
+from benchmarks.toolkit.options import RequestOptions
+from benchmarks.toolkit.sweep import RunOptions, bench, first_model_sync
+from benchmarks.toolkit.workload import RequestBatches, read_jsonl, write_jsonl
 
 COMPARED = ("completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
             "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
@@ -71,7 +75,7 @@ async def crosscheck(base_url: str, model: str, tokenizer: str, rounds: list[tup
     return {"target": {"base_url": base_url, "model": model}, "workload": described, "output_len": output_len,
             "load": {"request_rate": point.request_rate if point.request_rate != float("inf") else "inf",
                      "max_concurrency": point.max_concurrency},
-            "rounds": len(rounds), "load_avg": [round(v, 2) for v in os.getloadavg()],
+            "rounds": len(rounds), "load_avg": load_average(),
             "vllm_bench_command": shlex.join(commands["vllm bench serve"]), "runs": runs,
             "medians": medians, "dvd_over_vllm": ratios}
 
@@ -87,3 +91,36 @@ def markdown(document: dict) -> str:
         lines.append(f"| {key} | {medians['vllm bench serve'][key]:.2f} | {medians['dvd bench'][key]:.2f} | "
                      + ("-" if ratio is None else f"{ratio:.3f}") + " |")
     return "\n".join(lines + ["", f"`{document['vllm_bench_command']}`", ""])
+
+
+def round_files(folder: Path, rounds: int, jsonl: Path | None, requests: RequestOptions):
+    """Each round's two JSONL files (vLLM's, then ours) and the workload's description: the given file at every
+    run, or a fresh file per run (seed + run index), so that no run meets requests the server has cached."""
+    if jsonl:
+        return [(jsonl, jsonl)] * rounds, {"source": f"jsonl:{jsonl}"}
+    paths = [folder / f"run{i}.jsonl" for i in range(2 * rounds)]  # vllm, dvd, vllm, dvd, ...
+    for i, path in enumerate(paths):
+        made, described = requests.make(requests.num_requests, seed=requests.seed + i)
+        write_jsonl(made, path)
+    return list(zip(paths[::2], paths[1::2])), described | {"num_requests": requests.num_requests,
+                                                            "seed": f"{requests.seed} + run index"}
+
+
+def started_and_checked(model: Path | None, base_url: str | None, tokenizer: str, jsonl: Path | None,
+                        requests: RequestOptions, rounds: int, point: LoadPoint, warmup: int) -> dict:
+    """`crosscheck` against the server at `base_url`, or against a DvD stack of `model` started here."""
+    servers.stop_on_sigterm()
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvd-crosscheck-")))
+        files, described = round_files(folder, rounds, jsonl, requests)
+        if model:
+            print(f"starting DvD ({model}); logs in {folder}", flush=True)
+            base_url = stack.enter_context(servers.dvd(str(model), folder)).base_url
+        return asyncio.run(crosscheck(base_url, first_model_sync(base_url), tokenizer, files, requests.output_len,
+                                      point, requests.seed, warmup, described))
+
+
+def write(document: dict, out: Path) -> None:
+    """The document as JSON at `out`, its Markdown table beside it."""
+    write_document(document, out)
+    out.with_suffix(".md").write_text(markdown(document))

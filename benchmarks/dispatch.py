@@ -12,31 +12,21 @@ bucket each), TTFT from the client (first streamed token):
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Annotated
 
-import httpx
 import openai
 import typer
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.request_latency import image_url
-from benchmarks.run import machine, print_and_write
-from launcher import Servers, Stack, free_port, http_ready
+from benchmarks.toolkit import prometheus
+from benchmarks.toolkit.chat import image_part, served_model, stream_chat, user
+from benchmarks.toolkit.documents import command_line, print_and_write
+from benchmarks.toolkit.images import image_url
+from benchmarks.toolkit.machine import load_average, machine
+from benchmarks.toolkit.options import CheckpointOption, OutOption
+from launcher import Servers, Stack, command_lines, free_port, http_ready
 
 DISPATCH = "dvd_vision_dispatch_seconds"
-
-
-def dispatch_buckets(metrics_url: str) -> dict[float, float]:
-    """Cumulative bucket counts of the dispatch histogram: upper bound -> count."""
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
-        if family.name == DISPATCH:
-            return {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
-    return {}
 
 
 def one_observation(before: dict[float, float], after: dict[float, float]) -> float | None:
@@ -45,50 +35,52 @@ def one_observation(before: dict[float, float], after: dict[float, float]) -> fl
     return grown[0] if grown else None
 
 
-def main(model: Annotated[str, typer.Option(help="Checkpoint")] = "checkpoints/tiny",
-         requests: Annotated[int, typer.Option(help="Requests per gateway")] = 20,
-         width: int = 896, height: int = 448, max_tokens: int = 4, warmup: int = 2,
-         out: Annotated[Path | None, typer.Option(help="Write the result JSON here")] = None) -> None:
+def two_gateways(model: str) -> tuple[Servers, dict[str, str], str]:
+    """One vision and one language server behind two gateways, feature cache on and off (not started yet); the
+    gateways' URLs and the vision server's metrics page."""
     stack = Stack(model=model, gateway_port=free_port(), vision_port=free_port(), language_port=free_port(),
                   feature_port=free_port(), vision_metrics_port=free_port())
     off_port = free_port()
     commands = stack.commands()
-    commands["gateway-no-cache"] = [sys.executable, "-m", "dvd.cli", "gateway", "--port", str(off_port),
-                                    "--vision-server", f"127.0.0.1:{stack.vision_port}",
-                                    "--language-server", f"127.0.0.1:{stack.language_port}", "--no-feature-cache"]
+    commands["gateway-no-cache"] = command_lines.gateway(
+        [f"127.0.0.1:{stack.vision_port}"], [f"127.0.0.1:{stack.language_port}"], port=off_port, feature_cache=False)
     gateways = {"cache_on": stack.gateway_url, "cache_off": f"http://127.0.0.1:{off_port}"}
-    metrics_url = f"http://127.0.0.1:{stack.vision_metrics_port}/metrics"
+    return Servers(commands), gateways, f"http://127.0.0.1:{stack.vision_metrics_port}/metrics"
+
+
+def alternate(gateways: dict[str, str], metrics_url: str, requests: int, size: tuple[int, int], max_tokens: int,
+              warmup: int) -> dict[str, dict[str, list]]:
+    """Rounds of one fresh-image request to each gateway in turn; each one's dispatch bucket and TTFT."""
+    clients = {name: openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+               for name, url in gateways.items()}
+    served = served_model(clients["cache_on"])
+    results = {name: {"dispatch_bucket_s": [], "ttft_ms": []} for name in gateways}
+    seed = 1000
+    for round_number in range(warmup + requests):
+        for name, client in clients.items():
+            seed += 1
+            before = prometheus.buckets(metrics_url, DISPATCH)
+            reply = stream_chat(client, served, user(image_part(image_url(*size, seed)), "Describe the image."),
+                                max_tokens, ignore_eos=True)
+            if round_number >= warmup:
+                results[name]["ttft_ms"].append(reply.ttft_s * 1e3)
+                results[name]["dispatch_bucket_s"].append(
+                    one_observation(before, prometheus.buckets(metrics_url, DISPATCH)))
+    return results
+
+
+def main(model: CheckpointOption = "checkpoints/tiny",
+         requests: Annotated[int, typer.Option(help="Requests per gateway")] = 20,
+         width: int = 896, height: int = 448, max_tokens: int = 4, warmup: int = 2, out: OutOption = None) -> None:
+    launched, gateways, metrics_url = two_gateways(model)
     ready = [http_ready(url) for url in gateways.values()]
-    with Servers(commands).running(lambda: all(check() for check in ready)):
-        clients = {name: openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-                   for name, url in gateways.items()}
-        served = clients["cache_on"].models.list().data[0].id
-        results = {name: {"dispatch_bucket_s": [], "ttft_ms": []} for name in gateways}
-        seed = 1000
-        for round_number in range(warmup + requests):
-            for name, client in clients.items():
-                seed += 1
-                messages = [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": image_url(width, height, seed)}},
-                    {"type": "text", "text": "Describe the image."}]}]
-                before = dispatch_buckets(metrics_url)
-                start = time.perf_counter()
-                first = None
-                for chunk in client.chat.completions.create(model=served, messages=messages, max_tokens=max_tokens,
-                                                            temperature=0, stream=True,
-                                                            extra_body={"ignore_eos": True}):
-                    if first is None and chunk.choices and chunk.choices[0].delta.content:
-                        first = time.perf_counter()
-                if round_number < warmup:
-                    continue
-                results[name]["ttft_ms"].append(((first or time.perf_counter()) - start) * 1e3)
-                results[name]["dispatch_bucket_s"].append(one_observation(before, dispatch_buckets(metrics_url)))
+    with launched.running(lambda: all(check() for check in ready)):
+        results = alternate(gateways, metrics_url, requests, (width, height), max_tokens, warmup)
     summary = {name: {"dispatch_p50_bucket_ms": statistics.median(r["dispatch_bucket_s"]) * 1e3,
                       "ttft_p50_ms": round(statistics.median(r["ttft_ms"]), 2),
                       "ttft_mean_ms": round(statistics.fmean(r["ttft_ms"]), 2), **r}
                for name, r in results.items()}
-    document = {"command": "python -m benchmarks.dispatch " + " ".join(sys.argv[1:]),
-                "machine": machine() | {"load_1m": os.getloadavg()[0]},
+    document = {"command": command_line(), "machine": machine() | {"load_1m": load_average()[0]},
                 "image": [width, height], "requests_per_gateway": requests, "max_tokens": max_tokens,
                 "note": "dispatch = API request arrival at the gateway -> Encode arrival at the vision server, "
                         "as the upper bound of the histogram bucket each request fell into",

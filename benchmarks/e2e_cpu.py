@@ -1,11 +1,11 @@
 """A preset served end to end on this machine: peak memory of each server and time per stage.
 
 For each checkpoint format: write a random-weight checkpoint of the preset (`dvd checkpoint`), start a DvD
-stack on it with `dvd up`'s settings (`benchmarks.servers.dvd`), send one-image then two-image chats one at
+stack on it with `dvd up`'s settings (`benchmarks.toolkit.servers.dvd`), send one-image then two-image chats one at
 a time (official `openai` client, greedy, `ignore_eos`), and record
 
-- stage means from the servers' Prometheus histograms (`benchmarks.stages`) and the client's TTFT / latency,
-  per kind of chat (`benchmarks.run.bench`, one load point each, fresh images, so no cache hits);
+- stage means from the servers' Prometheus histograms (`benchmarks.toolkit.stages`) and the client's TTFT / latency,
+  per kind of chat (`benchmarks.toolkit.sweep.bench`, one load point each, fresh images, so no cache hits);
 - memory per server: each process's high-water mark (`VmHWM`, start-up included) and the largest sum of
   resident memory over the server's process tree sampled every 0.5 s while the chats ran. vLLM's engine
   core and worker are children of the language server; their resident sets share library pages, so the
@@ -20,8 +20,6 @@ import asyncio
 import contextlib
 import datetime
 import json
-import shlex
-import sys
 import tempfile
 import threading
 import time
@@ -31,10 +29,12 @@ from typing import Annotated
 import psutil
 import typer
 
-from benchmarks import servers
-from benchmarks.loadgen import LoadPoint
-from benchmarks.run import RunOptions, bench, machine, versions
-from benchmarks.workload import RequestBatches, synthetic
+from benchmarks.toolkit import processes, servers
+from benchmarks.toolkit.documents import command_line, write
+from benchmarks.toolkit.loadgen import LoadPoint
+from benchmarks.toolkit.machine import isa, machine, versions
+from benchmarks.toolkit.sweep import RunOptions, bench
+from benchmarks.toolkit.workload import RequestBatches, parse_size, synthetic
 from checkpoint.generate import write_checkpoint
 from checkpoint.geometry import ModelConfig
 
@@ -55,34 +55,15 @@ def _rounded(value):
     return round(value, 1) if isinstance(value, float) else value
 
 
-def isa() -> list[str]:
-    """The vector extensions that decide CPU kernel speed (and, in vLLM and oneDNN, which kernels run)."""
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-
-
-def members(process) -> list[psutil.Process]:
-    """A server's process and its children (vLLM's engine core and worker), as far as they still run."""
-    with contextlib.suppress(psutil.Error):
-        parent = psutil.Process(process.pid)
-        return [parent, *parent.children(recursive=True)]
-    return []
-
-
-def role(server: str, member: psutil.Process, parent_pid: int) -> str:
-    return server if member.pid == parent_pid else f"{server}/{member.name().removeprefix('VLLM::')}"
-
-
 def high_water_marks(processes: dict) -> dict[str, float]:
     """VmHWM (peak resident memory since the process started) in MiB of every process of every server."""
     marks: dict[str, float] = {}
     for server, process in processes.items():
-        for member in members(process):
+        for member in processes.tree(process.pid):
             with contextlib.suppress(OSError, psutil.Error):
                 status = Path(f"/proc/{member.pid}/status").read_text()
                 kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-                marks[role(server, member, process.pid)] = _mib(kib * 1024)
+                marks[processes.role(server, member, process.pid)] = _mib(kib * 1024)
     return marks
 
 
@@ -99,7 +80,7 @@ class TreeSampler:
         while not self._stop.is_set():
             for server, process in self.processes.items():
                 rss = 0
-                for member in members(process):
+                for member in processes.tree(process.pid):
                     with contextlib.suppress(psutil.Error):
                         rss += member.memory_info().rss
                 self.peak[server] = max(self.peak[server], rss)
@@ -157,8 +138,8 @@ def main(
 ) -> None:
     servers.stop_on_sigterm()
     ModelConfig.from_name(preset)  # an unknown preset fails here, before anything is written
-    width, height = (int(v) for v in image_size.lower().split("x"))
-    result = {"preset": preset, "command": shlex.join(["python", "-m", "benchmarks.e2e_cpu", *sys.argv[1:]]),
+    width, height = parse_size(image_size)
+    result = {"preset": preset, "command": command_line(),
               "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
               "machine": machine() | {"isa": isa()}, "versions": versions(),
               "settings": {"requests_per_kind": requests, "image_size": [width, height], "max_tokens": max_tokens,
@@ -178,8 +159,7 @@ def main(
             entry |= serve_and_measure(path, logs, requests, (width, height), max_tokens)
             result["formats"][fmt] = entry
             print(json.dumps({fmt: entry}, indent=2), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write(result, out)
     print(f"wrote {out}")
 
 

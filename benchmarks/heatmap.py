@@ -4,7 +4,7 @@
     python -m benchmarks.heatmap --model checkpoints/tiny-flash --coupled-model checkpoints/tiny \\
         --name cpu_tiny_vir                                    # DvD with ViR (a Flash checkpoint) against coupled
 
-Both systems run pinned (`benchmarks.placement`, the CPU stand-in for one GPU per server): DvD's vision server
+Both systems run pinned (`benchmarks.toolkit.placement`, the CPU stand-in for one GPU per server): DvD's vision server
 on one core group and its language server on the other; coupled serving as one `vllm serve` replica per group,
 requests balanced. Each is started once and serves the whole grid.
 
@@ -26,23 +26,22 @@ import asyncio
 import contextlib
 import json
 import math
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import numpy as np
 import typer
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks import servers
-from benchmarks import workload as bench_workload
-from benchmarks.cpu_per_request import cpu_seconds
-from benchmarks.loadgen import LoadPoint
-from benchmarks.placement import Placement
-from benchmarks.run import RunOptions, bench, machine, versions
+from benchmarks.toolkit import prometheus, servers
+from benchmarks.toolkit import workload as bench_workload
+from benchmarks.toolkit.documents import command_line
+from benchmarks.toolkit.documents import write as write_document
+from benchmarks.toolkit.loadgen import LoadPoint
+from benchmarks.toolkit.machine import machine, versions
+from benchmarks.toolkit.placement import Placement
+from benchmarks.toolkit.processes import tree_cpu_seconds
+from benchmarks.toolkit.sweep import RunOptions, bench
 from planner.plan import run as predict
 from planner.profiles import StageProfiles
 from planner.workload import Workload as PlannerWorkload
@@ -77,23 +76,10 @@ def predictions(profiles: StageProfiles, point: dict, slos_ms: dict[str, float])
     return predicted
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and everything below it, so far."""
-    return sum(cpu_seconds(pid).values())
-
-
 def vir_tiles(target: servers.Target) -> dict[str, float]:
     """ViR's routed tiles so far by route (DvD with a Flash checkpoint; empty otherwise)."""
     page = target.metrics_pages.get("vision")
-    if not page:
-        return {}
-    routes: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(page, timeout=10).text):
-        if family.name == "dvd_vision_vir_tiles":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    routes[sample.labels["route"]] = routes.get(sample.labels["route"], 0.0) + sample.value
-    return routes
+    return prometheus.counter_by(page, "dvd_vision_vir_tiles_total", "route") if page else {}
 
 
 def requests_for(point: dict, count: int, seed: int) -> list[bench_workload.BenchRequest]:
@@ -243,6 +229,24 @@ def parse_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def run_grid(plan: list[dict], models: dict[str, str], placement: Placement, log_dir: Path,
+             profiles: StageProfiles, slos_ms: dict[str, float], probing: tuple[int, int],
+             running: tuple[float, int]) -> None:
+    """Probe both systems' capacities, choose each point's rate and predict it, then run every point on both:
+    coupled serving (probes), DvD (probes and runs), coupled again (runs). `probing` is (concurrency, requests),
+    `running` (seconds, least requests); the results go into the points."""
+    with started("coupled", models["coupled"], placement, log_dir) as target:
+        probe(target, "coupled", plan, *probing)
+    with started("DvD", models["DvD"], placement, log_dir) as target:
+        probe(target, "DvD", plan, *probing)
+        for point in plan:
+            point["rate"] = round(0.9 * max(point["capacity_rps"].values()), 2)
+            point["predicted"] = predictions(profiles, point, slos_ms)
+        poisson(target, "DvD", plan, slos_ms, *running)
+    with started("coupled", models["coupled"], placement, log_dir) as target:
+        poisson(target, "coupled", plan, slos_ms, *running)
+
+
 def main(
     model: Annotated[Path, typer.Option(help="Checkpoint DvD serves (a Flash one: ViR on)")] = Path("checkpoints/tiny"),
     coupled_model: Annotated[Path | None, typer.Option(
@@ -269,23 +273,13 @@ def main(
     if unknown := set(tile_counts) - set(IMAGES_FOR_TILES):
         raise typer.BadParameter(f"tiles per request {sorted(unknown)}: choose from {sorted(IMAGES_FOR_TILES)}")
     slos = {"ttft": ttft_slo_ms, "tpot": tpot_slo_ms}
-    stage_profiles = StageProfiles.load(profiles)
     plan = [{"tiles": t, "output_tokens": o} for t in tile_counts for o in outputs]
     placement = Placement.choose("pinned", dtype=dtype)
     servers.stop_on_sigterm()
     log_dir = Path(tempfile.mkdtemp(prefix="dvd-heatmap-"))
-    coupled_checkpoint = str(coupled_model or model)
-    with started("coupled", coupled_checkpoint, placement, log_dir) as target:
-        probe(target, "coupled", plan, probe_concurrency, probe_requests)
-    with started("DvD", str(model), placement, log_dir) as target:
-        probe(target, "DvD", plan, probe_concurrency, probe_requests)
-        for point in plan:
-            point["rate"] = round(0.9 * max(point["capacity_rps"].values()), 2)
-            point["predicted"] = predictions(stage_profiles, point, slos)
-        poisson(target, "DvD", plan, slos, seconds, least)
-    with started("coupled", coupled_checkpoint, placement, log_dir) as target:
-        poisson(target, "coupled", plan, slos, seconds, least)
-    result = {"name": name, "command": shlex.join(["python", "-m", "benchmarks.heatmap", *sys.argv[1:]]),
+    run_grid(plan, {"DvD": str(model), "coupled": str(coupled_model or model)}, placement, log_dir,
+             StageProfiles.load(profiles), slos, (probe_concurrency, probe_requests), (seconds, least))
+    result = {"name": name, "command": command_line(),
               "machine": machine(), "versions": versions(), "model": str(model),
               "coupled_model": str(coupled_model or model),
               "placement": {"language": placement.language, "vision": placement.vision, "dtype": placement.dtype},
@@ -299,8 +293,7 @@ def write(result: dict, out_dir: Path) -> None:
     for point in result["points"]:
         point["ratios"] = ratios(point)
     name, slos = result["name"], result["slos_ms"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"heatmap_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_document(result, out_dir / f"heatmap_{name}.json")
     (out_dir / f"heatmap_{name}.md").write_text(markdown(result))
     draw(result["points"], result["tiles"], result["output_tokens"], out_dir / f"heatmap_{name}.png",
          f"DvD / coupled goodput ({name}; TTFT<={slos['ttft']:g} ms, TPOT<={slos['tpot']:g} ms)")

@@ -14,21 +14,20 @@ Each target gets one warm-up conversation first.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import numpy as np
 import openai
 import typer
 
-from benchmarks.request_latency import image_url
+from benchmarks.toolkit import prometheus, servers
+from benchmarks.toolkit.documents import command_line, write
+from benchmarks.toolkit.images import image_url
+from benchmarks.toolkit.machine import load_average, machine
 
 VISION_COUNTERS = {"images": "dvd_vision_images_total", "tiles": "dvd_vision_tiles_total",
                    "dedup_images": "dvd_vision_dedup_images_total"}
@@ -39,13 +38,8 @@ QUESTIONS = ["Describe the pictures.", "What differs between them?", "Which one 
 def vision_counters(url: str | None) -> dict[str, float]:
     if not url:
         return {}
-    values = dict.fromkeys(VISION_COUNTERS, 0.0)
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        sample = line.split("{", 1)[0].split(" ", 1)[0]
-        for name, wanted in VISION_COUNTERS.items():
-            if sample == wanted:
-                values[name] += float(line.rsplit(" ", 1)[1])
-    return values
+    totals = prometheus.counters(url)
+    return {name: totals.get(sample, 0.0) for name, sample in VISION_COUNTERS.items()}
 
 
 async def conversation(client: openai.AsyncOpenAI, model: str, images: list[str], turns: int,
@@ -111,12 +105,19 @@ async def run_target(url: str, metrics_url: str | None, conversations: list[list
 
 
 def started_targets(model: str, log_dir: Path):
-    """(name, context manager yielding a running `benchmarks.servers.Target`) for each server to start."""
-    from benchmarks import servers
-
+    """(name, context manager yielding a running `benchmarks.toolkit.servers.Target`) for each server to start."""
     return [("dvd", lambda: servers.dvd(model, log_dir)),
             ("dvd-no-cache", lambda: servers.dvd(model, log_dir, env={"DVD_GATEWAY_FEATURE_CACHE": "false"})),
             ("coupled", lambda: servers.coupled(model, log_dir))]
+
+
+def print_table(results: dict[str, dict]) -> None:
+    print("| target | turn-1 TTFT p50 ms | turn-2+ TTFT p50 / p90 ms | images encoded | tiles encoded |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        vision = r["vision"]
+        print(f"| {name} | {r['turn1_ttft']['p50_ms']:.0f} | {r['later_ttft']['p50_ms']:.0f} / "
+              f"{r['later_ttft']['p90_ms']:.0f} | {vision.get('images', '-')} | {vision.get('tiles', '-')} |")
 
 
 def main(
@@ -152,20 +153,15 @@ def main(
     metrics_pages = dict(item.split("=", 1) for item in vision_metrics or [])
     for name, url in (item.split("=", 1) for item in target or []):
         results[name] = run(url, metrics_pages.get(name))
-    print("| target | turn-1 TTFT p50 ms | turn-2+ TTFT p50 / p90 ms | images encoded | tiles encoded |")
-    print("|---|---|---|---|---|")
-    for name, r in results.items():
-        vision = r["vision"]
-        print(f"| {name} | {r['turn1_ttft']['p50_ms']:.0f} | {r['later_ttft']['p50_ms']:.0f} / "
-              f"{r['later_ttft']['p90_ms']:.0f} | {vision.get('images', '-')} | {vision.get('tiles', '-')} |")
+    print_table(results)
     if out:
-        record = {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-                  "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+        record = {"command": command_line(), "machine": machine()["cpu"], "cpus": os.cpu_count(),
+                  "load_average": load_average(),
                   "workload": {"conversations": conversations, "turns": turns, "images": images,
                                "width": width, "height": height, "max_tokens": max_tokens,
                                "concurrency": concurrency, "seed": seed},
                   "results": results}
-        out.write_text(json.dumps(record, indent=1))
+        write(record, out)
 
 
 if __name__ == "__main__":

@@ -17,22 +17,23 @@ since other jobs may share the cores.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 import typer
 from PIL import Image
 
-from benchmarks import run
+from benchmarks.toolkit import machine
+from benchmarks.toolkit.documents import write
+from benchmarks.toolkit.images import smooth_photo
 from vision_server.preprocess import (
     IMAGE_SIZE,
     decode_image,
@@ -47,21 +48,11 @@ SIZES = ((896, 448), (1344, 896), (1920, 1080), (3024, 4032))
 LIMITS = {"max_bytes": 64 << 20, "max_pixels": 64_000_000}
 
 
-def smooth_photo(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
-    """A JPEG that compresses like a photo: smooth colour fields and gentle grain, not white noise."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, size=(max(2, height // 256), max(2, width // 256), 3)).astype(np.uint8)
-    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-    grain = rng.integers(-6, 7, size=(height, width, 3), dtype=np.int16)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def machine() -> dict:
-    return run.machine() | {"cores_given": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-                            "torch": torch.__version__, "pillow": Image.__version__,
-                            "torch_threads": torch.get_num_threads()}
+def described_machine() -> dict:
+    """The machine, and the libraries and threads that decide preprocessing speed."""
+    return machine.machine() | {"cores_given": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+                                "torch": torch.__version__, "pillow": Image.__version__,
+                                "torch_threads": torch.get_num_threads()}
 
 
 def median_s(fn, repeats: int) -> float:
@@ -124,6 +115,42 @@ def throughput(pool: Executor, fn, images: list[bytes], repeats: int) -> float:
     return statistics.median(rates)
 
 
+def pools(processes: bool) -> list[tuple[str, Callable[[int], Executor]]]:
+    kinds = [("threads", lambda n: ThreadPoolExecutor(n))]
+    if processes:
+        kinds.append(("processes", lambda n: ProcessPoolExecutor(n, initializer=_one_thread)))
+    return kinds
+
+
+def throughput_rows(images: list[bytes], workers: list[int], processes: bool, repeats: int) -> list[dict]:
+    """Tiles/s of the whole set through each pool kind and size, before and after (see the module's docstring)."""
+    rows = []
+    for kind, make in pools(processes):
+        for n in workers:
+            for variant, fn in (("before", _before_tensor if kind == "processes" else _before),
+                                ("after", _after_tensor if kind == "processes" else _after)):
+                with make(n) as pool:
+                    rate = throughput(pool, fn, images, repeats)
+                rows.append({"pool": kind, "workers": n, "variant": variant, "tiles_per_s": round(rate, 2),
+                             "tiles_per_s_per_core": round(rate / min(n, len(os.sched_getaffinity(0))), 2),
+                             "load": machine.load_average()})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """Scaling from 1 to 2 workers, and after over before with 1 worker, per pool kind."""
+    rates = {(r["pool"], r["workers"], r["variant"]): r["tiles_per_s"] for r in rows}
+    out = {}
+    for kind in dict.fromkeys(r["pool"] for r in rows):
+        for variant in ("before", "after"):
+            if (kind, 1, variant) in rates and (kind, 2, variant) in rates:
+                out[f"{kind}_{variant}_scaling_2_vs_1"] = round(rates[kind, 2, variant] / rates[kind, 1, variant], 2)
+        if (kind, 1, "before") in rates and (kind, 1, "after") in rates:
+            out[f"{kind}_after_vs_before_1_worker"] = round(rates[kind, 1, "after"] / rates[kind, 1, "before"], 2)
+    return out
+
+
 def main(
     repeats: int = 3,
     images_per_size: Annotated[int, typer.Option(help="copies of each size in the throughput set (seeds differ)")] = 3,
@@ -134,42 +161,20 @@ def main(
 ) -> None:
     _one_thread()  # the torch work of one worker stays on its core; the pool is the only parallelism
     chosen = [tuple(int(x) for x in s.split("x")) for s in sizes.split(",")] if sizes else list(SIZES)
-    result = {"machine": machine(), "load_before": [round(x, 2) for x in os.getloadavg()],
-              "repeats": repeats, "stages_ms": {}, "throughput": []}
+    result = {"machine": described_machine(), "load_before": machine.load_average(), "repeats": repeats,
+              "stages_ms": {}, "throughput": []}
     for w, h in chosen:
-        row = stages(smooth_photo(w, h), repeats)
-        result["stages_ms"][f"{w}x{h}"] = row
-        print(json.dumps({f"{w}x{h}": row}), flush=True)
+        result["stages_ms"][f"{w}x{h}"] = stages(smooth_photo(w, h), repeats)
+        print(json.dumps({f"{w}x{h}": result["stages_ms"][f"{w}x{h}"]}), flush=True)
     images = [smooth_photo(w, h, seed) for seed in range(images_per_size) for (w, h) in chosen]
-    kinds = [("threads", lambda n: ThreadPoolExecutor(n))]
-    if processes:
-        kinds.append(("processes", lambda n: ProcessPoolExecutor(n, initializer=_one_thread)))
-    for kind, make in kinds:
-        for n in [int(x) for x in workers.split(",")]:
-            for variant, fn in (("before", _before_tensor if kind == "processes" else _before),
-                                ("after", _after_tensor if kind == "processes" else _after)):
-                with make(n) as pool:
-                    rate = throughput(pool, fn, images, repeats)
-                row = {"pool": kind, "workers": n, "variant": variant, "tiles_per_s": round(rate, 2),
-                       "tiles_per_s_per_core": round(rate / min(n, len(os.sched_getaffinity(0))), 2),
-                       "load": [round(x, 2) for x in os.getloadavg()]}
-                result["throughput"].append(row)
-                print(json.dumps(row), flush=True)
-    rates = {(r["pool"], r["workers"], r["variant"]): r["tiles_per_s"] for r in result["throughput"]}
-    for kind, _ in kinds:
-        for variant in ("before", "after"):
-            if (kind, 1, variant) in rates and (kind, 2, variant) in rates:
-                result[f"{kind}_{variant}_scaling_2_vs_1"] = round(rates[kind, 2, variant] / rates[kind, 1, variant], 2)
-        if (kind, 1, "before") in rates and (kind, 1, "after") in rates:
-            result[f"{kind}_after_vs_before_1_worker"] = round(rates[kind, 1, "after"] / rates[kind, 1, "before"], 2)
-    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["throughput"] = throughput_rows(images, [int(x) for x in workers.split(",")], processes, repeats)
+    result |= ratios(result["throughput"])
+    result["load_after"] = machine.load_average()
     result["note"] = ("before: float32 normalised pixels made on the host (the old service path); after: uint8 "
                       "tiles, normalised on the vision model's device. tiles_per_s_per_core divides by the "
                       "workers (at most the cores given). Load averages (1, 5, 15 min) show what shared the cores.")
-    text = json.dumps(result, indent=2)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        write(result, out)
     print(json.dumps({k: v for k, v in result.items() if k not in ("stages_ms", "throughput")}, indent=2))
 
 

@@ -16,14 +16,10 @@ clock before the send to the receiver's clock after the last byte (same host, sa
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
-import os
-import platform
 import socket
 import statistics
 import struct
-import sys
 import threading
 import time
 from concurrent import futures
@@ -34,6 +30,8 @@ import grpc
 import torch
 import typer
 
+from benchmarks.toolkit.documents import command_line, write
+from benchmarks.toolkit.machine import load_average, summary
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureReceiver, TcpFeatureSender
 
@@ -247,13 +245,6 @@ def measure_size(size_mib: float, seconds: float, repeats: int, latency_samples:
     return row
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()}-core {cpu}, {memory_gib:.0f} GiB, {platform.system()} {platform.release()}"
-
-
 def main(
     sizes_mib: Annotated[list[float], typer.Option(help="Feature sizes in MiB")] = [0.5, 2, 8, 26],  # noqa: B006
     seconds: Annotated[float, typer.Option(help="Rough duration of each pipelined run")] = 2.0,
@@ -261,21 +252,19 @@ def main(
     latency_samples: Annotated[int, typer.Option(help="Messages sent one at a time for latency")] = 50,
     output: Annotated[Path, typer.Option(help="Results file (JSON)")] = DEFAULT_OUTPUT,
 ) -> None:
-    load_before = os.getloadavg()
+    load_before = load_average()
     results = [measure_size(size_mib, seconds, repeats, latency_samples) for size_mib in sizes_mib]
     report = {
-        "machine": machine(),
-        "command": " ".join(["python -m benchmarks.transport", *sys.argv[1:]]),
-        "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
-                                "after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": summary(),
+        "command": command_line(),
+        "load_average_1_5_15": {"before": load_before, "after": load_average()},
         "seconds": seconds,
         "repeats": repeats,
         "goal": "dvd_tcp >= 0.8 x raw_socket for sizes >= 2 MiB",
         "goal_met": all(r["dvd_tcp_over_raw"] >= 0.8 for r in results if r["size_mib"] >= 2),
         "results": results,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    write(report, output)
     typer.echo(f"wrote {output}")
 
 

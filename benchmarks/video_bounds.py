@@ -24,7 +24,8 @@ from typing import Annotated
 
 import typer
 
-from benchmarks import run
+from benchmarks.toolkit.documents import write
+from benchmarks.toolkit.machine import machine
 
 FRAMES, WIDTH, HEIGHT = 900, 1920, 1080
 OUTPUT = Path("benchmarks/results/video_bounds_cpu.json")
@@ -142,13 +143,12 @@ def main(
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
         typer.echo(json.dumps(runs[-1]))
     result = {
-        "machine": {"cpu": run.machine()["cpu"], "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": machine()["cpu"], "cores": os.cpu_count(), "python": platform.python_version()},
         "video": {"frames": FRAMES, "width": WIDTH, "height": HEIGHT, "codec": "h264 (libx264, veryfast, crf 20)",
                   "bytes": video.stat().st_size},
         "runs": runs,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write(result, output)
     typer.echo(f"wrote {output}")
 
 

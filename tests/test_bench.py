@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.loadgen import arrival_times
-from benchmarks.metrics import RequestResult, summarize
-from benchmarks.workload import (
+from benchmarks.toolkit.loadgen import arrival_times
+from benchmarks.toolkit.metrics import RequestResult, summarize
+from benchmarks.toolkit.workload import (
     BenchRequest,
     RequestBatches,
     WorkloadError,
@@ -260,7 +260,7 @@ def test_vllm_bench_serve_runs_against_the_gateway_and_counts_what_dvd_bench_cou
 
 
 def test_cores_split_into_a_language_and_a_vision_share_of_at_least_one_each():
-    from benchmarks.placement import split_cores
+    from benchmarks.toolkit.placement import split_cores
 
     assert split_cores({1, 0}) == ((0,), (1,))
     assert split_cores(range(8)) == ((0, 1, 2, 3), (4, 5, 6, 7))
@@ -275,7 +275,7 @@ def test_cores_split_into_a_language_and_a_vision_share_of_at_least_one_each():
 
 
 def test_pinned_placement_gives_each_server_and_each_coupled_replica_its_cores_and_threads():
-    from benchmarks.placement import Placement, pin
+    from benchmarks.toolkit.placement import Placement, pin
 
     pinned = Placement.choose("pinned", vision_cores=1, cores=[0, 1, 2])
     assert pinned.dvd_cores() == {"language-server": (0, 1), "vision-server": (2,)}  # the gateway floats
@@ -330,7 +330,7 @@ def fake_clients(transport, count: int):
 
 
 def test_balancer_sends_each_request_to_the_replica_with_fewest_in_flight():
-    from benchmarks.loadgen import Balancer, LoadPoint, run_point
+    from benchmarks.toolkit.loadgen import Balancer, LoadPoint, run_point
 
     async def scenario():
         release = asyncio.Event()
@@ -370,8 +370,8 @@ def test_bench_over_replicas_writes_one_result_with_the_requests_each_replica_go
     import httpx
     import openai
 
-    from benchmarks.loadgen import LoadPoint
-    from benchmarks.run import RunOptions, bench
+    from benchmarks.toolkit.loadgen import LoadPoint
+    from benchmarks.toolkit.sweep import RunOptions, bench
 
     transport, arrived = fake_replicas()
     monkeypatch.setattr(openai, "AsyncOpenAI", functools.partial(
@@ -410,7 +410,7 @@ def test_comparison_table_says_how_each_system_was_placed(tmp_path):
 def test_compare_pinned_runs_each_server_on_its_cores_and_balances_over_two_coupled_replicas(tiny_checkpoints,
                                                                                            tmp_path):
     """The real CLI: DvD's servers and two coupled `vllm serve` replicas, each pinned; both replicas served."""
-    from benchmarks.placement import split_cores
+    from benchmarks.toolkit.placement import split_cores
 
     language, vision = split_cores(os.sched_getaffinity(0))
     compare = subprocess.run(DVD + [

@@ -249,7 +249,7 @@ def test_service_time_spread_keeps_the_mean_and_breaks_lock_step():
 
 
 def test_relative_spread_pools_repeated_measurements():
-    from benchmarks.plan_validation import relative_spread
+    from benchmarks.plan_validation.stage_profiles import relative_spread
 
     assert relative_spread([[2.0, 2.0, 2.0], [5.0]]) == 0.0
     assert relative_spread([[0.9, 1.1], [1.8, 2.2]]) == pytest.approx(0.1)

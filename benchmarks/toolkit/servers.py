@@ -1,7 +1,7 @@
 """Local servers to benchmark: a DvD stack (`dvd up`'s launcher) or coupled `vllm serve` of the same checkpoint.
 
 Both get the same language-model settings (context length, eager mode, whole-prompt prefill and a 1 GiB KV
-cache on CPU) and, given a `Placement` (benchmarks/placement.py; `dvd bench compare` always gives one), the same
+cache on CPU) and, given a `Placement` (benchmarks/toolkit/placement.py; `dvd bench compare` always gives one), the same
 dtypes: `Placement.dtype` for the language model and the vision encoder, DvD's features in it too. So a
 comparison differs only in where the vision encoder runs. The placement also says where each server runs:
 floating, or pinned to cores of its own.
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import launcher
-from benchmarks.placement import Placement, pin, process_cores
+from benchmarks.toolkit import processes
+from benchmarks.toolkit.placement import Placement, pin
 from launcher import free_port
 
 
@@ -38,7 +39,7 @@ class Target:
 
     def cores(self) -> dict[str, list[int]]:
         """Server name -> the cores its processes (children included) may run on, read now."""
-        return {name: process_cores(process.pid) for name, process in self.processes.items()}
+        return {name: processes.cores(process.pid) for name, process in self.processes.items()}
 
 
 def coupled_command(model: str, port: int, max_model_len: int = 8192, dtype: str = "auto") -> list[str]:
@@ -60,19 +61,27 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-@contextlib.contextmanager
 def coupled(model: str, log_dir: Path, timeout_s: float = 600.0,
-            placement: Placement | None = None) -> Iterator[Target]:
+            placement: Placement | None = None) -> contextlib.AbstractContextManager[Target]:
     """`vllm serve` of `model` on free ports, one replica per core group of `placement` (shared: one, floating),
     stopped on exit; replica i logs to `log_dir/coupled-i.log` (a single one to `coupled.log`). Without a
     placement: one floating replica in the checkpoint's dtype."""
-    groups = placement.coupled_cores() if placement else [None]
-    names = ["coupled"] if len(groups) == 1 else [f"coupled-{i}" for i in range(len(groups))]
+    if placement is None:
+        return coupled_replicas(model, log_dir, [None], timeout_s=timeout_s)
+    return coupled_replicas(model, log_dir, placement.coupled_cores(), placement.dtype, timeout_s)
+
+
+@contextlib.contextmanager
+def coupled_replicas(model: str, log_dir: Path, replica_cores: list[tuple[int, ...] | None], dtype: str = "auto",
+                     timeout_s: float = 600.0) -> Iterator[Target]:
+    """`vllm serve` of `model` in `dtype`, one replica per entry of `replica_cores` (pinned to those cores, or
+    floating where None), each on a free port; stopped on exit."""
+    names = ["coupled"] if len(replica_cores) == 1 else [f"coupled-{i}" for i in range(len(replica_cores))]
     urls, commands = [], {}
-    for name, cores in zip(names, groups):
+    for name, cores in zip(names, replica_cores):
         port = free_port()
         urls.append(f"http://127.0.0.1:{port}")
-        command = coupled_command(model, port, dtype=placement.dtype if placement else "auto")
+        command = coupled_command(model, port, dtype=dtype)
         commands[name] = pin(command, cores) if cores else command
     server = launcher.Servers(commands, log_dir=log_dir,
                               env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})

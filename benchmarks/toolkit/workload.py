@@ -9,7 +9,6 @@ both tools can be run on the very same requests.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import mimetypes
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from benchmarks.toolkit import images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -81,16 +82,9 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def data_url(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
 def noise_image(width: int, height: int, rng: np.random.Generator) -> str:
     """Uniform random pixels as a JPEG data URL (what vLLM's `random-mm` sends: the worst case for codecs)."""
-    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG")
-    return data_url(buffer.getvalue(), "image/jpeg")
+    return images.data_url(images.noise(width, height, rng, "JPEG"), "image/jpeg")
 
 
 def random_text(words: int, rng: np.random.Generator) -> str:
@@ -121,7 +115,7 @@ def image_file_url(path: Path) -> str:
             mime = Image.MIME.get(image.format or "", None)
     except OSError as exc:
         raise WorkloadError(f"{path}: not a readable image ({exc})") from None
-    return data_url(data, mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+    return images.data_url(data, mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
 
 def from_folder(folder: Path, num_requests: int, images_per_request: int, input_words: int, output_len: int,

@@ -5,7 +5,7 @@ its own (`pinned`), the CPU stand-in for one GPU per server.
 a vision share (the highest `vision_cores`, default half). DvD's language server runs on the language share,
 its vision server on the vision share, the gateway floats. Coupled serving gets the same devices: one `vllm
 serve` replica per share (2 cores: two replicas of one core each), requests balanced across them by the load
-generator (`benchmarks.loadgen.Balancer`).
+generator (`benchmarks.toolkit.loadgen.Balancer`).
 
 `pin` is the one place a server is pinned: `taskset -c` around its command, so every process it starts (vLLM's
 engine core and worker included) inherits the cores, and thread counts equal to the core count: torch's
@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 MODES = ("shared", "pinned")
 
@@ -41,12 +40,14 @@ def split_cores(cores: Iterable[int], vision_cores: int | None = None) -> tuple[
     return available[:-vision], available[-vision:]
 
 
-def pin(command: Sequence[str], cores: Iterable[int]) -> list[str]:
-    """`command` on `cores` only, with as many compute threads as cores (see the module's docstring)."""
+def pin(command: Sequence[str], cores: Iterable[int], env: dict[str, str] | None = None) -> list[str]:
+    """`command` on `cores` only, with as many compute threads as cores (see the module's docstring) and the
+    environment variables `env` besides."""
     cores = cpu_list(cores)
     threads = len(cores.split(","))
+    settings = [f"{name}={value}" for name, value in (env or {}).items()]
     return ["taskset", "-c", cores, "env", f"OMP_NUM_THREADS={threads}", f"VLLM_CPU_OMP_THREADS_BIND={cores}",
-            *command]
+            *settings, *command]
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Placement:
 
     def described(self, system: str, cores: dict[str, list[int]]) -> dict:
         """The results document's `placement`: the mode, the dtypes, the replica count and the cores each
-        process was seen on (`cores`, from `process_cores`)."""
+        process was seen on (`cores`, from `processes.cores`)."""
         described = {"mode": self.mode, "dtype": self.dtype}
         if system == "DvD":
             described |= {"feature_dtype": self.feature_dtype, "replicas": 1}
@@ -94,31 +95,3 @@ class Placement:
         pinned = self.dvd_cores() if system == "DvD" else {
             f"coupled-{i}": c for i, c in enumerate(self.coupled_cores()) if c}
         return described | {"cores": cores, "threads": {name: len(c) for name, c in pinned.items()}}
-
-
-def _children(pid: int) -> list[int]:
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            pass
-    return children
-
-
-def process_cores(pid: int) -> list[int]:
-    """The cores a process and every process below it may run on (the union of their affinities; empty when
-    the process is gone)."""
-    cores: set[int] = set()
-    pending, seen = [pid], set()
-    while pending:
-        current = pending.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        try:
-            cores |= os.sched_getaffinity(current)
-        except OSError:  # exited meanwhile
-            continue
-        pending += _children(current)
-    return sorted(cores)

@@ -1,0 +1,173 @@
+"""Command-line options that several commands take, each declared once.
+
+Single options are `Annotated` types that a command's parameter takes with a default of its own. Groups of
+options are dataclasses whose fields are such options: a command decorated with `@grouped` takes a whole group as
+one keyword-only parameter (`*, workload: WorkloadOptions`), typer shows the group's fields as the command's own
+options, and a field added to a group reaches every command that takes it. Heavy modules are imported where used:
+`dvd` imports this module on every start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import itertools
+import math
+import typing
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# ---------------------------------------------------------------- single options, shared by the tools
+
+CheckpointOption = Annotated[str, typer.Option("--model", help="Checkpoint folder; its servers are started here")]
+OutOption = Annotated[Path | None, typer.Option(help="Write the result JSON here")]
+JsonlOption = Annotated[Path | None, typer.Option(
+    help="Requests from a JSONL file (vLLM's custom_image format: prompt, image_files, output_tokens)")]
+FolderOption = Annotated[Path | None, typer.Option(help="Requests over the images of this folder")]
+RequestsOption = Annotated[int, typer.Option(help="Requests per load point (synthetic or folder workloads)")]
+SizeOption = Annotated[list[str] | None, typer.Option(
+    "--image-size", help="Synthetic image WIDTHxHEIGHT (repeatable; drawn uniformly per image)")]
+ImagesOption = Annotated[int, typer.Option(help="Images per request")]
+WordsOption = Annotated[int, typer.Option(help="Words of random text per prompt (about one token each)")]
+OutputOption = Annotated[int | None, typer.Option(
+    help="Output tokens per request (default 32; for --jsonl, each line's output_tokens)")]
+SeedOption = Annotated[int, typer.Option(help="Seed of the synthetic workload and of the arrival times")]
+WarmupOption = Annotated[int, typer.Option(help="Requests sent (and not counted) before the first point")]
+ApiKeyOption = Annotated[str, typer.Option(envvar="OPENAI_API_KEY", help="Bearer key")]
+
+
+def grouped(command):
+    """Let `command` take option groups (dataclasses of options) as parameters; see the module's docstring."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    groups = {name: hint for name, hint in hints.items() if dataclasses.is_dataclass(hint)}
+    parameters = []
+    for parameter in inspect.signature(command).parameters.values():  # all keyword-only: typer passes keywords
+        if parameter.name not in groups:
+            parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[parameter.name]))
+            continue
+        fields = typing.get_type_hints(groups[parameter.name], include_extras=True)
+        parameters += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=fields[f.name],
+                                         default=f.default) for f in dataclasses.fields(groups[parameter.name])]
+
+    @functools.wraps(command)
+    def with_groups(**given):
+        for name, group in groups.items():
+            given[name] = group(**{f.name: given.pop(f.name) for f in dataclasses.fields(group)})
+        return command(**given)
+
+    with_groups.__signature__ = inspect.Signature(parameters)
+    with_groups.__annotations__ = {p.name: p.annotation for p in parameters}
+    return with_groups
+
+
+def or_bad_parameter(make, *args, **kwargs):
+    """`make(...)`, with a workload error shown as a bad parameter."""
+    from benchmarks.toolkit.workload import WorkloadError
+
+    try:
+        return make(*args, **kwargs)
+    except WorkloadError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+# ---------------------------------------------------------------- groups, shared by `dvd bench`'s commands
+
+
+@dataclasses.dataclass
+class RequestOptions:
+    """Synthetic requests, or requests over a folder of images."""
+
+    image_dir: FolderOption = None
+    num_requests: RequestsOption = 20
+    image_size: SizeOption = None
+    images_per_request: ImagesOption = 1
+    input_words: WordsOption = 32
+    output_len: OutputOption = None
+    seed: SeedOption = 0
+
+    def make(self, count: int, seed: int | None = None):
+        """`count` requests, and their description for the results file."""
+        from benchmarks.toolkit import workload as w
+
+        seed = self.seed if seed is None else seed
+        output_len = self.output_len or 32
+        described = {"images_per_request": self.images_per_request, "input_words": self.input_words,
+                     "output_len": output_len, "seed": seed}
+        if self.image_dir:
+            requests = or_bad_parameter(w.from_folder, self.image_dir, count, self.images_per_request,
+                                        self.input_words, output_len, seed)
+            return requests, {"source": f"folder:{self.image_dir}", **described}
+        sizes = [or_bad_parameter(w.parse_size, s) for s in self.image_size or ["896x448"]]
+        requests = or_bad_parameter(w.synthetic, count, sizes, self.images_per_request, self.input_words, output_len,
+                                    seed)
+        return requests, {"source": "synthetic", "image_sizes": [f"{a}x{b}" for a, b in sizes], **described}
+
+
+@dataclasses.dataclass
+class WorkloadOptions(RequestOptions):
+    """A sweep's requests: generated (fresh for every load point) or a JSONL file's (whole, at every point)."""
+
+    jsonl: JsonlOption = None
+    warmup: WarmupOption = 2
+
+    def batches(self, points: int):
+        """Warm-up requests and one batch per load point."""
+        from benchmarks.toolkit import workload as w
+
+        if self.jsonl and self.image_dir:
+            raise typer.BadParameter("give --jsonl or --image-dir, not both")
+        if self.jsonl:
+            requests = or_bad_parameter(w.read_jsonl, self.jsonl, self.output_len)
+            described = {"source": f"jsonl:{self.jsonl}", "num_requests": len(requests), "output_len": self.output_len}
+            return w.RequestBatches.repeated(requests, self.warmup, points, described)
+        requests, described = self.make(self.warmup + self.num_requests * points)
+        return w.RequestBatches.fresh(requests, self.warmup, points, {**described, "num_requests": self.num_requests})
+
+
+@dataclasses.dataclass
+class LoadOptions:
+    """How a sweep sends its requests: the load points, arrivals, sampling, and what it reports."""
+
+    ignore_eos: Annotated[bool, typer.Option(help="Generate exactly the output length (vLLM's ignore_eos)")] = True
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default: the server's)")] = None
+    request_rate: Annotated[list[float] | None, typer.Option(
+        help="Requests per second, Poisson arrivals; repeat for a sweep (default: inf, all at once)")] = None
+    concurrency: Annotated[list[int] | None, typer.Option(help="Most requests in flight; repeat for a sweep")] = None
+    burstiness: Annotated[float, typer.Option(help="Gamma shape of the arrival gaps; 1 = Poisson")] = 1.0
+    percentiles: Annotated[str, typer.Option(help="Comma-separated percentiles to report")] = "50,90,99"
+    goodput: Annotated[list[str] | None, typer.Option(
+        help="SLO for goodput, METRIC:MS with METRIC ttft, tpot or e2el (repeatable)")] = None
+    progress: Annotated[bool, typer.Option(help="Live progress bar")] = True
+
+    def points(self):
+        """Every (rate, concurrency) pair given, in order."""
+        from benchmarks.toolkit.loadgen import LoadPoint
+
+        if any(c < 1 for c in self.concurrency or []):
+            raise typer.BadParameter("concurrency must be at least 1", param_hint="--concurrency")
+        if any(r <= 0 for r in self.request_rate or []):
+            raise typer.BadParameter("request rates must be positive (inf: all at once)", param_hint="--request-rate")
+        pairs = itertools.product(self.request_rate or [math.inf], self.concurrency or [None])
+        return [LoadPoint(rate, concurrency) for rate, concurrency in pairs]
+
+    def slos_ms(self) -> dict[str, float]:
+        slos = {}
+        for item in self.goodput or []:
+            name, _, value = item.partition(":")
+            try:
+                slos[name] = float(value)
+            except ValueError:
+                raise typer.BadParameter(f"{item!r} is not METRIC:MILLISECONDS, e.g. ttft:500",
+                                         param_hint="--goodput") from None
+        return slos
+
+    def run_options(self, seed: int, metrics_pages: dict[str, str]):
+        from benchmarks.toolkit.sweep import RunOptions
+
+        return RunOptions(points=self.points(), burstiness=self.burstiness, seed=seed, ignore_eos=self.ignore_eos,
+                          sampling={} if self.temperature is None else {"temperature": self.temperature},
+                          percentiles=[float(p) for p in self.percentiles.split(",")], slos_ms=self.slos_ms(),
+                          metrics_pages=metrics_pages, progress=self.progress)
