@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.toolkit.encoder import build_model, covered, merged, stage_spans, sync
 from checkpoint.geometry import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ModelConfig
 
 L2_FP32 = 1e-4
@@ -70,11 +71,6 @@ def relative_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
 def min_cosine(x: torch.Tensor, reference: torch.Tensor) -> float:
     hidden = x.shape[-1]
     return F.cosine_similarity(x.float().reshape(-1, hidden), reference.reshape(-1, hidden), dim=-1).min().item()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def engine_features(model, tiles: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -142,50 +138,27 @@ def _intervals(events, keep) -> list[tuple[float, float]]:
     return sorted((e.time_range.start, e.time_range.end) for e in events if keep(e))
 
 
-def _merge(spans):
-    merged: list[list[float]] = []
-    for s, e in spans:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return merged
+def _share(spans, cover) -> float:
+    """The share of `spans`' time under `cover` (0 when `spans` hold no time)."""
+    return covered(spans, cover) / max(1e-9, sum(e - s for s, e in spans))
 
 
-def _covered(spans, cover) -> float:
-    """Time of `spans` that lies under the union of `cover`."""
-    cover = _merge(cover)
-    total = 0.0
-    for s, e in spans:
-        for cs, ce in cover:
-            total += max(0.0, min(e, ce) - max(s, cs))
-    return total
-
-
-def pipeline(device: torch.device, out: Path, preset: str, clients: int, images_per_client: int,
-             tiles_per_image: int, max_batch_tiles: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    from benchmarks.vision import build_model
-    from vision_server.engine import VisionEngine
-
-    config = ModelConfig.from_name(preset)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(config, device, dtype)
+def host_tiles(tiles_per_image: int):
+    """How the clients' host threads make an image's uint8 tiles, and its description: JPEG decode, resize and
+    tiling when Pillow is installed, else synthetic tiles."""
     try:
-        from benchmarks.preprocess import smooth_photo
+        from benchmarks.toolkit.images import smooth_photo
         from vision_server.preprocess import preprocess_tiles
-
-        photo = smooth_photo(448 * tiles_per_image, 448)  # a strip: exactly `tiles_per_image` tiles + thumbnail
-        host_source = "Pillow: JPEG decode + resize + tiling"
-
-        def make_tiles(seed: int) -> torch.Tensor:
-            return preprocess_tiles(photo, max_tiles=tiles_per_image)
     except ImportError:
-        host_source = "synthetic uint8 tiles (no Pillow)"
+        return (lambda seed: synthetic_tiles(tiles_per_image, seed)), "synthetic uint8 tiles (no Pillow)"
+    photo = smooth_photo(448 * tiles_per_image, 448)  # a strip: exactly `tiles_per_image` tiles + thumbnail
+    return (lambda seed: preprocess_tiles(photo, max_tiles=tiles_per_image)), "Pillow: JPEG decode + resize + tiling"
 
-        def make_tiles(seed: int) -> torch.Tensor:
-            return synthetic_tiles(tiles_per_image, seed)
+
+def traced_run(engine, make_tiles, clients: int, images_per_client: int, device: torch.device):
+    """Clients encoding images whose tiles host threads make, once to warm up, then under torch.profiler: the
+    wall time, the profiler, the engine's spans and the host threads' (start, end) spans."""
+    from torch.profiler import ProfilerActivity, profile
 
     host_spans: list[tuple[float, float]] = []
     lock = threading.Lock()
@@ -197,74 +170,95 @@ def pipeline(device: torch.device, out: Path, preset: str, clients: int, images_
             host_spans.append((start, time.perf_counter()))
         return tiles
 
-    async def client(engine, c: int):
+    async def client(c: int):
         loop = asyncio.get_running_loop()
         for i in range(images_per_client):
-            tiles = await loop.run_in_executor(None, preprocess_one, c * 1000 + i)
-            await engine.encode(f"c{c}-{i}", 0, tiles)
+            await engine.encode(f"c{c}-{i}", 0, await loop.run_in_executor(None, preprocess_one, c * 1000 + i))
 
-    async def run(engine):
+    async def run():
         start = time.perf_counter()
-        await asyncio.gather(*[client(engine, c) for c in range(clients)])
+        await asyncio.gather(*[client(c) for c in range(clients)])
         return time.perf_counter() - start
 
+    asyncio.run(run())  # warm-up: allocator, kernels, pinned buffers
+    engine.trace.clear()
+    host_spans.clear()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall_s = asyncio.run(run())
+        sync(device)
+    return wall_s, prof, list(engine.trace), host_spans
+
+
+def device_summary(prof) -> dict:
+    """How busy the device was, and how much of each copy direction ran under a kernel."""
+    is_device = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    kernels = _intervals(is_device, lambda e: "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+    h2d = _intervals(is_device, lambda e: "htod" in e.name.lower())
+    d2h = _intervals(is_device, lambda e: "dtoh" in e.name.lower())
+    summary = {}
+    if not kernels:  # the profiler kept no device activity: say so rather than fail the whole check
+        summary["device_events"] = "none captured"
+        kernels = [(0.0, 0.0)]
+    busy = sum(e - s for s, e in merged(kernels))
+    start = min(s for s, _ in kernels + h2d + d2h)
+    end = max(e for _, e in kernels + h2d + d2h)
+    return summary | {
+        "device_kernels": len(kernels),
+        "device_kernel_busy_share": round(busy / max(1e-9, end - start), 3),
+        "h2d_copy_ms": round(sum(e - s for s, e in h2d) / 1e3, 3),
+        "d2h_copy_ms": round(sum(e - s for s, e in d2h) / 1e3, 3),
+        "h2d_under_kernel_share": round(_share(h2d, kernels), 3),
+        "d2h_under_kernel_share": round(_share(d2h, kernels), 3),
+    }
+
+
+def top_ops(prof, device: torch.device, count: int = 12) -> list[dict]:
+    """The operators that took the most device time (CPU time on the CPU)."""
+    def own_time(a) -> float:
+        return a.self_device_time_total if device.type == "cuda" else a.self_cpu_time_total
+
+    return [{"name": a.key, "count": a.count, "self_ms": round(own_time(a) / 1e3, 3)}
+            for a in sorted(prof.key_averages(), key=lambda a: -own_time(a))[:count]]
+
+
+def save_trace(prof, out: Path) -> str:
+    """The Chrome trace, gzipped in `out`; returns its file name."""
+    trace = out / "pipeline_trace.json"
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as raw, gzip.open(str(trace) + ".gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
+    return trace.name + ".gz"
+
+
+def pipeline(device: torch.device, out: Path, preset: str, clients: int, images_per_client: int,
+             tiles_per_image: int, max_batch_tiles: int) -> dict:
+    from vision_server.engine import VisionEngine
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(ModelConfig.from_name(preset), device, dtype)
+    make_tiles, host_source = host_tiles(tiles_per_image)
     engine = VisionEngine(model, device=device, dtype=dtype, feature_dtype=torch.bfloat16,
                           max_batch_tiles=max_batch_tiles, max_wait_s=0.002, trace_spans=10_000)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
-        asyncio.run(run(engine))  # warm-up: allocator, kernels, pinned buffers
-        engine.trace.clear()
-        host_spans.clear()
-        with profile(activities=activities) as prof:
-            wall_s = asyncio.run(run(engine))
-            sync(device)
-        spans = list(engine.trace)
+        wall_s, prof, spans, host_spans = traced_run(engine, make_tiles, clients, images_per_client, device)
     finally:
         engine.close()
     tiles = clients * images_per_client * (tiles_per_image + (1 if tiles_per_image > 1 else 0))
-    computes = [(s, e) for stage, _, s, e in spans if stage == "compute"]
-    copies = [(s, e) for stage, _, s, e in spans if stage == "copy"]
+    computes, copies = stage_spans(spans, "compute"), stage_spans(spans, "copy")
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "preset": preset, "dtype": str(dtype).replace("torch.", ""), "clients": clients,
                "images_per_client": images_per_client, "tiles": tiles, "max_batch_tiles": max_batch_tiles,
                "host_preprocessing": host_source, "wall_s": round(wall_s, 3),
                "tiles_per_s": round(tiles / wall_s, 1), "batches": len(computes),
                "host_preprocess_s": round(sum(e - s for s, e in host_spans), 3),
-               "host_preprocess_under_engine_compute_share": round(
-                   _covered(host_spans, computes) / max(1e-9, sum(e - s for s, e in host_spans)), 3),
-               "engine_copy_under_compute_share": round(
-                   _covered(copies, computes) / max(1e-9, sum(e - s for s, e in copies)), 3)}
+               "host_preprocess_under_engine_compute_share": round(_share(host_spans, computes), 3),
+               "engine_copy_under_compute_share": round(_share(copies, computes), 3)}
     if device.type == "cuda":
-        events = prof.events()
-        is_device = [e for e in events if str(e.device_type).endswith("CUDA")]
-        kernels = _intervals(is_device, lambda e: "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
-        h2d = _intervals(is_device, lambda e: "htod" in e.name.lower())
-        d2h = _intervals(is_device, lambda e: "dtoh" in e.name.lower())
-        if not kernels:  # the profiler kept no device activity: say so rather than fail the whole check
-            summary["device_events"] = "none captured"
-            kernels = [(0.0, 0.0)]
-        busy = sum(e - s for s, e in _merge(kernels))
-        start = min(s for s, _ in kernels + h2d + d2h)
-        end = max(e for _, e in kernels + h2d + d2h)
-        summary.update({
-            "device_kernels": len(kernels),
-            "device_kernel_busy_share": round(busy / max(1e-9, end - start), 3),
-            "h2d_copy_ms": round(sum(e - s for s, e in h2d) / 1e3, 3),
-            "d2h_copy_ms": round(sum(e - s for s, e in d2h) / 1e3, 3),
-            "h2d_under_kernel_share": round(_covered(h2d, kernels) / max(1e-9, sum(e - s for s, e in h2d)), 3),
-            "d2h_under_kernel_share": round(_covered(d2h, kernels) / max(1e-9, sum(e - s for s, e in d2h)), 3),
-        })
-    summary["top_ops"] = [
-        {"name": a.key, "count": a.count, "self_ms": round((a.self_device_time_total if device.type == "cuda"
-                                                            else a.self_cpu_time_total) / 1e3, 3)}
-        for a in sorted(prof.key_averages(), key=lambda a: -(a.self_device_time_total if device.type == "cuda"
-                                                               else a.self_cpu_time_total))[:12]]
-    trace = out / "pipeline_trace.json"
-    prof.export_chrome_trace(str(trace))
-    with trace.open("rb") as raw, gzip.open(str(trace) + ".gz", "wb") as packed:
-        shutil.copyfileobj(raw, packed)
-    trace.unlink()
-    summary["chrome_trace"] = trace.name + ".gz"
+        summary.update(device_summary(prof))
+    summary["top_ops"] = top_ops(prof, device)
+    summary["chrome_trace"] = save_trace(prof, out)
     summary["engine_spans"] = [[stage, n, round(s, 5), round(e, 5)] for stage, n, s, e in spans[:40]]
     (out / "pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("engine_spans", "top_ops")}), flush=True)

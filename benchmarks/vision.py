@@ -19,7 +19,6 @@ import asyncio
 import dataclasses
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Annotated
@@ -27,9 +26,10 @@ from typing import Annotated
 import torch
 import typer
 
+from benchmarks.toolkit.documents import print_and_write
+from benchmarks.toolkit.encoder import build_model, covered_share, stage_spans, time_batches
 from checkpoint.geometry import ModelConfig
 from vision_server.engine import VisionEngine
-from vision_server.vision_model import VisionModel
 
 
 def tile_flops(config: ModelConfig) -> float:
@@ -41,33 +41,6 @@ def tile_flops(config: ModelConfig) -> float:
     projector = 2 * config.tokens_per_tile * (config.projector_input_size + config.language.hidden_size) * (
         config.language.hidden_size)
     return v.num_layers * per_layer + patch_embed + projector
-
-
-def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> VisionModel:
-    torch.manual_seed(0)
-    with torch.device(device):  # made on the device: InternViT-6B's 5.9 B parameters initialise in seconds there
-        model = VisionModel(config)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return model.to(device, dtype).eval().requires_grad_(False)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_batches(fn, pixels: torch.Tensor, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn(pixels) over `repeats` runs, after one warm-up."""
-    fn(pixels)
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(pixels)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def transformers_encoder(config: ModelConfig, device, dtype):
@@ -114,13 +87,66 @@ async def concurrency_run(engine: VisionEngine, pixels: torch.Tensor, clients: i
 
 def overlap_share(trace) -> float | None:
     """Share of copy-back time (batch k) that overlapped some compute span (batch k+1)."""
-    computes = [(s, e) for stage, _, s, e in trace if stage == "compute"]
-    copies = [(s, e) for stage, _, s, e in trace if stage == "copy"]
-    total = sum(e - s for s, e in copies)
-    if not total:
-        return None
-    overlapped = sum(max(0.0, min(e, ce) - max(s, cs)) for s, e in copies for cs, ce in computes)
-    return overlapped / total
+    return covered_share(stage_spans(trace, "copy"), stage_spans(trace, "compute"))
+
+
+def batch_sweep(model, config: ModelConfig, device: torch.device, dtype: torch.dtype, batch_sizes: list[int],
+                repeats: int, peak_tflops: float | None, reference=None) -> list[dict]:
+    """The model alone at each batch size: tiles/s, TFLOP/s, MFU; and transformers' speed where given."""
+    flops, rows = tile_flops(config), []
+    for batch in batch_sizes:
+        pixels = torch.randn(batch, 3, 448, 448, device=device, dtype=dtype)
+        seconds = time_batches(model, pixels, device, repeats)
+        row = {"batch_tiles": batch, "tiles_per_s": round(batch / seconds, 2),
+               "tflops": round(batch * flops / seconds / 1e12, 3)}
+        if peak_tflops:
+            row["mfu"] = round(row["tflops"] / peak_tflops, 3)
+        if reference is not None:
+            ref_seconds = time_batches(reference, pixels, device, repeats)
+            row["transformers_tiles_per_s"] = round(batch / ref_seconds, 2)
+            row["speedup_vs_transformers"] = round(ref_seconds / seconds, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def concurrency_sweep(model, device: torch.device, dtype: torch.dtype, client_counts: list[int],
+                      images_per_client: int) -> list[dict]:
+    """N clients encoding one-tile images through one engine (batching helps most there), as the vision server
+    gives it them: uint8 tiles on the host, normalised on the device."""
+    pixels = torch.randint(0, 256, (1, 448, 448, 3), dtype=torch.uint8)
+    rows = []
+    for clients in client_counts:
+        engine = VisionEngine(model, device=device, dtype=dtype, feature_dtype=torch.bfloat16, max_batch_tiles=32,
+                              max_wait_s=0.002, trace_spans=10_000)
+        try:
+            asyncio.run(concurrency_run(engine, pixels, clients, 1))  # warm-up
+            tiles_per_s = asyncio.run(concurrency_run(engine, pixels, clients, images_per_client))
+            batches = stage_spans(engine.trace, "compute")
+            rows.append({"clients": clients, "tiles_per_s": round(tiles_per_s, 2),
+                         "mean_batch_tiles": round(clients * (images_per_client + 1) / max(1, len(batches)), 2),
+                         "copy_overlapped_with_compute": overlap_share(list(engine.trace))})
+        finally:
+            engine.close()
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def pipeline(model, device: torch.device, dtype: torch.dtype, images_per_client: int) -> dict:
+    """Multi-tile images from 8 clients under a small batch budget keep batches queued back to back, so batch k's
+    copy-back and scatter can run while batch k+1 computes."""
+    engine = VisionEngine(model, device=device, dtype=dtype, feature_dtype=torch.bfloat16, max_batch_tiles=8,
+                          max_wait_s=0.002, trace_spans=10_000)
+    try:
+        tiles_per_s = asyncio.run(concurrency_run(
+            engine, torch.randint(0, 256, (3, 448, 448, 3), dtype=torch.uint8), 8, images_per_client))
+        spans = list(engine.trace)
+    finally:
+        engine.close()
+    return {"clients": 8, "tiles_per_image": 3, "max_batch_tiles": 8, "tiles_per_s": round(tiles_per_s, 2),
+            "batches": len(stage_spans(spans, "compute")),
+            "copy_overlapped_with_compute": round(overlap_share(spans) or 0.0, 3),
+            "trace": [[stage, n, round(s, 5), round(e, 5)] for stage, n, s, e in spans[:40]]}
 
 
 def main(
@@ -138,68 +164,24 @@ def main(
     config = ModelConfig.from_name(preset)
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype)
     model = build_model(config, torch_device, torch_dtype)
-    flops = tile_flops(config)
+    reference = transformers_encoder(config, torch_device, torch_dtype) if transformers else None
     result = {
         "preset": preset, "device": torch.cuda.get_device_name() if torch_device.type == "cuda" else
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": dtype, "gflop_per_tile": round(flops / 1e9, 3), "batch_sweep": [], "concurrency_sweep": [],
+        "dtype": dtype, "gflop_per_tile": round(tile_flops(config) / 1e9, 3),
+        "batch_sweep": batch_sweep(model, config, torch_device, torch_dtype, [int(b) for b in batch_sizes.split(",")],
+                                   repeats, peak_tflops, reference),
+        "concurrency_sweep": concurrency_sweep(model, torch_device, torch_dtype,
+                                               [int(c) for c in concurrency.split(",")], images_per_client),
         "torch": torch.__version__,
     }
-    reference = transformers_encoder(config, torch_device, torch_dtype) if transformers else None
-    for batch in [int(b) for b in batch_sizes.split(",")]:
-        pixels = torch.randn(batch, 3, 448, 448, device=torch_device, dtype=torch_dtype)
-        seconds = time_batches(model, pixels, torch_device, repeats)
-        row = {"batch_tiles": batch, "tiles_per_s": round(batch / seconds, 2),
-               "tflops": round(batch * flops / seconds / 1e12, 3)}
-        if peak_tflops:
-            row["mfu"] = round(row["tflops"] / peak_tflops, 3)
-        if reference is not None:
-            ref_seconds = time_batches(reference, pixels, torch_device, repeats)
-            row["transformers_tiles_per_s"] = round(batch / ref_seconds, 2)
-            row["speedup_vs_transformers"] = round(ref_seconds / seconds, 2)
-        result["batch_sweep"].append(row)
-        print(json.dumps(row), flush=True)
-
-    # The engine gets what the vision server gives it: uint8 tiles on the host, normalised on the device.
-    pixels = torch.randint(0, 256, (1, 448, 448, 3), dtype=torch.uint8)  # one-tile images: batching helps most
-    for clients in [int(c) for c in concurrency.split(",")]:
-        engine = VisionEngine(model, device=torch_device, dtype=torch_dtype, feature_dtype=torch.bfloat16,
-                              max_batch_tiles=32, max_wait_s=0.002, trace_spans=10_000)
-        try:
-            asyncio.run(concurrency_run(engine, pixels, clients, 1))  # warm-up
-            tiles_per_s = asyncio.run(concurrency_run(engine, pixels, clients, images_per_client))
-            batches = [e - s for stage, _, s, e in engine.trace if stage == "compute"]
-            row = {"clients": clients, "tiles_per_s": round(tiles_per_s, 2),
-                   "mean_batch_tiles": round(clients * (images_per_client + 1) / max(1, len(batches)), 2),
-                   "copy_overlapped_with_compute": overlap_share(list(engine.trace))}
-        finally:
-            engine.close()
-        result["concurrency_sweep"].append(row)
-        print(json.dumps(row), flush=True)
-    # Pipeline: multi-tile images from 8 clients under a small batch budget keep batches queued back to
-    # back, so batch k's copy-back and scatter can run while batch k+1 computes.
-    engine = VisionEngine(model, device=torch_device, dtype=torch_dtype, feature_dtype=torch.bfloat16,
-                          max_batch_tiles=8, max_wait_s=0.002, trace_spans=10_000)
-    try:
-        tiles_per_s = asyncio.run(concurrency_run(
-            engine, torch.randint(0, 256, (3, 448, 448, 3), dtype=torch.uint8), 8, images_per_client))
-        spans = list(engine.trace)
-        result["pipeline"] = {"clients": 8, "tiles_per_image": 3, "max_batch_tiles": 8,
-                              "tiles_per_s": round(tiles_per_s, 2),
-                              "batches": sum(1 for span in spans if span[0] == "compute"),
-                              "copy_overlapped_with_compute": round(overlap_share(spans) or 0.0, 3),
-                              "trace": [[stage, n, round(s, 5), round(e, 5)] for stage, n, s, e in spans[:40]]}
-    finally:
-        engine.close()
+    result["pipeline"] = pipeline(model, torch_device, torch_dtype, images_per_client)
     print(json.dumps({k: v for k, v in result["pipeline"].items() if k != "trace"}), flush=True)
     rates = {row["clients"]: row["tiles_per_s"] for row in result["concurrency_sweep"]}
     if 1 in rates and 16 in rates:
         result["batching_speedup_16_vs_1"] = round(rates[16] / rates[1], 2)
     result["config"] = dataclasses.asdict(config.vision)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        out.write_text(text + "\n")
+    print_and_write(result, out)
 
 
 if __name__ == "__main__":
