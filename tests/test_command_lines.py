@@ -17,7 +17,9 @@ CLI = typer.main.get_command(app)
 
 
 def parsed(line: list[str]) -> tuple[str, dict]:
-    """(subcommand, its parameters) of a `python -m dvd.cli SUBCOMMAND ...` line, as `dvd` would parse them."""
+    """(subcommand, its parameters) of a `python -m dvd.cli SUBCOMMAND ...` line, as `dvd` would parse them; a
+    pinned line's prefix (`taskset -c CORES env NAME=VALUE ...`) is left out."""
+    line = line[line.index(sys.executable):]
     assert line[:3] == [sys.executable, "-m", "dvd.cli"], line
     name, *args = line[3:]
     command = CLI.commands[name]
@@ -73,3 +75,30 @@ def test_a_gateway_line_takes_several_servers_a_model_name_and_the_feature_cache
 def test_the_parser_used_here_refuses_a_flag_the_cli_does_not_have():
     with pytest.raises(Exception, match="No such option: --vision-servers"):  # click's UsageError, vendored by typer
         parsed(command_lines.dvd("gateway", "--vision-servers", "a:1"))
+
+
+def test_plan_validation_pins_every_server_of_a_configuration_with_flags_the_cli_reads(tmp_path):
+    from benchmarks.plan_validation.servers import configuration
+
+    launched, _, url = configuration(tmp_path / "ckpt", vision=2, language=2, log_dir=tmp_path)
+    lines = {name: parsed(line) for name, line in launched.commands.items()}
+    assert sorted(lines) == ["gateway", "language-0", "language-1", "vision-0", "vision-1"]
+    assert all(line[:2] == ["taskset", "-c"] for name, line in launched.commands.items() if name != "gateway")
+    vision = [params["port"] for name, params in lines.values() if name == "vision-server"]
+    language = [params["port"] for name, params in lines.values() if name == "language-server"]
+    gateway = lines["gateway"][1]
+    assert gateway["vision_server"] == [f"127.0.0.1:{port}" for port in vision]
+    assert gateway["language_server"] == [f"127.0.0.1:{port}" for port in language]
+    assert url == f"http://127.0.0.1:{gateway['port']}" and gateway["served_model_name"] == "tiny"
+    assert all(params["feature_bind"].startswith("tcp://127.0.0.1:") for name, params in lines.values()
+               if name == "language-server")
+
+
+def test_the_dispatch_benchmarks_second_gateway_turns_the_feature_cache_off():
+    from benchmarks.dispatch import two_gateways
+
+    launched, gateways, _ = two_gateways("/ckpt/tiny")
+    on, off = parsed(launched.commands["gateway"])[1], parsed(launched.commands["gateway-no-cache"])[1]
+    assert off["feature_cache"] is False and "feature_cache" not in on
+    assert (off["vision_server"], off["language_server"]) == (on["vision_server"], on["language_server"])
+    assert gateways["cache_off"].endswith(f":{off['port']}")
