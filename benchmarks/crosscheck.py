@@ -19,11 +19,12 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.toolkit import servers
+from benchmarks.toolkit.chat import served_model_at
 from benchmarks.toolkit.documents import write as write_document
 from benchmarks.toolkit.loadgen import LoadPoint
 from benchmarks.toolkit.machine import load_average
 from benchmarks.toolkit.options import RequestOptions
-from benchmarks.toolkit.sweep import RunOptions, bench, first_model_sync
+from benchmarks.toolkit.sweep import RunOptions, bench
 from benchmarks.toolkit.workload import RequestBatches, read_jsonl, write_jsonl
 
 COMPARED = ("completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
@@ -116,7 +117,7 @@ def started_and_checked(model: Path | None, base_url: str | None, tokenizer: str
         if model:
             print(f"starting DvD ({model}); logs in {folder}", flush=True)
             base_url = stack.enter_context(servers.dvd(str(model), folder)).base_url
-        return asyncio.run(crosscheck(base_url, first_model_sync(base_url), tokenizer, files, requests.output_len,
+        return asyncio.run(crosscheck(base_url, served_model_at(base_url), tokenizer, files, requests.output_len,
                                       point, requests.seed, warmup, described))
 
 

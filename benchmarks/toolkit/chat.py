@@ -25,6 +25,15 @@ def served_model(client: openai.OpenAI) -> str:
     return models[0].id
 
 
+def served_model_at(base_url: str, api_key: str = "unused") -> str:
+    """The first model the server at `base_url` lists."""
+    client = openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=0)
+    try:
+        return served_model(client)
+    finally:
+        client.close()
+
+
 def user(*parts: dict | str) -> list[dict]:
     """A one-turn conversation: the user's parts in order, a string as text, a dict as it is."""
     return [{"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]}]

@@ -45,17 +45,6 @@ async def first_model(client: openai.AsyncOpenAI) -> str:
     return models.data[0].id
 
 
-def first_model_sync(base_url: str, api_key: str = "unused") -> str:
-    client = openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=0)
-    try:
-        models = client.models.list().data
-    finally:
-        client.close()
-    if not models:
-        raise RuntimeError("the server lists no model")
-    return models[0].id
-
-
 def _document(urls: list[str], model: str, workload: RequestBatches, options: RunOptions) -> dict:
     """A sweep's results document before its points: what was run, where, with what, under which load."""
     target = {"base_url": urls[0], "model": model}
