@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from checkpoint.geometry import LanguageConfig, ModelConfig, VisionConfig
+from checkpoint.geometry import ExpertsConfig, LanguageConfig, ModelConfig, VisionConfig, YarnRope
 
 Format = Literal["hf", "custom"]
 
@@ -75,21 +75,63 @@ def _scalar(value) -> int:
     return int(value)
 
 
+LANGUAGE_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss")
+
+
+def _experts(text: dict, architecture: str, where: str) -> ExpertsConfig | None:
+    if architecture == "qwen3":
+        return None
+    if architecture == "qwen3_moe":
+        return ExpertsConfig(num_experts=_require(text, "num_experts", where),
+                             experts_per_token=_require(text, "num_experts_per_tok", where),
+                             intermediate_size=_require(text, "moe_intermediate_size", where),
+                             normalize_top_k=text.get("norm_topk_prob", True))
+    top_k = text.get("num_experts_per_tok") or _require(text, "experts_per_token", where)
+    return ExpertsConfig(num_experts=_require(text, "num_local_experts", where), experts_per_token=top_k,  # GPT-OSS
+                         intermediate_size=_require(text, "intermediate_size", where))
+
+
+def _rope(text: dict) -> tuple[float, YarnRope | None]:
+    """rope_theta and YaRN scaling, spelled as transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`)
+    writes them."""
+    parameters = text.get("rope_parameters") or {}
+    scaling = text.get("rope_scaling") or parameters
+    theta = float(text.get("rope_theta") or parameters.get("rope_theta") or 1e6)
+    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return theta, None
+    return theta, YarnRope(factor=float(scaling["factor"]),
+                           original_max_position_embeddings=scaling["original_max_position_embeddings"],
+                           beta_fast=float(scaling.get("beta_fast", 32.0)),
+                           beta_slow=float(scaling.get("beta_slow", 1.0)),
+                           truncate=scaling.get("truncate", True))
+
+
 def _language_config(text: dict, where: str) -> LanguageConfig:
+    architecture = text.get("model_type", "qwen3")
+    if architecture not in LANGUAGE_MODEL_TYPES:
+        raise CheckpointConfigError(f"{where}: language model type {architecture!r} is not one of InternVL3.5's "
+                                    f"({', '.join(LANGUAGE_MODEL_TYPES)})")
     hidden_size = _require(text, "hidden_size", where)
     num_heads = _require(text, "num_attention_heads", where)
+    rope_theta, rope_scaling = _rope(text)
+    gpt_oss = architecture == "gpt_oss"
     return LanguageConfig(
+        architecture=architecture,
         hidden_size=hidden_size,
         num_layers=_require(text, "num_hidden_layers", where),
         num_heads=num_heads,
         num_kv_heads=text.get("num_key_value_heads", num_heads),
         head_dim=text.get("head_dim") or hidden_size // num_heads,
         intermediate_size=_require(text, "intermediate_size", where),
+        experts=_experts(text, architecture, where),
         vocab_size=_require(text, "vocab_size", where),
         tie_word_embeddings=text.get("tie_word_embeddings", LanguageConfig.tie_word_embeddings),
-        rope_theta=float(text.get("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 1e6))),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         rms_norm_eps=text.get("rms_norm_eps", LanguageConfig.rms_norm_eps),
         max_position_embeddings=text.get("max_position_embeddings", LanguageConfig.max_position_embeddings),
+        sliding_window=text.get("sliding_window") if gpt_oss else None,
+        swiglu_limit=text.get("swiglu_limit") if gpt_oss else None,
     )
 
 

