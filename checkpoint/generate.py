@@ -48,6 +48,10 @@ ROUTER_STD = 0.5
 # A wide MoE router spreads its logits, so that the top-k experts are far apart from the rest for most tokens.
 ROUTER_INIT_STD = 0.5
 SINK_STD = 1.0  # sink logits of the order of attention scores, so that the sinks take a real share
+# GPT-OSS clamps its experts' gate and up projections at `swiglu_limit` (7.0; vLLM's CPU kernel hard-codes it).
+# Wide gate-up weights take a share of a random model's activations past it, so that the clamp is exercised.
+GATE_UP_STD = 0.5
+DOWN_STD = 0.002  # and narrow down projections keep the experts from drowning out the image features
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 
 # Published InternVL3.5 configs carry a transformers 4.x version; without one, transformers 5 suspects a
@@ -170,9 +174,9 @@ def _mlp_specs(t: LanguageConfig, p: str) -> list[TensorSpec]:
         return specs
     # GPT-OSS: a biased router; the experts stacked, gate and up interleaved in one [E, H, 2F] projection
     return [*_linear(f"{p}.router", E, H, std=ROUTER_INIT_STD),
-            TensorSpec(f"{p}.experts.gate_up_proj", (E, H, 2 * F), INIT_STD),
+            TensorSpec(f"{p}.experts.gate_up_proj", (E, H, 2 * F), GATE_UP_STD),
             TensorSpec(f"{p}.experts.gate_up_proj_bias", (E, 2 * F), INIT_STD),
-            TensorSpec(f"{p}.experts.down_proj", (E, F, H), INIT_STD),
+            TensorSpec(f"{p}.experts.down_proj", (E, F, H), DOWN_STD),
             TensorSpec(f"{p}.experts.down_proj_bias", (E, H), INIT_STD)]
 
 

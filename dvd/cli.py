@@ -29,25 +29,49 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _preset_names() -> str:
+    from checkpoint.geometry import PRESETS
+
+    return ", ".join(PRESETS)
+
+
 @app.command()
 def checkpoint(
     out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into")],
-    preset: Annotated[str, typer.Option(help="tiny, 1b, 2b, 4b or 8b")] = "tiny",
+    preset: Annotated[str, typer.Option(help=f"The model's geometry: {_preset_names()}")] = "tiny",
     format: Annotated[str, typer.Option("--format", help="hf or custom")] = "custom",
     seed: Annotated[int, typer.Option(help="Random seed of the weights")] = 0,
     flash: Annotated[bool, typer.Option(help="InternVL3.5-Flash: add the ViR router and mlp2 (custom format)")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Write the configs and the shard index (model.safetensors.index.json) only: no tokenizer, "
+                          "no weights")] = False,
 ) -> None:
     """Write a random-weight InternVL3.5 checkpoint in a real on-disk format."""
     import dataclasses
+    import json
 
     from checkpoint.generate import write_checkpoint
     from checkpoint.geometry import ModelConfig
 
     if format not in ("hf", "custom"):
         raise typer.BadParameter("format must be hf or custom", param_hint="--format")
-    config = dataclasses.replace(ModelConfig.from_name(preset), flash=flash)
-    path = write_checkpoint(out, config, format, seed=seed)
-    typer.echo(f"wrote {preset} checkpoint ({format} format) to {path}")
+    try:
+        config = dataclasses.replace(ModelConfig.from_name(preset), flash=flash)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--preset") from None
+    path = write_checkpoint(out, config, format, seed=seed, dry_run=dry_run)
+    if not dry_run:
+        typer.echo(f"wrote {preset} checkpoint ({format} format) to {path}")
+        return
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    language, files = config.language, sorted(set(index["weight_map"].values()))
+    experts = language.experts
+    typer.echo(f"{preset} ({format} format, {language.architecture}): {len(index['weight_map'])} tensors, "
+               f"{index['metadata']['total_size'] / 1e9:.2f} GB in {len(files)} shard(s); language model "
+               f"{language.num_parameters() / 1e9:.2f}B parameters"
+               + (f", {language.num_parameters(active=True) / 1e9:.2f}B active ({experts.experts_per_token} of "
+                  f"{experts.num_experts} experts)" if experts else ""))
+    typer.echo(f"wrote config and shard index (no weights) to {path}")
 
 
 def given(**flags) -> dict:

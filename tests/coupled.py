@@ -3,6 +3,7 @@ projector and LLM in one process, fp32), and how its greedy completions are comp
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from language_server.prompt import ChatRenderer, load_chat_template
 from vision_server.preprocess import preprocess
 
 TOP_K = 5
-EOS_IDS = {151645, 151643}  # <|im_end|>, <|endoftext|>
 
 
 @dataclass
@@ -54,6 +54,7 @@ class CoupledReference:
         self.tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         self.renderer = ChatRenderer(load_chat_template(path))
         self.tokens_per_tile = self.model.config.image_seq_length
+        self.eos_ids = set(json.loads((path / "generation_config.json").read_text())["eos_token_id"])
 
     def pixel_values(self, images) -> list[torch.Tensor]:
         return [preprocess(png_bytes(image), max_tiles=12) for image in images]
@@ -82,7 +83,7 @@ class CoupledReference:
                                       return_dict_in_generate=True, **kwargs)
         new_ids = out.sequences[0, input_ids.shape[1]:].tolist()
         logprobs = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
-        text_ids = [t for t in new_ids if t not in EOS_IDS]
+        text_ids = [t for t in new_ids if t not in self.eos_ids]
         return Completion(
             text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
             logprobs=[lp[t].item() for lp, t in zip(logprobs, new_ids)],
