@@ -55,5 +55,5 @@ def test_prompt_and_greedy_answer_equal_coupled_serving(servers, images):
         kwargs = dict(messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
         ours = dvd.chat.completions.create(model=dvd_model, **kwargs)
         theirs = coupled.chat.completions.create(model=coupled_model, **kwargs)
-        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens > 60 + 256 * images
+        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens > 20 + 256 * images
         assert ours.choices[0].message.content == theirs.choices[0].message.content
