@@ -30,7 +30,7 @@ from checkpoint.geometry import (
     ModelConfig,
     internvl_added_tokens,
 )
-from checkpoint.tokenizers import FAMILIES, build_tokenizer, family_of
+from checkpoint.tokenizer_families import FAMILIES, build_tokenizer, family_of
 
 VIDEO_TOKEN = "<video>"  # the HF processor's video placeholder, added after InternVL's tokens
 
@@ -390,7 +390,7 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"
 def _token_ids(architecture: str) -> dict[str, int]:
     """The ids of the family's named special tokens (bos, eos, pad, stop)."""
     if family_of(architecture) == "gpt_oss":
-        from checkpoint.tokenizers import HARMONY_SPECIAL_TOKENS
+        from checkpoint.tokenizer_families import HARMONY_SPECIAL_TOKENS
 
         return dict(HARMONY_SPECIAL_TOKENS)
     return {"<|endoftext|>": 151643, "<|im_end|>": 151645}

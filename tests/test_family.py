@@ -15,7 +15,7 @@ import language_server.torch_compat  # noqa: F401  (before transformers imports 
 from checkpoint.formats import read_model_config
 from checkpoint.generate import hf_tensors, tensor_specs, write_checkpoint
 from checkpoint.geometry import PRESETS, LanguageConfig, internvl_added_tokens
-from checkpoint.tokenizers import HARMONY_SPECIAL_TOKENS, o200k_base_file
+from checkpoint.tokenizer_families import HARMONY_SPECIAL_TOKENS, o200k_base_file
 from dvd.cli import app
 from language_server.prompt import ChatRenderer, PromptError, load_chat_template
 
