@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import httpx
+
+from launcher.waiting import wait_until
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
@@ -80,21 +81,16 @@ class Servers:
     def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str = "the servers are ready") -> None:
         """Poll `ready` (an HTTP or gRPC error while polling counts as not yet) until it holds; raise
         RuntimeError if a server exits meanwhile, TimeoutError after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def ready_while_running() -> bool:
             for name, process in self.processes.items():
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {process.returncode} while waiting until {what}"
                                        + (f"; its log ends:\n{self.log(name)[-3000:]}" if self.log_dir else ""))
-            try:
-                if ready():
-                    return
-            except (httpx.HTTPError, grpc.RpcError, ValueError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                where = f"; logs in {self.log_dir}" if self.log_dir else ""
-                raise TimeoutError(f"not within {timeout_s:.0f} s: {what}{where}")
-            time.sleep(0.5)
+            return ready()
+
+        where = f"; logs in {self.log_dir}" if self.log_dir else ""
+        wait_until(ready_while_running, timeout_s, what + where, interval_s=0.5)
 
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
         """Signal a server's whole process group (a crashed container) and wait for the server to exit."""

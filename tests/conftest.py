@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image
 
 from language_server import torch_compat  # noqa: F401  (before transformers / vLLM imports)
-from launcher import free_port  # noqa: F401  (the test modules take it from here)
+from launcher import free_port, wait_until_async  # noqa: F401  (the test modules take free_port from here)
 
 
 @pytest.fixture(scope="session")
@@ -35,23 +34,6 @@ def metric(url: str, name: str, **labels) -> float:
         if sample == name and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def wait_until(condition, timeout_s: float, what, interval_s: float = 0.2) -> None:
-    """Poll `condition` until it holds (an exception while polling, e.g. a server not listening yet, counts
-    as not yet); fail naming `what` (a string, or a function that describes the state seen) after
-    `timeout_s`. Deadlines are generous: no test depends on speed."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if condition():
-                return
-        except (httpx.HTTPError, ValueError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what() if callable(what) else what}"
-        time.sleep(interval_s)
 
 
 def sse_lines(reply) -> Iterator[str]:
@@ -111,10 +93,8 @@ def encode_to_local_receiver(vision_port: int, image: Image.Image | list[Image.I
                 reply = await dvd_pb2_grpc.VisionServiceStub(channel).Encode(dvd_pb2.EncodeRequest(
                     request_id=uuid.uuid4().hex, feature_endpoint=receiver.endpoint,
                     images=[dvd_pb2.ImageInput(data=png_bytes(i)) for i in images], **options), timeout=timeout_s)
-            for _ in range(200):
-                if len(received) == len(reply.images):
-                    break
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: len(received) == len(reply.images), 60,
+                                   f"the features of {len(reply.images)} images arrive")
         finally:  # an unclosed ZeroMQ socket would block the context's teardown
             task.cancel()
             receiver.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import signal
-import time
 
 import grpc
 import httpx
@@ -16,7 +15,7 @@ import pytest
 
 from conftest import data_url, free_port, make_image, make_video, png_bytes, sse_lines
 from language_server.server import VISION_PREFIXES
-from launcher import Servers, Stack
+from launcher import Servers, Stack, wait_until
 from proto import dvd_pb2, dvd_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -184,14 +183,14 @@ def test_client_disconnect_cancels_the_generation(up, model):
     with httpx.stream("POST", f"{stack.gateway_url}/v1/chat/completions", json=body, timeout=60) as reply:
         assert reply.status_code == 200
         next(sse_lines(reply))  # the first chunk arrived: the request is generating; now hang up
-    outcomes = {}
-    for _ in range(300):  # up to 30 s: two loaded cores can be slow to notice the hang-up
-        outcomes = {o: counter(metrics_url, f'dvd_language_requests_total{{outcome="{o}"}}')
-                    for o in ("ok", "cancelled", "error")}
-        if outcomes["cancelled"] == before + 1:
-            break
-        time.sleep(0.1)
-    assert outcomes["cancelled"] == before + 1, f"language server outcomes: {outcomes}"
+
+    def outcomes() -> dict[str, float]:
+        return {o: counter(metrics_url, f'dvd_language_requests_total{{outcome="{o}"}}')
+                for o in ("ok", "cancelled", "error")}
+
+    # Two loaded cores can be slow to notice the hang-up.
+    wait_until(lambda: outcomes()["cancelled"] == before + 1, 30,
+               lambda: f"the language server counts the request as cancelled; its outcomes: {outcomes()}")
     assert counter(metrics_url, "dvd_language_requests_in_flight") == 0
 
 

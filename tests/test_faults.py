@@ -30,9 +30,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import data_url, free_port, make_image, metric, sse_lines, wait_until
+from conftest import data_url, free_port, make_image, metric, sse_lines
 from hardened import MODEL, dvd
-from launcher import Servers, http_ready, secret_environment
+from launcher import Servers, http_ready, secret_environment, wait_until
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.frames import ImageFeatures
 from transport.tcp import TcpFeatureSender

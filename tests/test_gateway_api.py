@@ -24,9 +24,9 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines, wait_until
+from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines
 from gateway.reasoning import R1_SYSTEM_PROMPT
-from launcher import Servers, Stack, http_ready
+from launcher import Servers, Stack, http_ready, wait_until
 
 pytestmark = pytest.mark.slow
 API_KEY = "sk-dvd-test"

@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines, wait_until
+from conftest import data_url, free_port, make_image, metric, png_bytes, sse_lines
 from gateway.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
-from launcher import Servers, http_ready
+from launcher import Servers, http_ready, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"  # --served-model-name of both gateways

@@ -15,6 +15,7 @@ from gateway_fakes import MODEL, FakeLanguage, FakeVision, gateway, run
 from conftest import data_url, make_image
 from gateway import metrics
 from gateway.schemas.responses import ResponsesRequest
+from launcher import wait_until_async
 from proto import dvd_pb2
 
 IMAGE = data_url(make_image(32, 24, 0))
@@ -99,10 +100,7 @@ def test_an_encode_the_server_did_not_need_is_stopped_and_counted():
         async with gateway(FakeLanguage(holds_everything), vision) as (client, _):
             reply = await asyncio.wait_for(
                 client.chat.completions.create(model=MODEL, messages=image_chat(), max_tokens=3), timeout=20)
-            for _ in range(100):
-                if vision.cancelled:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: vision.cancelled, 5, "the gateway cancels the Encode call")
         return reply, metrics.IMAGES_SENT_NEEDLESSLY._value.get() - before
 
     reply, needless = run(main())
@@ -137,8 +135,7 @@ def test_a_full_gateway_answers_429_with_retry_after():
         async with gateway(FakeLanguage(slow), max_in_flight=1) as (client, http):
             body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
             first = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
-            while not metrics.IN_FLIGHT._value.get():
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: metrics.IN_FLIGHT._value.get(), 10, "the first request is in flight")
             refused = await http.post("/v1/chat/completions", json=body)
             release.set()
             return refused, await first
@@ -402,10 +399,7 @@ def test_a_failed_encode_of_a_needed_image_fails_the_request_with_its_status():
     async def main():
         async with gateway(language, FailingVision()) as (_, http):
             reply = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": image_chat()})
-            for _ in range(100):
-                if language.cancelled:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: language.cancelled, 5, "the gateway cancels the Generate call")
             return reply
 
     reply = run(main())

@@ -3,16 +3,17 @@ and stops them (`dvd up`, the tests and the benchmarks)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from conftest import wait_until
-from launcher import Servers, free_port
+from launcher import Servers, free_port, wait_until, wait_until_async
 
 # A "server" that starts a child of its own (as a language server starts vLLM's engine), says so, and waits.
 WITH_CHILD = [sys.executable, "-c", "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
@@ -60,3 +61,37 @@ def test_a_server_that_exits_during_start_up_fails_the_wait_with_its_log(tmp_pat
     with Servers({"server": failing}, log_dir=tmp_path).start() as servers, \
             pytest.raises(RuntimeError, match="(?s)server exited with code 3.*no checkpoint at /nowhere"):
         servers.wait_until(lambda: False, 60, "it serves")
+
+
+def test_wait_until_returns_the_first_true_value_and_counts_connection_errors_as_not_yet():
+    replies = iter([ConnectionRefusedError(), httpx.ConnectError("not listening"), None, {"status": "ok"}])
+
+    def probe():
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    assert wait_until(probe, 60, "the probe answers", interval_s=0) == {"status": "ok"}
+
+
+def test_wait_until_names_what_it_awaited_and_lets_other_errors_through():
+    with pytest.raises(TimeoutError, match=r"not within 0.01 s: the queue is empty; 3 left"):
+        wait_until(lambda: False, 0.01, lambda: "the queue is empty; 3 left")
+    with pytest.raises(KeyError):
+        wait_until(lambda: {}["missing"], 60, "never")
+
+
+def test_wait_until_async_awaits_async_conditions_while_other_tasks_run():
+    async def scenario():
+        done = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.01, done.set)
+
+        async def is_done() -> bool:
+            return done.is_set()
+
+        assert await wait_until_async(is_done, 60, "the event is set") is True
+        with pytest.raises(TimeoutError, match="not within 0.01 s: a task that never runs"):
+            await wait_until_async(lambda: False, 0.01, "a task that never runs")
+
+    asyncio.run(scenario())

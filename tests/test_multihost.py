@@ -27,7 +27,7 @@ import torch
 import zmq
 
 from conftest import data_url, make_image
-from launcher import Servers, http_ready
+from launcher import Servers, http_ready, wait_until
 from transport.frames import ImageFeatures, encode_frames
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -193,10 +193,8 @@ def test_the_language_server_drops_and_counts_bad_feature_messages_by_reason(hos
 
     before = {reason: count(reason) for reason in ("hidden_size", "frame_count")}
     hosts.vision_host.submit(send_bad_feature_messages).result(30)
-    deadline = time.monotonic() + 30
-    while any(count(reason) <= before[reason] for reason in before):
-        assert time.monotonic() < deadline, "the language server did not count the dropped messages"
-        time.sleep(0.2)
+    wait_until(lambda: all(count(reason) > before[reason] for reason in before), 30,
+               "the language server counts the dropped messages by reason")
     reply = hosts.vision_host.submit(chat, (448, 448)).result(timeout=120)  # and it keeps serving
     assert reply.choices[0].finish_reason in ("stop", "length")
 
@@ -209,14 +207,12 @@ def test_cutting_the_link_mid_transfer_fails_the_request_in_flight_and_service_r
         in_flight = hosts.vision_host.submit(chat, (448 * 4, 448 * 3))  # 12 tiles + thumbnail
 
         def features_handed_over() -> bool:
-            return hosts.vision_host.submit(metric, vision_metrics, "dvd_vision_images_total").result(30) > (
-                images_before)
-
-        deadline = time.monotonic() + 60
-        while not features_handed_over():
-            assert time.monotonic() < deadline, "the vision server never sent the features"
+            if hosts.vision_host.submit(metric, vision_metrics, "dvd_vision_images_total").result(30) > images_before:
+                return True
             assert not in_flight.done(), "the request finished before its features were on the wire"
-            time.sleep(0.05)
+            return False
+
+        wait_until(features_handed_over, 60, "the vision server sends the features", interval_s=0.05)
         hosts.link(up=False)  # the features are trickling through the slow link: cut it
         time.sleep(FEATURE_TIMEOUT_S + 2)
         assert not in_flight.done() or in_flight.exception() is not None
@@ -229,12 +225,13 @@ def test_cutting_the_link_mid_transfer_fails_the_request_in_flight_and_service_r
     assert failed.value.status_code == 504
     assert "images' features arrived within" in str(failed.value)
 
-    deadline = time.monotonic() + 60  # the gateway re-admits the language server at its next health check
-    while True:
+    def served() -> openai.types.chat.ChatCompletion | None:
         try:
-            reply = hosts.vision_host.submit(chat, (896, 448)).result(timeout=120)
-            break
+            return hosts.vision_host.submit(chat, (896, 448)).result(timeout=120)
         except openai.APIStatusError as exc:
-            assert exc.status_code == 503 and time.monotonic() < deadline, f"service did not resume: {exc}"
-            time.sleep(1)
+            assert exc.status_code == 503, f"service did not resume: {exc}"
+            return None
+
+    # The gateway re-admits the language server at its next health check.
+    reply = wait_until(served, 60, "service resumes once the link is back", interval_s=1)
     assert reply.choices[0].finish_reason in ("stop", "length")

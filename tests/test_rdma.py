@@ -23,6 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from launcher import wait_until_async
 from transport.frames import FrameError, ImageFeatures, encode_frames
 from transport.rdma.protocol import (
     CreditWindow,
@@ -213,14 +214,6 @@ def same(a: ImageFeatures, b: ImageFeatures) -> bool:
         torch.equal(a.features.view(torch.uint8), b.features.view(torch.uint8)))
 
 
-async def wait_until(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.005)
-
-
 class Stack:
     def __init__(self, fabric, receiver):
         self.fabric = fabric
@@ -325,7 +318,7 @@ def test_messages_arrive_intact_in_order_with_more_messages_than_slots():
             with rdma_sender(stack) as sender:
                 for item in sent:
                     assert await sender.send(stack.receiver.endpoint, item) == item.num_bytes
-                await wait_until(lambda: len(stack.items) == len(sent))
+                await wait_until_async(lambda: len(stack.items) == len(sent), 5, "every message sent is delivered")
             assert not stack.drops
             assert all(same(a, b) for a, b in zip(stack.items, sent, strict=True))
 
@@ -338,7 +331,7 @@ def test_concurrent_sends_share_the_credits_and_all_arrive():
             sent = [make_item(f"c-{n}", tokens=(4,)) for n in range(24)]
             with rdma_sender(stack) as sender:
                 await asyncio.gather(*(sender.send(stack.receiver.endpoint, item) for item in sent))
-                await wait_until(lambda: len(stack.items) == len(sent))
+                await wait_until_async(lambda: len(stack.items) == len(sent), 5, "every message sent is delivered")
             assert sorted(i.request_id for i in stack.items) == sorted(i.request_id for i in sent)
             by_id = {i.request_id: i for i in stack.items}
             assert all(same(by_id[i.request_id], i) for i in sent)
@@ -352,7 +345,7 @@ def test_without_credits_the_sender_waits_then_fails_within_its_timeout_and_resu
             endpoint = stack.receiver.endpoint
             with rdma_sender(stack, send_timeout_s=0.3) as sender:
                 await sender.send(endpoint, make_item("warm"))
-                await wait_until(lambda: len(stack.items) == 1)
+                await wait_until_async(lambda: len(stack.items) == 1, 5, "one message delivered")
                 stack.fabric.hold_sends = True  # the receiver's credits stop reaching the sender
                 await sender.send(endpoint, make_item("a"))
                 await sender.send(endpoint, make_item("b"))
@@ -362,7 +355,7 @@ def test_without_credits_the_sender_waits_then_fails_within_its_timeout_and_resu
                 assert time.monotonic() - started < 2.0
                 stack.fabric.release_sends()
                 await sender.send(endpoint, make_item("c"))
-                await wait_until(lambda: len(stack.items) == 4)
+                await wait_until_async(lambda: len(stack.items) == 4, 5, "four messages delivered")
             assert [i.request_id for i in stack.items] == ["warm", "a", "b", "c"]
 
     run(body())
@@ -386,7 +379,7 @@ def test_a_malformed_message_is_dropped_by_reason_and_its_slot_recycled(mangle, 
                 later = [make_item(f"after-{n}") for n in range(4)]  # twice the slots: recycling works
                 for item in later:
                     await sender.send(stack.receiver.endpoint, item)
-                await wait_until(lambda: len(stack.items) == 4)
+                await wait_until_async(lambda: len(stack.items) == 4, 5, "four messages delivered")
             assert stack.drops == Counter({reason: 1})
             assert all(same(a, b) for a, b in zip(stack.items, later, strict=True))
 
@@ -399,7 +392,7 @@ def test_wrong_hidden_size_is_dropped_and_counted():
             with rdma_sender(stack) as sender:
                 await sender.send(stack.receiver.endpoint, make_item("wide", hidden=32))
                 await sender.send(stack.receiver.endpoint, make_item("right"))
-                await wait_until(lambda: len(stack.items) == 1)
+                await wait_until_async(lambda: len(stack.items) == 1, 5, "one message delivered")
             assert stack.drops == Counter({"hidden_size": 1})
             assert stack.items[0].request_id == "right"
 
@@ -439,12 +432,13 @@ def test_a_protocol_violation_tears_the_connection_down_and_the_sender_reconnect
                 stack.receiver._on_drop = on_drop
                 stack.fabric.mangle_next_write = mangle
                 await sender.send(endpoint, make_item("broken"))
-                await wait_until(lambda: stack.drops["rdma_protocol"] == 1 and refusing)
+                await wait_until_async(lambda: stack.drops["rdma_protocol"] == 1 and refusing, 5,
+                                       "one drop counted as rdma_protocol, and the receiver refusing")
                 assert refusing == [True]
                 # The next message, after at most one failed try, goes over a new connection.
                 fresh = make_item("fresh")
                 await send_after_teardown(sender, endpoint, fresh)
-                await wait_until(lambda: len(stack.items) == 2)
+                await wait_until_async(lambda: len(stack.items) == 2, 5, "two messages delivered")
             assert [i.request_id for i in stack.items] == ["before", "fresh"]
             assert same(stack.items[1], fresh)
 
@@ -465,10 +459,11 @@ def test_a_link_failure_fails_the_waiting_send_and_later_sends_reconnect():
                 stack.fabric.break_links()
                 with pytest.raises(TransportError):
                     await waiting  # well before the 5 s timeout
-                await wait_until(lambda: stack.drops["rdma_error"] >= 1)
+                await wait_until_async(lambda: stack.drops["rdma_error"] >= 1, 5, "a drop counted as rdma_error")
                 after = make_item("after-link")
                 await send_after_teardown(sender, endpoint, after)
-                await wait_until(lambda: [i.request_id for i in stack.items] == ["first", "after-link"])
+                await wait_until_async(lambda: [i.request_id for i in stack.items] == ["first", "after-link"], 5,
+                                       '"first" and "after-link" delivered, in order')
 
     run(body())
 
@@ -481,7 +476,7 @@ def test_a_message_larger_than_the_receivers_slots_is_refused_and_the_connection
                 with pytest.raises(TransportError, match="exceeds the receiver's"):
                     await sender.send(stack.receiver.endpoint, big)
                 await sender.send(stack.receiver.endpoint, make_item("fits"))
-                await wait_until(lambda: len(stack.items) == 1)
+                await wait_until_async(lambda: len(stack.items) == 1, 5, "one message delivered")
 
     run(body())
 
@@ -497,7 +492,7 @@ def test_with_a_shared_secret_only_senders_holding_it_connect():
             assert stack.drops == Counter({"auth": 2})
             with rdma_sender(stack, secret=SECRET) as sender:
                 await sender.send(endpoint, make_item("member"))
-                await wait_until(lambda: len(stack.items) == 1)
+                await wait_until_async(lambda: len(stack.items) == 1, 5, "one message delivered")
             assert [i.request_id for i in stack.items] == ["member"]
 
     run(body())
@@ -515,10 +510,10 @@ def test_garbage_on_the_side_channel_is_counted_and_the_receiver_keeps_serving()
                 with contextlib.suppress(ConnectionError):
                     await asyncio.wait_for(reader.read(), 5.0)
                 writer.close()
-            await wait_until(lambda: stack.drops["handshake"] == 3)
+            await wait_until_async(lambda: stack.drops["handshake"] == 3, 5, "three drops counted as handshake")
             with rdma_sender(stack) as sender:
                 await sender.send(stack.receiver.endpoint, make_item("after-garbage"))
-                await wait_until(lambda: len(stack.items) == 1)
+                await wait_until_async(lambda: len(stack.items) == 1, 5, "one message delivered")
 
     run(body())
 
@@ -545,12 +540,12 @@ def test_teardown_with_open_connections_releases_every_queue_pair():
             try:
                 for n, sender in enumerate(senders):
                     await sender.send(stack.receiver.endpoint, make_item(f"s{n}"))
-                await wait_until(lambda: len(stack.items) == 3)
+                await wait_until_async(lambda: len(stack.items) == 3, 5, "three messages delivered")
                 assert len(stack.fabric.qps) == 6
             finally:
                 for sender in senders:
                     sender.close()
-            await wait_until(lambda: not stack.fabric.qps)  # the receiver closed its side too
+            await wait_until_async(lambda: not stack.fabric.qps, 5, "the receiver closed its side too")
         assert not stack.fabric.regions
 
     run(body())
@@ -573,7 +568,7 @@ def test_real_device_features_cross_a_loopback_queue_pair_intact():
             item = ImageFeatures("real", 0, 1, [256] * 13, raw.view(torch.bfloat16))
             for _ in range(8):
                 await sender.send(receiver.endpoint, item)
-            await wait_until(lambda: len(received) == 8, timeout_s=15)
+            await wait_until_async(lambda: len(received) == 8, 15, "eight messages delivered")
             assert all(torch.equal(r.features.view(torch.uint8), raw) for r in received)
         finally:
             sender.close()

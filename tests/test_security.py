@@ -7,7 +7,6 @@ import ast
 import asyncio
 import subprocess
 import threading
-import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +20,7 @@ from gateway.errors import APIError
 from gateway.images import ImageFetcher
 from gateway.request_context import new_request_id
 from hardened import MODEL, dvd
-from launcher import OFFLINE_ENV
+from launcher import OFFLINE_ENV, wait_until
 from proto import dvd_pb2, dvd_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,15 +122,15 @@ def test_a_gateway_without_the_secret_cannot_use_the_servers(hardened_stack, tmp
     log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115
     env = {k: v for k, v in OFFLINE_ENV.items()} | {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def listening() -> bool:
+        assert process.poll() is None, (tmp_path / "gateway.log").read_text()
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # any answer will do
+        return True
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_until(listening, 60, lambda: "the gateway answers /health; its log:\n"
+                   + (tmp_path / "gateway.log").read_text(), interval_s=0.3)
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat_body(), timeout=60)
         assert reply.status_code == 503 and "no language server is available" in reply.json()["error"]["message"]
     finally:

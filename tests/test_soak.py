@@ -23,6 +23,7 @@ import pytest
 
 from conftest import data_url, make_image, metric, png_bytes, sse_lines
 from hardened import MAX_IN_FLIGHT, MAX_PENDING_FEATURE_BYTES, MODEL
+from launcher import wait_until
 
 pytestmark = pytest.mark.slow
 SOAK_SECONDS = float(os.environ.get("DVD_SOAK_SECONDS", "90"))
@@ -157,13 +158,11 @@ def test_soak_at_saturation_answers_everything_stays_under_caps_and_leaks_nothin
 
     def idle() -> dict[str, tuple[int, int]]:
         """Wait until nothing is in flight anywhere, then read each server's descriptors and threads."""
-        deadline = time.monotonic() + 60
-        while (metric(urls["gateway"], "dvd_gateway_requests_in_flight")
-               or metric(urls["language-server"], "dvd_language_requests_in_flight")
-               or metric(urls["language-server"], "vllm:num_requests_running")
-               or metric(urls["language-server"], "vllm:num_requests_waiting")):
-            assert time.monotonic() < deadline, "requests still in flight a minute after the load stopped"
-            time.sleep(0.5)
+        wait_until(lambda: not (metric(urls["gateway"], "dvd_gateway_requests_in_flight")
+                                or metric(urls["language-server"], "dvd_language_requests_in_flight")
+                                or metric(urls["language-server"], "vllm:num_requests_running")
+                                or metric(urls["language-server"], "vllm:num_requests_waiting")),
+                   60, "no request in flight anywhere after the load stopped", interval_s=0.5)
         time.sleep(2)  # closed connections' descriptors go
         return {name: resources(process.pid) for name, process in stack.processes.items()}
 

@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 import zmq.utils.monitor
 
+from launcher import wait_until_async
 from proto import dvd_pb2
 from transport.auth import derive_keys
 from transport.frames import ImageFeatures, decode_frames, encode_frames
@@ -52,14 +53,6 @@ def same(a: ImageFeatures, b: ImageFeatures) -> bool:
         and a.features.dtype == b.features.dtype
         and torch.equal(a.features.view(torch.uint8), b.features.view(torch.uint8))
     )
-
-
-async def wait_until(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.005)
 
 
 class Received:
@@ -162,7 +155,7 @@ def test_images_of_several_requests_arrive_intact_and_in_order_per_sender(async_
 
                 await asyncio.gather(send_all(sa, streams["a"]), send_all(sb, streams["b"]))
                 total = sum(len(v) for v in streams.values())
-                await wait_until(lambda: len(got.items) == total)
+                await wait_until_async(lambda: len(got.items) == total, 5, "every message sent is delivered")
 
             assert not got.drops
             for prefix, sent in streams.items():
@@ -201,7 +194,7 @@ def test_malformed_messages_are_dropped_by_reason_and_the_receiver_keeps_serving
                 await push.send_multipart([unknown_dtype.SerializeToString(), bytes(payload)])
                 # A well-formed message on the same connection, after all of the above.
                 await push.send_multipart([header, bytes(payload)])
-                await wait_until(lambda: len(got.items) == 1)
+                await wait_until_async(lambda: len(got.items) == 1, 5, "one message delivered")
 
             assert got.drops == Counter(
                 {"frame_count": 2, "bad_header": 2, "payload_length": 1, "oversized": 1, "hidden_size": 1, "dtype": 1}
@@ -212,7 +205,7 @@ def test_malformed_messages_are_dropped_by_reason_and_the_receiver_keeps_serving
             later = make_item("ok-2", 0, 1)
             with sender() as s:
                 await s.send(got.receiver.endpoint, later)
-                await wait_until(lambda: len(got.items) == 2)
+                await wait_until_async(lambda: len(got.items) == 2, 5, "two messages delivered")
             assert same(got.items[1], later)
 
     run(body())
@@ -237,7 +230,7 @@ def test_message_over_maxmsgsize_is_not_delivered_and_later_senders_are_served()
             valid = make_item("after-big", 0, 1)
             with sender() as s:
                 await s.send(got.receiver.endpoint, valid)
-                await wait_until(lambda: len(got.items) == 1)
+                await wait_until_async(lambda: len(got.items) == 1, 5, "one message delivered")
 
             assert [item.request_id for item in got.items] == ["after-big"]
             assert same(got.items[0], valid)
@@ -300,7 +293,7 @@ def test_a_26_mib_bf16_image_arrives_bit_exact():
             assert item.num_bytes == 26 << 20
             with sender(checksum=True) as s:
                 assert await s.send(got.receiver.endpoint, item) == 26 << 20
-                await wait_until(lambda: len(got.items) == 1, timeout_s=8.0)
+                await wait_until_async(lambda: len(got.items) == 1, 8, "one message delivered")
 
             assert not got.drops
             arrived = got.items[0]
@@ -322,7 +315,7 @@ def test_sender_recovers_when_the_receiver_restarts_on_the_same_endpoint():
             async with running_receiver(endpoint=endpoint) as got:
                 first = make_item("before-restart", 0, 1)
                 await s.send(endpoint, first)
-                await wait_until(lambda: len(got.items) == 1)
+                await wait_until_async(lambda: len(got.items) == 1, 5, "one message delivered")
                 assert same(got.items[0], first)
                 # A message sent before the sender's ZeroMQ thread has seen the peer go is lost with the peer
                 # (one-way transport); wait for that moment, then no message may be queued for the dead peer.
@@ -339,7 +332,7 @@ def test_sender_recovers_when_the_receiver_restarts_on_the_same_endpoint():
             async with running_receiver(endpoint=endpoint) as got:
                 after = make_item("after-restart", 0, 1)
                 await s.send(endpoint, after)  # waits for ZeroMQ's reconnect, well within the timeout
-                await wait_until(lambda: len(got.items) == 1)
+                await wait_until_async(lambda: len(got.items) == 1, 5, "one message delivered")
                 assert [item.request_id for item in got.items] == ["after-restart"]
                 assert same(got.items[0], after)
 
@@ -379,7 +372,7 @@ def test_sender_bounds_in_flight_bytes_when_the_receiver_stops_reading_and_deliv
                     frames = await asyncio.wait_for(pull.recv_multipart(), 5.0)
                     arrived.append(decode_frames(frames[0], frames[1], max_payload_bytes=MAX_PAYLOAD))
                 assert all(same(a, b) for a, b in zip(arrived, accepted, strict=True))
-                await wait_until(lambda: s.inflight_bytes == 0)
+                await wait_until_async(lambda: s.inflight_bytes == 0, 5, "the sender holds no bytes in flight")
         finally:
             pull.close(linger=0)
             context.term()
@@ -422,7 +415,7 @@ def test_a_peer_that_dies_mid_message_loses_only_that_message():
             valid = make_item("after-cut", 0, 1, tile_tokens=(64,), hidden=64)
             with sender() as s:
                 await s.send(got.receiver.endpoint, valid)
-                await wait_until(lambda: len(got.items) == 1)
+                await wait_until_async(lambda: len(got.items) == 1, 5, "one message delivered")
             assert [item.request_id for item in got.items] == ["after-cut"]
             assert same(got.items[0], valid)
 
@@ -440,12 +433,12 @@ def test_raw_garbage_on_the_feature_port_is_counted_and_the_receiver_keeps_servi
                 with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
                     await asyncio.wait_for(reader.read(), 5.0)  # the receiver hangs up on it
                 writer.close()
-            await wait_until(lambda: got.drops["handshake"] == 2)
+            await wait_until_async(lambda: got.drops["handshake"] == 2, 5, "two drops counted as handshake")
 
             valid = make_item("after-garbage", 0, 1)
             with sender() as s:
                 await s.send(got.receiver.endpoint, valid)
-                await wait_until(lambda: len(got.items) == 1)
+                await wait_until_async(lambda: len(got.items) == 1, 5, "one message delivered")
             assert same(got.items[0], valid)
 
     run(body())
@@ -473,16 +466,16 @@ def test_with_a_shared_secret_only_senders_holding_it_deliver_features():
                 impostor.curve_publickey, impostor.curve_secretkey = zmq.curve_keypair()
                 impostor.connect(endpoint)
                 await impostor.send_multipart(list(encode_frames(make_item("impostor", 0, 1))))
-                await wait_until(lambda: got.drops["auth"] >= 1)
+                await wait_until_async(lambda: got.drops["auth"] >= 1, 5, "a drop counted as auth")
             finally:
                 impostor.close(linger=0)
                 context.term()
-            await wait_until(lambda: got.drops["handshake"] >= 2)
+            await wait_until_async(lambda: got.drops["handshake"] >= 2, 5, "two drops counted as handshake")
 
             valid = make_item("with-secret", 0, 1)
             with sender(secret=SECRET) as right:
                 await right.send(endpoint, valid)
-                await wait_until(lambda: len(got.items) == 1)
+                await wait_until_async(lambda: len(got.items) == 1, 5, "one message delivered")
             assert [item.request_id for item in got.items] == ["with-secret"]
             assert same(got.items[0], valid)
 
@@ -501,8 +494,8 @@ def test_sends_within_the_budget_need_no_tracker_thread_and_still_drain_to_zero(
             with sender() as s:
                 for n in range(8):
                     await s.send(got.receiver.endpoint, make_item(f"fit-{n}", 0, 1))
-                await wait_until(lambda: len(got.items) == 8)
-                await wait_until(lambda: s.inflight_bytes == 0)
+                await wait_until_async(lambda: len(got.items) == 8, 5, "eight messages delivered")
+                await wait_until_async(lambda: s.inflight_bytes == 0, 5, "the sender holds no bytes in flight")
                 assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("dvd-feature-tracker")]
 
     run(body())
