@@ -19,6 +19,15 @@ class InternalSecurity(TlsFiles):
         return self.internal_secret.get_secret_value() if self.internal_secret else None
 
 
+class GrpcServing(InternalSecurity):
+    """Where a vision or language server serves its gRPC service (`contracts/grpc_server.py`), secured as the
+    internal calls are, and its Prometheus metrics page (none without a port)."""
+
+    host: str = "127.0.0.1"
+    port: int
+    metrics_port: int | None = None
+
+
 class RequestLimits(BaseModel):
     """What one request may ask of a vision or language server; each video frame counts as one image. The gateway
     declares none: it refuses what the chosen language server advertises it would refuse (`Describe`)."""

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import signal
 
-import grpc
 import torch
-from prometheus_client import start_http_server
 
 from checkpoint.formats import VIR_PREFIXES, detect_format
-from contracts.grpc_secret import server_interceptors
-from contracts.grpc_tls import add_port
+from contracts.grpc_server import grpc_server, until_stopped
 from language_server import metrics
 from language_server.engine import build_engine
 from language_server.feature_cache import FeatureCache
@@ -95,21 +92,26 @@ def _feature_intake(settings: LanguageServerSettings, hidden_size: int):
     return receiver, store, cache
 
 
-async def _serve(settings: LanguageServerSettings, engine) -> None:
-    model_config = engine.model_config
-    parsers = OutputParsers(engine.get_tokenizer(), settings.tool_call_parser, settings.reasoning_parser)
-    hidden_size = model_config.get_hidden_size()
-    parameter_names = await _language_only_parameters(engine)
-    receiver, store, cache = _feature_intake(settings, hidden_size)
-    description = dvd_pb2.ModelDescription(
+def _describe(settings: LanguageServerSettings, model_config, feature_endpoint: str,
+              parameter_names: list[str]) -> dvd_pb2.ModelDescription:
+    """What the gateway learns from `Describe`: the model, its geometry, where features go, the limits."""
+    return dvd_pb2.ModelDescription(
         model=settings.model,
         checkpoint_format=detect_format(settings.model),
-        hidden_size=hidden_size,
+        hidden_size=model_config.get_hidden_size(),
         max_model_len=model_config.max_model_len,
-        feature_endpoint=settings.feature_advertise or receiver.endpoint,
+        feature_endpoint=settings.feature_advertise or feature_endpoint,
         max_images_per_request=settings.max_images_per_request,
         parameter_names=parameter_names,
     )
+
+
+async def _serve(settings: LanguageServerSettings, engine) -> None:
+    model_config = engine.model_config
+    parsers = OutputParsers(engine.get_tokenizer(), settings.tool_call_parser, settings.reasoning_parser)
+    parameter_names = await _language_only_parameters(engine)
+    receiver, store, cache = _feature_intake(settings, model_config.get_hidden_size())
+    description = _describe(settings, model_config, receiver.endpoint, parameter_names)
     stop = asyncio.Event()
     engine_dead = asyncio.Event()
 
@@ -122,25 +124,13 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
         model_dtype=model_config.dtype, feature_timeout_s=settings.feature_timeout_s, cache=cache,
         on_engine_dead=on_engine_dead, parsers=parsers, vocab_size=model_config.get_vocab_size(),
     )
-    secret = settings.secret()
-    server = grpc.aio.server(interceptors=server_interceptors(secret),
-                             options=[("grpc.max_receive_message_length", 64 << 20)])
-    dvd_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
-    address = f"{settings.host}:{settings.port}"
-    security = add_port(server, address, settings)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.host)
-    await server.start()
-    background = [asyncio.create_task(receiver.run()), asyncio.create_task(store.expire_forever())]
-    log.info("language server ready: gRPC %s (%s), features %s, model %s", address, security,
-             description.feature_endpoint, settings.model)
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("language server stopping")
-    await server.stop(grace=5)
+    add_service = functools.partial(dvd_pb2_grpc.add_LanguageServiceServicer_to_server, service)
+    async with grpc_server(settings, add_service, max_message_bytes=64 << 20) as security:
+        background = [asyncio.create_task(receiver.run()), asyncio.create_task(store.expire_forever())]
+        log.info("language server ready: gRPC %s:%s (%s), features %s, model %s", settings.host, settings.port,
+                 security, description.feature_endpoint, settings.model)
+        await until_stopped(stop)
+        log.info("language server stopping")
     for task in background:
         task.cancel()
     receiver.close()

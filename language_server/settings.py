@@ -8,14 +8,13 @@ from typing import Literal
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.settings import InternalSecurity, RequestLimits
+from contracts.settings import GrpcServing, RequestLimits
 
 
-class LanguageServerSettings(BaseSettings, InternalSecurity, RequestLimits):  # the shared pieces: contracts/settings.py
+class LanguageServerSettings(BaseSettings, GrpcServing, RequestLimits):  # the shared pieces: contracts/settings.py
     model_config = SettingsConfigDict(env_prefix="DVD_LANGUAGE_")
 
     model: str = "checkpoints/tiny"  # the checkpoint `make up` writes
-    host: str = "127.0.0.1"
     port: int = 50061  # gRPC LanguageService
     feature_transport: Literal["tcp", "rdma"] = "tcp"  # rdma: feature_bind is rdma://host:port (needs pyverbs)
     feature_bind: str = "tcp://127.0.0.1:5600"  # where the feature receiver listens
@@ -23,7 +22,6 @@ class LanguageServerSettings(BaseSettings, InternalSecurity, RequestLimits):  # 
     rdma_device: str | None = None  # e.g. mlx5_0; None: the first RDMA device
     rdma_slots: int = 4  # receive buffers per RDMA connection, each one whole image's features
     feature_advertise: str | None = None  # endpoint vision servers should send to (default: the bound one)
-    metrics_port: int | None = None
     dtype: str = "auto"  # vLLM dtype; features are cast to it
     max_model_len: int = 8192
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import signal
 
-import grpc
 import torch
-from prometheus_client import start_http_server
 
 from checkpoint.formats import read_model_config
-from contracts.grpc_secret import server_interceptors
-from contracts.grpc_tls import add_port
+from contracts.grpc_server import grpc_server, until_stopped
 from proto import dvd_pb2_grpc
 from transport.backends import FeatureSender
 from vision_server import metrics
@@ -59,26 +56,13 @@ async def serve(settings: VisionServerSettings) -> None:
                            rdma=settings.feature_transport == "rdma", rdma_device=settings.rdma_device)
     metrics.FEATURE_INFLIGHT_BYTES.set_function(lambda: sender.inflight_bytes)
     service = VisionService(engines, read_model_config(settings.model), settings, sender, model_name=settings.model)
-    secret = settings.secret()
     max_message = settings.max_images_per_request * settings.max_image_bytes + (1 << 20)
-    server = grpc.aio.server(interceptors=server_interceptors(secret),
-                             options=[("grpc.max_receive_message_length", max_message)])
-    dvd_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
-    address = f"{settings.host}:{settings.port}"
-    security = add_port(server, address, settings)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.host)
-    await server.start()
-    log.info("vision server ready: gRPC %s (%s), %s %s, model %s", address, security, ",".join(map(str, devices)),
-             dtype, settings.model)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("vision server stopping")
-    await server.stop(grace=5)
+    add_service = functools.partial(dvd_pb2_grpc.add_VisionServiceServicer_to_server, service)
+    async with grpc_server(settings, add_service, max_message_bytes=max_message) as security:
+        log.info("vision server ready: gRPC %s:%s (%s), %s %s, model %s", settings.host, settings.port, security,
+                 ",".join(map(str, devices)), dtype, settings.model)
+        await until_stopped()
+        log.info("vision server stopping")
     service.close()
     for engine in engines:
         engine.close()

@@ -9,16 +9,14 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.settings import InternalSecurity, RequestLimits
+from contracts.settings import GrpcServing, RequestLimits
 
 
-class VisionServerSettings(BaseSettings, InternalSecurity, RequestLimits):  # the shared pieces: contracts/settings.py
+class VisionServerSettings(BaseSettings, GrpcServing, RequestLimits):  # the shared pieces: contracts/settings.py
     model_config = SettingsConfigDict(env_prefix="DVD_VISION_")
 
     model: str = "checkpoints/tiny"  # the checkpoint `make up` writes
-    host: str = "127.0.0.1"
     port: int = 50051  # gRPC VisionService
-    metrics_port: int | None = None
     device: str = "auto"  # "auto": every GPU (one engine each), else the CPU; or "cuda:0,cuda:1", "cpu"
     compile: bool = False  # torch.compile the vision model (first batches of each shape compile)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
