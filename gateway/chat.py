@@ -15,7 +15,8 @@ from fastapi import APIRouter, Depends, Request
 from gateway import metrics
 from gateway.auth import require_api_key
 from gateway.errors import ERROR_RESPONSES, APIError
-from gateway.reasoning import R1_SYSTEM_PROMPT
+from gateway.jobs import ImageSource, Job, Responses, logit_bias, tools_message
+from gateway.reasoning import with_thinking_prompt
 from gateway.request_context import REQUEST_ID
 from gateway.schemas.chat import (
     AssistantMessage,
@@ -39,7 +40,7 @@ from gateway.schemas.chat import (
     TopLogprob,
     Usage,
 )
-from gateway.serving import ImageSource, Job, Responses, ServingDep
+from gateway.serving import ServingDep
 from gateway.settings import GatewaySettings
 from proto import dvd_pb2
 
@@ -89,18 +90,6 @@ def _thinking(request: ChatCompletionRequest) -> bool:
     return kwargs.get("enable_thinking", False)
 
 
-def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI's `logit_bias` (token ids as text) checked; the language server checks the ids against its vocabulary."""
-    result = {}
-    for token, value in (bias or {}).items():
-        if not token.isdigit() or int(token) >= 2**32:
-            raise APIError(400, f"logit_bias: {token!r} is not a token id", param="logit_bias")
-        if not -100 <= value <= 100:
-            raise APIError(400, f"logit_bias: {value} for token {token} is outside -100 to 100", param="logit_bias")
-        result[int(token)] = value
-    return result
-
-
 def _sampling(request: ChatCompletionRequest, settings: GatewaySettings) -> dvd_pb2.SamplingParams:
     if request.top_logprobs and not request.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
@@ -130,22 +119,6 @@ def _sampling(request: ChatCompletionRequest, settings: GatewaySettings) -> dvd_
     elif isinstance(request.response_format, JSONSchemaResponseFormat):
         sampling.json_schema = json.dumps(request.response_format.json_schema.schema_)
     return sampling
-
-
-def tools_message(functions: list[dict], choice: str | None, named: str | None, parallel: bool) -> dvd_pb2.Tools | None:
-    """Function tools (chat-completions shape) and the tool choice (`choice`: none/auto/required, or `named`), checked
-    against each other, for the language server; None without tools."""
-    if not functions:
-        if named or choice not in (None, "none"):
-            raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        return None
-    names = [tool["function"]["name"] for tool in functions]
-    if len(set(names)) != len(names):
-        raise APIError(400, "tools: function names must be unique", param="tools")
-    if named is not None and named not in names:
-        raise APIError(400, f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
-    return dvd_pb2.Tools(tools_json=json.dumps(functions), parallel_calls=parallel, function=named or "",
-                         choice="" if named else choice or "auto")
 
 
 def tools_of(request: ChatCompletionRequest) -> dvd_pb2.Tools | None:
@@ -193,14 +166,6 @@ def _message(message: ChatMessage, settings: GatewaySettings, sources: list[Imag
     return result
 
 
-def with_thinking_prompt(messages: list[dvd_pb2.ChatMessage]) -> None:
-    """The model card's way to think: the R1 prompt as the system prompt, the request's own after it."""
-    if messages and messages[0].role == "system":
-        messages[0].content.insert(0, dvd_pb2.ContentPart(text=R1_SYSTEM_PROMPT + "\n\n"))
-    else:
-        messages.insert(0, dvd_pb2.ChatMessage(role="system", content=[dvd_pb2.ContentPart(text=R1_SYSTEM_PROMPT)]))
-
-
 def prepare_chat(request: ChatCompletionRequest, settings: GatewaySettings, request_id: str) -> Job:
     """Validate and convert an OpenAI request; image bytes are loaded later by the serving layer."""
     thinking = _thinking(request)
@@ -229,22 +194,6 @@ def _logprobs(response: dvd_pb2.GenerateResponse) -> list[TokenLogprob]:
     return [entry(TokenLogprob, t, top_logprobs=[entry(TopLogprob, c) for c in t.top]) for t in response.logprobs]
 
 
-class TokenClock:
-    """One choice's token times, for the TPOT metric."""
-
-    def __init__(self) -> None:
-        self.tokens, self.first_at, self.last_at = 0, 0.0, 0.0
-
-    def add(self, response: dvd_pb2.GenerateResponse) -> None:
-        now = time.perf_counter()
-        if response.token_ids:
-            self.first_at = self.first_at or now
-            self.last_at = now
-            self.tokens += len(response.token_ids)
-        if response.finish_reason and self.tokens > 1:
-            metrics.TPOT.observe((self.last_at - self.first_at) / (self.tokens - 1))
-
-
 def delta_tool_calls(response: dvd_pb2.GenerateResponse) -> list[DeltaToolCall] | None:
     return [DeltaToolCall(index=c.index, id=c.id or None, type="function" if c.id else None,
                           function=DeltaFunctionCall(name=c.name or None, arguments=c.arguments))
@@ -260,7 +209,7 @@ async def chunks(job: Job, model: str, created: int, responses: Responses, *,
         return ChatCompletionChunk(id=f"chatcmpl-{job.request_id}", created=created, model=model, choices=choices,
                                    usage=usage)
 
-    clocks = [TokenClock() for _ in range(job.n)]
+    clocks = [metrics.TokenClock() for _ in range(job.n)]
     for index in range(job.n):
         yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
     usage = dvd_pb2.Usage()

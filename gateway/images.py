@@ -1,4 +1,5 @@
-"""Turns `image_url` parts into image bytes: base64 `data:` URLs, and http(s) URLs fetched with limits.
+"""Turns `image_url` parts into image bytes: base64 `data:` URLs, and http(s) URLs fetched with limits; all of a
+request's images at once (`load_images`), each named by its content when the feature cache is on.
 
 Fetching guards against server-side request forgery: every address a host name resolves to must be
 global (not private, loopback, link-local, ...) unless an allowed network holds it, the connection goes
@@ -16,7 +17,11 @@ import socket
 
 import httpx
 
+from contracts.content_keys import content_key, frame_keys
 from gateway.errors import APIError
+from gateway.jobs import ImageSource, Job
+from gateway.settings import GatewaySettings
+from proto import dvd_pb2
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +168,42 @@ class ImageFetcher:
 
     def _too_large(self, index: int) -> APIError:
         return APIError(400, f"image {index}: larger than the {self._max_bytes}-byte limit", param="messages")
+
+
+async def load_images(job: Job, settings: GatewaySettings, fetcher: ImageFetcher, vision_weights: str = "") -> None:
+    """Decode data URLs (in threads) and download http(s) URLs, all of a request's images at once; with the
+    feature cache on, name each by content (`vision_weights`: the vision pool's weights fingerprint)."""
+
+    async def load(index: int, source: ImageSource) -> dvd_pb2.ImageInput:
+        if source.video_frames:
+            data = await asyncio.to_thread(decode_video_data_url, source.url, max_bytes=settings.max_video_bytes,
+                                           index=index)
+            return dvd_pb2.ImageInput(data=data, video_frames=source.video_frames)
+        if source.url.startswith("data:"):
+            data = await asyncio.to_thread(decode_data_url, source.url, max_bytes=settings.max_image_bytes,
+                                           index=index)
+        elif source.url.startswith(("http://", "https://")):
+            data = await fetcher.fetch(source.url, index=index)
+        else:
+            raise APIError(400, f"image {index}: only data:, http: and https: image URLs are supported, "
+                                f"got {source.url[:40]!r}", param="messages")
+        return dvd_pb2.ImageInput(data=data, max_tiles=source.max_tiles)
+
+    tasks = [asyncio.ensure_future(load(i, s)) for i, s in enumerate(job.sources)]
+    try:
+        job.images = list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:  # the first failure ends the others
+            task.cancel()
+    if settings.feature_cache and job.images:
+        job.image_keys = await asyncio.to_thread(content_keys, job.model, vision_weights, job.images)
+
+
+def content_keys(model: str, weights: str, images: list[dvd_pb2.ImageInput]) -> list[str]:
+    """One key per image (video frame): the model, the vision weights, and everything of the input that
+    changes its features."""
+    keys = []
+    for image in images:
+        keys += frame_keys(content_key(image.data, model, weights, image.max_tiles, image.video_frames),
+                           image.video_frames)
+    return keys

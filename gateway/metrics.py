@@ -1,6 +1,12 @@
-"""Prometheus metrics of the gateway."""
+"""Prometheus metrics of the gateway, and the per-choice clock that feeds TPOT."""
+
+from __future__ import annotations
+
+import time
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from proto import dvd_pb2
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -23,3 +29,19 @@ IMAGES = Counter("dvd_gateway_images", "Images of chat completions, by where the
 IMAGES_SENT_NEEDLESSLY = Counter("dvd_gateway_images_sent_needlessly",
                                  "Images encoded at once for a language server that turned out to hold them "
                                  "(a misprediction of the affinity map; the server drops the features)")
+
+
+class TokenClock:
+    """One choice's token times, for the TPOT metric."""
+
+    def __init__(self) -> None:
+        self.tokens, self.first_at, self.last_at = 0, 0.0, 0.0
+
+    def add(self, response: dvd_pb2.GenerateResponse) -> None:
+        now = time.perf_counter()
+        if response.token_ids:
+            self.first_at = self.first_at or now
+            self.last_at = now
+            self.tokens += len(response.token_ids)
+        if response.finish_reason and self.tokens > 1:
+            TPOT.observe((self.last_at - self.first_at) / (self.tokens - 1))

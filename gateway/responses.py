@@ -49,9 +49,11 @@ from openai.types.responses import (
 from openai.types.responses.response import IncompleteDetails
 from openai.types.responses.response_reasoning_item import Content as ReasoningContent
 
+from gateway import metrics
 from gateway.auth import require_api_key
-from gateway.chat import TokenClock, logit_bias, tools_message, with_thinking_prompt
 from gateway.errors import ERROR_RESPONSES, APIError
+from gateway.jobs import ImageSource, Job, Responses, logit_bias, tools_message
+from gateway.reasoning import with_thinking_prompt
 from gateway.request_context import REQUEST_ID
 from gateway.schemas.responses import (
     FunctionCallItem,
@@ -65,7 +67,7 @@ from gateway.schemas.responses import (
     ReasoningText,
     ResponsesRequest,
 )
-from gateway.serving import ImageSource, Job, Responses, ServingDep
+from gateway.serving import ServingDep
 from gateway.settings import GatewaySettings
 from proto import dvd_pb2
 
@@ -336,7 +338,7 @@ async def events(job: Job, shell: Response, responses: Responses) -> AsyncIterat
     writer = _EventWriter(shell)
     yield writer.event(ResponseCreatedEvent, response=shell)
     yield writer.event(ResponseInProgressEvent, response=shell)
-    clock, finish_reason, usage, reasoning_tokens = TokenClock(), "stop", dvd_pb2.Usage(), 0
+    clock, finish_reason, usage, reasoning_tokens = metrics.TokenClock(), "stop", dvd_pb2.Usage(), 0
     async for response in responses:
         clock.add(response)
         if response.reasoning:

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from contracts.content_keys import content_key, frame_keys
+from gateway.generation import inputs_for
+from gateway.images import content_keys
+from gateway.jobs import ImageSource, Job
 from gateway.pools import FeatureHolders
-from gateway.serving import ImageSource, Job, content_keys, inputs_for
 from language_server.feature_cache import FeatureCache
 from language_server.feature_store import FeatureStore, FeatureTimeout
 from proto import dvd_pb2
