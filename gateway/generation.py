@@ -191,6 +191,21 @@ class _Generation:
         self.encode(missing)
         metrics.IMAGES.labels("cache").inc(self.job.image_count - len(missing))
 
+    def call_failed(self, exc: grpc.aio.AioRpcError, produced: bool) -> BaseException:
+        """What a failed Generate call raises: the Encode failure behind it, else the call's own error, as
+        `_Unreachable` (the request may go elsewhere) when the server could not be reached before it produced
+        anything; an unreachable server that did produce is ejected."""
+        failure = self.failed_encode()
+        if failure is not None:
+            return failure
+        error = from_grpc(exc, f"language server {self.backend.address}")
+        if not _unavailable(exc):
+            return error
+        if not produced:
+            return _Unreachable(error)
+        self.backend.mark_down(exc.details() or "unavailable")
+        return error
+
     async def run(self) -> Responses:
         job, backend = self.job, self.backend
         call = backend.stub.Generate(
@@ -213,15 +228,7 @@ class _Generation:
                     break
                 except grpc.aio.AioRpcError as exc:
                     outcome = exc.code().name.lower()
-                    failure = self.failed_encode()
-                    if failure is not None:
-                        raise failure from None
-                    error = from_grpc(exc, f"language server {backend.address}")
-                    if _unavailable(exc) and not produced:
-                        raise _Unreachable(error) from None
-                    if _unavailable(exc):
-                        backend.mark_down(exc.details() or "unavailable")
-                    raise error from None
+                    raise self.call_failed(exc, produced) from None
                 if response.HasField("missing"):
                     self.corrected(list(response.missing.image_indices))
                     continue

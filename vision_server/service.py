@@ -130,6 +130,21 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
                                 f"overlap or reach past image_count {request.image_count}")
         return indices, request.image_count
 
+    async def _send(self, endpoint: str, item: ImageFeatures, context) -> tuple[int, float]:
+        """Send one image's features: the bytes sent and the seconds it took. A language server that cannot be
+        reached fails the request (UNAVAILABLE)."""
+        start = time.perf_counter()
+        try:
+            sent = await self._sender.send(endpoint, item)
+        except TransportError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {item.request_id}, image {item.image_index}: "
+                                f"{exc}")
+        seconds = time.perf_counter() - start
+        metrics.SEND.observe(seconds)
+        metrics.IMAGES.inc()
+        metrics.FEATURE_BYTES.inc(sent)
+        return sent, seconds
+
     async def _encode_request(self, request: dvd_pb2.EncodeRequest, context) -> dvd_pb2.EncodeResponse:
         rid = request.request_id
         vir = await self._vir(request, context)
@@ -155,17 +170,9 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
         try:
             for next_done in asyncio.as_completed(tasks):  # each image leaves as soon as it is encoded
                 index, encoded = await next_done
-                t0 = time.perf_counter()
                 item = ImageFeatures(rid, image_indices[index], image_count, encoded.tile_tokens, encoded.features)
-                try:
-                    sent = await self._sender.send(request.feature_endpoint, item)
-                except TransportError as exc:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        f"request {rid}, image {image_indices[index]}: {exc}")
-                send_s += time.perf_counter() - t0
-                metrics.SEND.observe(time.perf_counter() - t0)
-                metrics.IMAGES.inc()
-                metrics.FEATURE_BYTES.inc(sent)
+                sent, seconds = await self._send(request.feature_endpoint, item, context)
+                send_s += seconds
                 encodings.append(dvd_pb2.ImageEncoding(
                     image_index=image_indices[index], num_tiles=pixels[index].shape[0],
                     num_tokens=encoded.features.shape[0], tile_tokens=encoded.tile_tokens, feature_bytes=sent))
