@@ -177,70 +177,76 @@ def secret_metadata(stack) -> tuple:
     return (("authorization", f"Bearer {stack.internal_secret}"),)
 
 
+def bad_encode_calls(channel: grpc.aio.Channel, endpoint: str, metadata) -> dict:
+    """Bad Encode calls by name, started (gRPC runs them at once); `endpoint`: the language server's features."""
+    vision = dvd_pb2_grpc.VisionServiceStub(channel)
+    image = dvd_pb2.ImageInput(data=GOOD_PNG)
+
+    def encode(timeout: float = 10, **fields):
+        return vision.Encode(dvd_pb2.EncodeRequest(**fields), metadata=metadata, timeout=timeout)
+
+    return {
+        "Encode: malformed protobuf": channel.unary_unary("/dvd.v1.VisionService/Encode")(
+            b"\x0a\xff\xff\xff\xff\x0f", metadata=metadata, timeout=10),
+        "Encode: no images": encode(request_id="r1", feature_endpoint=endpoint),
+        "Encode: 17 images": encode(request_id="r2", feature_endpoint=endpoint, images=[image] * 17),
+        "Encode: no request id": encode(feature_endpoint=endpoint, images=[image]),
+        "Encode: garbage image bytes": encode(request_id="r3", feature_endpoint=endpoint,
+                                              images=[dvd_pb2.ImageInput(data=os.urandom(500))]),
+        "Encode: max_tiles 100000": encode(request_id="r4", feature_endpoint=endpoint,
+                                           images=[dvd_pb2.ImageInput(data=GOOD_PNG, max_tiles=100_000)]),
+        "Encode: ViR on a non-Flash checkpoint": encode(request_id="r5", feature_endpoint=endpoint, images=[image],
+                                                        use_vir=True),
+        "Encode: feature endpoint not a ZeroMQ address": encode(request_id="r6", feature_endpoint="not-an-endpoint",
+                                                                images=[image], timeout=30),
+    }
+
+
+def bad_generate_calls(channel: grpc.aio.Channel, metadata) -> dict:
+    """Bad Generate calls by name, started."""
+    language = dvd_pb2_grpc.LanguageServiceStub(channel)
+    user_image = dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(image=True)])
+    user_text = dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(text="x")])
+    few = dvd_pb2.SamplingParams(max_tokens=2)
+
+    def generate(**fields):
+        return language.Generate(dvd_pb2.GenerateRequest(**fields), metadata=metadata, timeout=10)
+
+    return {
+        "Generate: malformed protobuf": channel.unary_stream("/dvd.v1.LanguageService/Generate")(
+            b"\x12\x05\x0a", metadata=metadata, timeout=10),
+        "Generate: image_count disagrees with the messages": generate(request_id="g1", messages=[user_image],
+                                                                      image_count=3, sampling=few),
+        "Generate: 17 images": generate(request_id="g2", messages=[user_image] * 17, image_count=17, sampling=few),
+        "Generate: no request id": generate(messages=[user_image], image_count=1, sampling=few),
+        "Generate: negative feature timeout": generate(request_id="g3", messages=[user_image], image_count=1,
+                                                       feature_timeout_s=-1, sampling=few),
+        "Generate: unknown role": generate(request_id="g4", sampling=few, messages=[
+            dvd_pb2.ChatMessage(role="root", content=[dvd_pb2.ContentPart(text="x")])]),
+        "Generate: bad JSON schema": generate(request_id="g5", messages=[user_text],
+                                              sampling=dvd_pb2.SamplingParams(max_tokens=2, json_schema="{not json")),
+    }
+
+
+async def outcome(call) -> tuple[grpc.StatusCode, str]:
+    """A call's status and its result or message."""
+    try:
+        result = [r async for r in call] if hasattr(call, "__aiter__") else await call
+        return grpc.StatusCode.OK, str(result)[:200]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+
+
 async def grpc_corpus(stack) -> dict[str, tuple[grpc.StatusCode, str]]:
     """Each bad call's status and message, with the internal secret (the calls reach the handlers)."""
     metadata = secret_metadata(stack)
     vision_address, language_address = f"{stack.host}:{stack.vision_port}", f"{stack.host}:{stack.language_port}"
-    image = dvd_pb2.ImageInput(data=GOOD_PNG)
-    user_image = dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(image=True)])
-    few = dvd_pb2.SamplingParams(max_tokens=2)
-    outcomes = {}
     async with grpc.aio.insecure_channel(vision_address) as vision_channel, \
             grpc.aio.insecure_channel(language_address) as language_channel:
-        vision = dvd_pb2_grpc.VisionServiceStub(vision_channel)
         language = dvd_pb2_grpc.LanguageServiceStub(language_channel)
         endpoint = (await language.Describe(dvd_pb2.DescribeRequest(), metadata=metadata, timeout=10)).feature_endpoint
-        calls = {
-            "Encode: malformed protobuf": vision_channel.unary_unary("/dvd.v1.VisionService/Encode")(
-                b"\x0a\xff\xff\xff\xff\x0f", metadata=metadata, timeout=10),
-            "Generate: malformed protobuf": language_channel.unary_stream("/dvd.v1.LanguageService/Generate")(
-                b"\x12\x05\x0a", metadata=metadata, timeout=10),
-            "Encode: no images": vision.Encode(dvd_pb2.EncodeRequest(
-                request_id="r1", feature_endpoint=endpoint), metadata=metadata, timeout=10),
-            "Encode: 17 images": vision.Encode(dvd_pb2.EncodeRequest(
-                request_id="r2", feature_endpoint=endpoint, images=[image] * 17), metadata=metadata, timeout=10),
-            "Encode: no request id": vision.Encode(dvd_pb2.EncodeRequest(
-                feature_endpoint=endpoint, images=[image]), metadata=metadata, timeout=10),
-            "Encode: garbage image bytes": vision.Encode(dvd_pb2.EncodeRequest(
-                request_id="r3", feature_endpoint=endpoint, images=[dvd_pb2.ImageInput(data=os.urandom(500))]),
-                metadata=metadata, timeout=10),
-            "Encode: max_tiles 100000": vision.Encode(dvd_pb2.EncodeRequest(
-                request_id="r4", feature_endpoint=endpoint, images=[dvd_pb2.ImageInput(data=GOOD_PNG,
-                                                                                         max_tiles=100_000)]),
-                metadata=metadata, timeout=10),
-            "Encode: ViR on a non-Flash checkpoint": vision.Encode(dvd_pb2.EncodeRequest(
-                request_id="r5", feature_endpoint=endpoint, images=[image], use_vir=True), metadata=metadata,
-                timeout=10),
-            "Encode: feature endpoint not a ZeroMQ address": vision.Encode(dvd_pb2.EncodeRequest(
-                request_id="r6", feature_endpoint="not-an-endpoint", images=[image]), metadata=metadata, timeout=30),
-            "Generate: image_count disagrees with the messages": language.Generate(dvd_pb2.GenerateRequest(
-                request_id="g1", messages=[user_image], image_count=3, sampling=few), metadata=metadata, timeout=10),
-            "Generate: 17 images": language.Generate(dvd_pb2.GenerateRequest(
-                request_id="g2", messages=[user_image] * 17, image_count=17, sampling=few), metadata=metadata,
-                timeout=10),
-            "Generate: no request id": language.Generate(dvd_pb2.GenerateRequest(
-                messages=[user_image], image_count=1, sampling=few), metadata=metadata, timeout=10),
-            "Generate: negative feature timeout": language.Generate(dvd_pb2.GenerateRequest(
-                request_id="g3", messages=[user_image], image_count=1, feature_timeout_s=-1, sampling=few),
-                metadata=metadata, timeout=10),
-            "Generate: unknown role": language.Generate(dvd_pb2.GenerateRequest(
-                request_id="g4", messages=[dvd_pb2.ChatMessage(role="root", content=[dvd_pb2.ContentPart(text="x")])],
-                sampling=few), metadata=metadata, timeout=10),
-            "Generate: bad JSON schema": language.Generate(dvd_pb2.GenerateRequest(
-                request_id="g5", messages=[dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(text="x")])],
-                sampling=dvd_pb2.SamplingParams(max_tokens=2, json_schema="{not json")), metadata=metadata,
-                timeout=10),
-        }
-        for name, call in calls.items():
-            try:
-                result = call
-                if hasattr(call, "__aiter__"):
-                    result = [r async for r in call]
-                else:
-                    result = await call
-                outcomes[name] = (grpc.StatusCode.OK, str(result)[:200])
-            except grpc.aio.AioRpcError as exc:
-                outcomes[name] = (exc.code(), exc.details() or "")
+        calls = bad_encode_calls(vision_channel, endpoint, metadata) | bad_generate_calls(language_channel, metadata)
+        outcomes = {name: await outcome(call) for name, call in calls.items()}
         abort = await language.Abort(dvd_pb2.AbortRequest(request_id="no-such-request"), metadata=metadata,
                                      timeout=10)
         outcomes["Abort: unknown request id"] = (grpc.StatusCode.OK, f"found={abort.found}")

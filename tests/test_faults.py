@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -274,14 +274,7 @@ def test_language_server_killed_mid_stream_with_features_in_flight_then_restarte
     b_port = extra.ports["language-b"]
     b_metrics = f"http://{HOST}:{extra.ports['language-b-metrics']}/metrics"
     b_address = f"{HOST}:{b_port}"
-    description = describe(b_port, stack.internal_secret)
-    unclaimed = uuid.uuid4().hex
-    asyncio.run(send_features(description.feature_endpoint, unclaimed, 0, 1, description.hidden_size))
-    waiting_id = uuid.uuid4().hex
-    asyncio.run(send_features(description.feature_endpoint, waiting_id, 0, 2, description.hidden_size))
-    waiting = ThreadPoolExecutor(1).submit(generate, b_port, stack.internal_secret, waiting_id, 2, 120)
-    wait_until(lambda: metric(b_metrics, "dvd_language_features_pending_requests") == 2
-               and metric(b_metrics, "dvd_language_requests_in_flight") == 1, 10, "B holds and awaits features")
+    unclaimed, waiting = hold_features_and_a_waiting_call(b_port, b_metrics, stack.internal_secret)
 
     # Through `solo`, streams surely on B; through `fleet`, streams that land where least-outstanding puts them.
     solo = [Stream(extra.url("solo"), chat(i, max_tokens=SOLO_TOKENS, stream=True)) for i in range(2)]
@@ -317,6 +310,27 @@ def test_language_server_killed_mid_stream_with_features_in_flight_then_restarte
     for stream in [*failed, *solo]:
         assert stream.status == 200, vars(stream)
         assert stream.error["code"] == 503 and b_address in stream.error["message"], stream.error
+    check_language_b_ejected_and_the_rest_serve(stack, extra, b_port)
+    check_language_b_restarted_holds_nothing_and_serves(stack, extra, b_port, b_metrics, unclaimed)
+
+
+def hold_features_and_a_waiting_call(port: int, metrics_url: str, secret: str) -> tuple[str, Future]:
+    """The language server at `port` holds features nobody claimed (their request id is returned) and a Generate
+    call (the future) waits for the second of its two images' features."""
+    description = describe(port, secret)
+    unclaimed = uuid.uuid4().hex
+    asyncio.run(send_features(description.feature_endpoint, unclaimed, 0, 1, description.hidden_size))
+    waiting_id = uuid.uuid4().hex
+    asyncio.run(send_features(description.feature_endpoint, waiting_id, 0, 2, description.hidden_size))
+    waiting = ThreadPoolExecutor(1).submit(generate, port, secret, waiting_id, 2, 120)
+    wait_until(lambda: metric(metrics_url, "dvd_language_features_pending_requests") == 2
+               and metric(metrics_url, "dvd_language_requests_in_flight") == 1, 10, "B holds and awaits features")
+    return unclaimed, waiting
+
+
+def check_language_b_ejected_and_the_rest_serve(stack, extra: Extra, b_port: int) -> None:
+    """Killed language server B leaves `fleet`, which serves on A; `solo` (B only) answers 503; the hardened
+    stack is unhurt."""
     wait_until(lambda: backend_up(extra, "fleet", "language", b_port) == 0, 10, "B ejected from fleet")
     assert httpx.post(f"{extra.url('fleet')}/v1/chat/completions", json=chat(5), timeout=60).status_code == 200
     reply = httpx.post(f"{extra.url('solo')}/v1/chat/completions", json=chat(5), timeout=60)
@@ -324,6 +338,11 @@ def test_language_server_killed_mid_stream_with_features_in_flight_then_restarte
     vision_a_health = httpx.get(f"{stack.gateway_url}/health", timeout=10).json()
     assert vision_a_health == {"vision_servers_up": 1, "language_servers_up": 1}  # A and the other gateway unhurt
 
+
+def check_language_b_restarted_holds_nothing_and_serves(stack, extra: Extra, b_port: int, b_metrics: str,
+                                                        unclaimed: str) -> None:
+    """Restarted on the same ports, B is re-admitted by both gateways, holds none of the features sent to its
+    former life (`unclaimed`), and serves requests whose features vision A sends it."""
     extra.servers.start("language-b")
     wait_until(lambda: backend_up(extra, "fleet", "language", b_port) == 1
                and backend_up(extra, "solo", "language", b_port) == 1, 300, "B re-admitted", interval_s=0.5)

@@ -459,10 +459,7 @@ def test_killing_a_vision_and_a_language_server_mid_run_costs_only_the_requests_
     at the kill at any speed; both vision servers are stopped (SIGSTOP) while the 6 requests arrive, so
     least-outstanding leaves Encode calls waiting on each until the kill (vision A then resumes)."""
     url = fleet.url("fleet")
-    gateway_metrics = f"{url}/metrics"
     vision_a, vision_b, language_b = fleet.vision[0], fleet.vision[1], fleet.language[1]
-    outstanding_on = lambda server: metric(gateway_metrics, "dvd_gateway_backend_outstanding",  # noqa: E731
-                                           address=server.address)
     streams = [Stream(i) for i in range(12)]
     threads = [threading.Thread(target=s.run, args=(url, 2000), daemon=True) for s in streams]
     burst = ThreadPoolExecutor(len(BIG))
@@ -473,16 +470,15 @@ def test_killing_a_vision_and_a_language_server_mid_run_costs_only_the_requests_
             thread.start()
         wait_until(lambda: all(s.tokens >= 2 or s.ended_at for s in streams), 120,
                    lambda: f"every stream generates: {[vars(s) for s in streams]}")
-        outstanding = {s.name: outstanding_on(s) for s in fleet.language}
+        outstanding = {s.name: outstanding_on(url, s) for s in fleet.language}
         killed_at = time.monotonic()
         fleet.launched.kill(language_b.name)  # with its children (vLLM's engine): a crashed container
         for pid in vision_pids:
             os.killpg(pid, signal.SIGSTOP)
-        big = [{**chat(url, 0), "messages": user("Describe this picture.", image)} for image in BIG]
-        replies = [burst.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120) for body in big]
-        wait_until(lambda: outstanding_on(vision_a) >= 1 and outstanding_on(vision_b) >= 1, 60,
+        replies = [burst.submit(ask_about, url, image) for image in BIG]
+        wait_until(lambda: outstanding_on(url, vision_a) >= 1 and outstanding_on(url, vision_b) >= 1, 60,
                    "Encode calls wait on both vision servers")
-        outstanding |= {s.name: outstanding_on(s) for s in fleet.vision}
+        outstanding |= {s.name: outstanding_on(url, s) for s in fleet.vision}
         fleet.launched.kill(vision_b.name)
         os.killpg(vision_pids[0], signal.SIGCONT)
         replies = [r.result(150) for r in replies]
@@ -497,25 +493,47 @@ def test_killing_a_vision_and_a_language_server_mid_run_costs_only_the_requests_
     on_killed = int(outstanding[language_b.name] + outstanding[vision_b.name])
     failed_streams = [s for s in streams if not s.done]
     failed_big = [r for r in replies if r.status_code != 200]
-    retried = retries(fleet) - retries_before
     print(f"in flight at the kill: {outstanding}; 12 streams: {len(failed_streams)} failed "
           f"({sorted({s.error['message'] for s in failed_streams if s.error})}); 6 being encoded: "
-          f"{len(failed_big)} failed ({[r.json() for r in failed_big]}); calls retried on a survivor: {retried}")
+          f"{len(failed_big)} failed ({[r.json() for r in failed_big]}); "
+          f"calls retried on a survivor: {retries(fleet) - retries_before}")
     assert outstanding[language_b.name] >= 1 and outstanding[vision_b.name] >= 1  # both kills hit live work
     assert not [s.exception for s in streams if s.exception], [vars(s) for s in streams if s.exception]
     assert len(failed_streams) + len(failed_big) <= on_killed, (outstanding, [vars(s) for s in failed_streams])
-    killed = (language_b.address, vision_b.address)
-    for stream in failed_streams:  # a clear OpenAI error, in-band, naming the server that went away
+    check_failures_name_the_killed_servers(failed_streams, replies, (language_b.address, vision_b.address),
+                                           killed_at)
+    check_the_survivors_serve_everything(fleet, url, killed=(vision_b, language_b))
+
+
+def ask_about(url: str, image: str) -> httpx.Response:
+    """A chat completion about the image at data URL `image`."""
+    body = {**chat(url, 0), "messages": user("Describe this picture.", image)}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def outstanding_on(url: str, server: Server) -> float:
+    """Calls the gateway at `url` has outstanding on `server`."""
+    return metric(f"{url}/metrics", "dvd_gateway_backend_outstanding", address=server.address)
+
+
+def check_failures_name_the_killed_servers(failed_streams: list[Stream], big_replies: list[httpx.Response],
+                                           killed: tuple[str, ...], killed_at: float) -> None:
+    """Each failed request got a clear OpenAI error (in-band for a stream, which failed mid-way after the
+    kill) naming a killed server (of the addresses `killed`); each 13-tile request that succeeded was whole."""
+    for stream in failed_streams:
         assert stream.status == 200 and stream.error["code"] == 503, vars(stream)
         assert any(address in stream.error["message"] for address in killed), vars(stream)
-        assert stream.tokens >= 2 and stream.ended_at >= killed_at  # it failed mid-stream, after the kill
-    for reply in failed_big:
+        assert stream.tokens >= 2 and stream.ended_at >= killed_at
+    for reply in big_replies:
+        if reply.status_code == 200:
+            assert reply.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 13 * 256
+            continue
         error = assert_openai_error(reply.json(), reply.status_code)
         assert reply.status_code == 503 and any(address in error["message"] for address in killed), error
-    assert all(r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 13 * 256
-               for r in replies if r.status_code == 200)
 
-    # New requests all succeed, on the survivors.
+
+def check_the_survivors_serve_everything(fleet, url: str, killed) -> None:
+    """New requests all succeed, on the first vision and language servers; the `killed` ones stay ejected."""
     vision_before = ok_requests(fleet.vision[:1], "dvd_vision_requests_total")
     language_before = ok_requests(fleet.language[:1], "dvd_language_requests_total")
     replies = ask_many(url, 8)
@@ -523,5 +541,5 @@ def test_killing_a_vision_and_a_language_server_mid_run_costs_only_the_requests_
     assert delta(ok_requests(fleet.vision[:1], "dvd_vision_requests_total"), vision_before) == {"vision-a": 8}
     assert delta(ok_requests(fleet.language[:1], "dvd_language_requests_total"), language_before) == \
         {"language-a": 8}
-    for server in (vision_b, language_b):
-        assert metric(gateway_metrics, "dvd_gateway_backend_up", address=server.address) == 0
+    for server in killed:
+        assert metric(f"{url}/metrics", "dvd_gateway_backend_up", address=server.address) == 0

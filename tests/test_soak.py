@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -139,22 +140,34 @@ def resources(pid: int) -> tuple[int, int]:
     return fds, threads
 
 
+def sample_peaks(urls: dict[str, str], peaks: Counter) -> None:
+    """Raise each gauge's peak in `peaks` to its value now."""
+    gauges = {
+        "gateway in flight": metric(urls["gateway"], "dvd_gateway_requests_in_flight"),
+        "language in flight": metric(urls["language-server"], "dvd_language_requests_in_flight"),
+        "pending feature bytes": metric(urls["language-server"], "dvd_language_features_pending_bytes"),
+        "vLLM running": metric(urls["language-server"], "vllm:num_requests_running"),
+        "vision queued tiles": metric(urls["vision-server"], "dvd_vision_queue_tiles"),
+    }
+    for name, value in gauges.items():
+        peaks[name] = max(peaks[name], value)
+
+
+def write_results(path: Path, load: Load, soaked: int, peaks: Counter, baseline: dict, after: dict) -> None:
+    """The soak's outcome as JSON, for a results file (`DVD_SOAK_RESULTS`)."""
+    path.write_text(json.dumps({
+        "soak_seconds": SOAK_SECONDS, "warm_up_seconds": WARM_UP_SECONDS, "clients": CLIENTS,
+        "max_in_flight": MAX_IN_FLIGHT, "requests_measured": soaked, "outcomes_with_warm_up": load.outcomes,
+        "failures": load.failures, "peaks": peaks, "fds_threads_after_warm_up": baseline,
+        "fds_threads_after_soak": after, "load_average": os.getloadavg(), "cpus": os.cpu_count()}, indent=2))
+
+
 def test_soak_at_saturation_answers_everything_stays_under_caps_and_leaks_nothing(hardened_stack):
     stack = hardened_stack
     urls = stack.metrics_urls
     load = Load(stack.gateway_url, stack.headers)
     peaks = Counter()
-
-    def sample() -> None:
-        gauges = {
-            "gateway in flight": metric(urls["gateway"], "dvd_gateway_requests_in_flight"),
-            "language in flight": metric(urls["language-server"], "dvd_language_requests_in_flight"),
-            "pending feature bytes": metric(urls["language-server"], "dvd_language_features_pending_bytes"),
-            "vLLM running": metric(urls["language-server"], "vllm:num_requests_running"),
-            "vision queued tiles": metric(urls["vision-server"], "dvd_vision_queue_tiles"),
-        }
-        for name, value in gauges.items():
-            peaks[name] = max(peaks[name], value)
+    sample = partial(sample_peaks, urls, peaks)
 
     def idle() -> dict[str, tuple[int, int]]:
         """Wait until nothing is in flight anywhere, then read each server's descriptors and threads."""
@@ -175,11 +188,7 @@ def test_soak_at_saturation_answers_everything_stays_under_caps_and_leaks_nothin
     print(f"soak of {SOAK_SECONDS:g} s ({soaked} requests): outcomes {dict(load.outcomes)}, peaks {dict(peaks)}, "
           f"(fds, threads) after warm-up {baseline}, after the soak {after}")
     if os.environ.get("DVD_SOAK_RESULTS"):
-        Path(os.environ["DVD_SOAK_RESULTS"]).write_text(json.dumps({
-            "soak_seconds": SOAK_SECONDS, "warm_up_seconds": WARM_UP_SECONDS, "clients": CLIENTS,
-            "max_in_flight": MAX_IN_FLIGHT, "requests_measured": soaked, "outcomes_with_warm_up": load.outcomes,
-            "failures": load.failures, "peaks": peaks, "fds_threads_after_warm_up": baseline,
-            "fds_threads_after_soak": after, "load_average": os.getloadavg(), "cpus": os.cpu_count()}, indent=2))
+        write_results(Path(os.environ["DVD_SOAK_RESULTS"]), load, soaked, peaks, baseline, after)
 
     assert load.failures == [], load.failures[:10]
     assert load.outcomes["200"] + load.outcomes["200 streamed"] >= 20

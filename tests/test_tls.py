@@ -222,6 +222,18 @@ def install(folder: Path, authority: Authority, name: str, key_of: str | None = 
     return TlsFiles(tls_cert_file=folder / "tls.crt", tls_key_file=folder / "tls.key", tls_ca_file=folder / "ca.crt")
 
 
+async def handshake(files: TlsFiles, address: str) -> str:
+    """A call on a connection of its own (no shared subchannel), with `files` as the client's: "ok" or the
+    status of its failure."""
+    options = [("grpc.ssl_target_name_override", "servers"), ("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.secure_channel(address, channel_credentials(files), options=options) as channel:
+        try:
+            await dvd_pb2_grpc.VisionServiceStub(channel).Health(dvd_pb2.HealthRequest(), timeout=5)
+            return "ok"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+
+
 def test_rotated_certificates_are_picked_up_without_a_restart(tmp_path, caplog):
     """Both sides move from one CA to another in place: the server's next handshake and the gateway's next
     health check use the new files; a half-written rotation (certificate and key that do not match) leaves
@@ -234,16 +246,6 @@ def test_rotated_certificates_are_picked_up_without_a_restart(tmp_path, caplog):
     servers, gateway = install(tmp_path / "servers", old, "servers"), install(tmp_path / "gateway", old, "gateway")
     old_gateway = install(tmp_path / "old-client", old, "gateway")  # clients of a connection of their own
     new_gateway = install(tmp_path / "new-client", new, "gateway")
-
-    async def handshake(files: TlsFiles, address: str) -> str:
-        """A call on a connection of its own (no shared subchannel), with `files` as the client's."""
-        options = [("grpc.ssl_target_name_override", "servers"), ("grpc.use_local_subchannel_pool", 1)]
-        async with grpc.aio.secure_channel(address, channel_credentials(files), options=options) as channel:
-            try:
-                await dvd_pb2_grpc.VisionServiceStub(channel).Health(dvd_pb2.HealthRequest(), timeout=5)
-                return "ok"
-            except grpc.aio.AioRpcError as exc:
-                return exc.code().name
 
     async def scenario() -> None:
         server = grpc.aio.server()
