@@ -20,8 +20,8 @@ import numpy as np
 import openai
 from tqdm.asyncio import tqdm
 
-from benchmarks.metrics import RequestResult
-from benchmarks.workload import BenchRequest
+from benchmarks.toolkit.metrics import RequestResult
+from benchmarks.toolkit.workload import BenchRequest
 
 
 @dataclass(frozen=True)
