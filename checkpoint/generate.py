@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from checkpoint.config_files import INITIALIZER_RANGE, custom_config, hf_config, hf_processor_files, token_ids
 from checkpoint.formats import IMAGE_PLACEHOLDER, Format
 from checkpoint.geometry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
@@ -38,7 +37,6 @@ VIDEO_TOKEN = "<video>"  # the HF processor's video placeholder, added after Int
 def video_token_id(architecture: str) -> int:
     return max(internvl_added_tokens(architecture).values()) + 1
 
-INIT_STD = 0.02
 # With tied embeddings a random model's residual stream stays close to the last token's own embedding, so
 # greedy decoding repeats that token whatever the image. Small text embeddings (RMS 0.005) and a large
 # projector output (features RMS ~0.12) let the image-dependent attention output decide the tokens instead.
@@ -54,9 +52,6 @@ GATE_UP_STD = 0.5
 DOWN_STD = 0.002  # and narrow down projections keep the experts from drowning out the image features
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 
-# Published InternVL3.5 configs carry a transformers 4.x version; without one, transformers 5 suspects a
-# broken (Mistral) tokenizer regex and warns.
-TRANSFORMERS_VERSION = "4.56.0"
 REMOTE_CODE = ("configuration_intern_vit.py", "configuration_internvl_chat.py")
 
 
@@ -76,9 +71,9 @@ def _norm(name: str, size: int, layer_norm: bool = True) -> list[TensorSpec]:
     return [TensorSpec(f"{name}.weight", (size,), fill=1.0), *bias]
 
 
-def _linear(name: str, n_out: int, n_in: int, bias: bool = True, std: float = INIT_STD) -> list[TensorSpec]:
+def _linear(name: str, n_out: int, n_in: int, bias: bool = True, std: float = INITIALIZER_RANGE) -> list[TensorSpec]:
     weight = TensorSpec(f"{name}.weight", (n_out, n_in), std)
-    return [weight, TensorSpec(f"{name}.bias", (n_out,), INIT_STD)] if bias else [weight]
+    return [weight, TensorSpec(f"{name}.bias", (n_out,), INITIALIZER_RANGE)] if bias else [weight]
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
@@ -100,12 +95,12 @@ def vit_specs(cfg: ModelConfig) -> list[TensorSpec]:
     v = cfg.vision
     C = v.hidden_size
     specs = [
-        TensorSpec("vision_model.embeddings.class_embedding", (1, 1, C), INIT_STD),
+        TensorSpec("vision_model.embeddings.class_embedding", (1, 1, C), INITIALIZER_RANGE),
         TensorSpec(
-            "vision_model.embeddings.patch_embedding.weight", (C, 3, v.patch_size, v.patch_size), INIT_STD
+            "vision_model.embeddings.patch_embedding.weight", (C, 3, v.patch_size, v.patch_size), INITIALIZER_RANGE
         ),
-        TensorSpec("vision_model.embeddings.patch_embedding.bias", (C,), INIT_STD),
-        TensorSpec("vision_model.embeddings.position_embedding", (1, v.num_patches + 1, C), INIT_STD),
+        TensorSpec("vision_model.embeddings.patch_embedding.bias", (C,), INITIALIZER_RANGE),
+        TensorSpec("vision_model.embeddings.position_embedding", (1, v.num_patches + 1, C), INITIALIZER_RANGE),
     ]
     layer_norm = v.norm_type == "layer_norm"
     for i in range(v.num_layers):
@@ -138,7 +133,7 @@ def llm_specs(cfg: ModelConfig) -> list[TensorSpec]:
         specs += [*_norm(f"{p}.post_attention_layernorm", H, False), *_mlp_specs(t, f"{p}.mlp")]
     specs += _norm("language_model.model.norm", H, False)
     if not t.tie_word_embeddings:
-        specs.append(TensorSpec("language_model.lm_head.weight", (t.vocab_size, H), INIT_STD))
+        specs.append(TensorSpec("language_model.lm_head.weight", (t.vocab_size, H), INITIALIZER_RANGE))
     return specs
 
 
@@ -175,9 +170,9 @@ def _mlp_specs(t: LanguageConfig, p: str) -> list[TensorSpec]:
     # GPT-OSS: a biased router; the experts stacked, gate and up interleaved in one [E, H, 2F] projection
     return [*_linear(f"{p}.router", E, H, std=ROUTER_INIT_STD),
             TensorSpec(f"{p}.experts.gate_up_proj", (E, H, 2 * F), GATE_UP_STD),
-            TensorSpec(f"{p}.experts.gate_up_proj_bias", (E, 2 * F), INIT_STD),
+            TensorSpec(f"{p}.experts.gate_up_proj_bias", (E, 2 * F), INITIALIZER_RANGE),
             TensorSpec(f"{p}.experts.down_proj", (E, F, H), DOWN_STD),
-            TensorSpec(f"{p}.experts.down_proj_bias", (E, H), INIT_STD)]
+            TensorSpec(f"{p}.experts.down_proj_bias", (E, H), INITIALIZER_RANGE)]
 
 
 def vir_specs(cfg: ModelConfig) -> list[TensorSpec]:
@@ -188,13 +183,13 @@ def vir_specs(cfg: ModelConfig) -> list[TensorSpec]:
         *_linear("mlp2.1", 2 * H, C16),
         *_linear("mlp2.4", 2 * H, 2 * H),
         *_linear("mlp2.7", H, 2 * H, std=PROJECTOR_OUT_STD),
-        TensorSpec("pooling_before_gating.query_token", (1, C), INIT_STD),
+        TensorSpec("pooling_before_gating.query_token", (1, C), INITIALIZER_RANGE),
     ]
     for i in range(1, 5):
         p = f"pooling_before_gating.attn{i}"
         specs += [
-            TensorSpec(f"{p}.in_proj_weight", (3 * C, C), INIT_STD),
-            TensorSpec(f"{p}.in_proj_bias", (3 * C,), INIT_STD),
+            TensorSpec(f"{p}.in_proj_weight", (3 * C, C), INITIALIZER_RANGE),
+            TensorSpec(f"{p}.in_proj_bias", (3 * C,), INITIALIZER_RANGE),
             *_linear(f"{p}.out_proj", C, C),
             *_norm(f"pooling_before_gating.norm{i}", C),
         ]
@@ -315,220 +310,6 @@ def write_weights(out_dir: Path, cfg: ModelConfig, fmt: Format, seed: int, max_s
         _write_json(out_dir / "model.safetensors.index.json", shard_index(cfg, fmt, max_shard_bytes))
 
 
-def _text_config(cfg: ModelConfig) -> dict:
-    """The language model's config, with the keys its family's published `config.json` has."""
-    t = cfg.language
-    family = FAMILIES[family_of(t.architecture)]
-    ids = _token_ids(t.architecture)
-    common = {
-        "architectures": [ARCHITECTURES[t.architecture]],
-        "model_type": t.architecture,
-        "attention_bias": t.attention_bias,
-        "attention_dropout": 0.0,
-        "head_dim": t.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": t.hidden_size,
-        "initializer_range": INIT_STD,
-        "intermediate_size": t.intermediate_size,
-        "max_position_embeddings": t.max_position_embeddings,
-        "num_attention_heads": t.num_heads,
-        "num_hidden_layers": t.num_layers,
-        "num_key_value_heads": t.num_kv_heads,
-        "rms_norm_eps": t.rms_norm_eps,
-        "rope_theta": t.rope_theta,
-        "tie_word_embeddings": t.tie_word_embeddings,
-        "torch_dtype": cfg.dtype,
-        "use_cache": True,
-        "vocab_size": t.vocab_size,
-        "eos_token_id": ids[family.eos],
-    }
-    if t.architecture == "gpt_oss":
-        e, rope = t.experts, t.rope_scaling
-        return {
-            **common,
-            "pad_token_id": ids[family.pad],
-            "experts_per_token": e.experts_per_token,
-            "initial_context_length": rope.original_max_position_embeddings,
-            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(t.num_layers)],
-            "num_experts_per_tok": e.experts_per_token,
-            "num_local_experts": e.num_experts,
-            "output_router_logits": False,
-            "rope_scaling": {"rope_type": "yarn", "factor": rope.factor, "beta_fast": rope.beta_fast,
-                             "beta_slow": rope.beta_slow, "truncate": rope.truncate,
-                             "original_max_position_embeddings": rope.original_max_position_embeddings},
-            "router_aux_loss_coef": 0.9,
-            "sliding_window": t.sliding_window,
-            "swiglu_limit": t.swiglu_limit,
-        }
-    qwen3 = {
-        **common,
-        "bos_token_id": ids["<|endoftext|>"],
-        "max_window_layers": t.num_layers,
-        "rope_scaling": None,
-        "sliding_window": None,
-        "use_sliding_window": False,
-    }
-    if t.architecture == "qwen3":
-        return qwen3
-    e = t.experts
-    return {
-        **qwen3,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "moe_intermediate_size": e.intermediate_size,
-        "norm_topk_prob": e.normalize_top_k,
-        "num_experts": e.num_experts,
-        "num_experts_per_tok": e.experts_per_token,
-        "output_router_logits": False,
-        "router_aux_loss_coef": 0.001,
-    }
-
-
-ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
-
-
-def _token_ids(architecture: str) -> dict[str, int]:
-    """The ids of the family's named special tokens (bos, eos, pad, stop)."""
-    if family_of(architecture) == "gpt_oss":
-        from checkpoint.tokenizer_families import HARMONY_SPECIAL_TOKENS
-
-        return dict(HARMONY_SPECIAL_TOKENS)
-    return {"<|endoftext|>": 151643, "<|im_end|>": 151645}
-
-
-def custom_config(cfg: ModelConfig) -> dict:
-    """config.json of the GitHub format (InternVLChatModel, remote config code via auto_map)."""
-    v = cfg.vision
-    return {
-        "architectures": ["InternVLChatModel"],
-        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
-        "model_type": "internvl_chat",
-        "downsample_ratio": cfg.downsample_ratio,
-        "dynamic_image_size": True,
-        "force_image_size": v.image_size,
-        "llm_config": _text_config(cfg),
-        "max_dynamic_patch": cfg.max_dynamic_patch,
-        "min_dynamic_patch": cfg.min_dynamic_patch,
-        "ps_version": "v2",
-        "select_layer": cfg.select_layer,
-        "template": "internvl2_5",
-        "torch_dtype": cfg.dtype,
-        "transformers_version": TRANSFORMERS_VERSION,
-        "use_backbone_lora": 0,
-        "use_llm_lora": 0,
-        "use_thumbnail": cfg.use_thumbnail,
-        **({"flash_mode": True, "flash_relative_threshold": cfg.vir_relative_threshold,
-            "flash_absolute_threshold": cfg.vir_absolute_threshold} if cfg.flash else {}),
-        "vision_config": {
-            "architectures": ["InternVisionModel"],
-            "model_type": "intern_vit_6b",
-            "attention_dropout": 0.0,
-            "drop_path_rate": 0.0,
-            "dropout": 0.0,
-            "hidden_act": "gelu",
-            "hidden_size": v.hidden_size,
-            "image_size": v.image_size,
-            "initializer_factor": v.layer_scale_init,
-            "initializer_range": INIT_STD,
-            "intermediate_size": v.intermediate_size,
-            "layer_norm_eps": v.norm_eps,
-            "norm_type": v.norm_type,
-            "num_attention_heads": v.num_heads,
-            "num_channels": 3,
-            "num_hidden_layers": v.num_layers,
-            "patch_size": v.patch_size,
-            "qk_normalization": v.qk_normalization,
-            "qkv_bias": v.qkv_bias,
-            "torch_dtype": cfg.dtype,
-        },
-    }
-
-
-def hf_config(cfg: ModelConfig) -> dict:
-    """config.json of the transformers format (InternVLForConditionalGeneration)."""
-    v = cfg.vision
-    return {
-        "architectures": ["InternVLForConditionalGeneration"],
-        "model_type": "internvl",
-        "downsample_ratio": cfg.downsample_ratio,
-        "image_seq_length": cfg.tokens_per_tile,
-        "image_token_id": internvl_added_tokens(cfg.language.architecture)[IMG_CONTEXT_TOKEN],
-        "projector_hidden_act": "gelu",
-        "text_config": _text_config(cfg),
-        "tie_word_embeddings": cfg.language.tie_word_embeddings,
-        "torch_dtype": cfg.dtype,
-        "transformers_version": TRANSFORMERS_VERSION,
-        "vision_config": {
-            "architectures": ["InternVisionModel"],
-            "model_type": "internvl_vision",
-            "attention_bias": v.qkv_bias,
-            "attention_dropout": 0.0,
-            "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.0,
-            "hidden_size": v.hidden_size,
-            "image_size": [v.image_size, v.image_size],
-            "initializer_range": INIT_STD,
-            "intermediate_size": v.intermediate_size,
-            "layer_norm_eps": v.norm_eps,
-            "layer_scale_init_value": v.layer_scale_init,
-            "norm_type": v.norm_type,
-            "num_attention_heads": v.num_heads,
-            "num_channels": 3,
-            "num_hidden_layers": v.num_layers,
-            "patch_size": [v.patch_size, v.patch_size],
-            "projection_dropout": 0.0,
-            "use_absolute_position_embeddings": True,
-            "use_mask_token": False,
-            "use_mean_pooling": True,
-            "use_qk_norm": v.qk_normalization,
-        },
-        "vision_feature_layer": cfg.select_layer,
-        "vision_feature_select_strategy": "default",
-    }
-
-
-def _hf_processor_files(cfg: ModelConfig) -> dict[str, dict]:
-    """The processor configs transformers' InternVLProcessor (and vLLM on the HF format) loads."""
-    size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
-    image = {
-        "image_processor_type": "GotOcr2ImageProcessorFast",
-        "processor_class": "InternVLProcessor",
-        "crop_to_patches": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-        "max_patches": cfg.max_dynamic_patch,
-        "min_patches": cfg.min_dynamic_patch,
-        "resample": 3,  # bicubic
-        "rescale_factor": 1 / 255,
-        "size": size,
-    }
-    video = {
-        "video_processor_type": "InternVLVideoProcessor",
-        "processor_class": "InternVLProcessor",
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": size,
-    }
-    return {
-        "preprocessor_config.json": image,
-        "video_preprocessor_config.json": video,
-        "processor_config.json": {
-            "image_seq_length": cfg.tokens_per_tile,
-            "processor_class": "InternVLProcessor",
-        },
-    }
-
-
 def chat_template(fmt: Format, architecture: str = "qwen3") -> str:
     """The chat template of `architecture`'s InternVL3.5 release with `fmt`'s image placeholder filled in."""
     name = FAMILIES[family_of(architecture)].template
@@ -554,7 +335,7 @@ def write_tokenizer(out_dir: Path, fmt: Format, architecture: str = "qwen3") -> 
         }
     _write_json(out_dir / "tokenizer_config.json", config)
     (out_dir / "chat_template.jinja").write_text(template)
-    family, ids = FAMILIES[family_of(architecture)], _token_ids(architecture)
+    family, ids = FAMILIES[family_of(architecture)], token_ids(architecture)
     _write_json(out_dir / "generation_config.json", {
         "bos_token_id": ids[family.bos or family.pad],
         "eos_token_id": [ids[token] for token in family.stop],
@@ -591,7 +372,7 @@ def write_checkpoint(
             shutil.copyfile(files("checkpoint") / "remote_code" / name, out_dir / name)
     else:
         _write_json(out_dir / "config.json", hf_config(cfg))
-        for name, data in _hf_processor_files(cfg).items():
+        for name, data in hf_processor_files(cfg).items():
             _write_json(out_dir / name, data)
     if dry_run:
         _write_json(out_dir / "model.safetensors.index.json", shard_index(cfg, fmt, max_shard_bytes))

@@ -13,12 +13,11 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 import language_server.torch_compat  # noqa: F401  (before transformers imports torchvision)
+from checkpoint.config_files import custom_config, hf_config
 from checkpoint.formats import IMAGE_PLACEHOLDER, CheckpointConfigError, detect_format, read_model_config
 from checkpoint.generate import (
     VIDEO_TOKEN,
     TensorSpec,
-    custom_config,
-    hf_config,
     hf_tensors,
     plan_shards,
     tensor_specs,
