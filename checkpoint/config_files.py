@@ -197,35 +197,21 @@ def hf_config(cfg: ModelConfig) -> dict:
 def hf_processor_files(cfg: ModelConfig) -> dict[str, dict]:
     """The processor configs transformers' InternVLProcessor (and vLLM on the HF format) loads."""
     size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
-    image = {
-        "image_processor_type": "GotOcr2ImageProcessorFast",
+    pixels = {  # what the image and the video processor share: RGB, bicubic to one tile, ImageNet statistics
         "processor_class": "InternVLProcessor",
-        "crop_to_patches": True,
         "do_convert_rgb": True,
         "do_normalize": True,
         "do_rescale": True,
         "do_resize": True,
         "image_mean": list(IMAGENET_MEAN),
         "image_std": list(IMAGENET_STD),
-        "max_patches": cfg.max_dynamic_patch,
-        "min_patches": cfg.min_dynamic_patch,
         "resample": 3,  # bicubic
         "rescale_factor": 1 / 255,
         "size": size,
     }
-    video = {
-        "video_processor_type": "InternVLVideoProcessor",
-        "processor_class": "InternVLProcessor",
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": size,
-    }
+    image = {"image_processor_type": "GotOcr2ImageProcessorFast", **pixels, "crop_to_patches": True,
+             "max_patches": cfg.max_dynamic_patch, "min_patches": cfg.min_dynamic_patch}
+    video = {"video_processor_type": "InternVLVideoProcessor", **pixels}
     return {
         "preprocessor_config.json": image,
         "video_preprocessor_config.json": video,
