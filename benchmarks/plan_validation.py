@@ -48,7 +48,7 @@ from benchmarks.vision import build_model, time_batches
 from benchmarks.workload import RequestBatches, synthetic
 from checkpoint.generate import write_checkpoint
 from checkpoint.geometry import ModelConfig
-from language_server.settings import LanguageServerSettings
+from language_server.engine import CPU_DEFAULTS
 from launcher import Servers, free_port, http_ready
 from planner.plan import run as predict
 from planner.profiles import (
@@ -74,7 +74,6 @@ IMAGE_SIZE = (896, 448)  # a 2x1 grid + thumbnail = 3 tiles
 IMAGE_TILES = 3
 WARMUP = 4
 INPUT_WORDS = 4  # random words of text beside the image(s)
-LANGUAGE = LanguageServerSettings(model="unused")  # the language server's defaults
 # The vision server's defaults, but two preprocessing threads, stated: pinned to one core, the server's own
 # default (the cores it may use) would be one.
 VISION = VisionServerSettings(model="unused", preprocess_workers=2)
@@ -306,8 +305,8 @@ async def _language_sweeps(port: int) -> tuple[LanguageProfile, list[list[float]
                                               step_seconds=round(step, 6)))
     finally:
         sender.close()
-    profile = LanguageProfile(prefill=prefill, decode=decode, max_num_seqs=LANGUAGE.max_num_seqs,
-                              max_batched_tokens=max(LANGUAGE.max_model_len, 2048),  # whole prompts on CPU
+    profile = LanguageProfile(prefill=prefill, decode=decode, max_num_seqs=CPU_DEFAULTS["max_num_seqs"],
+                              max_batched_tokens=max(CPU_DEFAULTS["max_model_len"], 2048),  # whole prompts on CPU
                               overhead_s_per_request=round(max(0.0, statistics.median(overheads)), 6))
     return profile, repeated
 

@@ -35,6 +35,7 @@ class Stack:
     vision_dtype: str | None = None  # the vision encoder's compute dtype; None: the server's (bf16 CUDA, fp32 CPU)
     feature_dtype: str = "bfloat16"
     max_model_len: int = 8192
+    engine_args: tuple[str, ...] = ()  # more of the language server's vLLM engine arguments, e.g. ("-tp", "2")
     internal_secret: str | None = None  # given to all three servers (environment, not the command line)
 
     @property
@@ -58,7 +59,7 @@ class Stack:
             metrics += ["--language-metrics-port", str(self.language_metrics_port)]
         return [sys.executable, "-m", "dvd.cli", "up", "--model", self.model, "--port", str(self.gateway_port),
                 "--vision-port", str(self.vision_port), "--language-port", str(self.language_port),
-                "--feature-port", str(self.feature_port), *metrics]
+                "--feature-port", str(self.feature_port), *metrics, *self.engine_args]
 
     def commands(self) -> dict[str, list[str]]:
         dvd = [sys.executable, "-m", "dvd.cli"]
@@ -72,7 +73,8 @@ class Stack:
             "language-server": dvd + ["language-server", "--model", self.model, "--host", self.host,
                                       "--port", str(self.language_port), "--dtype", self.dtype,
                                       "--max-model-len", str(self.max_model_len),
-                                      "--feature-bind", f"tcp://{self.host}:{self.feature_port}", *language_metrics],
+                                      "--feature-bind", f"tcp://{self.host}:{self.feature_port}", *language_metrics,
+                                      *self.engine_args],
             "gateway": dvd + ["gateway", "--host", self.host, "--port", str(self.gateway_port),
                               "--vision-server", f"{self.host}:{self.vision_port}",
                               "--language-server", f"{self.host}:{self.language_port}"],
