@@ -149,6 +149,7 @@ def parse(argv: list[str], cpu: bool) -> LanguageServerArguments:
         for name in ("model", "reasoning_parser")})
     namespace = from_environment.parse_args(shlex.split(settings.engine_args))
     namespace = parser.parse_args(argv, namespace=namespace)  # the command line wins
-    for name in ("model", "reasoning_parser", "feature_cache_mib", *(field for _, field, _ in DVD_FLAGS)):
+    for name in ("reasoning_parser", "feature_cache_mib", *(field for _, field, _ in DVD_FLAGS)):
         vars(namespace).pop(name, None)
+    namespace.model = settings.model
     return LanguageServerArguments(settings, AsyncEngineArgs.from_cli_args(namespace), given.get("log_level", "INFO"))

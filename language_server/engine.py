@@ -83,7 +83,7 @@ def set_cpu_kv_cache(settings: LanguageServerSettings, environ=os.environ) -> No
 
 
 def build_engine(settings: LanguageServerSettings, engine_args):
-    """Start an `AsyncLLM` of `settings.model` with `engine_args` (vLLM's `AsyncEngineArgs`), fed with image
+    """Start an `AsyncLLM` with `engine_args` (vLLM's `AsyncEngineArgs` of `settings.model`), fed with image
     embeddings instead of pixels."""
     set_cpu_kv_cache(settings)
     os.environ.setdefault(BUSY_POLL_ENV, str(ENGINE_BUSY_POLL_S))  # read by the plugin in vLLM's processes
@@ -91,6 +91,6 @@ def build_engine(settings: LanguageServerSettings, engine_args):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     register()
-    args = dataclasses.replace(engine_args, model=settings.model, **dvd_engine_arguments(settings.model))
+    args = dataclasses.replace(engine_args, **dvd_engine_arguments(settings.model))
     # A server's context: vLLM's batch defaults are then those of `vllm serve`.
     return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)

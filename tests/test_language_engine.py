@@ -75,13 +75,16 @@ def _vllm_engine_arguments() -> dict[str, argparse.Action]:
     return {action.dest: action for action in parser._actions if action.dest != "help"}
 
 
-def _clean_environment(monkeypatch) -> None:
+@pytest.fixture
+def environment(monkeypatch, tmp_path):
+    """No DVD_LANGUAGE_* variable but the model, an existing folder (vLLM resolves a missing one on the hub)."""
     for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
+    monkeypatch.setenv(f"{ENV_PREFIX}MODEL", str(tmp_path))
+    return monkeypatch
 
 
-def test_the_language_server_takes_every_vllm_engine_argument_but_those_dvd_sets(monkeypatch):
-    _clean_environment(monkeypatch)
+def test_the_language_server_takes_every_vllm_engine_argument_but_those_dvd_sets(environment):
     vllm_arguments = _vllm_engine_arguments()
     ours = {action.dest: action for action in build_parser(cpu=False)._actions}
     for dest, action in vllm_arguments.items():
@@ -103,23 +106,21 @@ def test_the_language_server_takes_every_vllm_engine_argument_but_those_dvd_sets
 
 
 @pytest.mark.parametrize("dest", sorted(REFUSED))
-def test_an_engine_argument_dvd_sets_is_refused_with_the_reason(dest, monkeypatch, capsys):
-    _clean_environment(monkeypatch)
+def test_an_engine_argument_dvd_sets_is_refused_with_the_reason(dest, environment, capsys):
     flag = _vllm_engine_arguments()[dest].option_strings[0]
     with pytest.raises(SystemExit) as exit:
         parse([flag, "1"], cpu=True)
     assert exit.value.code == 2
     assert f"DvD sets this itself: {REFUSED[dest]}" in capsys.readouterr().err.replace("\n", " ")
-    monkeypatch.setenv(ENGINE_ARGS_ENV, f"{flag} 1")  # the environment's way too
+    environment.setenv(ENGINE_ARGS_ENV, f"{flag} 1")  # the environment's way too
     with pytest.raises(SystemExit):
         parse([], cpu=True)
     assert f"{ENGINE_ARGS_ENV}: error: argument {flag}" in capsys.readouterr().err
 
 
-def test_on_cpu_the_defaults_are_dvds_cpu_ones_and_on_a_gpu_vllms_own(monkeypatch):
+def test_on_cpu_the_defaults_are_dvds_cpu_ones_and_on_a_gpu_vllms_own(environment):
     from vllm import AsyncEngineArgs
 
-    _clean_environment(monkeypatch)
     vllm_defaults = AsyncEngineArgs(model="m")
     on_gpu, on_cpu = parse([], cpu=False).engine_args, parse([], cpu=True).engine_args
     for name, cpu_value in CPU_DEFAULTS.items():
@@ -131,8 +132,7 @@ def test_on_cpu_the_defaults_are_dvds_cpu_ones_and_on_a_gpu_vllms_own(monkeypatc
     assert on_cpu.tensor_parallel_size == on_gpu.tensor_parallel_size == 1
 
 
-def test_the_help_shows_the_platforms_defaults_and_the_refused_arguments(monkeypatch, capsys):
-    _clean_environment(monkeypatch)
+def test_the_help_shows_the_platforms_defaults_and_the_refused_arguments(environment, capsys):
     for cpu, shown in ((True, "--gpu-memory-utilization 0.2 --enforce-eager"), (False, "--trust-remote-code\n")):
         with pytest.raises(SystemExit) as exit:
             parse(["--help"], cpu=cpu)
@@ -150,21 +150,21 @@ def test_the_help_shows_the_platforms_defaults_and_the_refused_arguments(monkeyp
     assert text[text.index("(default:", start):].startswith("(default: 0.2)"), text[start:]
 
 
-def test_engine_arguments_come_from_the_environment_and_a_flag_given_wins(monkeypatch):
-    _clean_environment(monkeypatch)
-    monkeypatch.setenv(ENGINE_ARGS_ENV, "--max-num-seqs 7 --max-model-len 1024 "
+def test_engine_arguments_come_from_the_environment_and_a_flag_given_wins(environment, tmp_path):
+    environment.setenv(ENGINE_ARGS_ENV, "--max-num-seqs 7 --max-model-len 1024 "
                                         "--speculative-config '{\"method\": \"ngram\", \"num_speculative_tokens\": 2}'")
-    monkeypatch.setenv(f"{ENV_PREFIX}PORT", "7001")
-    arguments = parse(["--max-model-len", "2048", "--model", "ckpt"], cpu=True)
+    environment.setenv(f"{ENV_PREFIX}PORT", "7001")
+    (tmp_path / "given").mkdir()
+    arguments = parse(["--max-model-len", "2048", "--model", str(tmp_path / "given")], cpu=True)
     engine = arguments.engine_args
     assert (engine.max_num_seqs, engine.max_model_len) == (7, 2048)
     assert engine.speculative_config == {"method": "ngram", "num_speculative_tokens": 2}
     assert engine.enforce_eager  # the CPU default, given by neither
-    assert (arguments.settings.model, arguments.settings.port) == ("ckpt", 7001)  # DvD's settings keep their rule
+    assert (arguments.settings.port, arguments.settings.model) == (7001, str(tmp_path / "given"))  # DvD's rule
+    assert engine.model == arguments.settings.model
 
 
-def test_dvds_own_settings_keep_their_flags(monkeypatch):
-    _clean_environment(monkeypatch)
+def test_dvds_own_settings_keep_their_flags(environment):
     arguments = parse(["--port", "7002", "--feature-bind", "tcp://127.0.0.1:7003", "--feature-cache-mib", "3",
                        "--kv-cache-gib", "2", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
                        "--log-level", "debug"], cpu=True)
@@ -179,34 +179,31 @@ def test_dvds_own_settings_keep_their_flags(monkeypatch):
     ("--model other", "a DvD setting, not an engine argument: give it as DVD_LANGUAGE_MODEL"),
     ("--port 1", "unrecognized arguments: --port 1"),
 ])
-def test_a_dvd_setting_in_the_engine_arguments_variable_is_refused(given, error, monkeypatch, capsys):
-    _clean_environment(monkeypatch)
-    monkeypatch.setenv(ENGINE_ARGS_ENV, given)
+def test_a_dvd_setting_in_the_engine_arguments_variable_is_refused(given, error, environment, capsys):
+    environment.setenv(ENGINE_ARGS_ENV, given)
     with pytest.raises(SystemExit):
         parse([], cpu=True)
     assert error in capsys.readouterr().err
 
 
-def test_an_engine_argument_in_a_variable_of_its_own_is_refused_not_ignored(monkeypatch):
-    _clean_environment(monkeypatch)
-    monkeypatch.setenv(f"{ENV_PREFIX}MAX_MODEL_LEN", "4096")  # a setting before engine arguments were flags
+def test_an_engine_argument_in_a_variable_of_its_own_is_refused_not_ignored(environment):
+    environment.setenv(f"{ENV_PREFIX}MAX_MODEL_LEN", "4096")  # a setting before engine arguments were flags
     with pytest.raises(SystemExit, match=f"{ENV_PREFIX}MAX_MODEL_LEN is not read: .*"
                                          f"{ENGINE_ARGS_ENV}='--max-model-len VALUE'"):
         parse([], cpu=True)
 
 
-def test_dvd_language_server_hands_vllms_flags_to_the_server(monkeypatch):
+def test_dvd_language_server_hands_vllms_flags_to_the_server(environment, tmp_path):
     import language_server.server
     from dvd.cli import app
 
-    _clean_environment(monkeypatch)
     started = {}
-    monkeypatch.setattr(language_server.server, "main", lambda settings, engine_args: started.update(
+    environment.setattr(language_server.server, "main", lambda settings, engine_args: started.update(
         settings=settings, engine_args=engine_args))
-    result = CliRunner().invoke(app, ["language-server", "--model", "ckpt", "-tp", "2", "--quantization", "fp8",
-                                      "--port", "7004"])
+    result = CliRunner().invoke(app, ["language-server", "--model", str(tmp_path), "-tp", "2", "--quantization",
+                                      "fp8", "--port", "7004"])
     assert result.exit_code == 0, result.output
-    assert (started["settings"].model, started["settings"].port) == ("ckpt", 7004)
+    assert (started["settings"].model, started["settings"].port) == (str(tmp_path), 7004)
     assert (started["engine_args"].tensor_parallel_size, started["engine_args"].quantization) == (2, "fp8")
 
 
