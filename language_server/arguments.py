@@ -153,3 +153,28 @@ def parse(argv: list[str], cpu: bool) -> LanguageServerArguments:
         vars(namespace).pop(name, None)
     namespace.model = settings.model
     return LanguageServerArguments(settings, AsyncEngineArgs.from_cli_args(namespace), given.get("log_level", "INFO"))
+
+
+def coverage() -> dict:
+    """vLLM's engine arguments (those `vllm serve` takes) on this command line: how many reach the engine, which
+    are DvD's own settings under vLLM's spelling, and which are refused, with why."""
+    from vllm import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm_arguments = {a.dest: a.option_strings[0] for a in AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+                      ._actions if a.dest != "help"}
+    ours = {action.dest: action for action in build_parser(cpu=True)._actions}
+    dvds = {field for _, field, _ in DVD_FLAGS} - {"model"}  # --model is DvD's setting and the engine's model
+    return {
+        "vllm_engine_arguments": len(vllm_arguments),
+        "passed_to_the_engine": sum(1 for dest in vllm_arguments if dest in ours and dest not in dvds
+                                    and not isinstance(ours[dest], Refused)),
+        "dvd_settings_with_vllms_spelling": sorted(vllm_arguments[dest] for dest in vllm_arguments if dest in dvds),
+        "refused": {vllm_arguments[dest]: REFUSED[dest] for dest in vllm_arguments if isinstance(ours[dest], Refused)},
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(coverage(), indent=2))

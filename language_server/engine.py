@@ -22,7 +22,7 @@ ENGINE_BUSY_POLL_S = 0.01
 REFUSED: dict[str, str] = {
     "enable_mm_embeds": "embedding-only mode: images reach the engine as the vision server's features",
     "limit_mm_per_prompt": "embedding-only mode: no image may come as pixels (a zero limit, which also keeps "
-                           "vLLM from building the vision tower); --max-images-per-request caps images",
+                           "vLLM from building the vision tower); DVD_LANGUAGE_MAX_IMAGES_PER_REQUEST caps images",
     "language_model_only": "it would refuse the images' features; DvD's embedding-only mode already skips "
                            "the vision tower",
     "mm_encoder_only": "the vision encoder runs in the vision server; the language server runs the language "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from language_server.arguments import ENGINE_ARGS_ENV, ENV_PREFIX, Refused, build_parser, parse
+from language_server.arguments import ENGINE_ARGS_ENV, ENV_PREFIX, Refused, build_parser, coverage, parse
 from language_server.engine import CPU_DEFAULTS, REFUSED, set_cpu_kv_cache
 from language_server.settings import LanguageServerSettings
 from language_server.vllm_plugin import BUSY_POLL_ENV
@@ -91,6 +91,10 @@ def test_the_language_server_takes_every_vllm_engine_argument_but_those_dvd_sets
         assert set(action.option_strings) <= {flag for a in ours.values() for flag in a.option_strings}, dest
         assert isinstance(ours[dest], Refused) == (dest in REFUSED), dest
     assert set(REFUSED) <= set(vllm_arguments)  # each refusal names a real engine argument
+    counted = coverage()  # what the README quotes
+    assert counted["vllm_engine_arguments"] == len(vllm_arguments)
+    assert counted["dvd_settings_with_vllms_spelling"] == ["--reasoning-parser"]  # DvD's output parser
+    assert counted["passed_to_the_engine"] == len(vllm_arguments) - len(REFUSED) - 1
     # Taken with vLLM's spelling, short flags and JSON / dotted forms included, and reaching the engine.
     engine = parse(["-tp", "2", "-pp", "2", "--data-parallel-size", "2", "--enable-expert-parallel",
                     "--distributed-executor-backend", "ray", "-q", "fp8", "--kv-cache-dtype", "fp8",
