@@ -13,7 +13,9 @@ gets a core of its own (`VLLM_CPU_OMP_THREADS_BIND`, "0|1" for two), and vLLM's 
 from __future__ import annotations
 
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -96,8 +98,9 @@ def main(
         if logs:
             logs.mkdir(parents=True, exist_ok=True)
         runs.append(measure(model, ranks, requests, max_tokens, logs))
-    print_and_write({"benchmark": "tensor_parallel", "model": model, "requests": requests, "max_tokens": max_tokens,
-                     "machine": machine(), "versions": versions(), "runs": runs}, out)
+    command = shlex.join(["python", "-m", "benchmarks.tensor_parallel", *sys.argv[1:]])
+    print_and_write({"benchmark": "tensor_parallel", "command": command, "model": model, "requests": requests,
+                     "max_tokens": max_tokens, "machine": machine(), "versions": versions(), "runs": runs}, out)
 
 
 if __name__ == "__main__":

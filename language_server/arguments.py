@@ -41,6 +41,8 @@ FEATURE_CACHE_BYTES_PER_MIB = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class LanguageServerArguments:
+    """What `dvd language-server` was given: DvD's settings, the engine's arguments, the log level."""
+
     settings: LanguageServerSettings
     engine_args: object  # vLLM's AsyncEngineArgs
     log_level: str
@@ -149,7 +151,7 @@ def parse(argv: list[str], cpu: bool) -> LanguageServerArguments:
         for name in ("model", "reasoning_parser")})
     namespace = from_environment.parse_args(shlex.split(settings.engine_args))
     namespace = parser.parse_args(argv, namespace=namespace)  # the command line wins
-    for name in ("reasoning_parser", "feature_cache_mib", *(field for _, field, _ in DVD_FLAGS)):
+    for name in ("feature_cache_mib", *(field for _, field, _ in DVD_FLAGS)):  # DvD's, not the engine's
         vars(namespace).pop(name, None)
     namespace.model = settings.model
     return LanguageServerArguments(settings, AsyncEngineArgs.from_cli_args(namespace), given.get("log_level", "INFO"))
