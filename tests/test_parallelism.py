@@ -1,10 +1,13 @@
-"""Tensor parallelism through vLLM's own engine arguments: `dvd up --tensor-parallel-size 2` serves a language
-server whose engine spans two ranks (on CPU, one process per core) and answers as a single-rank one does,
-through the gateway and the official `openai` client: the same prompt tokens and greedy tokens for 0, 1 and 2
-images, and every rank's parameters, none of them the vision tower's.
+"""A language server across devices through vLLM's own engine arguments: `dvd up --tensor-parallel-size 2` (and
+`--pipeline-parallel-size 2`) serves a language server whose engine spans two ranks (on CPU, one process per
+core) and answers as a single-rank one does, through the gateway and the official `openai` client: the same
+prompt tokens and greedy tokens for 0, 1 and 2 images, and every rank's parameters, none of them the vision
+tower's (pipeline stages hold different ones).
 
-Float32 (`--dtype float32`): the two partitions of the computation then round alike far below the gap between
-the top two logits, so equal greedy tokens test the partition rather than luck. Run it alone: it needs both cores.
+Float32 (`--dtype float32`): the partitions of the computation then round alike far below the gap between the
+top two logits, so equal greedy tokens test the partition rather than luck. Pipeline parallelism on vLLM's CPU
+backend needs `--no-enforce-eager`: a later stage's input buffers are allocated in the compile warm-up, which
+eager mode skips. Run the module alone: it needs both cores.
 """
 
 from __future__ import annotations
@@ -55,20 +58,24 @@ def _serve_and_ask(checkpoint: str, engine_args: tuple[str, ...], env: dict[str,
     return {"answers": answers, "parameter_names": list(description.parameter_names)}
 
 
+PARALLELISM = {"tensor": ("--tensor-parallel-size", "2"), "pipeline": ("--pipeline-parallel-size", "2",
+                                                                      "--no-enforce-eager")}
+
+
 @pytest.fixture(scope="module")
-def served(tiny_checkpoints, tmp_path_factory) -> dict[int, dict]:
-    """The same requests to a single-rank and to a two-rank language server, by tensor-parallel size."""
+def served(tiny_checkpoints, tmp_path_factory) -> dict[str, dict]:
+    """The same requests to a single-rank language server ("one") and to two-rank ones, by kind of parallelism."""
     checkpoint = str(tiny_checkpoints["custom"])
-    return {
-        1: _serve_and_ask(checkpoint, (), {}, tmp_path_factory.mktemp("tp1-logs")),
-        2: _serve_and_ask(checkpoint, ("--tensor-parallel-size", "2"), TP2_ENVIRONMENT,
-                          tmp_path_factory.mktemp("tp2-logs")),
-    }
+    served = {"one": _serve_and_ask(checkpoint, (), {}, tmp_path_factory.mktemp("one-rank-logs"))}
+    for kind, engine_args in PARALLELISM.items():
+        served[kind] = _serve_and_ask(checkpoint, engine_args, TP2_ENVIRONMENT, tmp_path_factory.mktemp(f"{kind}-logs"))
+    return served
 
 
 @pytest.mark.parametrize("images", [0, 1, 2])
-def test_two_ranks_give_the_prompt_tokens_and_greedy_tokens_of_one(served, images):
-    one, two = served[1]["answers"][images], served[2]["answers"][images]
+@pytest.mark.parametrize("kind", list(PARALLELISM))
+def test_two_ranks_give_the_prompt_tokens_and_greedy_tokens_of_one(served, kind, images):
+    one, two = served["one"]["answers"][images], served[kind]["answers"][images]
     assert one.usage.prompt_tokens == two.usage.prompt_tokens
     assert (one.usage.prompt_tokens_details.image_tokens or 0) == {0: 0, 1: 256, 2: 256 + 7 * 256}[images]
     assert one.usage.completion_tokens == two.usage.completion_tokens == MAX_TOKENS
@@ -79,7 +86,10 @@ def test_two_ranks_give_the_prompt_tokens_and_greedy_tokens_of_one(served, image
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
 
 
-def test_every_rank_reports_its_parameters_and_none_is_the_vision_towers(served):
-    names = served[2]["parameter_names"]
-    assert names and not [n for n in names if n.startswith(VISION_PREFIXES)]
-    assert names == served[1]["parameter_names"]  # tensor-parallel ranks hold shards of the same parameters
+@pytest.mark.parametrize("kind", list(PARALLELISM))
+def test_every_rank_reports_its_parameters_and_none_is_the_vision_towers(served, kind):
+    names = served[kind]["parameter_names"]
+    assert not [n for n in names if n.startswith(VISION_PREFIXES)]
+    # Tensor-parallel ranks hold shards of the same parameters, pipeline stages a layer each: all of them together.
+    assert sorted(names) == sorted(served["one"]["parameter_names"])
+    assert any(".layers.0." in n for n in names) and any(".layers.1." in n for n in names)
