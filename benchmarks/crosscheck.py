@@ -14,7 +14,6 @@ import json
 import shlex
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -34,7 +33,7 @@ COMPARED = ("completed", "failed", "total_input_tokens", "total_output_tokens", 
 
 def vllm_bench_command(base_url: str, model: str, tokenizer: str, jsonl: Path, num_requests: int, output_len: int,
                        point: LoadPoint, seed: int, warmup: int, result_dir: Path, result_file: str) -> list[str]:
-    command = [sys.executable, "-m", "benchmarks.vllm_cli", "bench-serve", "--backend", "openai-chat",
+    command = [*servers.VLLM_COMMAND, "bench", "serve", "--backend", "openai-chat",
                "--base-url", base_url, "--endpoint", "/v1/chat/completions", "--model", model,
                "--tokenizer", tokenizer, "--trust-remote-code", "--dataset-name", "custom_image",
                "--dataset-path", str(jsonl), "--disable-shuffle", "--num-prompts", str(num_requests),

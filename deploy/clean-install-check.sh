@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's install on a clean machine, simulated: a fresh clone of HEAD, a fresh venv, pip's machine
 # configuration and find-links ignored, torch only from TORCH_INDEX_URL. `make` installs and writes the tiny
-# checkpoint, `make up` serves, one chat completion with an image goes through the gateway
-# (deploy/chat_with_image.py); then the stack stops and the clone is removed, on failure too.
+# checkpoint, vLLM's own `vllm` command runs, `make up` serves, one chat completion with an image goes through
+# the gateway (deploy/chat_with_image.py); then the stack stops and the clone is removed, on failure too.
 #
 #   deploy/clean-install-check.sh
 #   TORCH_WHEEL=/path/to/torch-2.13.0+cpu-...whl deploy/clean-install-check.sh   # where PyTorch's index is out of reach
@@ -54,6 +54,8 @@ clean_pip=(env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_
 start=$(date +%s)
 "${clean_pip[@]}" make checkpoint TORCH_INDEX_URL="$TORCH_INDEX_URL"
 echo "installed in $(($(date +%s) - start)) s: $(.venv/bin/pip list 2>/dev/null | grep -E '^(torch|vllm)' | xargs)"
+vllm_version=$(.venv/bin/vllm --version 2>/dev/null | tail -1)  # vLLM's own command (dvd/site_hook.py)
+echo "vllm --version: $vllm_version"
 
 echo "=== $(date -u +%T) make up"
 setsid "${clean_pip[@]}" make up PORT="$PORT" TORCH_INDEX_URL="$TORCH_INDEX_URL" > "$WORK/up.log" 2>&1 &

@@ -12,7 +12,6 @@ from benchmarks.cli import app as bench_app
 
 # Before anything imports vLLM or transformers; vLLM's spawned workers re-import this module too.
 from language_server import torch_compat  # noqa: F401
-from language_server.settings import LanguageServerSettings
 from planner.cli import app as plan_app
 from vision_server.settings import VisionServerSettings
 
@@ -90,7 +89,7 @@ def flag_for(settings_cls):
     return flag
 
 
-vision_flag, language_flag = flag_for(VisionServerSettings), flag_for(LanguageServerSettings)
+vision_flag = flag_for(VisionServerSettings)
 
 
 @app.command("vision-server")
@@ -118,35 +117,19 @@ def vision_server(
     main(VisionServerSettings(**flags))
 
 
-@app.command("language-server")
-def language_server(
-    model: Annotated[str | None, language_flag("model", "Checkpoint folder (either format)")] = None,
-    host: Annotated[str | None, language_flag("host")] = None,
-    port: Annotated[int | None, language_flag("port")] = None,
-    feature_bind: Annotated[str | None, language_flag("feature_bind", "Feature receiver's ZeroMQ endpoint")] = None,
-    feature_advertise: Annotated[str | None, language_flag("feature_advertise", "Where vision servers send")] = None,
-    metrics_port: Annotated[int | None, language_flag("metrics_port", "Prometheus port")] = None,
-    dtype: Annotated[str | None, language_flag("dtype", "vLLM dtype (auto, bfloat16, float32)")] = None,
-    max_model_len: Annotated[int | None, language_flag("max_model_len")] = None,
-    kv_cache_gib: Annotated[int | None, language_flag("kv_cache_gib", "KV cache size on CPU, GiB")] = None,
-    feature_cache_mib: Annotated[int | None, typer.Option(
-        help="Features of recently used images kept for later turns of a chat, MiB; 0: off",
-        show_default=str(LanguageServerSettings.model_fields["feature_cache_bytes"].default >> 20))] = None,
-    tool_call_parser: Annotated[str | None, language_flag("tool_call_parser", "vLLM tool call parser")] = None,
-    reasoning_parser: Annotated[str | None, language_flag("reasoning_parser", "vLLM reasoning parser")] = None,
-    log_level: str = "info",
-) -> None:
-    """Serve LanguageService: vLLM in embedding-only mode, fed by the feature receiver.
-    Settings: flags, then DVD_LANGUAGE_* environment variables, then defaults."""
+@app.command("language-server", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def language_server(ctx: typer.Context) -> None:
+    """Serve LanguageService: vLLM in embedding-only mode, fed by the feature receiver. Takes DvD's settings and
+    vLLM's engine arguments, spelled as `vllm serve` spells them; see its --help."""
+    from vllm.platforms import current_platform
+
+    from language_server.arguments import parse
     from language_server.server import main
 
-    _logging(log_level)
-    feature_cache_bytes = feature_cache_mib << 20 if feature_cache_mib is not None else None
-    flags = given(model=model, host=host, port=port, feature_bind=feature_bind, feature_advertise=feature_advertise,
-                  metrics_port=metrics_port, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                  feature_cache_bytes=feature_cache_bytes, tool_call_parser=tool_call_parser,
-                  reasoning_parser=reasoning_parser)
-    main(LanguageServerSettings(**flags))
+    arguments = parse(ctx.args, cpu=current_platform.is_cpu())  # vLLM's own parser, so typer passes all on
+    _logging(arguments.log_level)
+    main(arguments.settings, arguments.engine_args)
 
 
 @app.command()
@@ -182,8 +165,9 @@ def gateway(
     main(load_settings(config, **given(**flags)))
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def up(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option(help="Checkpoint folder; the tiny one is written if missing")] = DEFAULT_MODEL,
     port: Annotated[int, typer.Option(help="Gateway port")] = 8000,
     host: str = "127.0.0.1",
@@ -195,7 +179,9 @@ def up(
     vision_metrics_port: int | None = None,
     language_metrics_port: int | None = None,
 ) -> None:
-    """Start a vision server, a language server and the gateway as local processes, wired together."""
+    """Start a vision server, a language server and the gateway as local processes, wired together. Any other
+    arguments are the language server's: vLLM's engine arguments (`dvd language-server --help`), e.g.
+    `dvd up --model M --tensor-parallel-size 2`."""
     from launcher import Stack, run_stack
 
     _logging("info")
@@ -205,7 +191,8 @@ def up(
         write_checkpoint(model, "tiny", "custom")
     stack = Stack(model=str(model), host=host, gateway_port=port, vision_port=vision_port,
                   language_port=language_port, feature_port=feature_port, vision_metrics_port=vision_metrics_port,
-                  language_metrics_port=language_metrics_port, dtype=dtype, feature_dtype=feature_dtype)
+                  language_metrics_port=language_metrics_port, dtype=dtype, feature_dtype=feature_dtype,
+                  engine_args=tuple(ctx.args))
     raise typer.Exit(run_stack(stack))
 
 

@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 VISION_PREFIXES = ("vision_model.", "mlp1.", "vision_tower.", "multi_modal_projector.", *VIR_PREFIXES)
 
 
-async def serve(settings: LanguageServerSettings) -> None:
+async def serve(settings: LanguageServerSettings, engine_args) -> None:
+    """Serve until SIGINT/SIGTERM; `engine_args`: vLLM's `AsyncEngineArgs` (language_server/arguments.py)."""
     OutputParsers.check_names(settings.tool_call_parser, settings.reasoning_parser)  # before the slow engine start
-    engine = build_engine(settings)
+    engine = build_engine(settings, engine_args)
     serial_front_end()
     try:
         await _serve(settings, engine)
@@ -52,15 +53,17 @@ def serial_front_end() -> None:
 
 
 async def _language_only_parameters(engine) -> list[str]:
-    """The engine's parameter names; embedding-only mode must not build the vision tower, so none is a vision one."""
-    parameter_names = (await engine.collective_rpc("dvd_parameter_names"))[0]
+    """The parameter names of every rank (one list each; tensor-parallel ranks share names, pipeline stages do
+    not); embedding-only mode must not build the vision tower, so none is a vision one."""
+    per_rank = await engine.collective_rpc("dvd_parameter_names")
+    parameter_names = list(dict.fromkeys(name for names in per_rank for name in names))
     vision_held = [n for n in parameter_names if n.startswith(VISION_PREFIXES)]
     if vision_held:
         raise RuntimeError(f"the language engine loaded vision parameters, e.g. {vision_held[:3]}")
     return parameter_names
 
 
-def _feature_intake(settings: LanguageServerSettings, hidden_size: int):
+def _feature_intake(settings: LanguageServerSettings, hidden_size: int, max_model_len: int):
     """Where features arrive: the receiver, the store that holds them for their Generate call, and the cache of
     recently used images (None when off), each reporting to the metrics."""
 
@@ -82,7 +85,7 @@ def _feature_intake(settings: LanguageServerSettings, hidden_size: int):
                 metrics.FEATURE_TRANSFER.observe(max(0, item.received_unix_ns - item.sent_unix_ns) / 1e9)
 
     # No image can hold more tokens than the context; fp32 is the widest dtype on the wire.
-    max_payload = settings.max_model_len * hidden_size * 4
+    max_payload = max_model_len * hidden_size * 4
     receiver = build_receiver(
         settings.feature_transport, settings.feature_bind, on_features, max_payload_bytes=max_payload,
         on_drop=on_drop, hidden_size=hidden_size,
@@ -110,7 +113,7 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
     model_config = engine.model_config
     parsers = OutputParsers(engine.get_tokenizer(), settings.tool_call_parser, settings.reasoning_parser)
     parameter_names = await _language_only_parameters(engine)
-    receiver, store, cache = _feature_intake(settings, model_config.get_hidden_size())
+    receiver, store, cache = _feature_intake(settings, model_config.get_hidden_size(), model_config.max_model_len)
     description = _describe(settings, model_config, receiver.endpoint, parameter_names)
     stop = asyncio.Event()
     engine_dead = asyncio.Event()
@@ -138,5 +141,5 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
         raise SystemExit("the vLLM engine died")
 
 
-def main(settings: LanguageServerSettings) -> None:
-    asyncio.run(serve(settings))
+def main(settings: LanguageServerSettings, engine_args) -> None:
+    asyncio.run(serve(settings, engine_args))

@@ -1,5 +1,6 @@
 """Language server settings: flags given on the command line, then `DVD_LANGUAGE_*`
-environment variables, then these defaults."""
+environment variables, then these defaults. vLLM's engine arguments are not fields here: they come as flags,
+or as one string in `DVD_LANGUAGE_ENGINE_ARGS` (language_server/arguments.py)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,10 @@ class LanguageServerSettings(BaseSettings, GrpcServing, RequestLimits):  # the s
     rdma_device: str | None = None  # e.g. mlx5_0; None: the first RDMA device
     rdma_slots: int = 4  # receive buffers per RDMA connection, each one whole image's features
     feature_advertise: str | None = None  # endpoint vision servers should send to (default: the bound one)
-    dtype: str = "auto"  # vLLM dtype; features are cast to it
-    max_model_len: int = 8192
+    # vLLM's engine arguments as `vllm serve` takes them, e.g. "--tensor-parallel-size 2 --max-model-len 32768";
+    # flags on the command line win over them (language_server/arguments.py).
+    engine_args: str = ""
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)
-    gpu_memory_utilization: float = 0.2  # on CPU, checked against NUMA node 0's free memory
-    max_num_seqs: int = 64
-    enforce_eager: bool = True
     feature_timeout_s: float = 60.0  # how long Generate waits for its features
     feature_ttl_s: float = 60.0  # how long unclaimed features are kept
     max_pending_feature_bytes: int = 4 << 30

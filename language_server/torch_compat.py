@@ -15,7 +15,9 @@ happens then, and the repair, differ per library:
 
 Nothing is done for a library that loads. Importing this module applies the repairs. `language_server`
 imports it first thing, so vLLM's engine processes get them too: spawned children re-import the
-parent's main module, forked ones inherit it.
+parent's main module, forked ones inherit it. Where the install wrote DvD's start-up hook
+(dvd/site_hook.py), every interpreter of the environment applies them before its first torchvision or
+transformers import: vLLM's own `vllm` command and the interpreters it starts.
 """
 
 from __future__ import annotations

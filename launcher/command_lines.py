@@ -42,9 +42,10 @@ def vision_server(model: str, *, host: str | None = None, port: int | None = Non
 
 def language_server(model: str, *, host: str | None = None, port: int | None = None, feature_bind: str | None = None,
                     metrics_port: int | None = None, dtype: str | None = None,
-                    max_model_len: int | None = None) -> list[str]:
+                    max_model_len: int | None = None, engine_args: Sequence[str] = ()) -> list[str]:
+    """The language server; `engine_args`: more of vLLM's engine arguments, spelled as `vllm serve` spells them."""
     return dvd("language-server", *_flags(model=model, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
-                                          feature_bind=feature_bind, metrics_port=metrics_port))
+                                          feature_bind=feature_bind, metrics_port=metrics_port), *engine_args)
 
 
 def gateway(vision_servers: Sequence[str], language_servers: Sequence[str], *, host: str | None = None,
@@ -57,8 +58,10 @@ def gateway(vision_servers: Sequence[str], language_servers: Sequence[str], *, h
 
 
 def up(model: str, *, port: int, vision_port: int, language_port: int, feature_port: int,
-       vision_metrics_port: int | None = None, language_metrics_port: int | None = None) -> list[str]:
-    """`dvd up`: the three servers of one stack, started by `dvd up` itself."""
+       vision_metrics_port: int | None = None, language_metrics_port: int | None = None,
+       engine_args: Sequence[str] = ()) -> list[str]:
+    """`dvd up`: the three servers of one stack, started by `dvd up` itself (`engine_args` go to the language
+    server)."""
     return dvd("up", *_flags(model=model, port=port, vision_port=vision_port, language_port=language_port,
                              feature_port=feature_port, vision_metrics_port=vision_metrics_port,
-                             language_metrics_port=language_metrics_port))
+                             language_metrics_port=language_metrics_port), *engine_args)

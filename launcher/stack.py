@@ -36,6 +36,7 @@ class Stack:
     vision_dtype: str | None = None  # the vision encoder's compute dtype; None: the server's (bf16 CUDA, fp32 CPU)
     feature_dtype: str = "bfloat16"
     max_model_len: int = 8192
+    engine_args: tuple[str, ...] = ()  # more of the language server's vLLM engine arguments, e.g. ("-tp", "2")
     internal_secret: str | None = None  # given to all three servers (environment, not the command line)
 
     @property
@@ -55,7 +56,7 @@ class Stack:
         return command_lines.up(self.model, port=self.gateway_port, vision_port=self.vision_port,
                            language_port=self.language_port, feature_port=self.feature_port,
                            vision_metrics_port=self.vision_metrics_port,
-                           language_metrics_port=self.language_metrics_port)
+                           language_metrics_port=self.language_metrics_port, engine_args=self.engine_args)
 
     def commands(self) -> dict[str, list[str]]:
         vision, language = f"{self.host}:{self.vision_port}", f"{self.host}:{self.language_port}"
@@ -66,7 +67,7 @@ class Stack:
             "language-server": command_lines.language_server(
                 self.model, host=self.host, port=self.language_port, dtype=self.dtype,
                 max_model_len=self.max_model_len, feature_bind=f"tcp://{self.host}:{self.feature_port}",
-                metrics_port=self.language_metrics_port),
+                metrics_port=self.language_metrics_port, engine_args=self.engine_args),
             "gateway": command_lines.gateway([vision], [language], host=self.host, port=self.gateway_port),
         }
 

@@ -22,9 +22,22 @@ def parsed(line: list[str]) -> tuple[str, dict]:
     line = line[line.index(sys.executable):]
     assert line[:3] == [sys.executable, "-m", "dvd.cli"], line
     name, *args = line[3:]
+    if name == "language-server":  # typer hands its arguments to the language server's own parser (vLLM's)
+        return name, language_server_parameters(args)
     command = CLI.commands[name]
     context = command.make_context(name, list(args))
     return name, {key: value for key, value in context.params.items() if value is not None}
+
+
+def language_server_parameters(args: list[str]) -> dict:
+    """DvD's settings given on a language-server line and the engine arguments that differ from the defaults."""
+    from language_server.arguments import parse
+
+    arguments, defaults = parse(args, cpu=True), parse(["--model", "unused"], cpu=True)
+    settings = arguments.settings.model_dump(exclude_unset=True)
+    engine = {name: value for name, value in vars(arguments.engine_args).items()
+              if name != "model" and value != getattr(defaults.engine_args, name)}
+    return {**settings, **engine, "log_level": arguments.log_level.lower()}
 
 
 def stack() -> Stack:

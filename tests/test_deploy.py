@@ -272,6 +272,15 @@ def test_compose_gpu_gateway_lists_every_gpu_language_server(compose):
         assert flags(services[name]["command"])["--feature-advertise"] == [f"tcp://{name}:5600"]
 
 
+def language_server_defaults() -> dict[str, object]:
+    """`dvd language-server`'s flags (vLLM's parser, not typer's) and their defaults on CPU, the cpu profile's."""
+    from language_server.arguments import DVD_FLAGS, build_parser
+    from language_server.settings import LanguageServerSettings
+
+    defaults = {flag: action.default for action in build_parser(cpu=True)._actions for flag in action.option_strings}
+    return defaults | {flag: LanguageServerSettings.model_fields[field].default for flag, field, _ in DVD_FLAGS}
+
+
 def test_dvd_up_runs_the_same_services_ports_and_settings_as_the_compose_cpu_profile(compose):
     from typer.main import get_command
 
@@ -300,8 +309,9 @@ def test_dvd_up_runs_the_same_services_ports_and_settings_as_the_compose_cpu_pro
         # Flags only the compose file sets must not change behaviour: they repeat the CLI's defaults,
         # except the container-only ones (where features are sent; metrics are on for `dvd up` here too).
         # A server flag's default lives in the server's settings, and its help shows it (see dvd.cli.flag_for).
-        defaults = {f"--{p.name.replace('_', '-')}": p.show_default if isinstance(p.show_default, str) else p.default
-                    for p in cli[role].params}
+        defaults = language_server_defaults() if role == "language-server" else {
+            f"--{p.name.replace('_', '-')}": p.show_default if isinstance(p.show_default, str) else p.default
+            for p in cli[role].params}
         for flag in set(theirs) - set(ours) - {"--feature-advertise"}:
             assert theirs[flag] == [str(defaults[flag])], f"{role} {flag} differs from `dvd up`"
     advertise = flags(servers["language-server"]["argv"])["--feature-advertise"][0]

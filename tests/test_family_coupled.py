@@ -5,11 +5,10 @@ tests/test_tools_e2e.py does for the dense family."""
 
 from __future__ import annotations
 
-import sys
-
 import openai
 import pytest
 
+from benchmarks.toolkit.servers import VLLM_COMMAND
 from checkpoint.generate import write_checkpoint
 from conftest import data_url, make_image
 from launcher import Servers, Stack, free_port, http_ready
@@ -32,7 +31,7 @@ def servers(tmp_path_factory):
                   feature_port=free_port(), dtype="float32", feature_dtype="float32")
     coupled_port = free_port()
     commands = stack.commands()
-    commands["coupled"] = [sys.executable, "-m", "benchmarks.vllm_cli", "serve", "--model", model,
+    commands["coupled"] = [*VLLM_COMMAND, "serve", model,
                            "--port", str(coupled_port), "--trust-remote-code", "--max-model-len", "8192",
                            "--dtype", "float32", "--gpu-memory-utilization", "0.2", "--max-num-seqs", "4",
                            "--enforce-eager"]

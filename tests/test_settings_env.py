@@ -36,7 +36,7 @@ def stack(tiny_checkpoints, tmp_path_factory):
         "DVD_VISION_METRICS_PORT": str(ports["vision-metrics"]), "DVD_VISION_MAX_BATCH_TILES": str(MAX_BATCH_TILES),
         "DVD_LANGUAGE_MODEL": model, "DVD_LANGUAGE_PORT": str(ports["language"]),
         "DVD_LANGUAGE_FEATURE_BIND": f"tcp://{HOST}:{ports['features']}",
-        "DVD_LANGUAGE_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+        "DVD_LANGUAGE_ENGINE_ARGS": f"--max-model-len {MAX_MODEL_LEN}",  # vLLM's engine arguments, as flags
         "DVD_GATEWAY_PORT": str(ports["gateway"]), "DVD_GATEWAY_SERVED_MODEL_NAME": "from-env",
         "DVD_GATEWAY_VISION_SERVERS": json.dumps([f"{HOST}:{ports['vision']}"]),
         "DVD_GATEWAY_LANGUAGE_SERVERS": json.dumps([f"{HOST}:{ports['language']}"]),
@@ -63,7 +63,7 @@ def test_every_server_takes_its_settings_from_the_environment_when_no_flag_gives
     assert metric(vision_metrics, "dvd_vision_batch_tiles_bucket", le=f"{MAX_BATCH_TILES:.1f}") == batches
     with grpc.insecure_channel(f"{HOST}:{ports['language']}") as channel:  # DVD_LANGUAGE_PORT
         description = dvd_pb2_grpc.LanguageServiceStub(channel).Describe(dvd_pb2.DescribeRequest(), timeout=30)
-    assert description.max_model_len == MAX_MODEL_LEN  # DVD_LANGUAGE_MAX_MODEL_LEN
+    assert description.max_model_len == MAX_MODEL_LEN  # DVD_LANGUAGE_ENGINE_ARGS
     assert description.feature_endpoint == f"tcp://{HOST}:{ports['features']}"  # DVD_LANGUAGE_FEATURE_BIND
 
 

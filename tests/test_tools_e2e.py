@@ -9,13 +9,13 @@ never on the prose, and compare DvD with coupled serving only where both must ag
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated
 
 import openai
 import pytest
 from pydantic import Field
 
+from benchmarks.toolkit.servers import VLLM_COMMAND
 from conftest import data_url, make_image
 from launcher import Servers, Stack, free_port, http_ready
 
@@ -48,16 +48,16 @@ def servers(tiny_checkpoints, tmp_path_factory):
 
     The coupled server starts from an empty `VLLM_CACHE_ROOT`, as on a fresh machine: vLLM then inspects the
     built-in InternVL architecture in a fresh interpreter, which must get the torchvision work-around too
-    (benchmarks/vllm_cli.py)."""
+    (dvd/site_hook.py, which the install puts in every interpreter of the environment)."""
     model = str(tiny_checkpoints["custom"])
     stack = Stack(model=model, gateway_port=free_port(), vision_port=free_port(), language_port=free_port(),
                   feature_port=free_port(), dtype="float32", feature_dtype="float32")  # greedy equality needs fp32
     coupled_port = free_port()
     commands = stack.commands()
-    commands["coupled"] = [sys.executable, "-m", "benchmarks.vllm_cli", "serve", "--model", model,
-                           "--port", str(coupled_port), "--trust-remote-code", "--max-model-len", "8192",
-                           "--dtype", "float32", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                           "--gpu-memory-utilization", "0.2", "--max-num-seqs", "8", "--enforce-eager"]
+    commands["coupled"] = [*VLLM_COMMAND, "serve", model, "--port", str(coupled_port), "--trust-remote-code",
+                           "--max-model-len", "8192", "--dtype", "float32", "--enable-auto-tool-choice",
+                           "--tool-call-parser", "hermes", "--gpu-memory-utilization", "0.2", "--max-num-seqs", "8",
+                           "--enforce-eager"]
     coupled_url = f"http://127.0.0.1:{coupled_port}"
     cache = tmp_path_factory.mktemp("vllm-cache")
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache)}

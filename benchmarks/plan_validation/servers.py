@@ -17,14 +17,12 @@ import grpc
 
 from benchmarks.toolkit import servers
 from benchmarks.toolkit.placement import pin
-from language_server.settings import LanguageServerSettings
 from launcher import Servers, command_lines, free_port, http_ready
 from proto import dvd_pb2, dvd_pb2_grpc
 from vision_server.settings import VisionServerSettings
 
 HOST = "127.0.0.1"
 VISION_CORE = 1
-LANGUAGE = LanguageServerSettings(model="unused")  # the language server's defaults
 # The vision server's defaults, but two preprocessing threads, stated: pinned to one core, the server's own
 # default (the cores it may use) would be one.
 VISION = VisionServerSettings(model="unused", preprocess_workers=2)

@@ -20,7 +20,6 @@ import torch
 from benchmarks.plan_validation import IMAGE_SIZE, IMAGE_TILES
 from benchmarks.plan_validation.servers import (
     HOST,
-    LANGUAGE,
     VISION,
     VISION_CORE,
     coupled,
@@ -33,6 +32,7 @@ from benchmarks.toolkit.images import data_url, noise
 from benchmarks.toolkit.machine import load_average
 from benchmarks.toolkit.prometheus import histogram_totals
 from checkpoint.geometry import ModelConfig
+from language_server.engine import CPU_DEFAULTS
 from launcher import free_port
 from planner.profiles import (
     CoupledProfile,
@@ -218,8 +218,8 @@ async def _language_sweeps(port: int) -> tuple[LanguageProfile, list[list[float]
                                               step_seconds=round(step, 6)))
     finally:
         sender.close()
-    profile = LanguageProfile(prefill=prefill, decode=decode, max_num_seqs=LANGUAGE.max_num_seqs,
-                              max_batched_tokens=max(LANGUAGE.max_model_len, 2048),  # whole prompts on CPU
+    profile = LanguageProfile(prefill=prefill, decode=decode, max_num_seqs=CPU_DEFAULTS["max_num_seqs"],
+                              max_batched_tokens=max(CPU_DEFAULTS["max_model_len"], 2048),  # whole prompts on CPU
                               overhead_s_per_request=round(max(0.0, statistics.median(overheads)), 6))
     return profile, repeated
 

@@ -42,15 +42,19 @@ class Target:
         return {name: processes.cores(process.pid) for name, process in self.processes.items()}
 
 
+# This environment's `vllm` command (what its console script runs); dvd/site_hook.py lets it run beside the CPU torch.
+VLLM_COMMAND = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
 def coupled_command(model: str, port: int, max_model_len: int = 8192, dtype: str = "auto") -> list[str]:
     """`vllm serve` with the vision tower, configured as DvD's language server configures vLLM; `dtype` is the
     whole model's, vision tower included."""
     from vllm.platforms import current_platform
 
-    command = [sys.executable, "-m", "benchmarks.vllm_cli", "serve", "--model", model, "--host", "127.0.0.1",
+    command = [*VLLM_COMMAND, "serve", model, "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", Path(model).name, "--trust-remote-code",
                "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", dtype]
-    if current_platform.is_cpu():  # see language_server/engine.py: no chunked prefill on CPU, small fraction
+    if current_platform.is_cpu():  # language_server/engine.py's CPU_DEFAULTS: no chunked prefill, small fraction
         command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 2048)),
                     "--gpu-memory-utilization", "0.2"]
     return command
