@@ -538,19 +538,39 @@ def test_prometheus_scrapes_every_server_on_its_metrics_port(compose):
         assert f"{name}:{port}" in targets
 
 
-def test_grafana_dashboard_and_autoscaling_use_metrics_the_servers_expose():
+def test_grafana_dashboard_alerts_and_autoscaling_use_metrics_the_servers_expose():
     exposed = metric_names()
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "dvd.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = set(re.findall(r"\bdvd_[a-z_]+", " ".join(exprs)))
     used = {u + "_bucket" if u + "_bucket" in exposed else u for u in used}
     assert len(used) >= 15 and used <= exposed, used - exposed
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerted = set(re.findall(r"\bdvd_[a-z_]+", " ".join(r["expr"] for g in alerts["groups"] for r in g["rules"])))
+    assert len(alerted) >= 5 and alerted <= exposed, alerted - exposed
     adapter = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter" / "values.yaml").read_text())
     adapted = {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
     assert adapted <= exposed
     hpa_metrics = {m["pods"]["metric"]["name"] for doc in yaml.safe_load_all((DEPLOY / "k8s" / "base" /
                    "autoscaling.yaml").read_text()) for m in doc["spec"]["metrics"] if m["type"] == "Pods"}
     assert hpa_metrics and hpa_metrics <= adapted
+
+
+def test_compose_prometheus_loads_the_alert_rules_beside_its_configuration(compose):
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    mounts = dict(v.rsplit(":", 1)[0].split(":") for v in compose["services"]["prometheus"]["volumes"] if ":ro" in v)
+    config_dir = Path(mounts["./prometheus/prometheus.yml"]).parent
+    assert config["rule_files"] and all(
+        mounts[f"./prometheus/{f}"] == str(config_dir / f) and (DEPLOY / "prometheus" / f).is_file()
+        for f in config["rule_files"])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian's prometheus package)")
+@pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
+                                  ["test", "rules", "alerts-test.yml"]], ids=" ".join)
+def test_promtool_accepts_the_shipped_configuration_and_alert_rules_and_each_alert_fires_when_it_should(args):
+    done = subprocess.run(["promtool", *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_healthcheck_reads_role_and_port_from_a_dvd_command_line():
@@ -817,3 +837,33 @@ def test_compose_cpu_topology_serves_a_chat_completion_as_local_processes(compos
         language_metrics = httpx.get(f"http://127.0.0.1:{ports['9401']}/metrics", timeout=10).text
         assert re.search(r"^dvd_vision_tiles_total({[^}]*})? [1-9]", vision_metrics, re.M)
         assert re.search(r"^dvd_language_features_received_total [1-9]", language_metrics, re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("prometheus") and shutil.which("promtool")),
+                    reason="needs prometheus and promtool (Debian's prometheus package)")
+def test_prometheus_scraping_a_running_stack_answers_every_hpa_and_dashboard_query(tiny_checkpoints, tmp_path):
+    """deploy/prometheus_check.py as a user runs it: a real Prometheus with the shipped configuration scrapes
+    `dvd up`'s stack while requests with images go through the gateway; every panel and HPA query returns a
+    series with a number (features dropped excepted: none were), no rule fails or fires."""
+    out = tmp_path / "check"
+    done = subprocess.run([sys.executable, str(DEPLOY / "prometheus_check.py"), "--model",
+                           str(tiny_checkpoints["custom"]), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=DEPLOY.parent)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "dvd.json").read_text())
+    assert len(report["dashboard"]) == sum(len(panel["targets"]) for panel in dashboard["panels"])
+    empty = [q["expr"] for q in report["dashboard"] if not q["result"]]
+    assert len(empty) == 1 and "dvd_language_features_dropped_total" in empty[0]
+    assert all(math.isfinite(r["value"]) for q in report["dashboard"] for r in q["result"])
+    hpa_metrics = {m["pods"]["metric"]["name"] for doc in yaml.safe_load_all((DEPLOY / "k8s" / "base" /
+                   "autoscaling.yaml").read_text()) for m in doc["spec"]["metrics"] if m["type"] == "Pods"}
+    assert {h["metric"] for h in report["hpa"]} == hpa_metrics
+    for hpa in report["hpa"]:  # one value per pod of the HPA's workload, as the adapter needs
+        assert hpa["discovery"]["result"] and [r["labels"] for r in hpa["query"]["result"]] == [
+            {"pod": f"{hpa['hpa']}-0"}]
+    in_flight = report["requests"]["rounds"][-1]["during"]["in_flight"]
+    assert in_flight and in_flight[0]["value"] > 0  # the HPA signal seen moving
+    assert [(a["health"], a["state"]) for a in report["alerts"]] == [("ok", "inactive")] * 6
+    assert report["failures"] == []
