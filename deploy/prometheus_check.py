@@ -12,7 +12,9 @@ it says so and exits 0. What it does:
    pointed at its local port, and the `namespace`/`pod` labels the Kubernetes ServiceMonitor gives (the
    adapter's queries select on them); compose's language-1, which runs no server here as in the cpu
    profile, at a port where nothing listens;
-4. chat completions with images through the gateway (official `openai` client, some streamed, concurrent);
+4. rounds of 4 concurrent chat completions with new images through the gateway (official `openai` client,
+   half streamed), each round scraped before the next; the last held open until Prometheus has scraped its
+   requests in flight (the HPA queries are also run then), then closed by the client;
 5. once Prometheus has scraped them all: every panel query of grafana/dashboards/dvd.json (Grafana's
    `$__rate_interval` set to a window that holds the whole burst), every rule of
    k8s/prometheus-adapter/values.yaml as the adapter sends it (series discovery, then the metrics query for
@@ -63,8 +65,8 @@ HPA_PODS = {"dvd-vision": ["dvd-vision-0"], "dvd-language": ["dvd-language-0", "
 EMPTY_WHEN_HEALTHY = {"dvd_language_features_dropped_total": "counted per reason once a feature is dropped"}
 IMAGE_SIZES = [(640, 480), (1600, 1200), (448, 448), (1280, 720)]
 MAX_TOKENS = 8
-# The last round's: at most, as the client closes them once Prometheus has scraped them in flight. Generating them
-# all takes longer than a scrape interval (5 s) even at 1 ms a token.
+# The held round's limit; the client closes those requests once Prometheus has scraped them in flight, and
+# generating this many tokens outlasts a scrape interval (5 s) even at 1 ms a token.
 HELD_TOKENS = 7000
 
 
