@@ -8,10 +8,13 @@ JSON schemas shipped by `kubernetes-validate`. Overlays are rendered by the real
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import importlib.util
 import json
+import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,7 +33,20 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_TLS = DEPLOY / "docker-compose.tls.yml"  # an override file: `-f docker-compose.yml -f docker-compose.tls.yml`
 COMPOSE_HOST = DEPLOY / "docker-compose.host.yml"  # an override file: the cpu profile on the host network
 IMAGE_CHECK = DEPLOY / "image-check.sh"
-OVERLAYS = ["gpu", "cpu", "gpu-tls"]  # gpu-tls: the gpu overlay with the tls component
+# The recipe per model size, for one host: override files of docker-compose.yml's gpu profile ("" is the file alone).
+COMPOSE_SIZES = ["", "38b", "241b-a28b", "241b-a28b-tp4-ep"]
+SIZE_OVERLAYS = ["8b", "38b", "241b-a28b", "241b-a28b-tp4-ep", "241b-a28b-ray"]  # on a cluster
+OVERLAYS = ["gpu", "cpu", "gpu-tls", *SIZE_OVERLAYS]  # gpu-tls: the gpu overlay with the tls component
+# Parameters of the vision (InternViT + MLP) and language parts, from the model card
+# (shared/reference/internvl3_5-model-card.txt); the recipes are checked against them in bf16.
+PARAMETERS = {"InternVL3_5-8B": (0.3e9, 8.2e9), "InternVL3_5-38B": (5.5e9, 32.8e9),
+              "InternVL3_5-241B-A28B": (5.5e9, 235.1e9)}
+# What the recipes' probes assume, in their comments: the model volume reads at 250 MB/s or faster, vLLM's engine
+# starts (NCCL, torch.compile, CUDA graphs) in 10 min, the vision server (no compiling unless asked) in 2 min,
+# and a Ray worker joins within vLLM's 30-min wait.
+READ_BYTES_PER_S, RAY_JOIN_S = 250e6, 1800
+START_S = {"vision-server": 120, "language-server": 600}
+KV_HEADROOM_GIB = 8  # at least this much of each GPU's vLLM share left for the KV cache
 K8S_VERSION = "1.37.0"
 ROLES = ("vision-server", "language-server", "gateway")
 TINY_IN_IMAGE = "/opt/dvd/checkpoints/tiny"
@@ -54,11 +70,16 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+@functools.cache
+def render(overlay: str) -> list[dict]:
+    out = subprocess.run([kubectl(), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request) -> tuple[str, list[dict]]:
-    out = subprocess.run([kubectl(), "kustomize", str(DEPLOY / "k8s" / "overlays" / request.param)],
-                         check=True, capture_output=True, text=True, timeout=120).stdout
-    return request.param, [doc for doc in yaml.safe_load_all(out) if doc]
+    return request.param, render(request.param)
 
 
 def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -71,12 +92,89 @@ def interpolate(value: str) -> str:
 
 
 def flags(argv: list[str]) -> dict[str, list[str]]:
-    """`--flag value` pairs of a command line (repeatable flags keep every value)."""
+    """`--flag value` and `--flag=value` pairs of a command line (repeatable flags keep every value; a flag
+    followed by another flag or by nothing is a switch, with the value "")."""
     out: dict[str, list[str]] = {}
     for i, arg in enumerate(argv):
         if arg.startswith("--"):
-            out.setdefault(arg, []).append(argv[i + 1])
+            flag, equals, value = arg.partition("=")
+            if not equals:
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            out.setdefault(flag, []).append(value)
     return out
+
+
+def parallelism(argv: list[str]) -> int:
+    """The GPUs a language server's vLLM engine spans: tensor x pipeline x data parallel size."""
+    given = flags(argv)
+    return math.prod(int(given.get(f"--{kind}-parallel-size", ["1"])[-1]) for kind in ("tensor", "pipeline", "data"))
+
+
+def byte_size(text: str) -> float:
+    """A Kubernetes quantity (16Gi, 1Ti) or a Compose size (16gb) in bytes."""
+    number, unit = re.fullmatch(r"([\d.]+)\s*([a-zA-Z]*)", str(text)).groups()
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "ki": 2**10, "m": 2**20, "mb": 2**20, "mi": 2**20,
+             "g": 2**30, "gb": 2**30, "gi": 2**30, "t": 2**40, "tb": 2**40, "ti": 2**40}
+    return float(number) * units[unit.lower()]
+
+
+def seconds(text: str) -> float:
+    """A Compose duration (1800s, 15m, 1h30m) in seconds."""
+    parts = re.findall(r"([\d.]+)(h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def load_seconds(role: str, parameters: float, ray: bool = False) -> float:
+    """How long a server may take to start under the recipes' assumptions: its bf16 weights read from the model
+    volume, its engine's start, and a Ray worker's joining."""
+    return 2 * parameters / READ_BYTES_PER_S + START_S[role] + (RAY_JOIN_S if ray else 0)
+
+
+def shell_commands(container: dict) -> list[list[str]]:
+    """The command lines a container runs: its args, or each command of its `sh -c` script (`exec` dropped)."""
+    if "sh" not in container.get("command", []):
+        return [container["args"]]
+    lexer = shlex.shlex(container["args"][0], posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split, lexer.commenters = True, ""
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if set(token) <= set(";&|"):
+            commands.append([])
+        elif token != "exec" or commands[-1]:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def dvd_command(container: dict) -> list[str]:
+    """A DvD container's command line from its role on (`language-server --model ...`)."""
+    for command in shell_commands(container):
+        if command[0] in ROLES:
+            return command
+        if command[0] == "dvd":
+            return command[1:]
+    raise AssertionError(f"no dvd command in {container['name']}")
+
+
+def container_gpus(container: dict) -> int:
+    resources = container.get("resources", {})
+    limit = resources.get("limits", {}).get("nvidia.com/gpu")
+    assert resources.get("requests", {}).get("nvidia.com/gpu") == limit, "GPU requests and limits must be equal"
+    return int(limit or 0)
+
+
+def min_gpu_memory_mib(pod: dict) -> int | None:
+    """The `nvidia.com/gpu.memory` (MiB, set by GPU feature discovery) a pod's nodes must exceed, if it says."""
+    terms = pod.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution",
+                                                                 {}).get("nodeSelectorTerms", [])
+    bounds = [int(e["values"][0]) for term in terms for e in term["matchExpressions"]
+              if e["key"] == "nvidia.com/gpu.memory" and e["operator"] == "Gt"]
+    return min(bounds) if bounds else None
+
+
+def fits(parameters: float, gpus: int, gpu_mib: int) -> bool:
+    """bf16 weights split over `gpus` GPUs fit in vLLM's default 90 % of each, with KV cache room left."""
+    return 2 * parameters / gpus / 2**30 <= 0.9 * gpu_mib / 1024 - KV_HEADROOM_GIB
 
 
 def cpu_profile(compose: dict) -> dict[str, dict]:
@@ -121,11 +219,22 @@ def compose_errors(document: dict) -> list[str]:
 RESET = object()  # Compose's `!reset` tag: the key is dropped from the merged file
 
 
+class Override:
+    """Compose's `!override` tag: the value replaces the base file's instead of merging with it."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 class ComposeLoader(yaml.SafeLoader):
-    """YAML with Compose's `!reset` tag."""
+    """YAML with Compose's `!reset` and `!override` tags."""
 
 
 ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+ComposeLoader.add_constructor(
+    "!override", lambda loader, node: Override(loader.construct_sequence(node, deep=True)
+                                               if isinstance(node, yaml.SequenceNode)
+                                               else loader.construct_mapping(node, deep=True)))
 
 
 def load_compose(path: Path) -> dict:
@@ -135,11 +244,15 @@ def load_compose(path: Path) -> dict:
 def with_override(base, override):
     """Compose's merge of an override file: mappings merge, `!reset` drops a key, `command` and scalars
     replace, other sequences (volumes) append."""
+    if isinstance(override, Override):
+        return override.value
     if isinstance(base, dict) and isinstance(override, dict):
         merged = dict(base)
         for key, value in override.items():
             if value is RESET:
                 merged.pop(key, None)
+            elif isinstance(value, Override):
+                merged[key] = value.value
             elif key in merged and key not in ("command", "entrypoint"):
                 merged[key] = with_override(merged[key], value)
             else:
@@ -151,7 +264,9 @@ def with_override(base, override):
 
 
 def without_resets(document):
-    """An override file as the schema sees it: its `!reset` keys left out."""
+    """An override file as the schema sees it: its `!reset` keys left out, its `!override` values as they are."""
+    if isinstance(document, Override):
+        return without_resets(document.value)
     if isinstance(document, dict):
         return {k: without_resets(v) for k, v in document.items() if v is not RESET}
     return [without_resets(v) for v in document] if isinstance(document, list) else document
@@ -262,14 +377,69 @@ def test_compose_has_both_profiles_and_monitoring_in_each(compose):
     assert "profiles" not in services["prometheus"] and "profiles" not in services["grafana"]
 
 
-def test_compose_gpu_gateway_lists_every_gpu_language_server(compose):
-    services = compose["services"]
-    gateway = flags(services["gateway"]["command"])
-    language = [name for name, s in services.items()
-                if "gpu" in s.get("profiles", []) and s["command"][0] == "language-server"]
+def compose_recipe(size: str) -> dict:
+    """docker-compose.yml, merged with the size's override file (compose's rules, `!override` and `!reset`)."""
+    base = load_compose(COMPOSE)
+    return with_override(base, load_compose(DEPLOY / f"docker-compose.{size}.yml")) if size else base
+
+
+def gpu_servers(recipe: dict) -> dict[str, dict]:
+    """The dvd services `--profile gpu` starts."""
+    return {name: s for name, s in recipe["services"].items()
+            if "gpu" in s.get("profiles", []) and s["command"][0] in ROLES}
+
+
+def gpu_ids(service: dict) -> list[str]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    assert all("count" not in d for d in devices), "a count picks the first GPUs for every server: use device_ids"
+    return [interpolate(i) for d in devices for i in d.get("device_ids", [])]
+
+
+@pytest.mark.parametrize("size", COMPOSE_SIZES)
+def test_compose_recipe_is_valid_and_its_gateway_reaches_exactly_the_language_servers_it_starts(size):
+    recipe = compose_recipe(size)
+    assert not compose_errors(recipe)
+    if size:
+        assert not compose_errors(without_resets(load_compose(DEPLOY / f"docker-compose.{size}.yml")))
+    servers = gpu_servers(recipe)
+    gateway = flags(servers["gateway"]["command"])
+    language = [name for name, s in servers.items() if s["command"][0] == "language-server"]
     assert sorted(a.split(":")[0] for a in gateway["--language-server"]) == sorted(language)
+    assert [a.split(":")[0] for a in gateway["--vision-server"]] == [
+        name for name, s in servers.items() if s["command"][0] == "vision-server"]
+    depends_on = servers["gateway"]["depends_on"]
+    assert set(depends_on) <= set(servers), f"the gateway waits for a service --profile gpu leaves out: {depends_on}"
     for name in language:  # each one advertises its own feature endpoint
-        assert flags(services[name]["command"])["--feature-advertise"] == [f"tcp://{name}:5600"]
+        assert flags(servers[name]["command"])["--feature-advertise"] == [f"tcp://{name}:5600"]
+
+
+@pytest.mark.parametrize("size", COMPOSE_SIZES)
+def test_compose_recipe_gives_each_server_its_own_gpus_as_many_as_its_parallelism(size):
+    """Each language server reserves tensor x pipeline x data parallel size GPUs, each vision server one, no
+    GPU twice; servers spanning GPUs get /dev/shm for NCCL; the weights fit and the health check waits for them."""
+    recipe = compose_recipe(size)
+    servers = gpu_servers(recipe)
+    gpu_mib = recipe["x-gpu-memory-mib"]  # the smallest GPU the recipe is for
+    taken = [gpu for s in servers.values() for gpu in gpu_ids(s)]
+    assert len(taken) == len(set(taken)), f"GPUs reserved twice: {taken}"
+    spans = []
+    for name, service in servers.items():
+        argv = [interpolate(str(a)) for a in service["command"]]
+        gpus = len(gpu_ids(service))
+        if argv[0] == "gateway":
+            assert gpus == 0, name
+            continue
+        vision_params, language_params = PARAMETERS[Path(flags(argv)["--model"][0]).name]
+        params = vision_params if argv[0] == "vision-server" else language_params
+        assert gpus == (1 if argv[0] == "vision-server" else parallelism(argv)), (name, gpu_ids(service), argv)
+        assert fits(params, gpus, gpu_mib), f"{name}: bf16 weights do not fit {gpus} GPUs of {gpu_mib} MiB"
+        assert seconds(service["healthcheck"]["start_period"]) >= load_seconds(argv[0], params), name
+        if "--enable-expert-parallel" in argv:
+            assert "-A" in flags(argv)["--model"][0], f"{name}: expert parallelism on a dense model"
+        if gpus > 1:
+            assert byte_size(service["shm_size"]) >= 16 * 2**30, f"{name}: /dev/shm for NCCL"
+            spans.append(name)
+    assert bool(spans) == bool(size), "the size recipes' language servers span GPUs; the 8B ones do not"
 
 
 def language_server_defaults() -> dict[str, object]:
@@ -378,19 +548,39 @@ def test_prometheus_scrapes_every_server_on_its_metrics_port(compose):
         assert f"{name}:{port}" in targets
 
 
-def test_grafana_dashboard_and_autoscaling_use_metrics_the_servers_expose():
+def test_grafana_dashboard_alerts_and_autoscaling_use_metrics_the_servers_expose():
     exposed = metric_names()
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "dvd.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = set(re.findall(r"\bdvd_[a-z_]+", " ".join(exprs)))
     used = {u + "_bucket" if u + "_bucket" in exposed else u for u in used}
     assert len(used) >= 15 and used <= exposed, used - exposed
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerted = set(re.findall(r"\bdvd_[a-z_]+", " ".join(r["expr"] for g in alerts["groups"] for r in g["rules"])))
+    assert len(alerted) >= 5 and alerted <= exposed, alerted - exposed
     adapter = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter" / "values.yaml").read_text())
     adapted = {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
     assert adapted <= exposed
     hpa_metrics = {m["pods"]["metric"]["name"] for doc in yaml.safe_load_all((DEPLOY / "k8s" / "base" /
                    "autoscaling.yaml").read_text()) for m in doc["spec"]["metrics"] if m["type"] == "Pods"}
     assert hpa_metrics and hpa_metrics <= adapted
+
+
+def test_compose_prometheus_loads_the_alert_rules_beside_its_configuration(compose):
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    mounts = dict(v.rsplit(":", 1)[0].split(":") for v in compose["services"]["prometheus"]["volumes"] if ":ro" in v)
+    config_dir = Path(mounts["./prometheus/prometheus.yml"]).parent
+    assert config["rule_files"] and all(
+        mounts[f"./prometheus/{f}"] == str(config_dir / f) and (DEPLOY / "prometheus" / f).is_file()
+        for f in config["rule_files"])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian's prometheus package)")
+@pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
+                                  ["test", "rules", "alerts-test.yml"]], ids=" ".join)
+def test_promtool_accepts_the_shipped_configuration_and_alert_rules_and_each_alert_fires_when_it_should(args):
+    done = subprocess.run(["promtool", *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_healthcheck_reads_role_and_port_from_a_dvd_command_line():
@@ -433,10 +623,16 @@ def test_servicemonitor_selects_every_dvd_service_port(rendered):
         assert ports & {p["name"] for p in service["spec"]["ports"]}, name
 
 
+def uses_ray(docs: list[dict]) -> bool:
+    language = by_kind(docs, "StatefulSet")["dvd-language"]["spec"]["template"]["spec"]["containers"][0]
+    return flags(dvd_command(language)).get("--distributed-executor-backend") == ["ray"]
+
+
 def test_pools_have_probes_limits_budgets_autoscalers_and_the_model_volume(rendered):
     overlay, docs = rendered
     workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
-    assert set(workloads) == {"dvd-vision", "dvd-language", "dvd-gateway"}
+    ray_workers = {"dvd-language-ray-worker"} if uses_ray(docs) else set()
+    assert set(workloads) == {"dvd-vision", "dvd-language", "dvd-gateway"} | ray_workers
     hpas = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind(docs, "HorizontalPodAutoscaler").values()}
     budgets = by_kind(docs, "PodDisruptionBudget")
     for name, workload in workloads.items():
@@ -445,20 +641,22 @@ def test_pools_have_probes_limits_budgets_autoscalers_and_the_model_volume(rende
         assert container["readinessProbe"] and container["livenessProbe"], name
         assert container["resources"]["limits"]["memory"], name
         assert pod["securityContext"]["runAsNonRoot"] is True
-        assert name in hpas and name in budgets
+        assert name in budgets
+        # A two-node server is a head and a worker scaled together, which one HPA cannot do.
+        assert (name in hpas) != (bool(ray_workers) and name in {"dvd-language", *ray_workers}), name
         if name != "dvd-gateway":
             mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
             assert mount["readOnly"] is True
             volume = next(v for v in pod["volumes"] if v["name"] == "models")
-            gpus = container["resources"]["limits"].get("nvidia.com/gpu")
-            if overlay.startswith("gpu"):
-                assert volume["persistentVolumeClaim"]["readOnly"] is True and gpus == "1"
+            gpus = container_gpus(container)
+            if overlay != "cpu":
+                assert volume["persistentVolumeClaim"]["readOnly"] is True and gpus >= 1
                 assert pod["nodeSelector"]
             else:
-                assert "emptyDir" in volume and gpus is None
+                assert "emptyDir" in volume and gpus == 0
     gateway = workloads["dvd-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert bool(by_kind(docs, "PersistentVolumeClaim")) == overlay.startswith("gpu")
+    assert bool(by_kind(docs, "PersistentVolumeClaim")) == (overlay != "cpu")
 
 
 def test_gateway_addresses_every_language_replica_the_autoscaler_may_start(rendered):
@@ -467,14 +665,93 @@ def test_gateway_addresses_every_language_replica_the_autoscaler_may_start(rende
     language = by_kind(docs, "StatefulSet")["dvd-language"]
     service = by_kind(docs, "Service")[language["spec"]["serviceName"]]
     assert service["spec"]["clusterIP"] == "None"  # headless: one DNS name per pod
-    hpa = next(h for h in by_kind(docs, "HorizontalPodAutoscaler").values()
-               if h["spec"]["scaleTargetRef"]["kind"] == "StatefulSet")
+    hpa = next((h for h in by_kind(docs, "HorizontalPodAutoscaler").values()
+                if h["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"), None)
+    replicas = hpa["spec"]["maxReplicas"] if hpa else language["spec"]["replicas"]
     addresses = json.loads(config["DVD_GATEWAY_LANGUAGE_SERVERS"])
-    assert addresses == [f"dvd-language-{i}.{service['metadata']['name']}:50061"
-                         for i in range(hpa["spec"]["maxReplicas"])]
-    args = language["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert f"$(POD_NAME).{service['metadata']['name']}." in flags(args)["--feature-advertise"][0]
+    assert addresses == [f"dvd-language-{i}.{service['metadata']['name']}:50061" for i in range(replicas)]
+    argv = dvd_command(language["spec"]["template"]["spec"]["containers"][0])
+    assert f"$(POD_NAME).{service['metadata']['name']}." in flags(argv)["--feature-advertise"][0]
     assert json.loads(config["DVD_GATEWAY_VISION_SERVERS"]) == ["dvd-vision:50051"]
+
+
+def test_each_language_server_spans_as_many_gpus_as_its_parallelism(rendered):
+    """tensor x pipeline x data parallel size = the GPUs of its pod, or of its Ray head and worker pods together,
+    each Ray node offering Ray exactly its pod's GPUs; expert parallelism only for the MoE models."""
+    overlay, docs = rendered
+    sets = by_kind(docs, "StatefulSet")
+    language = sets["dvd-language"]
+    container = language["spec"]["template"]["spec"]["containers"][0]
+    argv = dvd_command(container)
+    gpus, world = container_gpus(container), parallelism(argv)
+    model = by_kind(docs, "ConfigMap")["dvd-config"]["data"]["DVD_LANGUAGE_MODEL"]
+    if "--enable-expert-parallel" in argv:
+        assert "-A" in Path(model).name, f"expert parallelism on a dense model: {model}"
+    if overlay == "cpu":
+        assert (gpus, world) == (0, 1)
+        return
+    if not uses_ray(docs):
+        assert gpus == world, f"{overlay}: {gpus} GPUs for a {world}-GPU engine: {argv}"
+        assert set(sets) == {"dvd-language"}
+        return
+    worker = sets["dvd-language-ray-worker"]
+    worker_container = worker["spec"]["template"]["spec"]["containers"][0]
+    head_ray = next(c for c in shell_commands(container) if c[:2] == ["ray", "start"])
+    worker_ray = next(c for c in shell_commands(worker_container) if c[:2] == ["ray", "start"])
+    assert "--head" in head_ray and "--block" in worker_ray
+    assert flags(head_ray)["--num-gpus"] == [str(gpus)]
+    assert flags(worker_ray)["--num-gpus"] == [str(container_gpus(worker_container))]
+    assert gpus + container_gpus(worker_container) == world, f"{overlay}: {argv}"
+    tensor = int(flags(argv)["--tensor-parallel-size"][0])
+    assert gpus % tensor == 0 and world // tensor == parallelism(argv) // tensor  # a stage never straddles pods
+    # Worker N joins head N, by the headless Service's name, on the head's Ray port.
+    head = f"dvd-language-${{POD_NAME##*-}}.{language['spec']['serviceName']}:{flags(head_ray)['--port'][0]}"
+    assert flags(worker_ray)["--address"] == [head]
+    assert worker["spec"]["replicas"] == language["spec"]["replicas"]
+    assert by_kind(docs, "Service")[language["spec"]["serviceName"]]["spec"]["publishNotReadyAddresses"] is True
+    images = {c["image"] for s in sets.values() for c in s["spec"]["template"]["spec"]["containers"]}
+    assert images == {"dvd:gpu-ray"}  # Dockerfile.gpu built with RAY_VERSION
+    assert re.search(r"^ARG RAY_VERSION=$", (DEPLOY / "Dockerfile.gpu").read_text(), re.M)
+
+
+@pytest.mark.parametrize("overlay", ["gpu", *SIZE_OVERLAYS])
+def test_each_gpu_recipe_fits_its_model_and_its_startup_probes_wait_for_the_weights(overlay):
+    """The bf16 weights over the server's GPUs leave KV-cache room in 90 % of the smallest GPU its nodes may have;
+    the startup probe outlasts reading the weights at READ_BYTES_PER_S and starting the engine; the model
+    volume holds the checkpoint; GPU pods spanning several GPUs get a /dev/shm for NCCL within their memory."""
+    docs = render(overlay)
+    config = by_kind(docs, "ConfigMap")["dvd-config"]["data"]
+    vision_params, language_params = PARAMETERS[Path(config["DVD_LANGUAGE_MODEL"]).name]
+    assert Path(config["DVD_VISION_MODEL"]).name == Path(config["DVD_LANGUAGE_MODEL"]).name
+    ray = uses_ray(docs)
+    servers = {"dvd-vision": ("vision-server", vision_params), "dvd-language": ("language-server", language_params)}
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+    for name, workload in workloads.items():
+        pod = workload["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        gpus = container_gpus(container)
+        if gpus > 1:
+            shm = next(v["emptyDir"] for v in pod["volumes"] if v["name"] == "shm")
+            assert shm["medium"] == "Memory" and byte_size(shm["sizeLimit"]) >= 16 * 2**30, name
+            assert byte_size(shm["sizeLimit"]) <= byte_size(container["resources"]["limits"]["memory"]) / 2, name
+        if name not in servers:
+            continue
+        role, params = servers[name]
+        world = 1 if role == "vision-server" else parallelism(dvd_command(container))
+        gpu_mib = min_gpu_memory_mib(pod)
+        if overlay in SIZE_OVERLAYS and role == "language-server":
+            assert gpu_mib, f"{overlay}: the language pods name the GPUs they need (nvidia.com/gpu.memory)"
+        if gpu_mib:  # InternViT-300M runs on any GPU
+            assert fits(params, world, gpu_mib), f"{overlay} {name}: {world} GPUs of {gpu_mib} MiB"
+        startup = container["startupProbe"]
+        budget = startup["failureThreshold"] * startup.get("periodSeconds", 10)
+        need = load_seconds(role, params, ray and role == "language-server")
+        assert budget >= need, f"{overlay} {name}: startup probe allows {budget} s, loading takes {need:.0f} s"
+    if ray:  # the worker's nodes hold the other half of the weights
+        worker = workloads["dvd-language-ray-worker"]["spec"]["template"]["spec"]
+        assert min_gpu_memory_mib(worker) == min_gpu_memory_mib(workloads["dvd-language"]["spec"]["template"]["spec"])
+    claim = by_kind(docs, "PersistentVolumeClaim")["dvd-models"]["spec"]["resources"]["requests"]["storage"]
+    assert byte_size(claim) >= 2 * (vision_params + language_params), f"{overlay}: {claim} for the checkpoint"
 
 
 def test_every_config_key_is_a_setting_its_server_reads_itself_and_no_args_repeat_one(rendered):
@@ -570,3 +847,33 @@ def test_compose_cpu_topology_serves_a_chat_completion_as_local_processes(compos
         language_metrics = httpx.get(f"http://127.0.0.1:{ports['9401']}/metrics", timeout=10).text
         assert re.search(r"^dvd_vision_tiles_total({[^}]*})? [1-9]", vision_metrics, re.M)
         assert re.search(r"^dvd_language_features_received_total [1-9]", language_metrics, re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("prometheus") and shutil.which("promtool")),
+                    reason="needs prometheus and promtool (Debian's prometheus package)")
+def test_prometheus_scraping_a_running_stack_answers_every_hpa_and_dashboard_query(tiny_checkpoints, tmp_path):
+    """deploy/prometheus_check.py as a user runs it: a real Prometheus with the shipped configuration scrapes
+    `dvd up`'s stack while requests with images go through the gateway; every panel and HPA query returns a
+    series with a number (features dropped excepted: none were), no rule fails or fires."""
+    out = tmp_path / "check"
+    done = subprocess.run([sys.executable, str(DEPLOY / "prometheus_check.py"), "--model",
+                           str(tiny_checkpoints["custom"]), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=DEPLOY.parent)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "dvd.json").read_text())
+    assert len(report["dashboard"]) == sum(len(panel["targets"]) for panel in dashboard["panels"])
+    empty = [q["expr"] for q in report["dashboard"] if not q["result"]]
+    assert len(empty) == 1 and "dvd_language_features_dropped_total" in empty[0]
+    assert all(math.isfinite(r["value"]) for q in report["dashboard"] for r in q["result"])
+    hpa_metrics = {m["pods"]["metric"]["name"] for doc in yaml.safe_load_all((DEPLOY / "k8s" / "base" /
+                   "autoscaling.yaml").read_text()) for m in doc["spec"]["metrics"] if m["type"] == "Pods"}
+    assert {h["metric"] for h in report["hpa"]} == hpa_metrics
+    for hpa in report["hpa"]:  # one value per pod of the HPA's workload, as the adapter needs
+        assert hpa["discovery"]["result"] and [r["labels"] for r in hpa["query"]["result"]] == [
+            {"pod": f"{hpa['hpa']}-0"}]
+    in_flight = report["requests"]["rounds"][-1]["during"]["in_flight"]
+    assert in_flight and in_flight[0]["value"] > 0  # the HPA signal seen moving
+    assert [(a["health"], a["state"]) for a in report["alerts"]] == [("ok", "inactive")] * 6
+    assert report["failures"] == []
