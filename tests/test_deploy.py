@@ -877,3 +877,35 @@ def test_prometheus_scraping_a_running_stack_answers_every_hpa_and_dashboard_que
     assert in_flight and in_flight[0]["value"] > 0  # the HPA signal seen moving
     assert [(a["health"], a["state"]) for a in report["alerts"]] == [("ok", "inactive")] * 6
     assert report["failures"] == []
+
+
+def language_server_lines() -> dict[str, list[str]]:
+    """Every language-server command line a recipe runs (compose GPU services, rendered Kubernetes pods), by where."""
+    lines = {}
+    for size in COMPOSE_SIZES:
+        for name, service in gpu_servers(compose_recipe(size)).items():
+            if service["command"][0] == "language-server":
+                lines[f"compose {size or 'base'} {name}"] = [interpolate(str(a)) for a in service["command"]]
+    for overlay in OVERLAYS:
+        for name, workload in by_kind(render(overlay), "StatefulSet").items():
+            for container in workload["spec"]["template"]["spec"]["containers"]:
+                for argv in shell_commands(container):  # a Ray worker's pod runs `ray start` only
+                    argv = argv[1:] if argv[0] == "dvd" else argv
+                    if argv[0] == "language-server":
+                        lines[f"k8s {overlay} {name}"] = argv
+    return lines
+
+
+def test_every_recipe_s_language_server_line_parses_with_the_language_server_s_own_parser():
+    """vLLM's engine arguments in a recipe are read by the parser the server runs (vLLM's, with DvD's refusals): a
+    misspelt or refused flag fails here, not at a pod's start; the parallelism flags reach the engine."""
+    from language_server.arguments import parse
+
+    lines = language_server_lines()
+    assert any(size in where for where in lines for size in ("38b", "241b")), sorted(lines)
+    for where, argv in lines.items():
+        engine = parse(argv[1:], cpu=False).engine_args
+        given = flags(argv)
+        assert engine.tensor_parallel_size == int(given.get("--tensor-parallel-size", ["1"])[0]), where
+        assert engine.pipeline_parallel_size == int(given.get("--pipeline-parallel-size", ["1"])[0]), where
+        assert engine.enable_expert_parallel == ("--enable-expert-parallel" in argv), where
