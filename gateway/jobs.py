@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from gateway.errors import APIError
 from gateway.request_context import REQUEST_ARRIVAL_NS
+from gateway.tenants import DEFAULT
 from proto import dvd_pb2
 
 
@@ -52,7 +53,7 @@ class Job:
     arrival_unix_ns: int = field(default_factory=lambda: REQUEST_ARRIVAL_NS.get() or time.time_ns())
     images: list[dvd_pb2.ImageInput] = field(default_factory=list)  # one per source
     image_keys: list[str] = field(default_factory=list)  # one per image (video frame); empty: no feature cache
-    tenant: str = "default"  # its tenant's name (gateway/tenants.py), for metrics
+    tenant: str = DEFAULT  # its tenant's name (gateway/tenants.py), for metrics
     cache_scope: str = ""  # what its caches are scoped by (its tenant and cache_salt); "": shared
 
     @property

@@ -28,9 +28,11 @@ UNKNOWN = "-"  # the tenant label of a request refused before its key was checke
 
 @dataclass(frozen=True)
 class Tenant:
-    name: str
-    scope_key: bytes  # what its cache scopes derive from
-    own_caches: bool = False  # False: caches shared with every tenant that shares them, unless a salt separates
+    """One API key's tenant, or a keyless gateway's one."""
+
+    name: str  # the label of its metrics and the owner of its stored responses
+    scope_key: bytes  # its cache scopes are HMACs under it
+    own_caches: bool = False  # scoped even without a salt (False: a keyless gateway, or caches shared by tenants)
     max_in_flight: int = 0  # requests in progress; 0: only the gateway's cap
     max_tiles_in_flight: int = 0  # the tiles its requests in progress may need; 0: no cap
 
