@@ -19,6 +19,7 @@ from gateway.errors import APIError
 from gateway.request_context import REQUEST_ARRIVAL_NS, REQUEST_ID, new_request_id
 from gateway.serving import Serving
 from gateway.settings import GatewaySettings
+from gateway.tenants import UNKNOWN, Tenants, tenant_label
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class RequestContext:
         try:
             declared = dict(scope["headers"]).get(b"content-length", b"")
             if declared.isdigit() and int(declared) > self.max_body_bytes:
-                metrics.REQUESTS.labels("413").inc()
+                metrics.REQUESTS.labels("413", UNKNOWN).inc()
                 response = JSONResponse(APIError(413, self._too_large()).to_json(), status_code=413)
                 return await response(scope, receive, send_with_id)
             await self.app(scope, self._limited(receive), send_with_id)
@@ -87,11 +88,11 @@ def _lifespan(settings: GatewaySettings):
 
 
 def _openai_errors(app: FastAPI, settings: GatewaySettings) -> None:
-    """Every error as OpenAI's error JSON, counted by status; a 429 or 503 carries a Retry-After."""
+    """Every error as OpenAI's error JSON, counted by status and tenant; a 429 or 503 carries a Retry-After."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        metrics.REQUESTS.labels(str(exc.status)).inc()
+        metrics.REQUESTS.labels(str(exc.status), tenant_label(request)).inc()
         headers = dict(exc.headers)
         if exc.status in (429, 503):
             headers.setdefault("retry-after", str(settings.retry_after_s))
@@ -120,7 +121,7 @@ def _openai_errors(app: FastAPI, settings: GatewaySettings) -> None:
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="DvD gateway", lifespan=_lifespan(settings))
-    app.state.api_keys = [key.encode() for key in settings.api_keys]
+    app.state.tenants = Tenants(settings)
     app.state.response_store = responses.ResponseStore(settings.responses_store_max_bytes,
                                                        settings.responses_store_ttl_s)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)

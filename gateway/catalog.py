@@ -6,12 +6,12 @@ import time
 
 from fastapi import APIRouter, Depends
 
-from gateway.auth import require_api_key
 from gateway.errors import ERROR_RESPONSES
 from gateway.schemas.common import ModelCard, ModelList
 from gateway.serving import ServingDep
+from gateway.tenants import current_tenant
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(dependencies=[Depends(current_tenant)], responses=ERROR_RESPONSES)
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 
 from gateway import metrics
-from gateway.auth import require_api_key
 from gateway.errors import ERROR_RESPONSES, APIError
 from gateway.jobs import ImageSource, Job, Responses, logit_bias, tools_message
 from gateway.reasoning import with_thinking_prompt
@@ -42,16 +41,17 @@ from gateway.schemas.chat import (
 )
 from gateway.serving import ServingDep
 from gateway.settings import GatewaySettings
+from gateway.tenants import TenantDep, current_tenant
 from proto import dvd_pb2
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "ignore_eos")
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(dependencies=[Depends(current_tenant)], responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request, serving: ServingDep):
+async def chat_completions(body: ChatCompletionRequest, request: Request, serving: ServingDep, tenant: TenantDep):
     model = await serving.check_model(body.model)
     job = prepare_chat(body, serving.settings, REQUEST_ID.get())
     created = int(time.time())
@@ -72,7 +72,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servin
     async def render_body(responses: Responses) -> dict:
         return (await fold(events(responses), thinking=job.thinking)).model_dump()
 
-    return await serving.run(request, job, stream=body.stream, render_stream=render_stream, render_body=render_body)
+    return await serving.run(request, job, tenant, body.cache_salt, stream=body.stream, render_stream=render_stream,
+                             render_body=render_body)
 
 
 # ---------------------------------------------------------------- request
@@ -209,7 +210,7 @@ async def chunks(job: Job, model: str, created: int, responses: Responses, *,
         return ChatCompletionChunk(id=f"chatcmpl-{job.request_id}", created=created, model=model, choices=choices,
                                    usage=usage)
 
-    clocks = [metrics.TokenClock() for _ in range(job.n)]
+    clocks = [metrics.TokenClock(job.tenant) for _ in range(job.n)]
     for index in range(job.n):
         yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
     usage = dvd_pb2.Usage()

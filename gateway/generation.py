@@ -57,13 +57,10 @@ def _unavailable(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def _encode(vision: VisionPool, request_id: str, images, feature_endpoint: str, timeout_s: float,
-                  image_count: int = 0, arrival_unix_ns: int = 0):
+async def _encode(vision: VisionPool, request: dvd_pb2.EncodeRequest, timeout_s: float):
     tried: set[str] = set()
     while True:
         with vision.lease(vision.candidates(exclude=tried)) as backend:
-            request = dvd_pb2.EncodeRequest(request_id=request_id, images=images, feature_endpoint=feature_endpoint,
-                                            image_count=image_count, request_arrival_unix_ns=arrival_unix_ns)
             try:
                 reply = await backend.stub.Encode(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
@@ -76,7 +73,7 @@ async def _encode(vision: VisionPool, request_id: str, images, feature_endpoint:
                 tried.add(backend.address)
                 if not vision.candidates(exclude=tried):
                     raise error from None
-                log.warning("request %s: vision server %s unavailable; retrying Encode on another", request_id,
+                log.warning("request %s: vision server %s unavailable; retrying Encode on another", request.request_id,
                             backend.address)
                 continue
             metrics.BACKEND_REQUESTS.labels("vision", backend.address, "ok").inc()
@@ -151,9 +148,11 @@ class _Generation:
         images, count = (inputs_for(self.job, todo), self.job.image_count) if self.job.image_keys else \
             (self.job.images, 0)
         metrics.IMAGES.labels("vision").inc(len(todo))
-        encode = asyncio.ensure_future(_encode(self.vision, self.request_id, images,
-                                               self.backend.description.feature_endpoint, self.timeout_s, count,
-                                               self.job.arrival_unix_ns))
+        request = dvd_pb2.EncodeRequest(request_id=self.request_id, images=images, image_count=count,
+                                        feature_endpoint=self.backend.description.feature_endpoint,
+                                        request_arrival_unix_ns=self.job.arrival_unix_ns,
+                                        cache_scope=self.job.cache_scope)
+        encode = asyncio.ensure_future(_encode(self.vision, request, self.timeout_s))
         self.encodes[encode] = set(todo)
 
     def failed_encode(self) -> BaseException | None:
@@ -211,7 +210,7 @@ class _Generation:
         call = backend.stub.Generate(
             dvd_pb2.GenerateRequest(request_id=self.request_id, messages=job.messages, sampling=job.sampling,
                                     image_count=job.image_count, image_keys=job.image_keys, tools=job.tools,
-                                    enable_thinking=job.thinking),
+                                    enable_thinking=job.thinking, cache_salt=job.cache_scope),
             timeout=self.timeout_s,
         )
         # Vision starts at once: every image without a key, or whose key this server is not believed to hold.

@@ -172,7 +172,8 @@ class ImageFetcher:
 
 async def load_images(job: Job, settings: GatewaySettings, fetcher: ImageFetcher, vision_weights: str = "") -> None:
     """Decode data URLs (in threads) and download http(s) URLs, all of a request's images at once; with the
-    feature cache on, name each by content (`vision_weights`: the vision pool's weights fingerprint)."""
+    feature cache on, name each by content within the job's cache scope (`vision_weights`: the vision pool's
+    weights fingerprint)."""
 
     async def load(index: int, source: ImageSource) -> dvd_pb2.ImageInput:
         if source.video_frames:
@@ -196,14 +197,14 @@ async def load_images(job: Job, settings: GatewaySettings, fetcher: ImageFetcher
         for task in tasks:  # the first failure ends the others
             task.cancel()
     if settings.feature_cache and job.images:
-        job.image_keys = await asyncio.to_thread(content_keys, job.model, vision_weights, job.images)
+        job.image_keys = await asyncio.to_thread(content_keys, job.model, vision_weights, job.images, job.cache_scope)
 
 
-def content_keys(model: str, weights: str, images: list[dvd_pb2.ImageInput]) -> list[str]:
-    """One key per image (video frame): the model, the vision weights, and everything of the input that
-    changes its features."""
+def content_keys(model: str, weights: str, images: list[dvd_pb2.ImageInput], scope: str = "") -> list[str]:
+    """One key per image (video frame): the model, the vision weights, everything of the input that changes
+    its features, and the cache scope (gateway/tenants.py), so that equal images of two scopes never meet."""
     keys = []
     for image in images:
-        keys += frame_keys(content_key(image.data, model, weights, image.max_tiles, image.video_frames),
+        keys += frame_keys(content_key(image.data, model, weights, image.max_tiles, image.video_frames, scope),
                            image.video_frames)
     return keys

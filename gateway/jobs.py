@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from gateway.errors import APIError
 from gateway.request_context import REQUEST_ARRIVAL_NS
+from gateway.tenants import DEFAULT
 from proto import dvd_pb2
 
 
@@ -25,6 +26,12 @@ class ImageSource:
     @property
     def images(self) -> int:
         return self.video_frames or 1
+
+    @property
+    def most_tiles(self) -> int:
+        """The most tiles it can take: a frame is one tile; an image its tile limit, plus the thumbnail added
+        when it has more than one."""
+        return self.video_frames or self.max_tiles + (self.max_tiles > 1)
 
     @classmethod
     def image(cls, url: str, detail: str, max_tiles: int) -> ImageSource:
@@ -46,10 +53,17 @@ class Job:
     arrival_unix_ns: int = field(default_factory=lambda: REQUEST_ARRIVAL_NS.get() or time.time_ns())
     images: list[dvd_pb2.ImageInput] = field(default_factory=list)  # one per source
     image_keys: list[str] = field(default_factory=list)  # one per image (video frame); empty: no feature cache
+    tenant: str = DEFAULT  # its tenant's name (gateway/tenants.py), for metrics
+    cache_scope: str = ""  # what its caches are scoped by (its tenant and cache_salt); "": shared
 
     @property
     def n(self) -> int:
         return self.sampling.n or 1
+
+    @property
+    def most_tiles(self) -> int:
+        """The most tiles its images can take: the vision work it may queue."""
+        return sum(source.most_tiles for source in self.sources)
 
     @property
     def image_count(self) -> int:

@@ -11,12 +11,16 @@ from proto import dvd_pb2
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
-REQUESTS = Counter("dvd_gateway_requests", "Chat completions, by HTTP status (499: client went away)", ["status"])
-IN_FLIGHT = Gauge("dvd_gateway_requests_in_flight", "Chat completions in progress")
-TTFT = Histogram("dvd_gateway_ttft_seconds", "Request arrival to first output", buckets=LATENCY_BUCKETS)
-TPOT = Histogram("dvd_gateway_tpot_seconds", "Time per output token after the first, per choice",
+# The tenant label is a key's configured name (key-N without one; "default" without keys; "-" for a request refused
+# before its key was checked): as many values as keys in the settings, never the key itself.
+REQUESTS = Counter("dvd_gateway_requests", "API requests, by HTTP status (499: client went away) and tenant",
+                   ["status", "tenant"])
+IN_FLIGHT = Gauge("dvd_gateway_requests_in_flight", "Generation requests in progress, by tenant", ["tenant"])
+TTFT = Histogram("dvd_gateway_ttft_seconds", "Request arrival to first output", ["tenant"], buckets=LATENCY_BUCKETS)
+TPOT = Histogram("dvd_gateway_tpot_seconds", "Time per output token after the first, per choice", ["tenant"],
                  buckets=TOKEN_BUCKETS)
-E2E = Histogram("dvd_gateway_request_seconds", "Request arrival to last output", buckets=LATENCY_BUCKETS)
+E2E = Histogram("dvd_gateway_request_seconds", "Request arrival to last output", ["tenant"],
+                buckets=LATENCY_BUCKETS)
 BACKEND_OUTSTANDING = Gauge("dvd_gateway_backend_outstanding", "Requests outstanding on each server",
                             ["kind", "address"])
 BACKEND_REQUESTS = Counter("dvd_gateway_backend_requests", "Calls sent to each server, by outcome",
@@ -32,9 +36,10 @@ IMAGES_SENT_NEEDLESSLY = Counter("dvd_gateway_images_sent_needlessly",
 
 
 class TokenClock:
-    """One choice's token times, for the TPOT metric."""
+    """One choice's token times, for the TPOT metric of its tenant."""
 
-    def __init__(self) -> None:
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
         self.tokens, self.first_at, self.last_at = 0, 0.0, 0.0
 
     def add(self, response: dvd_pb2.GenerateResponse) -> None:
@@ -44,4 +49,4 @@ class TokenClock:
             self.last_at = now
             self.tokens += len(response.token_ids)
         if response.finish_reason and self.tokens > 1:
-            TPOT.observe((self.last_at - self.first_at) / (self.tokens - 1))
+            TPOT.labels(self.tenant).observe((self.last_at - self.first_at) / (self.tokens - 1))

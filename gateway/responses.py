@@ -1,4 +1,4 @@
-"""OpenAI Responses API: `POST /v1/responses` (streamed or not) and `GET /v1/responses/{id}`.
+"""OpenAI Responses API: `POST /v1/responses` (streamed or not), `GET` and `DELETE /v1/responses/{id}`.
 
 The request becomes a `Job` as a chat does (instructions as the system message, function calls and
 their outputs as assistant tool calls and tool messages); `events` turns the language server's
@@ -8,7 +8,9 @@ the non-streamed one reduces to its final `Response`.
 `ResponseStore` keeps stored responses (`store`, on by default) in memory for `previous_response_id`
 and `GET`: each with its whole conversation (inputs, images included, and outputs), for
 `responses_store_ttl_s` after it was made, the oldest dropped first beyond `responses_store_max_bytes`.
-Nothing survives a gateway restart, and each gateway replica has its own store.
+A stored response belongs to the tenant (API key) that made it: for any other it does not exist (404, as
+for an unknown id, so that ids cannot be probed), and only its owner may delete it. Nothing survives a
+gateway restart, and each gateway replica has its own store.
 """
 
 from __future__ import annotations
@@ -50,12 +52,12 @@ from openai.types.responses.response import IncompleteDetails
 from openai.types.responses.response_reasoning_item import Content as ReasoningContent
 
 from gateway import metrics
-from gateway.auth import require_api_key
 from gateway.errors import ERROR_RESPONSES, APIError
 from gateway.jobs import ImageSource, Job, Responses, logit_bias, tools_message
 from gateway.reasoning import with_thinking_prompt
 from gateway.request_context import REQUEST_ID
 from gateway.schemas.responses import (
+    DeletedResponse,
     FunctionCallItem,
     FunctionCallOutput,
     InputItem,
@@ -69,16 +71,17 @@ from gateway.schemas.responses import (
 )
 from gateway.serving import ServingDep
 from gateway.settings import GatewaySettings
+from gateway.tenants import TenantDep, current_tenant
 from proto import dvd_pb2
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(dependencies=[Depends(current_tenant)], responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/responses", response_model=Response)
-async def create_response(body: ResponsesRequest, request: Request, serving: ServingDep):
+async def create_response(body: ResponsesRequest, request: Request, serving: ServingDep, tenant: TenantDep):
     store: ResponseStore = request.app.state.response_store
     await serving.check_model(body.model)
-    history = store.history(body.previous_response_id) if body.previous_response_id else []
+    history = store.history(body.previous_response_id, tenant.name) if body.previous_response_id else []
     items = history + ([Message(role="user", content=body.input)] if isinstance(body.input, str) else body.input)
     job = prepare_response(body, items, serving.settings, REQUEST_ID.get())
     shell = _shell(body, job)
@@ -87,7 +90,8 @@ async def create_response(body: ResponsesRequest, request: Request, serving: Ser
         async for event in events(job, shell, responses):
             if event.type in ("response.completed", "response.incomplete") and body.store:
                 history = items + output_as_input(event.response)
-                store.put(event.response, history, await asyncio.to_thread(store.size_of, event.response, history))
+                size = await asyncio.to_thread(store.size_of, event.response, history)
+                store.put(event.response, history, size, tenant.name)
             yield event
 
     async def render_stream(responses: Responses) -> AsyncIterator[str]:
@@ -108,12 +112,19 @@ async def create_response(body: ResponsesRequest, request: Request, serving: Ser
             last = event
         return last.response.model_dump(exclude_none=True)
 
-    return await serving.run(request, job, stream=body.stream, render_stream=render_stream, render_body=render_body)
+    return await serving.run(request, job, tenant, body.cache_salt, stream=body.stream, render_stream=render_stream,
+                             render_body=render_body)
 
 
 @router.get("/v1/responses/{response_id}", response_model=Response)
-async def get_response(response_id: str, request: Request) -> dict:
-    return request.app.state.response_store.get(response_id).model_dump(exclude_none=True)
+async def get_response(response_id: str, request: Request, tenant: TenantDep) -> dict:
+    return request.app.state.response_store.get(response_id, tenant.name).model_dump(exclude_none=True)
+
+
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
+async def delete_response(response_id: str, request: Request, tenant: TenantDep) -> DeletedResponse:
+    request.app.state.response_store.delete(response_id, tenant.name)
+    return DeletedResponse(id=response_id)
 
 
 # ---------------------------------------------------------------- request
@@ -338,7 +349,7 @@ async def events(job: Job, shell: Response, responses: Responses) -> AsyncIterat
     writer = _EventWriter(shell)
     yield writer.event(ResponseCreatedEvent, response=shell)
     yield writer.event(ResponseInProgressEvent, response=shell)
-    clock, finish_reason, usage, reasoning_tokens = metrics.TokenClock(), "stop", dvd_pb2.Usage(), 0
+    clock, finish_reason, usage, reasoning_tokens = metrics.TokenClock(job.tenant), "stop", dvd_pb2.Usage(), 0
     async for response in responses:
         clock.add(response)
         if response.reasoning:
@@ -377,10 +388,12 @@ class _Stored:
     history: list[InputItem]
     stored_at: float
     num_bytes: int
+    owner: str  # the tenant that made it
 
 
 class ResponseStore:
-    """Stored responses and their conversations, in memory: bounded by bytes and age, oldest out first."""
+    """Stored responses and their conversations, in memory, each its owner's: bounded by bytes and age, oldest
+    out first."""
 
     def __init__(self, max_bytes: int, ttl_s: float):
         self._entries: OrderedDict[str, _Stored] = OrderedDict()
@@ -393,10 +406,10 @@ class ResponseStore:
         thread: a long conversation serialises megabytes)."""
         return len(response.model_dump_json()) + sum(len(item.model_dump_json()) for item in history)
 
-    def put(self, response: Response, history: list[InputItem], size: int) -> None:
+    def put(self, response: Response, history: list[InputItem], size: int, owner: str) -> None:
         if size > self._max_bytes:
             return  # larger than the whole store: not kept
-        self._entries[response.id] = _Stored(response, history, time.monotonic(), size)
+        self._entries[response.id] = _Stored(response, history, time.monotonic(), size, owner)
         self.num_bytes += size
         self._expire()
 
@@ -409,17 +422,23 @@ class ResponseStore:
             self._entries.popitem(last=False)
             self.num_bytes -= oldest.num_bytes
 
-    def _entry(self, response_id: str, param: str | None = None) -> _Stored:
+    def _entry(self, response_id: str, owner: str, param: str | None = None) -> _Stored:
+        """The entry of `owner`'s response; another tenant's is not found, exactly as an unknown one."""
         self._expire()
         entry = self._entries.get(response_id)
-        if entry is None:
+        if entry is None or entry.owner != owner:
             raise APIError(404, f"response {response_id!r} is not stored here (unknown, made with store=false, "
                                 "or expired)", param=param)
         return entry
 
-    def get(self, response_id: str) -> Response:
-        return self._entry(response_id).response
+    def get(self, response_id: str, owner: str) -> Response:
+        return self._entry(response_id, owner).response
 
-    def history(self, response_id: str) -> list[InputItem]:
+    def history(self, response_id: str, owner: str) -> list[InputItem]:
         """The conversation up to and including the response's output."""
-        return list(self._entry(response_id, "previous_response_id").history)
+        return list(self._entry(response_id, owner, "previous_response_id").history)
+
+    def delete(self, response_id: str, owner: str) -> None:
+        entry = self._entry(response_id, owner)
+        del self._entries[response_id]
+        self.num_bytes -= entry.num_bytes

@@ -1,9 +1,10 @@
 """The serving layer every API shares: the app's servers and clients, and the one way to run a `Job`.
 
-An API route turns its request into a `Job` (`gateway/jobs.py`), and `Serving.run` does the rest: admission
-(429) and the in-flight count, the request's images (`gateway/images.py`), Encode and Generate
-(`gateway/generation.py`), and the one stream of the language server's `GenerateResponse`s that the route
-renders, streamed or folded into one body. A client that hangs up before its answer starts gets a 499 and
+An API route turns its request into a `Job` (`gateway/jobs.py`), and `Serving.run` does the rest: the cache
+scope of its tenant (`gateway/tenants.py`), admission (429 at the gateway's limit or the tenant's own) and the
+in-flight counts, the request's images (`gateway/images.py`), Encode and Generate (`gateway/generation.py`),
+and the one stream of the language server's `GenerateResponse`s that the route renders, streamed or folded
+into one body. A client that hangs up before its answer starts gets a 499 and
 its servers' calls are cancelled.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Annotated
 
@@ -26,12 +29,21 @@ from gateway.images import ImageFetcher, load_images
 from gateway.jobs import Job, Responses
 from gateway.pools import LanguagePool, VisionPool, check_forever
 from gateway.settings import GatewaySettings
+from gateway.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
 
 class ClientGone(Exception):
     """The HTTP client disconnected before the answer was complete."""
+
+
+@dataclass
+class Load:
+    """What one tenant has in progress."""
+
+    requests: int = 0
+    tiles: int = 0  # the most tiles its requests' images can take
 
 
 class Serving:
@@ -47,6 +59,7 @@ class Serving:
                                     max_redirects=settings.image_fetch_max_redirects,
                                     allowed_networks=settings.image_fetch_allowed_networks)
         self.in_flight = 0
+        self.loads: defaultdict[str, Load] = defaultdict(Load)  # by tenant name
         self._health: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -76,14 +89,16 @@ class Serving:
                            param="model")
         return model
 
-    async def run(self, request: Request, job: Job, *, stream: bool,
-                  render_stream: Callable[[Responses], AsyncIterator[str]],
+    async def run(self, request: Request, job: Job, tenant: Tenant, cache_salt: str | None = None, *,
+                  stream: bool, render_stream: Callable[[Responses], AsyncIterator[str]],
                   render_body: Callable[[Responses], Awaitable[dict]]) -> Response:
-        """Run `job` and answer with `render_stream`'s server-sent events or `render_body`'s JSON.
+        """Run `job` for `tenant` (its caches scoped by the tenant and `cache_salt`) and answer with
+        `render_stream`'s server-sent events or `render_body`'s JSON.
 
         Everything up to the first response (admission, images, a server's refusal) fails as an HTTP
         status; after it, a streamed answer reports failures in-band (the renderer's part)."""
-        admission = self._admit()
+        job.tenant, job.cache_scope = tenant.name, tenant.cache_scope(cache_salt)
+        admission = self._admit(tenant, job)
         try:
             return await self._answer(request, job, admission, render_body, render_stream if stream else None)
         except ClientGone:
@@ -102,7 +117,7 @@ class Serving:
         try:
             await _unless_disconnected(request, self._prepare(job))
             first = await _unless_disconnected(request, anext(responses))
-            metrics.TTFT.observe(time.perf_counter() - admission.start)
+            metrics.TTFT.labels(job.tenant).observe(time.perf_counter() - admission.start)
             if render_stream is not None:
                 events = render_stream(_prepend(first, responses))
                 responses = None  # the stream owns it now
@@ -114,11 +129,21 @@ class Serving:
         admission.finish("200")
         return JSONResponse(body)
 
-    def _admit(self) -> _Admission:
+    def _admit(self, tenant: Tenant, job: Job) -> _Admission:
+        """Count the job in, or 429 when the gateway or the tenant is at its limit. A tenant's request whose
+        tiles alone exceed its tile limit runs when the tenant has nothing else in progress."""
+        load, tiles = self.loads[tenant.name], job.most_tiles
+        if tenant.max_in_flight and load.requests >= tenant.max_in_flight:
+            raise APIError(429, f"tenant {tenant.name!r} has its limit of {tenant.max_in_flight} requests in "
+                                "progress; retry later")
+        if tenant.max_tiles_in_flight and load.requests and load.tiles + tiles > tenant.max_tiles_in_flight:
+            raise APIError(429, f"tenant {tenant.name!r} has requests in progress that may take {load.tiles} tiles; "
+                                f"with this one's {tiles} that passes its limit of {tenant.max_tiles_in_flight}; "
+                                "retry later")
         limit = self.settings.max_in_flight
         if limit and self.in_flight >= limit:
             raise APIError(429, f"the gateway is serving its limit of {limit} requests; retry later")
-        return _Admission(self)
+        return _Admission(self, load, job)
 
     async def _prepare(self, job: Job) -> None:
         accepting(await self.language.describe(), job)  # before any image is downloaded
@@ -130,24 +155,28 @@ class Serving:
 
 
 class _Admission:
-    """One admitted request: counted in flight until `finish`, then by status."""
+    """One admitted request: counted in flight (the gateway's and its tenant's) until `finish`, then by status."""
 
-    def __init__(self, serving: Serving):
-        self.serving = serving
+    def __init__(self, serving: Serving, load: Load, job: Job):
+        self.serving, self.load, self.tenant, self.tiles = serving, load, job.tenant, job.most_tiles
         self.start = time.perf_counter()
         self.finished = False
         serving.in_flight += 1
-        metrics.IN_FLIGHT.inc()
+        load.requests += 1
+        load.tiles += self.tiles
+        metrics.IN_FLIGHT.labels(self.tenant).inc()
 
     def finish(self, status: str) -> None:
         if self.finished:
             return
         self.finished = True
         self.serving.in_flight -= 1
-        metrics.IN_FLIGHT.dec()
-        metrics.E2E.observe(time.perf_counter() - self.start)
+        self.load.requests -= 1
+        self.load.tiles -= self.tiles
+        metrics.IN_FLIGHT.labels(self.tenant).dec()
+        metrics.E2E.labels(self.tenant).observe(time.perf_counter() - self.start)
         if status != "error":  # errors are counted by the error handler
-            metrics.REQUESTS.labels(status).inc()
+            metrics.REQUESTS.labels(status, self.tenant).inc()
 
     async def watch(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
         """`events`, finishing the admission when they end (499 when the client left)."""

@@ -26,6 +26,8 @@ from transport.frames import ImageFeatures
 log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 128  # content keys are hex digests
+MAX_CACHE_SALT_LENGTH = 128  # what vLLM's own API takes (the gateway sends a 64-character hex digest)
+CACHE_SALT_FORBIDDEN = frozenset("@/\\\0")
 
 
 class FeatureError(ValueError):
@@ -194,7 +196,7 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         images = await self.features(request.request_id, image_count, plan, keys, timeout_s)
         timeline.features_ready = time.perf_counter()
         metrics.FEATURE_WAIT.observe(timeline.features_ready - timeline.start)
-        engine_prompt = self.engine_prompt(prompt, images, keys)
+        engine_prompt = self.engine_prompt(prompt, images, keys, request.cache_salt)
         choices = self._parsers.choices(tools, request.enable_thinking) if self._parsers else None
         async with contextlib.aclosing(self.run_engine(engine_prompt, sampling, request.request_id)) as outputs:
             async for output in outputs:
@@ -218,6 +220,9 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         timeout_s = request.feature_timeout_s or self._feature_timeout_s
         if image_count and timeout_s < 0:
             raise InvalidRequest(f"feature_timeout_s {timeout_s} is negative")
+        if len(request.cache_salt) > MAX_CACHE_SALT_LENGTH or set(request.cache_salt) & CACHE_SALT_FORBIDDEN:
+            raise InvalidRequest(f"cache_salt must be at most {MAX_CACHE_SALT_LENGTH} characters, none of "
+                                 f"{' '.join(sorted(map(repr, CACHE_SALT_FORBIDDEN)))}")
         return image_count, keys, timeout_s
 
     async def prompt_and_sampling(self, request: dvd_pb2.GenerateRequest
@@ -283,9 +288,12 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
                 self._cache.put(keys[index], item)
         return Images([by_index[plan.same_as.get(i, i)] for i in range(image_count)], received, len(plan.held))
 
-    def engine_prompt(self, prompt: str, images: Images, keys: list[str]) -> dict:
-        """vLLM's input: the prompt, each image's features in the model's dtype, and their content keys."""
+    def engine_prompt(self, prompt: str, images: Images, keys: list[str], cache_salt: str = "") -> dict:
+        """vLLM's input: the prompt, each image's features in the model's dtype, their content keys, and the
+        prefix cache's salt (vLLM hashes it into the prompt's first block: other salts find none of its blocks)."""
         engine_prompt: dict = {"prompt": prompt}
+        if cache_salt:
+            engine_prompt["cache_salt"] = cache_salt
         if images.features:
             engine_prompt["multi_modal_data"] = {"image": [i.features.to(self._model_dtype) for i in images.features]}
             if keys:  # the image's identity for vLLM's prefix cache, instead of hashing its features

@@ -50,11 +50,12 @@ def language_server(model: str, *, host: str | None = None, port: int | None = N
 
 def gateway(vision_servers: Sequence[str], language_servers: Sequence[str], *, host: str | None = None,
             port: int | None = None, served_model_name: str | None = None,
-            feature_cache: bool | None = None) -> list[str]:
-    """The gateway in front of the servers at these gRPC addresses (`host:port`)."""
+            feature_cache: bool | None = None, config: str | None = None) -> list[str]:
+    """The gateway in front of the servers at these gRPC addresses (`host:port`); `config`: a settings file
+    (what no flag gives, e.g. the tenants and their keys)."""
     return dvd("gateway", *_flags(host=host, port=port, served_model_name=served_model_name),
                *_repeated("--vision-server", vision_servers), *_repeated("--language-server", language_servers),
-               *_flags(feature_cache=feature_cache))
+               *_flags(feature_cache=feature_cache, config=config))
 
 
 def up(model: str, *, port: int, vision_port: int, language_port: int, feature_port: int,

@@ -53,7 +53,7 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., max_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ..., image_index: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "feature_endpoint", "use_vir", "vir_relative_threshold", "vir_absolute_threshold", "image_count", "request_arrival_unix_ns")
+    __slots__ = ("request_id", "images", "feature_endpoint", "use_vir", "vir_relative_threshold", "vir_absolute_threshold", "image_count", "request_arrival_unix_ns", "cache_scope")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class EncodeRequest(_message.Message):
     VIR_ABSOLUTE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ARRIVAL_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     feature_endpoint: str
@@ -70,7 +71,8 @@ class EncodeRequest(_message.Message):
     vir_absolute_threshold: float
     image_count: int
     request_arrival_unix_ns: int
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., feature_endpoint: _Optional[str] = ..., use_vir: _Optional[bool] = ..., vir_relative_threshold: _Optional[float] = ..., vir_absolute_threshold: _Optional[float] = ..., image_count: _Optional[int] = ..., request_arrival_unix_ns: _Optional[int] = ...) -> None: ...
+    cache_scope: str
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., feature_endpoint: _Optional[str] = ..., use_vir: _Optional[bool] = ..., vir_relative_threshold: _Optional[float] = ..., vir_absolute_threshold: _Optional[float] = ..., image_count: _Optional[int] = ..., request_arrival_unix_ns: _Optional[int] = ..., cache_scope: _Optional[str] = ...) -> None: ...
 
 class ImageEncoding(_message.Message):
     __slots__ = ("image_index", "num_tiles", "num_tokens", "tile_tokens", "feature_bytes")
@@ -194,7 +196,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., n: _Optional[int] = ..., json_schema: _Optional[str] = ..., json_object: _Optional[bool] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "sampling", "image_count", "feature_timeout_s", "image_keys", "tools", "enable_thinking")
+    __slots__ = ("request_id", "messages", "sampling", "image_count", "feature_timeout_s", "image_keys", "tools", "enable_thinking", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +205,7 @@ class GenerateRequest(_message.Message):
     IMAGE_KEYS_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     ENABLE_THINKING_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: SamplingParams
@@ -211,7 +214,8 @@ class GenerateRequest(_message.Message):
     image_keys: _containers.RepeatedScalarFieldContainer[str]
     tools: Tools
     enable_thinking: bool
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., image_count: _Optional[int] = ..., feature_timeout_s: _Optional[float] = ..., image_keys: _Optional[_Iterable[str]] = ..., tools: _Optional[_Union[Tools, _Mapping]] = ..., enable_thinking: _Optional[bool] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., image_count: _Optional[int] = ..., feature_timeout_s: _Optional[float] = ..., image_keys: _Optional[_Iterable[str]] = ..., tools: _Optional[_Union[Tools, _Mapping]] = ..., enable_thinking: _Optional[bool] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class MissingImages(_message.Message):
     __slots__ = ("image_indices",)

@@ -85,6 +85,11 @@ def test_a_gateway_line_takes_several_servers_a_model_name_and_the_feature_cache
             "feature_cache": cache}
 
 
+def test_a_gateway_line_takes_a_settings_file():
+    _, gateway = parsed(command_lines.gateway(["a:1"], ["c:3"], config="/etc/dvd/gateway.toml"))
+    assert gateway["config"] == Path("/etc/dvd/gateway.toml")
+
+
 def test_the_parser_used_here_refuses_a_flag_the_cli_does_not_have():
     with pytest.raises(Exception, match="No such option: --vision-servers"):  # click's UsageError, vendored by typer
         parsed(command_lines.dvd("gateway", "--vision-servers", "a:1"))

@@ -135,7 +135,8 @@ def test_a_full_gateway_answers_429_with_retry_after():
         async with gateway(FakeLanguage(slow), max_in_flight=1) as (client, http):
             body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
             first = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
-            await wait_until_async(lambda: metrics.IN_FLIGHT._value.get(), 10, "the first request is in flight")
+            await wait_until_async(lambda: metrics.IN_FLIGHT.labels("default")._value.get(), 10,
+                                   "the first request is in flight")
             refused = await http.post("/v1/chat/completions", json=body)
             release.set()
             return refused, await first
@@ -370,11 +371,11 @@ def test_the_response_store_is_bounded():
         response = Response(id=f"resp_{number}", object="response", created_at=0, model=MODEL, output=[],
                             parallel_tool_calls=True, tool_choice="auto", tools=[])
         history = [*output_as_input(response), *([] if isinstance(request.input, str) else request.input)]
-        store.put(response, history, store.size_of(response, history))
+        store.put(response, history, store.size_of(response, history), "default")
     assert store.num_bytes <= 3000
     with pytest.raises(Exception, match="not stored"):
-        store.get("resp_0")
-    assert store.get("resp_9").id == "resp_9"
+        store.get("resp_0", "default")
+    assert store.get("resp_9", "default").id == "resp_9"
 
 
 # ---------------------------------------------------------------- failures

@@ -11,6 +11,7 @@ import grpc
 import httpx
 import pytest
 from PIL import Image
+from pydantic import SecretStr
 
 from conftest import data_url, make_image
 from gateway.app import create_app
@@ -102,7 +103,7 @@ def test_settings_come_from_flags_then_env_then_file(tmp_path, monkeypatch):
     (tmp_path / "gateway.json").write_text(json.dumps({"max_in_flight": 7}))
     monkeypatch.setenv("DVD_GATEWAY_MAX_N", "5")
     loaded = load_settings(tmp_path / "gateway.toml", port=9002)
-    assert (loaded.port, loaded.max_n, loaded.api_keys) == (9002, 5, ["k1"])
+    assert (loaded.port, loaded.max_n, loaded.api_keys) == (9002, 5, [SecretStr("k1")])
     assert loaded.vision_servers == ["10.0.0.1:1", "10.0.0.2:1"]
     assert load_settings(tmp_path / "gateway.json").max_in_flight == 7
     (tmp_path / "typo.toml").write_text("max_in_flite = 3\n")

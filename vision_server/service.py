@@ -3,7 +3,7 @@
 Decoding runs in a thread pool and the encoder in the engine's threads, so the event loop only
 schedules and sends. An image's features leave as soon as that image is encoded; a bad image fails the
 whole request before anything is queued. Identical inputs in flight at once, in one request or several,
-are decoded per request but encoded once.
+are decoded per request but encoded once, among requests of the same cache scope (the gateway's per tenant).
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class VisionService(dvd_pb2_grpc.VisionServiceServicer):
                               max_pixels=settings.max_image_pixels)
             jobs.append(loop.run_in_executor(self._preprocess_pool, job))
             keys.append(loop.run_in_executor(self._preprocess_pool, partial(
-                content_key, image.data, image.max_tiles or settings.default_max_tiles, image.video_frames, vir)))
+                content_key, image.data, image.max_tiles or settings.default_max_tiles, image.video_frames, vir,
+                request.cache_scope)))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         keys = await asyncio.gather(*keys)
         pixels, image_keys = [], []

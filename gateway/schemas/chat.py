@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.schemas.common import INT32, INT64, UINT32, Strict
+from gateway.schemas.common import INT32, INT64, UINT32, CacheSalt, Strict
 
 
 class ImageURL(Strict):
@@ -141,6 +141,7 @@ class ChatCompletionRequest(Strict):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
     parallel_tool_calls: bool = True
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)  # token id (as text) -> -100..100
+    cache_salt: CacheSalt | None = None
     # Accepted and ignored, as `vllm serve` does: nothing is stored, and metadata is not kept.
     store: bool | None = None
     metadata: dict[str, str] | None = None

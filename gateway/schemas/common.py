@@ -3,9 +3,9 @@ list and the error body."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class Strict(BaseModel):
@@ -16,6 +16,11 @@ class Strict(BaseModel):
 
 INT64 = 2**63 - 1
 UINT32, INT32 = 2**32 - 1, 2**31 - 1  # the proto fields' widths: a wider value cannot be sent on
+
+
+# vLLM's `cache_salt`: the request's caches (prefix cache, image features) are shared only with requests of its
+# tenant that bring the same salt. Any text: the gateway hashes it with the tenant's scope.
+CacheSalt = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
 class ModelCard(BaseModel):

@@ -1,7 +1,8 @@
 """OpenAI Responses API request shapes accepted by the gateway (the subset `vllm serve` supports for one model).
 
 Output shapes are the `openai` package's own (`openai.types.responses`), so what the gateway sends is
-what the official client parses. Request parameters are strict: an unknown one is a 400 that names it.
+what the official client parses (but for `DeletedResponse`, which it lacks). Request parameters are
+strict: an unknown one is a 400 that names it.
 Items that echo earlier output back (messages, calls, reasoning) ignore the output-only fields the
 client copies along (`status`, `annotations`, ...).
 """
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from gateway.schemas.common import INT32, UINT32, Strict
+from gateway.schemas.common import INT32, UINT32, CacheSalt, Strict
 
 
 class Echoed(BaseModel):
@@ -152,6 +153,7 @@ class ResponsesRequest(Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
     metadata: dict[str, str] | None = Field(default=None, max_length=16)  # returned with the response
+    cache_salt: CacheSalt | None = None  # vLLM's extension, as on chat completions
     # Accepted and ignored, as `vllm serve` does.
     user: str | None = None
     service_tier: str | None = None
@@ -159,3 +161,11 @@ class ResponsesRequest(Strict):
     include: list[str] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+
+
+class DeletedResponse(BaseModel):
+    """The answer to `DELETE /v1/responses/{id}`."""
+
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True
