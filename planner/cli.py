@@ -22,7 +22,10 @@ def run_plan(
     out: Annotated[Path, typer.Option(help="Folder for plan.md, plan.json and the PNG plots")] = Path("plan"),
     gpus: Annotated[int | None, typer.Option(help="Override the workload's GPU budget")] = None,
     arrival_rate: Annotated[float | None, typer.Option(help="Override: Poisson arrivals, requests/s")] = None,
-    search: Annotated[bool, typer.Option(help="Also find each split's highest arrival rate meeting the SLOs")] = True,
+    search: Annotated[bool, typer.Option(help="Also find each split's sustained goodput (p90 and p99)")] = True,
+    api_server_count: Annotated[int | None, typer.Option(
+        help="Coupled serving as one data-parallel `vllm serve` with this many API servers (vLLM 0.32's default: "
+             "one per GPU); default: the profile's")] = None,
 ) -> None:
     """Simulate every vision:language split of the GPU budget against coupled serving; table + plots."""
     from planner.plan import make_plan
@@ -35,7 +38,7 @@ def run_plan(
         if arrival_rate:
             overrides |= {"arrival_rate": arrival_rate, "concurrency": None}
         load = Workload.model_validate(load.model_dump() | overrides)
-        plan = make_plan(stage_profiles, load, search=search)
+        plan = make_plan(stage_profiles, load, search=search, api_servers=api_server_count)
     except (ProfileError, ValueError) as exc:
         typer.echo(f"dvd plan: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from planner.derive import derive
-from planner.plan import make_plan, max_slo_rate, run
+from planner.plan import make_plan, run, sustained
 from planner.profiles import (
     CoupledProfile,
     DecodePoint,
@@ -88,8 +88,9 @@ def test_coupled_decode_stalls_behind_the_encoder():
 
 def test_vir_token_reduction_raises_a_prefill_bound_capacity():
     profiles = profile(prefill_s=0.08)
-    base = max_slo_rate(profiles, workload(requests=200), 1, 1, steps=6)
-    compressed = max_slo_rate(profiles, workload(requests=200, vir_compressed_share=1.0), 1, 1, steps=6)
+    base = sustained(profiles, workload(requests=200), 1, 1, percentiles=(90.0,), precision=0.1)[90.0]
+    compressed = sustained(profiles, workload(requests=200, vir_compressed_share=1.0), 1, 1, percentiles=(90.0,),
+                        precision=0.1)[90.0]
     assert compressed > 1.5 * base
 
 
