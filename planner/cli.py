@@ -55,22 +55,46 @@ def run_plan(
 def derive_profile(
     out: Annotated[Path, typer.Argument(help="Profile file to write")],
     host_profile: Annotated[Path, typer.Option(help="Measured profile whose host-side costs are reused")],
-    preset: Annotated[str, typer.Option(help="Model geometry preset: 1b, 2b, 4b, 8b, 38b")] = "8b",
+    preset: Annotated[str, typer.Option(
+        help="Model geometry: an InternVL3.5 preset (1b, 2b, 4b, 8b, 38b, ...), qwen3-vl-4b, or a JSON file")] = "8b",
+    accelerator: Annotated[str | None, typer.Option(
+        help="A data-sheet accelerator (a100-80gb, h100-sxm, h200); overrides the figures below")] = None,
     device: Annotated[str, typer.Option(help="Device name written into the profile")] = "NVIDIA H100 SXM (derived)",
     peak_tflops: Annotated[float, typer.Option(help="Dense bf16 peak, TFLOP/s")] = 989.0,
     hbm_gb_s: Annotated[float, typer.Option(help="Memory bandwidth, GB/s")] = 3350.0,
-    mfu: Annotated[float, typer.Option(help="Share of peak reached by the encoder and prefill")] = 0.5,
+    memory_gib: Annotated[float, typer.Option(help="Device memory, GiB")] = 80.0,
+    nvlink_gb_s: Annotated[float, typer.Option(help="NVLink bandwidth per GPU and direction, GB/s")] = 450.0,
+    tensor_parallel_size: Annotated[int, typer.Option(
+        help="Devices per language engine: weights and FLOPs split over them, two all-reduces per layer")] = 1,
+    mfu: Annotated[float | None, typer.Option(help="Share of peak reached by matrix multiplies (default 0.7)")] = None,
+    enforce_eager: Annotated[bool, typer.Option(help="Language engines without CUDA graphs")] = False,
     link_gb_s: Annotated[float, typer.Option(help="Feature link bandwidth, GB/s")] = 25.0,
+    api_server_costs: Annotated[Path | None, typer.Option(
+        help="vLLM API-server CPU costs (benchmarks/mm_processor.py's result file)")] = Path(
+        "benchmarks/results/mm_processor_cpu.json"),
 ) -> None:
     """Write a profile DERIVED from FLOP and byte counts (labelled so), for sizing before a GPU run."""
+    from planner.derive import api_server_costs as measured_api_server
     from planner.derive import derive
+    from planner.geometry import geometry
+    from planner.hardware import accelerator as data_sheet
+    from planner.roofline import Efficiency
 
     try:
         host = StageProfiles.load(host_profile)
-        profile = derive(preset, host, device=device, peak_tflops=peak_tflops, hbm_gb_s=hbm_gb_s, mfu=mfu,
-                         link_gb_s=link_gb_s)
+        model = geometry(preset)
+        if accelerator:
+            sheet = data_sheet(accelerator)
+            device, peak_tflops, hbm_gb_s = sheet.name + " (derived)", sheet.bf16_tflops, sheet.hbm_gb_s
+            memory_gib, nvlink_gb_s = sheet.memory_gib, sheet.nvlink_gb_s
+        efficiency = Efficiency() if mfu is None else Efficiency(gemm=mfu)
+        api = measured_api_server(model, api_server_costs) if api_server_costs else None
+        profile = derive(model, host, device=device, peak_tflops=peak_tflops, hbm_gb_s=hbm_gb_s,
+                         memory_gib=memory_gib, nvlink_gb_s=nvlink_gb_s, tensor_parallel=tensor_parallel_size,
+                         efficiency=efficiency, cuda_graphs=not enforce_eager, link_gb_s=link_gb_s, api_server=api)
+        profile.roofline.kv_capacity_tokens()  # refuses a model that does not fit its devices
     except (ProfileError, ValueError) as exc:
         typer.echo(f"dvd plan derive: {exc}", err=True)
         raise typer.Exit(2) from None
     profile.save(out)
-    typer.echo(f"wrote derived (not measured) {preset} profile for {device} to {out}")
+    typer.echo(f"wrote derived (not measured) {model.name} profile for {profile.device} to {out}")

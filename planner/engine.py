@@ -140,7 +140,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.outstanding = 0  # requests routed here and not finished (the router's view)
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # device seconds (a step's host time beyond them is not the device working)
         self.steps = 0
         self.kv_used = 0
         self.encoder_cache_used = 0
@@ -238,7 +238,7 @@ class Engine:
             encoder_sequences = [seq for s in plan for item in s.items for seq in item.sequences]
             device_s, host_s = self.cost(shape, encoder_sequences)
             seconds = max(device_s, host_s) if self.config.async_scheduling else device_s + host_s
-            self.busy_s += seconds
+            self.busy_s += device_s
             self.steps += 1
             yield from self.device.run(seconds)
             self._apply(plan)

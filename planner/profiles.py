@@ -152,7 +152,9 @@ class FrontendCosts(BaseModel):
     `vllm/renderers/base.py`, `_mm_executor = ThreadPoolExecutor(max_workers=1)`).
     """
 
-    processes: int = Field(1, gt=0)  # processes sharing the traffic (vLLM: `--api-server-count`)
+    # processes sharing the traffic (vLLM: `--api-server-count`); None: one per GPU, vLLM 0.32's default for a
+    # data-parallel `vllm serve` (`vllm/entrypoints/cli/serve.py`; it was 1 before January 2026)
+    processes: int | None = Field(None, gt=0)
     request_s: float = Field(0.0, ge=0)  # per request, on the event loop
     image_s: float = Field(0.0, ge=0)  # per image, on the multimodal worker
     tile_s: float = Field(0.0, ge=0)  # per encoder sequence (InternVL's processor works tile by tile)

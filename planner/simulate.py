@@ -296,7 +296,7 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int,
     spread = Spread(profiles.service_time_cv, workload.seed)
     costs, on_device, mm_workers, latency_s = _coupled_frontend(profiles)
     if api_servers is None and profiles.api_server is not None:
-        api_servers = profiles.api_server.processes
+        api_servers = profiles.api_server.processes or replicas
     devices = devices_for(env, profiles, workload, replicas)
     config = engine_config(profiles, profiles.roofline, vision_weights=True)
     cost = step_cost(profiles)
@@ -523,7 +523,8 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
 
 
 def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, language_servers: int,
-                 proxy: FrontendCosts, encoder_scheduler: SchedulerConfig, language_eager: bool = False) -> Result:
+                 proxy: FrontendCosts, encoder_scheduler: SchedulerConfig, language_eager: bool = False,
+                 language_scheduler: SchedulerConfig | None = None) -> Result:
     """vLLM's encoder disaggregation as its example deploys it (`examples/online_serving/disaggregated_encoder/`):
     a proxy (`disagg_epd_proxy.py`) sends the request, max_tokens 1, to an encoder-only vLLM instance (an EC
     producer runs no language model: `vllm/config/vllm.py`, `_resolve_mm_encoder_only`), waits for its answer,
@@ -557,7 +558,8 @@ def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, lan
         e_engines.append(engine)
         e_fronts.append(Frontend(env, api, spread, name="encoder_api_server"))
     output_path = _chain(proxy_front, client.receive)
-    config = engine_config(profiles, language_roofline, vision_weights=False)
+    config = engine_config(profiles.model_copy(update={"scheduler": language_scheduler or profiles.scheduler}),
+                           language_roofline, vision_weights=False)
 
     def language_output(sampled: list[Request]) -> None:
         for front in {id(r.frontend): r.frontend for r in sampled}.values():

@@ -254,3 +254,162 @@ def test_relative_spread_pools_repeated_measurements():
 
     assert relative_spread([[2.0, 2.0, 2.0], [5.0]]) == 0.0
     assert relative_spread([[0.9, 1.1], [1.8, 2.2]]) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- vLLM's engine, the roofline, geometry, sustained
+
+
+def _engine(config, cost):
+    """One simulated vLLM engine on a whole-turn device; returns (env, engine, token times per request index)."""
+    import simpy
+
+    from planner.engine import Engine
+    from planner.simulate import Device, Spread
+
+    env = simpy.Environment()
+    times: dict[int, list[float]] = {}
+
+    def output(sampled):
+        for r in sampled:
+            times.setdefault(r.index, []).append(env.now)
+
+    engine = Engine(env, config, cost, Device(env, None, Spread(0.0, 0)), output, encoder=True)
+    return env, engine, times
+
+
+def _request(index, text, images=(), output=4, images_first=True):
+    from planner.engine import Request
+
+    return Request(index, 0.0, [[1024] * 1 for _ in images], list(images), text, output, images_first=images_first)
+
+
+def test_a_step_that_encodes_an_image_delays_every_running_decode():
+    """Coupled vLLM: the encoder runs inside the step, so a decode in flight waits for another request's image."""
+    from planner.engine import SchedulerConfig
+
+    def cost(shape, sequences):  # 10 ms per step, 500 ms per encoder sequence
+        return 0.01 + 0.5 * len(sequences), 0.0
+
+    env, engine, times = _engine(SchedulerConfig(max_num_batched_tokens=4096), cost)
+    engine.add(_request(0, text=100, output=50))
+
+    def late_image():
+        yield env.timeout(0.105)
+        engine.add(_request(1, text=10, images=[256], output=2))
+
+    env.process(late_image())
+    env.run()
+    gaps = np.diff(times[0])
+    assert max(gaps) == pytest.approx(0.51)  # the step with the image: decode and encoder together
+    assert sorted(gaps)[-2] == pytest.approx(0.01)  # every other step is a plain decode step
+    assert times[1][0] == pytest.approx(times[0][int(np.argmax(gaps)) + 1])  # the image's request prefilled then
+
+
+def test_chunked_prefill_keeps_every_step_within_the_token_budget_and_serves_running_requests_first():
+    from planner.engine import SchedulerConfig
+
+    steps = []
+
+    def cost(shape, sequences):
+        steps.append((shape.tokens, shape.decodes, list(shape.prefill_chunks)))
+        return 0.01, 0.0
+
+    env, engine, times = _engine(SchedulerConfig(max_num_batched_tokens=512), cost)
+    engine.add(_request(0, text=8, output=20))
+    env.run(until=0.025)  # request 0 is decoding
+    engine.add(_request(1, text=2000, output=2))
+    env.run()
+    assert all(tokens <= 512 for tokens, _, _ in steps)
+    chunks = [c for _, _, prefill in steps for c in prefill]
+    assert chunks[1:] == [511, 511, 511, 467]  # beside request 0's decode, which is scheduled first
+    assert all(decodes == 1 for _, decodes, prefill in steps[1:5])
+    # added during the third step (t=0.02..0.03); four chunks from t=0.03: first token at 0.07
+    assert times[1] == pytest.approx([0.07, 0.08])
+
+
+def test_an_image_that_does_not_fit_the_encoder_budget_stops_the_chunk_before_it():
+    """vLLM's `_try_schedule_encoder_inputs`: an image is encoded whole in the step that first touches it; past
+    the step's encoder budget the chunk ends where the image begins, and the image goes in the next step."""
+    from planner.engine import SchedulerConfig
+
+    encoded = []
+
+    def cost(shape, sequences):
+        encoded.append((len(sequences), list(shape.prefill_chunks)))
+        return 0.01, 0.0
+
+    config = SchedulerConfig(max_num_batched_tokens=4096, encoder_compute_budget=300, encoder_cache_size=1000)
+    env, engine, _ = _engine(config, cost)
+    engine.add(_request(0, text=100, images=[256, 256], output=1, images_first=False))
+    env.run()
+    # text, the first image between its markers and the second's opening marker, cut where the second image's
+    # features begin; then the second image and its closing marker
+    assert encoded == [(1, [100 + (1 + 256 + 1) + 1]), (1, [256 + 1])]
+
+
+def test_tensor_parallelism_halves_the_weights_each_device_reads_and_adds_two_all_reduces_per_layer():
+    from planner.geometry import geometry
+    from planner.hardware import ACCELERATORS
+    from planner.roofline import Efficiency, Roofline, StepShape
+
+    model, h100 = geometry("38b"), ACCELERATORS["h100-sxm"]
+    eff = Efficiency(allreduce_latency_s=1e-5)
+    one = Roofline(accelerator=h100, model=model, tensor_parallel=1, efficiency=eff)
+    two = one.model_copy(update={"tensor_parallel": 2})
+    decode = StepShape()
+    decode.add_chunk(1, 1000, decode=True)
+    layers, hidden = model.language.num_layers, model.language.hidden_size
+    all_reduce = 2 * layers * (1e-5 + 2 * (2 - 1) / 2 * hidden * 2 / (h100.nvlink_gb_s * 1e9))
+    assert two.language_seconds(decode) == pytest.approx(one.language_seconds(decode) / 2 + all_reduce, rel=0.02)
+    assert two.kv_capacity_tokens() > 0
+    with pytest.raises(ValueError, match="does not fit 1 x NVIDIA H100"):
+        one.kv_capacity_tokens()
+
+
+def test_image_tokens_follow_each_models_rule():
+    from planner.geometry import geometry
+
+    qwen, internvl = geometry("qwen3-vl-4b"), geometry("8b")
+    assert qwen.image_tokens(640, 640) == 400 and qwen.image_sequences(640, 640) == [1600]
+    assert qwen.image_tokens(1000, 500) == 16 * 31 // 1  # 500x1000 -> 512x992 px -> 16x31 merged tokens
+    assert internvl.image_tokens(1920, 1080) == 9 * 256 and len(internvl.image_sequences(1920, 1080)) == 9
+    assert internvl.image_tokens(448, 448) == 256
+
+
+def test_an_moe_layer_reads_only_the_experts_its_tokens_route_to():
+    from planner.geometry import LanguageModel
+
+    moe = LanguageModel(hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128,
+                        intermediate_size=6144, vocab_size=151936, num_experts=128, experts_per_token=8,
+                        expert_intermediate_size=768)
+    assert moe.experts_touched(1) == pytest.approx(8)
+    assert moe.experts_touched(10_000) == pytest.approx(128)
+    assert moe.active_params() < 0.15 * moe.weight_params()
+
+
+def test_the_sustained_criterion_rejects_a_growing_queue_that_has_not_yet_broken_the_slo():
+    from planner.sustained import Criterion, Record, judge
+
+    criterion = Criterion(ttft_slo_s=10.0, tpot_slo_s=0.1)
+    steady = [Record(i * 0.1, 1.0 + 0.1 * (i % 3), 0.05) for i in range(300)]
+    growing = [Record(i * 0.1, 1.0 + 0.02 * i, 0.05) for i in range(300)]  # 1 s -> 7 s: every one within SLO
+    assert judge(steady, criterion, 99).passed
+    verdict = judge(growing, criterion, 99)
+    assert verdict.within_slo and not verdict.sustained and verdict.reason == "queue growing"
+    unfinished = steady[:-1] + [Record(30.0, None, None)]
+    assert not judge(unfinished, criterion, 90).within_slo
+
+
+def test_one_api_server_caps_a_data_parallel_deployment_whatever_its_engines():
+    """vLLM's API server processes every image on one worker: four engines behind one process serve no more than
+    that process does; one API server per engine (vLLM 0.32's default) lifts the cap."""
+    from planner.profiles import FrontendCosts
+
+    fast = profile(vision_tiles_per_s=1000.0, prefill_s=TINY, decode_step_s=TINY)
+    fast.api_server = FrontendCosts(image_s=0.05)  # 50 ms per image, nothing else
+    load = workload(arrival_rate=None, concurrency=32, requests=300, output_tokens=2)
+    one = run(fast, load, 0, 4, api_servers=1)
+    four = run(fast, load, 0, 4, api_servers=4)
+    assert one.throughput_rps == pytest.approx(20, rel=0.1)
+    assert four.throughput_rps == pytest.approx(80, rel=0.15)
+    assert one.bottleneck == "api_server"
