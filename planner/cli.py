@@ -98,3 +98,68 @@ def derive_profile(
         raise typer.Exit(2) from None
     profile.save(out)
     typer.echo(f"wrote derived (not measured) {model.name} profile for {profile.device} to {out}")
+
+
+RESULTS = Path("benchmarks/results")
+API_COSTS = RESULTS / "mm_processor_cpu.json"
+HOST_PROFILE = RESULTS / "profiles" / "cpu_tiny_2026_12.json"
+
+
+@app.command("anchor")
+def anchor_command(
+    out: Annotated[Path, typer.Option(help="Result files' stem (.json, .md)")] = RESULTS / "plan_anchor_a100_qwen3vl4b",
+    host_profile: Annotated[Path, typer.Option(help="Measured CPU profile (DvD's host costs)")] = HOST_PROFILE,
+    api_server_costs: Annotated[Path, typer.Option(help="vLLM API-server costs (mm_processor)")] = API_COSTS,
+) -> None:
+    """Predict the published GPU anchor (vLLM's encoder-disaggregation post): DP4 against 1E3PD, every point."""
+    from planner import anchor
+
+    profiles = anchor.profile(StageProfiles.load(host_profile), str(api_server_costs))
+    rows = []
+    for point in anchor.PUBLISHED:
+        rows.append(anchor.predict(profiles, point))
+        typer.echo(rows[-1].model_dump_json())
+    table = anchor.table(rows)
+    out.with_suffix(".md").write_text(table)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": "dvd plan anchor", "profile": profiles.model_dump(mode="json"),
+         "rows": [r.model_dump() | {"coupled_ratio": r.coupled_ratio, "decoupled_ratio": r.decoupled_ratio,
+                                    "direction_right": r.direction_right} for r in rows]}, indent=2) + "\n")
+    typer.echo(table)
+
+
+@app.command("verdicts")
+def verdicts_command(
+    out: Annotated[Path, typer.Option(help="Folder for the plans and the summary")] = (
+        RESULTS / "plan_verdicts_internvl35"),
+    host_profile: Annotated[Path, typer.Option(help="Measured CPU profile (DvD's host costs)")] = HOST_PROFILE,
+    api_server_costs: Annotated[Path, typer.Option(help="vLLM API-server costs (mm_processor)")] = API_COSTS,
+    cases: Annotated[str, typer.Option(help="Which: all, or preset:accelerator, e.g. 8b:h100-sxm")] = "all",
+    techniques: Annotated[bool, typer.Option(help="Also rank the techniques beyond 2x (8B and 38B on H100)")] = True,
+) -> None:
+    """InternVL3.5 8B and 38B on H100 and H200, with and without ViR; the techniques ranked."""
+    from planner import verdicts
+    from planner.report import markdown
+
+    host = StageProfiles.load(host_profile)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [c for c in verdicts.CASES if cases == "all" or f"{c[0]}:{c[1]}" in cases.split(",")]
+    summary = []
+    for preset, accelerator, tp in chosen:
+        for vir in (False, True):
+            v = verdicts.verdict(preset, accelerator, tp, vir, host, api_server_costs)
+            name = f"{preset}_{accelerator}{'_vir' if vir else ''}"
+            (out / f"{name}.md").write_text(markdown(v.plan))
+            best = v.plan.best
+            summary.append({"case": name, "best": best.label, "best_p90": best.sustained_p90_rps,
+                            "best_p99": best.sustained_p99_rps, "coupled_p90": v.plan.coupled.sustained_p90_rps,
+                            "coupled_p99": v.plan.coupled.sustained_p99_rps, "gain_p90": v.plan.gain_at(90),
+                            "gain_p99": v.plan.gain_at(99), "bottleneck": best.bottleneck,
+                            "coupled_bottleneck": v.plan.coupled.bottleneck})
+            typer.echo(json.dumps(summary[-1]))
+            if techniques and not vir and accelerator == "h100-sxm":
+                ranked = verdicts.techniques(preset, accelerator, tp, host, api_server_costs,
+                                             (best.vision_gpus, best.language_gpus))
+                summary[-1]["techniques"] = [t.model_dump() | {"gain": t.gain} for t in ranked]
+                typer.echo(json.dumps(summary[-1]["techniques"]))
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -73,9 +73,8 @@ class Request:
         """Encoder sequences per image (InternVL's tiles; one per image at native resolution)."""
         return [len(s) for s in self.sequences]
 
-    @property
-    def prompt_tokens(self) -> int:
-        return self.text_tokens + sum(self.image_tokens) + IMAGE_MARKER_TOKENS * len(self.sequences)
+    def __post_init__(self) -> None:
+        self.prompt_tokens = self.text_tokens + sum(self.image_tokens) + IMAGE_MARKER_TOKENS * len(self.sequences)
 
     @property
     def ttft(self) -> float:
@@ -149,8 +148,15 @@ class Engine:
         env.process(self._loop())
 
     def add(self, request: Request) -> None:
-        request.layout(encoded=not self.encoder)
+        """Queue a request. Its images are laid out in its prompt unless the caller did (DvD's features arriving
+        one by one); without an encoder, an image whose features are not in yet stops the prefill before it."""
+        if not request.items:
+            request.layout(encoded=not self.encoder)
         self.waiting.append(request)
+        self.wake()
+
+    def wake(self) -> None:
+        """Something changed that may let a step schedule more (an arrival, features in)."""
         if not self._wake.triggered:
             self._wake.succeed()
 
@@ -181,8 +187,11 @@ class Engine:
         if 0 < threshold < lacking and len(self.running) + len(self.waiting) > 1:
             lacking = threshold
         tokens = min(lacking, token_budget)
-        if not self.encoder or r.computed >= r.prompt_tokens:
+        if r.computed >= r.prompt_tokens:
             return tokens, []
+        if not self.encoder:  # features come from elsewhere: the chunk stops before any still on its way
+            waiting = [item.offset for item in r.items if not item.encoded and item.offset < r.computed + tokens]
+            return (min(waiting) - r.computed if waiting else tokens), []
         return self._encoder_inputs(r, tokens, budget)
 
     def schedule(self) -> list[Scheduled]:
@@ -227,7 +236,7 @@ class Engine:
                 self._wake = self.env.event()
                 yield self._wake
             plan = self.schedule()
-            if not plan:  # nothing fits (the KV cache is full): wait for a finish or an arrival
+            if not plan:  # nothing fits (KV cache full, features on their way): wait for a finish or an arrival
                 self._wake = self.env.event()
                 yield self._wake
                 continue

@@ -28,6 +28,7 @@ class Summary(BaseModel):
     system: str  # "dvd", "coupled" or "epd"
     vision_gpus: int
     language_gpus: int
+    tensor_parallel: int = 1  # GPUs per language engine
     throughput_rps: float  # completed requests / (last finish - first arrival), as a benchmark client reports it
     goodput_rps: float  # throughput x the share of requests meeting both SLOs, at the workload's rate
     slo_attainment: float
@@ -46,11 +47,12 @@ class Summary(BaseModel):
 
     @property
     def label(self) -> str:
+        tp = f" (TP{self.tensor_parallel})" if self.tensor_parallel > 1 else ""
         if self.system == "dvd":
-            return f"{self.vision_gpus}V:{self.language_gpus}L"
+            return f"{self.vision_gpus}V:{self.language_gpus}L{tp}"
         if self.system == "epd":
             return f"{self.vision_gpus}E{self.language_gpus}PD"
-        return f"coupled x{self.language_gpus}"
+        return f"coupled x{self.language_gpus}{tp}"
 
     def sustained(self, percentile: float) -> float | None:
         return self.sustained_p90_rps if percentile == 90 else self.sustained_p99_rps
@@ -92,8 +94,10 @@ def summarize(result: Result, workload: Workload, profiles: StageProfiles) -> Su
     tpot = np.array([r.tpot for r in done])
     throughput = len(done) / duration
     attainment = sum(r.ttft <= workload.ttft_slo_s and r.tpot <= workload.tpot_slo_s for r in done) / len(done)
+    tp = tensor_parallel(profiles) if result.system != "epd" else 1
     summary = Summary(
-        system=result.system, vision_gpus=result.vision_servers, language_gpus=result.language_servers,
+        system=result.system, vision_gpus=result.vision_servers, language_gpus=result.language_servers * tp,
+        tensor_parallel=tp,
         throughput_rps=throughput, goodput_rps=throughput * attainment, slo_attainment=attainment,
         ttft_p50_s=float(np.percentile(ttft, 50)), ttft_p90_s=float(np.percentile(ttft, 90)),
         ttft_p99_s=float(np.percentile(ttft, 99)), tpot_p50_s=float(np.percentile(tpot, 50)),
@@ -114,19 +118,29 @@ def summarize(result: Result, workload: Workload, profiles: StageProfiles) -> Su
     return summary
 
 
+def tensor_parallel(profiles: StageProfiles) -> int:
+    return profiles.roofline.tensor_parallel if profiles.roofline else 1
+
+
 def simulate(profiles: StageProfiles, workload: Workload, vision_gpus: int, language_gpus: int,
-             devices: list[int] | None = None, api_servers: int | None = None) -> Result:
-    """One run: `vision_gpus` 0 means coupled serving on `language_gpus` devices."""
+             devices: list[int] | None = None, api_servers: int | None = None, **techniques) -> Result:
+    """One run: `vision_gpus` 0 means coupled serving on `language_gpus` devices. Under tensor parallelism each
+    language engine (DvD's language server, a coupled replica) takes that many of the language GPUs.
+    `techniques`: `simulate_dvd`'s options."""
+    tp = tensor_parallel(profiles)
+    if language_gpus % tp:
+        raise ValueError(f"{language_gpus} language GPUs do not split into engines of tensor parallelism {tp}")
     if vision_gpus:
-        return simulate_dvd(profiles, workload, vision_gpus, language_gpus, devices)
-    return simulate_coupled(profiles, workload, language_gpus, api_servers)
+        return simulate_dvd(profiles, workload, vision_gpus, language_gpus // tp, devices, **techniques)
+    return simulate_coupled(profiles, workload, language_gpus // tp, api_servers)
 
 
 def run(profiles: StageProfiles, workload: Workload, vision_gpus: int, language_gpus: int,
-        devices: list[int] | None = None, api_servers: int | None = None) -> Summary:
+        devices: list[int] | None = None, api_servers: int | None = None, **techniques) -> Summary:
     """One system at the workload's own arrival: `vision_gpus` 0 means coupled on `language_gpus` devices.
     `devices` places DvD's servers on shared devices (see `simulate_dvd`); by default each has its own."""
-    return summarize(simulate(profiles, workload, vision_gpus, language_gpus, devices, api_servers), workload, profiles)
+    result = simulate(profiles, workload, vision_gpus, language_gpus, devices, api_servers, **techniques)
+    return summarize(result, workload, profiles)
 
 
 def sustained_goodput(simulate_at: Callable[[Workload], Result], workload: Workload,
@@ -181,24 +195,28 @@ def _bracket(passes: Callable[[float], bool], failing: float | None) -> tuple[fl
 
 
 def sustained(profiles: StageProfiles, workload: Workload, vision_gpus: int, language_gpus: int,
-           api_servers: int | None = None, **options) -> dict[float, float]:
+              api_servers: int | None = None, techniques: dict | None = None, **options) -> dict[float, float]:
     """Sustained goodput of one system (see `sustained_goodput`)."""
     return sustained_goodput(
-        lambda trial: simulate(profiles, trial, vision_gpus, language_gpus, api_servers=api_servers), workload,
-        **options)
+        lambda trial: simulate(profiles, trial, vision_gpus, language_gpus, api_servers=api_servers,
+                               **(techniques or {})), workload, **options)
 
 
 def make_plan(profiles: StageProfiles, workload: Workload, *, search: bool = True,
-              api_servers: int | None = None) -> Plan:
-    """Every split from 1 vision GPU to gpus-1, and coupled data-parallel serving on all `gpus`."""
-    if workload.gpus < 2:
-        raise ValueError(f"DvD needs at least 2 GPUs (one vision, one language); the budget is {workload.gpus}")
-    splits = [(v, workload.gpus - v) for v in range(1, workload.gpus)]
+              api_servers: int | None = None, search_options: dict | None = None) -> Plan:
+    """Every split from 1 vision GPU to gpus-1 (language GPUs in whole tensor-parallel engines), and coupled
+    data-parallel serving on all `gpus`."""
+    tp = tensor_parallel(profiles)
+    if workload.gpus < 1 + tp or workload.gpus % tp:
+        raise ValueError(f"DvD needs at least one vision GPU and one language engine of {tp} GPUs, and coupled "
+                         f"serving whole engines: the budget is {workload.gpus} GPUs")
+    splits = [(v, workload.gpus - v) for v in range(1, workload.gpus) if (workload.gpus - v) % tp == 0]
     dvd = [run(profiles, workload, v, lang) for v, lang in splits]
     coupled = run(profiles, workload, 0, workload.gpus, api_servers=api_servers)
     if search:
         for summary, (v, lang) in [*zip(dvd, splits), (coupled, (0, workload.gpus))]:
-            rates = sustained(profiles, workload, v, lang, api_servers=api_servers if not v else None)
+            rates = sustained(profiles, workload, v, lang, api_servers=api_servers if not v else None,
+                              **(search_options or {}))
             summary.sustained_p90_rps, summary.sustained_p99_rps = rates[90.0], rates[99.0]
     key = ((lambda s: (s.sustained_p90_rps, s.sustained_p99_rps, s.goodput_rps)) if search
            else (lambda s: (s.goodput_rps, -s.ttft_p90_s)))

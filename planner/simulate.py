@@ -102,13 +102,17 @@ class Device:
     as the slice shrinks): a short job beside a long one then finishes early instead of waiting for it.
     """
 
-    def __init__(self, env: simpy.Environment, timeslice_s: float | None, spread: Spread):
-        self.env, self.timeslice_s, self.spread = env, timeslice_s, spread
+    def __init__(self, env: simpy.Environment, timeslice_s: float | None, spread: Spread, exclusive: bool = False):
+        """`exclusive`: one job at a time ever runs here (an engine alone on its GPU), so no turns are kept."""
+        self.env, self.timeslice_s, self.spread, self.exclusive = env, timeslice_s, spread, exclusive
         self._turns = simpy.Resource(env, capacity=1)
 
     def run(self, seconds: float):
         """A simpy process body: about `seconds` (see `Spread`) of this device, in turns with other jobs."""
         left = self.spread(seconds)
+        if self.exclusive:
+            yield self.env.timeout(left)
+            return
         while left > 1e-12:
             piece = left if self.timeslice_s is None else min(left, self.timeslice_s)
             with self._turns.request() as turn:
@@ -127,9 +131,10 @@ class Host:
         yield self.env.timeout(self.spread(seconds))
 
 
-def devices_for(env: simpy.Environment, profiles: StageProfiles, workload: Workload, count: int) -> list[Device]:
+def devices_for(env: simpy.Environment, profiles: StageProfiles, workload: Workload, count: int,
+                exclusive: bool = False) -> list[Device]:
     spread = Spread(profiles.service_time_cv, workload.seed)
-    return [Device(env, profiles.timeslice_s, spread) for _ in range(count)]
+    return [Device(env, profiles.timeslice_s, spread, exclusive) for _ in range(count)]
 
 
 Sampled = list[tuple[Request, int]]  # requests that got a token in one engine step, with their token count then
@@ -297,7 +302,7 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int,
     costs, on_device, mm_workers, latency_s = _coupled_frontend(profiles)
     if api_servers is None and profiles.api_server is not None:
         api_servers = profiles.api_server.processes or replicas
-    devices = devices_for(env, profiles, workload, replicas)
+    devices = devices_for(env, profiles, workload, replicas, exclusive=not on_device)
     config = engine_config(profiles, profiles.roofline, vision_weights=True)
     cost = step_cost(profiles)
     engines: list[Engine] = []
@@ -411,9 +416,14 @@ class VisionServer:
 
 
 def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: int, language_servers: int,
-                 devices: list[int] | None = None) -> Result:
+                 devices: list[int] | None = None, *, spread_images: bool = False,
+                 prefill_as_features_arrive: bool = False) -> Result:
     """`devices`: the device each server runs on, vision servers first (default: a device each). Servers
-    placed on one device take turns on it, step by step (CPU cores shared by processes, a GPU shared)."""
+    placed on one device take turns on it, step by step (CPU cores shared by processes, a GPU shared).
+
+    Two techniques peers use, off by default (DvD today): `spread_images` sends each image of a request to the
+    least busy vision server instead of the whole request to one; `prefill_as_features_arrive` admits a request
+    when its Generate call arrives and prefills up to the first image whose features are still on their way."""
     servers = vision_servers + language_servers
     devices = list(range(servers)) if devices is None else devices
     if len(devices) != servers:
@@ -452,7 +462,13 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     busy = {"wire": 0.0}
 
     def maybe_ready(r: Request) -> None:
-        if r.generate_arrived and r.images_left == 0:
+        if prefill_as_features_arrive:
+            if r.generate_arrived and not r.items:
+                r.layout(encoded=False)
+                route[r.index].add(r)
+            else:
+                route[r.index].wake()
+        elif r.generate_arrived and r.images_left == 0:
             route[r.index].add(r)
 
     def transfer(r: Request, image: int):
@@ -463,12 +479,18 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
             busy["wire"] += seconds
             yield env.timeout(seconds)
         r.images_left -= 1
+        arrived[(r.index, image)] = True
+        if r.items:
+            r.items[image].encoded = True
         maybe_ready(r)
+
+    arrived: dict[tuple[int, int], bool] = {}
 
     def image_done(r: Request, image: int) -> None:
         r.images_encoded += 1
-        if r.images_encoded == len(r.sequences):  # the gateway balances on requests still being encoded
-            vision_route[r.index].outstanding -= 1
+        server = vision_route[(r.index, image)] if spread_images else vision_route[r.index]
+        if spread_images or r.images_encoded == len(r.sequences):  # the gateway balances on work being encoded
+            server.outstanding -= 1
         env.process(transfer(r, image))
 
     visions = [VisionServer(env, profiles, image_done, shared[devices[i]], vision_roofline)
@@ -477,9 +499,9 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     workers = {id(v): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
     host = None if profiles.vision.preprocess_on_device else Host(env, profiles, workload)
 
-    def encode(r: Request, server: VisionServer):
+    def encode(r: Request, server: VisionServer, images):
         yield env.timeout(profiles.vision.overhead_s_per_request)
-        for image in range(len(r.sequences)):  # decode and tiling in the server's threads, then into the scheduler
+        for image in images:  # decode and tiling in the server's threads, then into the scheduler
             env.process(preprocess(r, image, server))
 
     def preprocess(r: Request, image: int, server: VisionServer):
@@ -490,7 +512,13 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
 
     def generate_arrived(r: Request) -> None:
         r.generate_arrived = True
-        maybe_ready(r)
+        if prefill_as_features_arrive:
+            r.layout(encoded=False)
+            for image, item in enumerate(r.items):
+                item.encoded = arrived.get((r.index, image), False)
+            route[r.index].add(r)
+        else:
+            maybe_ready(r)
 
     def dispatch(r: Request) -> None:
         engine = _least_outstanding(languages)
@@ -498,10 +526,15 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
         route[r.index] = engine
         r.frontend = fronts[id(engine)]
         r.images_left = len(r.sequences)
-        if r.sequences:
+        if r.sequences and spread_images:
+            for image in range(len(r.sequences)):
+                server = vision_route[(r.index, image)] = _least_outstanding(visions)
+                server.outstanding += 1
+                env.process(encode(r, server, [image]))
+        elif r.sequences:
             server = vision_route[r.index] = _least_outstanding(visions)
             server.outstanding += 1
-            env.process(encode(r, server))
+            env.process(encode(r, server, range(len(r.sequences))))
         r.frontend.take(r, generate_arrived)
 
     def start(r: Request) -> None:
@@ -541,7 +574,7 @@ def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, lan
     proxy_front = Frontend(env, proxy, spread, name="proxy")
     vision_roofline = profiles.roofline.model_copy(update={"tensor_parallel": 1})
     language_roofline = profiles.roofline.model_copy(update={"cuda_graphs": not language_eager})
-    devices = devices_for(env, profiles, workload, encoders + language_servers)
+    devices = devices_for(env, profiles, workload, encoders + language_servers, exclusive=True)
     pending: dict[int, Request] = {}  # encoder request index -> the original request
     busy = {"wire": 0.0}
 
