@@ -28,7 +28,7 @@ from planner.derive import api_server_costs, derive
 from planner.engine import SchedulerConfig
 from planner.geometry import QWEN3_VL_4B
 from planner.hardware import ACCELERATORS
-from planner.plan import sustained_goodput
+from planner.plan import summarize, sustained_goodput
 from planner.profiles import FrontendCosts, StageProfiles, TransportProfile
 from planner.simulate import simulate_coupled, simulate_epd
 from planner.workload import Workload
@@ -116,9 +116,17 @@ def predict(profiles: StageProfiles, point: Point, **search) -> Row:
 
     ours = sustained_goodput(decoupled, load, **search)
     theirs = sustained_goodput(coupled, load, **search)
+
+    def busy(simulate, rate: float) -> dict[str, float]:
+        """Each pool's busy share at the sustained rate: where the capacity went."""
+        trial = load.model_copy(update={"arrival_rate": rate, "requests": max(400, int(rate * 40))})
+        shares = summarize(simulate(trial), trial, profiles).busy_share
+        return {pool: round(share, 3) for pool, share in shares.items()}
+
     return Row(text_tokens=point.text_tokens, images=point.images, published_coupled=point.coupled_rps,
                published_decoupled=point.decoupled_rps, coupled_p99=theirs[99.0], decoupled_p99=ours[99.0],
-               coupled_p90=theirs[90.0], decoupled_p90=ours[90.0])
+               coupled_p90=theirs[90.0], decoupled_p90=ours[90.0], coupled_busy=busy(coupled, theirs[99.0]),
+               decoupled_busy=busy(decoupled, ours[99.0]))
 
 
 def table(rows: list[Row]) -> str:

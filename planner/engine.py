@@ -162,9 +162,10 @@ class Engine:
 
     @property
     def load_score(self) -> int:
-        """vLLM's data-parallel balancer picks the engine with the lowest `waiting * 4 + running`
+        """vLLM 0.32's data-parallel balancer picks the engine with the fewest requests in flight (waiting +
+        running; waiting ones weigh more only when the KV cache is over half full), ties rotating
         (`vllm/v1/engine/core_client.py`, `DPLBAsyncMPClient.get_core_engine_for_request`)."""
-        return 4 * len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running)
 
     def _encoder_inputs(self, r: Request, tokens: int, budget: list[int]) -> tuple[int, list[Item]]:
         """`_try_schedule_encoder_inputs`: the images this chunk touches, or a chunk cut before one that does

@@ -329,7 +329,7 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int,
                 front.outstanding -= 1
         client.receive(sampled)
 
-    turn = [0]
+    turn = [0, 0]  # next API server, balancer's scan start
 
     def start(r: Request) -> None:
         if api_servers is None:
@@ -344,7 +344,8 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int,
         r.frontend.outstanding += 1
 
         def to_engine(request: Request) -> None:
-            engine = min(engines, key=lambda e: e.load_score)
+            start = turn[1] = (turn[1] + 1) % len(engines)  # the scan's start rotates: ties go round robin
+            engine = min(engines[start:] + engines[:start], key=lambda e: e.load_score)
             engine.outstanding += 1
             engine.add(request)
         r.frontend.take(r, to_engine)
