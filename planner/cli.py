@@ -23,6 +23,8 @@ def run_plan(
     gpus: Annotated[int | None, typer.Option(help="Override the workload's GPU budget")] = None,
     arrival_rate: Annotated[float | None, typer.Option(help="Override: Poisson arrivals, requests/s")] = None,
     search: Annotated[bool, typer.Option(help="Also find each split's sustained goodput (p90 and p99)")] = True,
+    min_run_s: Annotated[float, typer.Option(
+        help="Each searched run's length in seconds of arrivals (long enough to show a growing queue)")] = 60.0,
     api_server_count: Annotated[int | None, typer.Option(
         help="Coupled serving as one data-parallel `vllm serve` with this many API servers (vLLM 0.32's default: "
              "one per GPU); default: the profile's")] = None,
@@ -38,7 +40,8 @@ def run_plan(
         if arrival_rate:
             overrides |= {"arrival_rate": arrival_rate, "concurrency": None}
         load = Workload.model_validate(load.model_dump() | overrides)
-        plan = make_plan(stage_profiles, load, search=search, api_servers=api_server_count)
+        plan = make_plan(stage_profiles, load, search=search, api_servers=api_server_count,
+                         search_options={"min_run_s": min_run_s})
     except (ProfileError, ValueError) as exc:
         typer.echo(f"dvd plan: {exc}", err=True)
         raise typer.Exit(2) from None

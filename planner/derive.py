@@ -31,12 +31,15 @@ from planner.profiles import (
 )
 from planner.roofline import Efficiency, Roofline, StepShape
 
-# DvD's own front ends, measured on the 2-core CPU host (benchmarks/results/cpu_per_request_cpu_tiny.json: one
-# 896x448 image, 16 output tokens): the gateway's process 19.2 ms of CPU per request, a language server's front
-# end 18.0 ms. Their per-token share is taken as vLLM's API server's measured streaming cost per token.
-DVD_GATEWAY_S_PER_REQUEST = 0.0192
-DVD_LANGUAGE_FRONTEND_S_PER_REQUEST = 0.0180
-DVD_MEASURED_OUTPUT_TOKENS = 16
+# DvD's own front ends, CPU seconds of each process per request on this 2-core host, 16 and 150 output tokens
+# (benchmarks/results/cpu_per_request_cpu_tiny_{16,150}tokens.json, `python -m benchmarks.cpu_per_request
+# --max-tokens 16|150`): the gateway 21.1 and 53.9 ms, a language server's front end (its own process, not vLLM's
+# engine core) 19.5 and 81.0 ms; split into a per-request and a per-output-token part.
+DVD_GATEWAY = FrontendCosts(request_s=0.0172, output_token_s=0.000245,
+                            source="DvD's gateway, measured on CPU: cpu_per_request_cpu_tiny_{16,150}tokens.json")
+DVD_LANGUAGE_FRONTEND = FrontendCosts(
+    request_s=0.0122, output_token_s=0.000459,
+    source="a DvD language server's front end, measured on CPU: cpu_per_request_cpu_tiny_{16,150}tokens.json")
 
 
 def language_params(model: ModelGeometry) -> int:
@@ -68,7 +71,7 @@ def api_server_costs(model: ModelGeometry, measured: Path) -> FrontendCosts:
     try:
         document = json.loads(Path(measured).read_text())
         fit = document["models"][family]["fit"]
-    except FileNotFoundError:
+    except OSError:
         raise ProfileError(f"{measured}: no such API-server cost file "
                            "(python -m benchmarks.mm_processor writes it)") from None
     except KeyError:
@@ -118,14 +121,6 @@ def derive(preset: str | ModelGeometry, host: StageProfiles, *, device: str, pea
     contexts, lm = (512, 2048, 8192, 16384), model.language
     tp = f" x{tensor_parallel} (tensor parallel)" if tensor_parallel > 1 else ""
     tokens_per_tile = model.images.tokens_per_tile if isinstance(model.images, TiledImages) else tile // 4
-    gateway = FrontendCosts(request_s=0.0, source="DvD's gateway, measured on CPU (cpu_per_request_cpu_tiny.json)")
-    front = FrontendCosts(request_s=0.0, source="DvD language server front end, measured on CPU "
-                                                "(cpu_per_request_cpu_tiny.json)")
-    if api_server is not None:
-        per_token = api_server.output_token_s
-        gateway.request_s = max(0.0, DVD_GATEWAY_S_PER_REQUEST - DVD_MEASURED_OUTPUT_TOKENS * per_token)
-        front.request_s = max(0.0, DVD_LANGUAGE_FRONTEND_S_PER_REQUEST - DVD_MEASURED_OUTPUT_TOKENS * per_token)
-        gateway.output_token_s = front.output_token_s = per_token
     return StageProfiles(
         device=device + tp,
         geometry=Geometry(name=model.name, vision_hidden_size=model.vision.hidden_size,
@@ -156,6 +151,6 @@ def derive(preset: str | ModelGeometry, host: StageProfiles, *, device: str, pea
         roofline=roofline,
         scheduler=scheduler,
         api_server=api_server,
-        gateway=gateway if api_server is not None else None,
-        language_frontend=front if api_server is not None else None,
+        gateway=DVD_GATEWAY if api_server is not None else None,
+        language_frontend=DVD_LANGUAGE_FRONTEND if api_server is not None else None,
     )

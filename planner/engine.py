@@ -67,6 +67,7 @@ class Request:
     images_encoded: int = 0
     generate_arrived: bool = False
     frontend: object = field(default=None, repr=False)  # the front-end process that streams its tokens
+    gateway: object = field(default=None, repr=False)  # DvD: the gateway process it came through
 
     @property
     def tiles(self) -> list[int]:

@@ -112,7 +112,11 @@ def summarize(result: Result, workload: Workload, profiles: StageProfiles) -> Su
         summary.loads = pool_loads(profiles, workload, throughput, result.vision_servers, result.language_servers)
         summary.bottleneck = max(summary.loads, key=summary.loads.get)
     elif summary.busy_share:
-        summary.bottleneck = max(summary.busy_share, key=summary.busy_share.get)
+        # A language engine decodes whenever a request runs, so its device is near fully busy long before it is
+        # the limit; a front end's process or a vision server is the limit once it is nearly always busy.
+        others = {pool: share for pool, share in summary.busy_share.items() if pool != "language"}
+        busiest = max(others, key=others.get, default=None)
+        summary.bottleneck = busiest if busiest and others[busiest] >= 0.9 else "language"
     if result.system == "coupled" and summary.bottleneck == "language":
         summary.bottleneck = "engine (encoder + language in one step)"
     return summary
@@ -218,6 +222,11 @@ def make_plan(profiles: StageProfiles, workload: Workload, *, search: bool = Tru
             rates = sustained(profiles, workload, v, lang, api_servers=api_servers if not v else None,
                               **(search_options or {}))
             summary.sustained_p90_rps, summary.sustained_p99_rps = rates[90.0], rates[99.0]
+            if rates[90.0]:  # where the capacity went: busy shares and bottleneck at the sustained rate
+                at = workload.model_copy(update={"arrival_rate": rates[90.0], "concurrency": None,
+                                                 "requests": max(workload.requests, int(rates[90.0] * 40))})
+                there = run(profiles, at, v, lang, api_servers=api_servers if not v else None)
+                summary.busy_share, summary.bottleneck = there.busy_share, there.bottleneck
     key = ((lambda s: (s.sustained_p90_rps, s.sustained_p99_rps, s.goodput_rps)) if search
            else (lambda s: (s.goodput_rps, -s.ttft_p90_s)))
     return Plan(workload=workload, device=profiles.device, geometry=profiles.geometry.name,

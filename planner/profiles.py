@@ -190,7 +190,7 @@ class StageProfiles(BaseModel):
     roofline: Roofline | None = None
     scheduler: SchedulerConfig | None = None
     api_server: FrontendCosts | None = None  # coupled vLLM's API server
-    gateway: FrontendCosts | None = None  # DvD's gateway
+    gateway: FrontendCosts | None = None  # DvD's gateway (processes None: one per language server)
     language_frontend: FrontendCosts | None = None  # a DvD language server's front end (gRPC Generate)
 
     def feature_bytes(self, tokens: int) -> int:

@@ -22,10 +22,11 @@ def _row(s: Summary, best: bool) -> str:
 def markdown(plan: Plan) -> str:
     w = plan.workload
     arrival = f"Poisson {w.arrival_rate:g} req/s" if w.arrival_rate else f"closed loop, {w.concurrency} clients"
+    images = f"images of {w.image_px[0]}x{w.image_px[1]} px" if w.image_px else f"tiles/image {w.tiles_per_image}"
     lines = [
         f"Plan for {w.gpus} GPUs of `{plan.device}`, model geometry `{plan.geometry}` "
         f"({plan.provenance} profiles; coupled costs {plan.coupled_costs}).",
-        f"Workload `{w.name}`: images/request {w.images_per_request}, tiles/image {w.tiles_per_image}, "
+        f"Workload `{w.name}`: images/request {w.images_per_request}, {images}, "
         f"text tokens {w.text_tokens}, output tokens {w.output_tokens}, ViR compressed share "
         f"{w.vir_compressed_share:g}; {arrival}, {w.requests} requests; SLOs TTFT <= {w.ttft_slo_s:g} s, "
         f"TPOT <= {w.tpot_slo_s * 1e3:g} ms.",
@@ -46,7 +47,8 @@ def markdown(plan: Plan) -> str:
               "last third's median TTFT under 1.5x the first third's) and meets both SLOs at that percentile "
               "(`planner/sustained.py`). goodput: throughput x the share of requests meeting both SLOs at the "
               "workload's own rate. busy share: the share of the run each pool's devices or processes worked; "
-              "the bottleneck is the busiest."]
+              "measured at the sustained rate when searched, and the bottleneck named from them (a front end or the "
+              "vision pool once busy 90% of the time, else the language engines)."]
     return "\n".join(lines) + "\n"
 
 

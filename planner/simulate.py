@@ -434,7 +434,9 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     requests = make_requests(workload, profiles)
     client = Client(env)
     spread = Spread(profiles.service_time_cv, workload.seed)
-    gateway = Frontend(env, profiles.gateway, spread, name="gateway") if profiles.gateway else None
+    # gateway processes: the profile's count, or one per language server (stateless replicas behind a balancer)
+    gateways = [Frontend(env, profiles.gateway, spread, name="gateway")
+                for _ in range(profiles.gateway.processes or language_servers)] if profiles.gateway else []
     front_costs = profiles.language_frontend or FrontendCosts()
     front_latency = 0.0 if profiles.language_frontend else profiles.language.overhead_s_per_request
     roofline = profiles.roofline
@@ -442,15 +444,16 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     config = engine_config(profiles, roofline, vision_weights=False)
     cost = step_cost(profiles)
     fronts: dict[int, Frontend] = {}
-    output_path = _chain(*(stage for stage in (gateway, client.receive) if stage))
+    paths = {id(g): _chain(g, client.receive) for g in gateways}
 
     def language_output(sampled: list[Request]) -> None:
-        for r in sampled:
-            if r.generated >= r.output_tokens and gateway:
-                gateway.outstanding -= 1
         for front in {id(r.frontend): r.frontend for r in sampled}.values():
             group = [(r, r.generated) for r in sampled if r.frontend is front]
-            front.stream(group, output_path)
+            if not gateways:
+                front.stream(group, client.receive)
+                continue
+            for gateway in {id(r.gateway): r.gateway for r, _ in group}.values():
+                front.stream([(r, n) for r, n in group if r.gateway is gateway], paths[id(gateway)])
 
     languages = []
     for i in range(language_servers):
@@ -538,10 +541,13 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
             env.process(encode(r, server, range(len(r.sequences))))
         r.frontend.take(r, generate_arrived)
 
+    turn = [0]
+
     def start(r: Request) -> None:
-        if gateway:
-            gateway.outstanding += 1
-            gateway.take(r, dispatch)
+        if gateways:
+            r.gateway = gateways[turn[0] % len(gateways)]
+            turn[0] += 1
+            r.gateway.take(r, dispatch)
         else:
             dispatch(r)
 
@@ -551,8 +557,8 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
               "wire": busy["wire"], "language_frontend": sum(f.busy_s for f in fronts.values())}
     counts = {"vision": vision_servers, "language": language_servers, "wire": language_servers,
               "language_frontend": language_servers}
-    if gateway:
-        busy_s["gateway"], counts["gateway"] = gateway.busy_s, 1
+    if gateways:
+        busy_s["gateway"], counts["gateway"] = sum(g.busy_s for g in gateways), len(gateways)
     return Result("dvd", vision_servers, language_servers, requests, busy_s, counts)
 
 

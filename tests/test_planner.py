@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,7 +73,8 @@ def test_saturated_throughput_grows_with_gpus():
 @pytest.mark.parametrize("slow, best", [("vision", (3, 1)), ("language", (1, 3))])
 def test_the_slow_stage_is_named_and_gets_the_gpus(slow, best):
     profiles = profile(vision_tiles_per_s=30.0) if slow == "vision" else profile(prefill_s=0.05, decode_step_s=0.02)
-    plan = make_plan(profiles, workload(requests=200, ttft_slo_s=1.0, tpot_slo_s=0.05), search=True)
+    plan = make_plan(profiles, workload(requests=200, ttft_slo_s=1.0, tpot_slo_s=0.05), search=True,
+                     search_options={"min_run_s": 15.0, "precision": 0.1})
     assert (plan.best.vision_gpus, plan.best.language_gpus) == best
     one_to_one = next(s for s in plan.dvd if s.vision_gpus == 2)
     assert one_to_one.bottleneck == slow
@@ -143,7 +145,7 @@ def test_dvd_plan_cli_writes_table_and_plots(tmp_path):
     (tmp_path / "workload.json").write_text(workload(requests=150).model_dump_json())
     out = tmp_path / "plan"
     command = [sys.executable, "-m", "dvd.cli", "plan", "run", "--profiles", str(tmp_path / "profile.json"),
-               "--workload", str(tmp_path / "workload.json"), "--out", str(out), "--gpus", "3"]
+               "--workload", str(tmp_path / "workload.json"), "--out", str(out), "--gpus", "3", "--min-run-s", "15"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "| **" in done.stdout and "coupled x3" in done.stdout and "Best split" in done.stdout
@@ -413,3 +415,51 @@ def test_one_api_server_caps_a_data_parallel_deployment_whatever_its_engines():
     assert one.throughput_rps == pytest.approx(20, rel=0.1)
     assert four.throughput_rps == pytest.approx(80, rel=0.15)
     assert one.bottleneck == "api_server"
+
+
+def test_spreading_a_requests_images_over_vision_servers_encodes_them_side_by_side():
+    """Two vision servers, two-image requests, one at a time: spread, each image has a server of its own."""
+    profiles = profile(vision_tiles_per_s=30.0, prefill_s=TINY, decode_step_s=TINY, max_batch_wait_s=0.0)
+    load = workload(images_per_request=2, tiles_per_image=3, arrival_rate=0.5, requests=40, output_tokens=2)
+    whole = run(profiles, load, 2, 1)
+    spread = run(profiles, load, 2, 1, spread_images=True)
+    assert whole.ttft_p50_s == pytest.approx(6 / 30, rel=0.1)  # six tiles on one server
+    assert spread.ttft_p50_s == pytest.approx(3 / 30, rel=0.1)  # three on each
+
+
+def test_prefill_starts_on_the_text_before_the_images_features_arrive():
+    """A language server that prefills up to the first missing image overlaps the text's prefill with the
+    encode; one that waits for every feature does them one after the other."""
+    from planner.profiles import LanguageProfile
+
+    profiles = profile(vision_tiles_per_s=2.0, decode_step_s=TINY, max_batch_wait_s=0.0)  # 0.5 s per image
+    # prefill: 0.2 ms per token, whatever the batch (one point per batch size)
+    profiles.language = LanguageProfile(
+        prefill=[PrefillPoint(batch=1, context_tokens=1000, seconds=0.2)],
+        decode=[DecodePoint(batch=1, context_tokens=1000, step_seconds=TINY)],
+        max_batched_tokens=1 << 20)
+    profiles.language.max_num_seqs = 8
+    load = workload(images_per_request=1, tiles_per_image=1, text_tokens=1000, images_first=False,
+                    arrival_rate=0.2, requests=20, output_tokens=2)
+    waiting = run(profiles, load, 1, 1)
+    streaming = run(profiles, load, 1, 1, prefill_as_features_arrive=True)
+    # waiting: the 0.5 s encode, then 1000 text + 258 image tokens (0.25 s); streaming: the text's 0.2 s during
+    # the encode, then the image's tokens
+    assert waiting.ttft_p50_s == pytest.approx(0.5 + 1258 * 2e-4, rel=0.05)
+    assert streaming.ttft_p50_s == pytest.approx(0.5 + 257 * 2e-4, rel=0.05)
+
+
+def test_dvd_plan_derive_sizes_38b_with_tensor_parallelism_2_and_refuses_it_on_one_gpu(tmp_path):
+    host = tmp_path / "host.json"
+    profile().save(host)
+    command = [sys.executable, "-m", "dvd.cli", "plan", "derive", str(tmp_path / "p.json"), "--preset", "38b",
+               "--accelerator", "h100-sxm", "--host-profile", str(host), "--api-server-costs",
+               str(Path(__file__).parents[1] / "benchmarks" / "results" / "mm_processor_cpu.json"),
+               "--tensor-parallel-size"]
+    done = subprocess.run(command + ["2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    derived = StageProfiles.load(tmp_path / "p.json")
+    assert derived.roofline.tensor_parallel == 2 and "NOT MEASURED" in derived.notes
+    assert derived.scheduler.max_num_batched_tokens == 8192  # vLLM's H100 default
+    refused = subprocess.run(command + ["1"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "does not fit 1 x NVIDIA H100 SXM" in refused.stderr
