@@ -11,8 +11,9 @@ time and its example's flags (`examples/online_serving/disaggregated_encoder/dis
   change to one per data-parallel rank), A100 scheduler defaults (2048 tokens, 256 sequences), CUDA graphs;
 - decoupled: the example's encoder instance (`--max-num-batched-tokens 4096 --max-num-seqs 128
   --enforce-eager`, encoder only) and prefill/decode instances (`--enforce-eager --max-num-seqs 128`), each
-  `vllm serve` with its own API server; the example's proxy in front (its CPU cost taken as DvD's gateway's,
-  a Python relay of the same kind); features through the EC connector's shared storage.
+  `vllm serve` with its own API server; the example's proxy in front, one encode request per image (its CPU
+  cost taken as DvD's gateway's, a Python relay of the same kind); features through the EC connector's shared
+  storage.
 
 Nothing here is fitted to the published figures: the GPU costs are the roofline of `planner.roofline` on the
 A100's data sheet, the API server's costs are measured on CPU (`benchmarks/mm_processor.py`).
@@ -112,7 +113,8 @@ def predict(profiles: StageProfiles, point: Point, **search) -> Row:
     def decoupled(trial: Workload):
         return simulate_epd(profiles, trial, encoders=1, language_servers=3, proxy=proxy_costs(profiles),
                             encoder_scheduler=ENCODER_SCHEDULER, language_eager=True,
-                            language_scheduler=profiles.scheduler.model_copy(update={"max_num_seqs": 128}))
+                            language_scheduler=profiles.scheduler.model_copy(update={"max_num_seqs": 128}),
+                            encoder_text_tokens=TEXT_TEMPLATE_TOKENS)
 
     ours = sustained_goodput(decoupled, load, **search)
     theirs = sustained_goodput(coupled, load, **search)

@@ -138,7 +138,8 @@ def verdicts_command(
     host_profile: Annotated[Path, typer.Option(help="Measured CPU profile (DvD's host costs)")] = HOST_PROFILE,
     api_server_costs: Annotated[Path, typer.Option(help="vLLM API-server costs (mm_processor)")] = API_COSTS,
     cases: Annotated[str, typer.Option(help="Which: all, or preset:accelerator, e.g. 8b:h100-sxm")] = "all",
-    techniques: Annotated[bool, typer.Option(help="Also rank the techniques beyond 2x (8B and 38B on H100)")] = True,
+    techniques: Annotated[bool, typer.Option(help="Also rank the techniques beyond 2x on H100")] = True,
+    technique_presets: Annotated[str, typer.Option(help="Presets whose techniques are ranked")] = "8b",
 ) -> None:
     """InternVL3.5 8B and 38B on H100 and H200, with and without ViR; the techniques ranked."""
     from planner import verdicts
@@ -160,7 +161,7 @@ def verdicts_command(
                             "gain_p99": v.plan.gain_at(99), "bottleneck": best.bottleneck,
                             "coupled_bottleneck": v.plan.coupled.bottleneck})
             typer.echo(json.dumps(summary[-1]))
-            if techniques and not vir and accelerator == "h100-sxm":
+            if techniques and not vir and accelerator == "h100-sxm" and preset in technique_presets.split(","):
                 ranked = verdicts.techniques(preset, accelerator, tp, host, api_server_costs,
                                              (best.vision_gpus, best.language_gpus))
                 summary[-1]["techniques"] = [t.model_dump() | {"gain": t.gain} for t in ranked]

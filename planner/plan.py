@@ -206,10 +206,21 @@ def sustained(profiles: StageProfiles, workload: Workload, vision_gpus: int, lan
                                **(techniques or {})), workload, **options)
 
 
+def screen(profiles: StageProfiles, workload: Workload, splits: list[tuple[int, int]], keep: int) -> set:
+    """The `keep` splits with the most closed-loop throughput (many requests in flight, SLOs aside): a cheap
+    ranking, so that only the likely best are searched."""
+    def capacity(split: tuple[int, int]) -> float:
+        clients = 32 * split[1]
+        trial = workload.model_copy(update={"arrival_rate": None, "concurrency": clients, "requests": 4 * clients})
+        return run(profiles, trial, *split).throughput_rps
+    return set(sorted(splits, key=capacity, reverse=True)[:keep])
+
+
 def make_plan(profiles: StageProfiles, workload: Workload, *, search: bool = True,
-              api_servers: int | None = None, search_options: dict | None = None) -> Plan:
+              api_servers: int | None = None, search_options: dict | None = None,
+              search_top: int | None = None) -> Plan:
     """Every split from 1 vision GPU to gpus-1 (language GPUs in whole tensor-parallel engines), and coupled
-    data-parallel serving on all `gpus`."""
+    data-parallel serving on all `gpus`. `search_top`: search only the splits `screen` ranks first."""
     tp = tensor_parallel(profiles)
     if workload.gpus < 1 + tp or workload.gpus % tp:
         raise ValueError(f"DvD needs at least one vision GPU and one language engine of {tp} GPUs, and coupled "
@@ -218,7 +229,10 @@ def make_plan(profiles: StageProfiles, workload: Workload, *, search: bool = Tru
     dvd = [run(profiles, workload, v, lang) for v, lang in splits]
     coupled = run(profiles, workload, 0, workload.gpus, api_servers=api_servers)
     if search:
+        chosen = screen(profiles, workload, splits, search_top) if search_top else set(splits)
         for summary, (v, lang) in [*zip(dvd, splits), (coupled, (0, workload.gpus))]:
+            if v and (v, lang) not in chosen:
+                continue
             rates = sustained(profiles, workload, v, lang, api_servers=api_servers if not v else None,
                               **(search_options or {}))
             summary.sustained_p90_rps, summary.sustained_p99_rps = rates[90.0], rates[99.0]
@@ -227,7 +241,7 @@ def make_plan(profiles: StageProfiles, workload: Workload, *, search: bool = Tru
                                                  "requests": max(workload.requests, int(rates[90.0] * 40))})
                 there = run(profiles, at, v, lang, api_servers=api_servers if not v else None)
                 summary.busy_share, summary.bottleneck = there.busy_share, there.bottleneck
-    key = ((lambda s: (s.sustained_p90_rps, s.sustained_p99_rps, s.goodput_rps)) if search
+    key = ((lambda s: (s.sustained_p90_rps or -1.0, s.sustained_p99_rps or -1.0, s.goodput_rps)) if search
            else (lambda s: (s.goodput_rps, -s.ttft_p90_s)))
     return Plan(workload=workload, device=profiles.device, geometry=profiles.geometry.name,
                 provenance=profiles.provenance,

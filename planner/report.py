@@ -66,7 +66,7 @@ def plots(plan: Plan, out_dir: Path) -> list[Path]:
     title = "sustained goodput, SLOs at p90 (req/s)" if searched else "goodput (req/s)"
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.bar(x, [getattr(s, metric) for s in plan.dvd], color="tab:blue", label="DvD")
+    ax.bar(x, [getattr(s, metric) or 0.0 for s in plan.dvd], color="tab:blue", label="DvD")
     ax.axhline(getattr(plan.coupled, metric), color="tab:red", linestyle="--", label=plan.coupled.label)
     ax.set_xticks(x, labels)
     ax.set_xlabel("vision : language GPUs")

@@ -131,15 +131,18 @@ class Roofline(BaseModel):
         launches = vision.num_layers * KERNELS_PER_VISION_LAYER * eff.kernel_launch_s
         return matmul + attention + self._allreduce_s(vision.num_layers, tokens, vision.hidden_size) + launches
 
-    def kv_capacity_tokens(self, memory_utilization: float = 0.9, vision_weights: bool = True,
-                           activation_gib: float = 2.0) -> int:
-        """Tokens of KV cache one engine holds: its share of `memory_utilization` of each device's memory, less
-        its weights (the vision encoder's too when it is loaded) and an activation reserve per device."""
+    def kv_capacity_tokens(self, memory_utilization: float = 0.92, vision_weights: bool = True,
+                           activation_gib: float = 2.0, min_tokens: int = 32768) -> int:
+        """Tokens of KV cache one engine holds: `memory_utilization` (vLLM's default 0.92) of each device's memory,
+        less its weights (the vision encoder's too when it is loaded) and an activation reserve per device;
+        at least `min_tokens`, or it is refused."""
         lm, tp = self.model.language, self.tensor_parallel
         weights = 2 * lm.weight_params() + (self.model.vision_dtype_bytes * self.model.vision_params()
                                             if vision_weights else 0)
         free = tp * (self.accelerator.memory_gib * memory_utilization - activation_gib) * 2 ** 30 - weights
-        if free <= 0:
-            raise ValueError(f"{self.model.name} does not fit {tp} x {self.accelerator.name} "
-                             f"({weights / 2 ** 30:.0f} GiB of weights); raise the tensor parallelism")
-        return int(free / lm.kv_bytes_per_token())
+        tokens = int(max(0.0, free) / lm.kv_bytes_per_token())
+        if tokens < min_tokens:  # vLLM refuses to start without room for one request of its max length
+            raise ValueError(f"{self.model.name} does not fit {tp} x {self.accelerator.name}: "
+                             f"{weights / 2 ** 30:.0f} GiB of weights leave KV cache for {tokens} tokens, fewer than "
+                             f"one {min_tokens}-token request; raise the tensor parallelism")
+        return tokens

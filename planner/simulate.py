@@ -13,8 +13,9 @@ Three deployments:
 - coupled: vLLM serving the whole model, one engine per device (data parallel), its API server(s) in front;
 - DvD: gateway -> vision servers (tiles batched across requests) and language servers (vLLM without the
   encoder), features over one link per language server;
-- vLLM's own encoder disaggregation (`simulate_epd`): a proxy sends each request to an encoder-only vLLM
-  instance, waits, then sends it to a prefill/decode instance that loads the features (the published anchor).
+- vLLM's own encoder disaggregation (`simulate_epd`): a proxy sends each image to an encoder-only vLLM
+  instance, waits, then sends the request to a prefill/decode instance that loads the features (the
+  published anchor).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ class Frontend:
         self.mm_worker = simpy.Resource(env, capacity=mm_workers)
         self.busy_s = 0.0
         self.outstanding = 0
+        self._owed_s = 0.0
 
     def _run(self, seconds: float):
         self.busy_s += seconds
@@ -175,16 +177,30 @@ class Frontend:
                 yield from self._run(mm_s)
         then(r)
 
-    def stream(self, sampled: Sampled, then) -> None:
-        """Stream one step's tokens on, then `then(sampled)`."""
-        if not self.costs.output_token_s:
-            then(sampled)
-            return
-        self.env.process(self._stream(sampled, then))
+    def charge(self, tokens: int) -> None:
+        """Owe the streaming work of `tokens` output tokens; it runs with the next delivery (see `stream`)."""
+        self._owed_s += tokens * self.costs.output_token_s
 
-    def _stream(self, sampled: Sampled, then):
-        yield from self._run(len(sampled) * self.costs.output_token_s)
-        then(sampled)
+    def stream(self, sampled: Sampled, then, charged: bool = False) -> None:
+        """Stream one step's tokens on, then hand the first and last tokens among them to `then`. Only those
+        mark anything a client measures, so the work of the others is owed and done with the next delivery,
+        or once a GIL slice of it has piled up: the CPU the process spends is the same, in fewer events.
+        `charged`: the tokens' work was owed already (`charge`)."""
+        if not charged:
+            self.charge(len(sampled))
+        deliver = [(r, n) for r, n in sampled if n == 1 or n >= r.output_tokens]
+        if not deliver and self._owed_s < self.costs.slice_s:
+            return
+        seconds, self._owed_s = self._owed_s, 0.0
+        if not seconds:
+            then(deliver)
+            return
+        self.env.process(self._stream(seconds, deliver, then))
+
+    def _stream(self, seconds: float, deliver: Sampled, then):
+        yield from self._run(seconds)
+        if deliver:
+            then(deliver)
 
 
 class Client:
@@ -202,14 +218,16 @@ class Client:
                 self.finished.put(r)
 
 
-def _chain(*stages):
-    """Output path: each stage streams a step's tokens on to the next; the last one receives them."""
-    def send(sampled: Sampled, i: int = 0) -> None:
-        if i == len(stages) - 1:
-            stages[i](sampled)
-        else:
-            stages[i].stream(sampled, lambda s: send(s, i + 1))
-    return send
+def _relay(front: Frontend, sampled: Sampled, second: str, final) -> None:
+    """One step's tokens through `front`, then through each request's `second` front end (DvD's gateway, vLLM's
+    proxy) to `final`; the second front end is charged for every token now and delivers the first and last."""
+    for r, _ in sampled:
+        getattr(r, second).charge(1)
+
+    def onward(deliver: Sampled) -> None:
+        for nxt in {id(getattr(r, second)): getattr(r, second) for r, _ in deliver}.values():
+            nxt.stream([(r, n) for r, n in deliver if getattr(r, second) is nxt], final, charged=True)
+    front.stream(sampled, onward)
 
 
 def step_cost(profiles: StageProfiles, roofline: Roofline | None = None, language: bool = True):
@@ -444,16 +462,13 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     config = engine_config(profiles, roofline, vision_weights=False)
     cost = step_cost(profiles)
     fronts: dict[int, Frontend] = {}
-    paths = {id(g): _chain(g, client.receive) for g in gateways}
-
     def language_output(sampled: list[Request]) -> None:
         for front in {id(r.frontend): r.frontend for r in sampled}.values():
             group = [(r, r.generated) for r in sampled if r.frontend is front]
-            if not gateways:
+            if gateways:
+                _relay(front, group, "gateway", client.receive)
+            else:
                 front.stream(group, client.receive)
-                continue
-            for gateway in {id(r.gateway): r.gateway for r, _ in group}.values():
-                front.stream([(r, n) for r, n in group if r.gateway is gateway], paths[id(gateway)])
 
     languages = []
     for i in range(language_servers):
@@ -564,13 +579,14 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
 
 def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, language_servers: int,
                  proxy: FrontendCosts, encoder_scheduler: SchedulerConfig, language_eager: bool = False,
-                 language_scheduler: SchedulerConfig | None = None) -> Result:
+                 language_scheduler: SchedulerConfig | None = None, encoder_text_tokens: int = 10) -> Result:
     """vLLM's encoder disaggregation as its example deploys it (`examples/online_serving/disaggregated_encoder/`):
-    a proxy (`disagg_epd_proxy.py`) sends the request, max_tokens 1, to an encoder-only vLLM instance (an EC
-    producer runs no language model: `vllm/config/vllm.py`, `_resolve_mm_encoder_only`), waits for its answer,
-    then forwards the original request to a prefill/decode instance, whose API server processes the images again
-    and whose scheduler loads their features through the EC connector instead of encoding them. Every instance
-    is one `vllm serve` with its own API server (`profiles.api_server`)."""
+    a proxy (`disagg_epd_proxy.py`, `fanout_encoder_primer`) sends one request per image, its text removed and
+    max_tokens 1, round robin to encoder-only vLLM instances (an EC producer runs no language model:
+    `vllm/config/vllm.py`, `_resolve_mm_encoder_only`), waits for all of them, then forwards the original request
+    to a prefill/decode instance, whose API server processes the images again and whose scheduler loads their
+    features through the EC connector instead of encoding them. Every instance is one `vllm serve` with its own
+    API server (`profiles.api_server`)."""
     if profiles.roofline is None or profiles.api_server is None:
         raise ValueError("simulate_epd needs a derived profile (roofline and API server costs)")
     env = simpy.Environment()
@@ -587,9 +603,12 @@ def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, lan
 
     def encoded(sampled: list[Request]) -> None:
         for e in sampled:
-            original = pending.pop(e.index)
             e.frontend.outstanding -= 1
-            env.process(to_language(original))
+            entry = pending[e.index]
+            entry[1] -= 1
+            if entry[1] == 0:  # the proxy waits for every image's encode request
+                del pending[e.index]
+                env.process(to_language(entry[0]))
 
     e_engines, e_fronts = [], []
     for i in range(encoders):
@@ -597,14 +616,13 @@ def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, lan
                         encoded, encoder=True)
         e_engines.append(engine)
         e_fronts.append(Frontend(env, api, spread, name="encoder_api_server"))
-    output_path = _chain(proxy_front, client.receive)
     config = engine_config(profiles.model_copy(update={"scheduler": language_scheduler or profiles.scheduler}),
                            language_roofline, vision_weights=False)
 
     def language_output(sampled: list[Request]) -> None:
         for front in {id(r.frontend): r.frontend for r in sampled}.values():
             group = [(r, r.generated) for r in sampled if r.frontend is front]
-            front.stream(group, output_path)
+            _relay(front, group, "gateway", client.receive)
 
     pd_engines, pd_fronts = [], []
     for i in range(language_servers):
@@ -621,18 +639,24 @@ def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, lan
         r.frontend = pd_fronts[i]
         r.frontend.take(r, pd_engines[i].add)
 
+    turn = [0]
+
     def to_encoder(r: Request) -> None:
+        """The proxy's fan-out: one request per image, its text removed, round robin over the encoders."""
         if not r.sequences:
             env.process(to_language(r))
             return
-        e = Request(r.index, r.arrival, r.sequences, r.image_tokens, r.text_tokens, 1, images_first=r.images_first)
-        pending[r.index] = r
-        i = min(range(encoders), key=lambda k: e_fronts[k].outstanding)
-        e.frontend = e_fronts[i]
-        e.frontend.outstanding += 1
-        e.frontend.take(e, e_engines[i].add)
+        pending[r.index] = [r, len(r.sequences)]
+        for image in range(len(r.sequences)):
+            e = Request(r.index, r.arrival, [r.sequences[image]], [r.image_tokens[image]], encoder_text_tokens, 1)
+            i = turn[0] % encoders
+            turn[0] += 1
+            e.frontend = e_fronts[i]
+            e.frontend.outstanding += 1
+            e.frontend.take(e, e_engines[i].add)
 
     def start(r: Request) -> None:
+        r.gateway = proxy_front
         proxy_front.take(r, to_encoder)
 
     env.process(_arrivals(env, workload, requests, start, client.finished))

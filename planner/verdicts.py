@@ -12,7 +12,8 @@ Techniques (`planner.simulate.simulate_dvd` options), on the best plain-DvD spli
 - stream: prefill starts as each image's features arrive, up to the first still missing (RServe);
 - elastic: the vision:language split follows a bursty load (ModServe, ElasticMM): two phases (image bursts of
   three 1080p images and 128 output tokens; chat with one 448 px image, 512 text and 512 output tokens), each
-  served by its own best split, against the one split best for both (an upper bound: GPUs change roles at once).
+  served by its own best split, against the one split best for both (an upper bound: GPUs change roles at once;
+  the splits compared are each phase's three best by a closed-loop screen).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from pydantic import BaseModel
 from planner.derive import api_server_costs, derive
 from planner.geometry import geometry
 from planner.hardware import ACCELERATORS
-from planner.plan import Plan, make_plan, run, sustained
+from planner.plan import Plan, make_plan, run, screen, sustained
 from planner.profiles import StageProfiles
 from planner.workload import Workload
 
 CASES = [("8b", "h100-sxm", 1), ("8b", "h200", 1), ("38b", "h100-sxm", 2), ("38b", "h200", 2)]
 GPUS = 8
-SEARCH = {"precision": 0.05, "min_run_s": 40.0}
+SEARCH = {"precision": 0.05, "min_run_s": 30.0}
+SEARCH_TOP = 3  # splits searched, of those a closed-loop screen ranks first
 
 
 def profile(preset: str, accelerator: str, tensor_parallel: int, host: StageProfiles,
@@ -61,7 +63,7 @@ class Verdict(BaseModel):
 def verdict(preset: str, accelerator: str, tensor_parallel: int, vir: bool, host: StageProfiles,
             api_costs: Path) -> Verdict:
     profiles = profile(preset, accelerator, tensor_parallel, host, api_costs)
-    plan = make_plan(profiles, workload(preset, vir), search=True, search_options=SEARCH)
+    plan = make_plan(profiles, workload(preset, vir), search=True, search_options=SEARCH, search_top=SEARCH_TOP)
     return Verdict(preset=preset, accelerator=accelerator, tensor_parallel=tensor_parallel, vir=vir, plan=plan)
 
 
@@ -104,7 +106,8 @@ def elastic(profiles: StageProfiles, preset: str, tensor_parallel: int) -> Techn
     phases = [workload(preset, False, name="image burst", images_per_request=3, output_tokens=128),
               workload(preset, False, name="chat", images_per_request=1, image_px=(448, 448), text_tokens=512,
                        output_tokens=512)]
-    splits = [(v, GPUS - v) for v in range(1, GPUS) if (GPUS - v) % tensor_parallel == 0]
+    every = [(v, GPUS - v) for v in range(1, GPUS) if (GPUS - v) % tensor_parallel == 0]
+    splits = sorted(set().union(*(screen(profiles, phase, every, SEARCH_TOP) for phase in phases)))
     capacity = {(s, i): sustained(profiles, phase, *s, percentiles=(99.0,), **SEARCH)[99.0]
                 for s in splits for i, phase in enumerate(phases)}
     static_split = max(splits, key=lambda s: min(capacity[(s, i)] for i in range(len(phases))))
