@@ -113,11 +113,17 @@ def anchor_command(
     out: Annotated[Path, typer.Option(help="Result files' stem (.json, .md)")] = RESULTS / "plan_anchor_a100_qwen3vl4b",
     host_profile: Annotated[Path, typer.Option(help="Measured CPU profile (DvD's host costs)")] = HOST_PROFILE,
     api_server_costs: Annotated[Path, typer.Option(help="vLLM API-server costs (mm_processor)")] = API_COSTS,
+    processor_cost_factor: Annotated[float, typer.Option(
+        help="A diagnostic, not a prediction: multiply the API server's per-image and per-text-token costs")] = 1.0,
 ) -> None:
     """Predict the published GPU anchor (vLLM's encoder-disaggregation post): DP4 against 1E3PD, every point."""
     from planner import anchor
 
     profiles = anchor.profile(StageProfiles.load(host_profile), str(api_server_costs))
+    if processor_cost_factor != 1.0:
+        api = profiles.api_server
+        profiles.api_server = api.model_copy(update={"image_s": api.image_s * processor_cost_factor,
+                                                     "text_token_s": api.text_token_s * processor_cost_factor})
     rows = []
     for point in anchor.PUBLISHED:
         rows.append(anchor.predict(profiles, point))
@@ -125,7 +131,9 @@ def anchor_command(
     table = anchor.table(rows)
     out.with_suffix(".md").write_text(table)
     out.with_suffix(".json").write_text(json.dumps(
-        {"command": "dvd plan anchor", "profile": profiles.model_dump(mode="json"),
+        {"command": "dvd plan anchor" + (f" --processor-cost-factor {processor_cost_factor:g}"
+                                         if processor_cost_factor != 1.0 else ""),
+         "profile": profiles.model_dump(mode="json"),
          "rows": [r.model_dump() | {"coupled_ratio": r.coupled_ratio, "decoupled_ratio": r.decoupled_ratio,
                                     "direction_right": r.direction_right} for r in rows]}, indent=2) + "\n")
     typer.echo(table)
