@@ -38,11 +38,12 @@ def markdown(plan: Plan) -> str:
     lines += [_row(s, s is plan.best) for s in plan.dvd]
     lines.append(_row(plan.coupled, False))
     if plan.best is not None:
-        gains = [(p, plan.gain_at(p)) for p in (90, 99)]
-        said = ", ".join(f"{g:.2f}x at p{p}" for p, g in gains if g)
-        lines += ["", f"Best split: **{plan.best.label}** (bottleneck: {plan.best.bottleneck})"
-                  + (f"; {said} coupled serving's sustained goodput on the same {w.gpus} GPUs" if said else "")
-                  + "."]
+        if plan.coupled.sustained_p90_rps is not None:
+            said = ", ".join(f"{g:.2f}x at p{p}" for p, g in ((p, plan.gain_at(p)) for p in (90, 99)) if g)
+            said = said and f"; {said} coupled serving's sustained goodput on the same {w.gpus} GPUs"
+        else:
+            said = plan.gain and f"; {plan.gain:.2f}x coupled serving's goodput at the workload's rate"
+        lines += ["", f"Best split: **{plan.best.label}** (bottleneck: {plan.best.bottleneck}){said or ''}."]
     lines += ["", "sustained goodput: the highest Poisson arrival rate whose run keeps its queue from growing (the "
               "last third's median TTFT under 1.5x the first third's) and meets both SLOs at that percentile "
               "(`planner/sustained.py`). goodput: throughput x the share of requests meeting both SLOs at the "
