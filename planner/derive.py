@@ -1,91 +1,156 @@
 """A *derived* GPU profile: stage costs computed from a model's FLOPs and bytes and a device's data sheet.
 
-For sizing before any GPU run exists. Every figure is a roofline with stated efficiencies, so the file
-is marked `provenance: derived` and the report says so; a measured GPU profile replaces it as is.
-Host-side costs (image decoding and tiling, per-request RPC) are copied from a measured profile.
-
-- vision: one batch of b tiles takes `step_overhead + b * flop_per_tile / (peak * mfu)`;
-- prefill: `2 * params * tokens` plus causal attention `2 * layers * ctx^2 * heads * head_dim`, at `mfu`;
-- decode step: weights plus the batch's KV cache read once from HBM at `hbm_efficiency`, plus the step overhead;
-- transport: the link's line rate and latency as given.
+For sizing before any GPU run exists. The profile holds the roofline itself (`planner.roofline`: accelerator,
+model geometry, tensor parallelism, efficiencies), so the simulator prices each engine step by what it holds
+(prefill chunks, decodes, the encoder's images); the tables written beside it are the same roofline at a few
+batch sizes, for reading. It also holds vLLM's scheduler settings for the device, and the host work of the front
+ends, measured on CPU (`benchmarks/results/mm_processor_cpu.json` for vLLM's API server, the project's CPU
+profile and `cpu_per_request` for DvD's servers). The file is marked `provenance: derived` and the report says
+so; a measured GPU profile replaces it as is.
 """
 
 from __future__ import annotations
 
-from checkpoint.geometry import LanguageConfig, ModelConfig
+import json
+from pathlib import Path
+
+from planner.engine import SchedulerConfig
+from planner.geometry import ModelGeometry, NativeImages, TiledImages, geometry
+from planner.hardware import Accelerator
 from planner.profiles import (
     DecodePoint,
+    FrontendCosts,
     Geometry,
     LanguageProfile,
     PrefillPoint,
+    ProfileError,
     StageProfiles,
     TransportProfile,
     VisionPoint,
     VisionProfile,
 )
+from planner.roofline import Efficiency, Roofline, StepShape
+
+# DvD's own front ends, CPU seconds of each process per request on this 2-core host, 16 and 150 output tokens
+# (benchmarks/results/cpu_per_request_cpu_tiny_{16,150}tokens.json, `python -m benchmarks.cpu_per_request
+# --max-tokens 16|150`): the gateway 21.1 and 53.9 ms, a language server's front end (its own process, not vLLM's
+# engine core) 19.5 and 81.0 ms; split into a per-request and a per-output-token part.
+DVD_GATEWAY = FrontendCosts(request_s=0.0172, output_token_s=0.000245,
+                            source="DvD's gateway, measured on CPU: cpu_per_request_cpu_tiny_{16,150}tokens.json")
+DVD_LANGUAGE_FRONTEND = FrontendCosts(
+    request_s=0.0122, output_token_s=0.000459,
+    source="a DvD language server's front end, measured on CPU: cpu_per_request_cpu_tiny_{16,150}tokens.json")
 
 
-def language_params(config: LanguageConfig) -> int:
-    """Weights touched per token: attention and MLP of every layer plus the output head."""
-    attention = config.hidden_size * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
-    mlp = 3 * config.hidden_size * config.intermediate_size
-    return config.num_layers * (attention + mlp) + config.vocab_size * config.hidden_size
+def language_params(model: ModelGeometry) -> int:
+    """Weights one token multiplies by in the layers (kept for callers of the old name)."""
+    return model.language.active_params()
 
 
-def vision_flop_per_tile(config: ModelConfig) -> float:
-    """InternViT on one tile (1025 tokens) plus `mlp1`: 2 x multiply-adds, attention scores included."""
-    v, n = config.vision, config.vision.num_patches + 1
-    per_layer = 2 * n * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 4 * n * n * v.hidden_size
-    projector = 2 * config.tokens_per_tile * (config.projector_input_size + config.language.hidden_size) * (
-        config.language.hidden_size)
-    return v.num_layers * per_layer + projector
+def vision_flop_per_tile(model: ModelGeometry) -> float:
+    """The vision encoder and projector on one encoder sequence of the model's usual size (one 448 px tile, or
+    a 448x448 image at native resolution)."""
+    patches = model.image_sequences(448, 448)[0]
+    matmul, attention = model.vision.flops(patches, model.language.hidden_size)
+    return matmul + attention
 
 
-def derive(preset: str, host: StageProfiles, *, device: str, peak_tflops: float, hbm_gb_s: float,
-           mfu: float = 0.5, hbm_efficiency: float = 0.7, step_overhead_s: float = 0.003,
-           link_gb_s: float = 25.0, link_latency_s: float = 2e-5, max_num_seqs: int = 256) -> StageProfiles:
-    config = ModelConfig.from_name(preset)
-    lang = config.language
-    flops = peak_tflops * 1e12 * mfu
-    tile = vision_flop_per_tile(config)
-    sweep = [VisionPoint(batch_tiles=b, tiles_per_s=round(b / (step_overhead_s + b * tile / flops), 2))
+def scheduler_defaults(accelerator: Accelerator, model: ModelGeometry, tensor_parallel: int) -> SchedulerConfig:
+    """`vllm serve`'s defaults on this device (`vllm/engine/arg_utils.py`, `get_batch_defaults`: 8192 tokens and
+    1024 sequences at >= 70 GiB unless an A100, else 2048 and 256), and vLLM's encoder budget rule."""
+    large = accelerator.memory_gib >= 70 and "a100" not in accelerator.name.lower()
+    return SchedulerConfig(max_num_batched_tokens=8192 if large else 2048, max_num_seqs=1024 if large else 256,
+                           max_item_tokens=model.images.max_tokens())
+
+
+def api_server_costs(model: ModelGeometry, measured: Path) -> FrontendCosts:
+    """vLLM's API server per request, image, tile, text token and output token, measured on CPU for this model's
+    processor family (`benchmarks/mm_processor.py`). One process per GPU of a data-parallel deployment (vLLM
+    0.32's default `--api-server-count`); a plan may say otherwise."""
+    family = "qwen3-vl" if isinstance(model.images, NativeImages) else "internvl"
+    try:
+        document = json.loads(Path(measured).read_text())
+        fit = document["models"][family]["fit"]
+    except OSError:
+        raise ProfileError(f"{measured}: no such API-server cost file "
+                           "(python -m benchmarks.mm_processor writes it)") from None
+    except KeyError:
+        raise ProfileError(f"{measured}: no measured costs for the {family} processor") from None
+    return FrontendCosts(**{k: max(0.0, fit[k]) for k in ("request_s", "image_s", "tile_s",
+                                                                        "text_token_s", "output_token_s")},
+                         source=f"{measured}: vllm serve's API server on {document['machine']['cpu']} "
+                                f"({document['machine']['cores']} cores), {family} processor, "
+                                f"{document['measured_at']}")
+
+
+def derive(preset: str | ModelGeometry, host: StageProfiles, *, device: str, peak_tflops: float, hbm_gb_s: float,
+           memory_gib: float = 80.0, nvlink_gb_s: float = 450.0, tensor_parallel: int = 1,
+           efficiency: Efficiency | None = None, cuda_graphs: bool = True, link_gb_s: float = 25.0,
+           link_latency_s: float = 2e-5, api_server: FrontendCosts | None = None,
+           scheduler: SchedulerConfig | None = None, **legacy) -> StageProfiles:
+    """The derived profile of `preset` (a geometry name or a `ModelGeometry`) on `device`; `host` gives the
+    measured host costs of DvD's vision server. `legacy` takes the old keyword arguments `mfu`,
+    `hbm_efficiency` and `step_overhead_s` (matrix-multiply efficiency, HBM efficiency, host time per step)."""
+    model = geometry(preset) if isinstance(preset, str) else preset
+    efficiency = efficiency or Efficiency()
+    if legacy:
+        unknown = set(legacy) - {"mfu", "hbm_efficiency", "step_overhead_s", "max_num_seqs"}
+        if unknown:
+            raise TypeError(f"derive() got unexpected keyword arguments {sorted(unknown)}")
+        efficiency = efficiency.model_copy(update={
+            key: legacy[old] for old, key in (("mfu", "gemm"), ("mfu", "attention"), ("hbm_efficiency", "hbm"),
+                                              ("step_overhead_s", "step_host_s")) if old in legacy})
+    accelerator = Accelerator(name=device, bf16_tflops=peak_tflops, hbm_gb_s=hbm_gb_s, memory_gib=memory_gib,
+                              nvlink_gb_s=nvlink_gb_s, source="as given to dvd plan derive")
+    roofline = Roofline(accelerator=accelerator, model=model, tensor_parallel=tensor_parallel,
+                        cuda_graphs=cuda_graphs, efficiency=efficiency)
+    vision_roofline = roofline.model_copy(update={"tensor_parallel": 1})
+    scheduler = scheduler or scheduler_defaults(accelerator, model, tensor_parallel)
+    if "max_num_seqs" in legacy:
+        scheduler = scheduler.model_copy(update={"max_num_seqs": legacy["max_num_seqs"]})
+    tile = model.image_sequences(448, 448)[0]
+    sweep = [VisionPoint(batch_tiles=b, tiles_per_s=round(b / vision_roofline.vision_seconds([tile] * b), 2))
              for b in (1, 2, 4, 8, 16, 32, 64, 128)]
-    params = language_params(lang)
-    kv_bytes_per_token = 2 * lang.num_layers * lang.num_kv_heads * lang.head_dim * 2  # K and V, bf16
 
-    def prefill_s(batch: int, ctx: int) -> float:
-        attention = 2 * lang.num_layers * ctx * ctx * lang.num_heads * lang.head_dim
-        return step_overhead_s + batch * (2 * params * ctx + attention) / flops
+    def step(batch: int, context: int, decode: bool) -> float:
+        shape = StepShape()
+        for _ in range(batch):
+            shape.add_chunk(1 if decode else context, context if decode else 0, decode)
+        return max(roofline.language_seconds(shape), efficiency.step_host_s)
 
-    def decode_s(batch: int, ctx: int) -> float:
-        read = 2 * params + batch * ctx * kv_bytes_per_token
-        return step_overhead_s + read / (hbm_gb_s * 1e9 * hbm_efficiency)
-
-    contexts = (512, 2048, 8192, 16384)
-    batches = (1, 8, 32, 128, 256)
+    contexts, lm = (512, 2048, 8192, 16384), model.language
+    tp = f" x{tensor_parallel} (tensor parallel)" if tensor_parallel > 1 else ""
+    tokens_per_tile = model.images.tokens_per_tile if isinstance(model.images, TiledImages) else tile // 4
     return StageProfiles(
-        device=device,
-        geometry=Geometry(name=preset, vision_hidden_size=config.vision.hidden_size,
-                          language_hidden_size=lang.hidden_size, tokens_per_tile=config.tokens_per_tile,
-                          compressed_tokens_per_tile=config.compressed_tokens_per_tile),
+        device=device + tp,
+        geometry=Geometry(name=model.name, vision_hidden_size=model.vision.hidden_size,
+                          language_hidden_size=lm.hidden_size, tokens_per_tile=tokens_per_tile,
+                          compressed_tokens_per_tile=getattr(model.images, "compressed_tokens_per_tile", 64)),
         provenance="derived",
-        notes=(f"DERIVED, NOT MEASURED: roofline from FLOPs and bytes ({tile / 1e12:.2f} TFLOP per tile, "
-               f"{params / 1e9:.2f} B language parameters per token), peak {peak_tflops:g} TFLOP/s at MFU {mfu:g}, "
-               f"HBM {hbm_gb_s:g} GB/s at {hbm_efficiency:g}, {step_overhead_s * 1e3:g} ms per engine step, "
-               f"link {link_gb_s:g} GB/s + {link_latency_s * 1e6:g} us; host costs from the '{host.device}' profile. "
-               "Illustrative until replaced by a measured GPU profile."),
-        command=f"dvd plan derive --preset {preset} --host-profile HOST.json --device '{device}' "
-                f"--peak-tflops {peak_tflops:g} --hbm-gb-s {hbm_gb_s:g}",
+        notes=(f"DERIVED, NOT MEASURED: roofline from FLOPs and bytes ({vision_flop_per_tile(model) / 1e12:.2f} TFLOP "
+               f"per 448 px tile or image, {lm.active_params() / 1e9:.2f} B language parameters per token"
+               f"{', tensor parallel ' + str(tensor_parallel) if tensor_parallel > 1 else ''}), peak "
+               f"{peak_tflops:g} TFLOP/s at {efficiency.gemm:g} (matmul) / {efficiency.attention:g} (attention), "
+               f"HBM {hbm_gb_s:g} GB/s at {efficiency.hbm:g}, host {efficiency.step_host_s * 1e3:g} ms per engine "
+               f"step, link {link_gb_s:g} GB/s + {link_latency_s * 1e6:g} us; vision server host costs from the "
+               f"'{host.device}' profile. Illustrative until replaced by a measured GPU profile."),
+        command=f"dvd plan derive --preset {model.name} --host-profile HOST.json --device '{device}' "
+                f"--peak-tflops {peak_tflops:g} --hbm-gb-s {hbm_gb_s:g} --tensor-parallel-size {tensor_parallel}",
         vision=VisionProfile(batch_sweep=sweep, preprocess_s_per_tile=host.vision.preprocess_s_per_tile,
                              overhead_s_per_request=host.vision.overhead_s_per_request, max_batch_tiles=64,
                              preprocess_parallelism=16),
         language=LanguageProfile(
-            prefill=[PrefillPoint(batch=b, context_tokens=c, seconds=round(prefill_s(b, c), 6))
+            prefill=[PrefillPoint(batch=b, context_tokens=c, seconds=round(step(b, c, False), 6))
                      for b in (1, 8) for c in contexts],
-            decode=[DecodePoint(batch=b, context_tokens=c, step_seconds=round(decode_s(b, c), 6))
-                    for b in batches for c in contexts],
-            max_num_seqs=max_num_seqs, max_batched_tokens=8192,
+            decode=[DecodePoint(batch=b, context_tokens=c, step_seconds=round(step(b, c, True), 6))
+                    for b in (1, 8, 32, 128, 256) for c in contexts],
+            max_num_seqs=scheduler.max_num_seqs, max_batched_tokens=scheduler.max_num_batched_tokens,
             overhead_s_per_request=host.language.overhead_s_per_request),
         transport=TransportProfile(backend="rdma", bandwidth_gb_s=link_gb_s, latency_s=link_latency_s,
                                    source="assumed line rate, not measured"),
+        roofline=roofline,
+        scheduler=scheduler,
+        api_server=api_server,
+        gateway=DVD_GATEWAY if api_server is not None else None,
+        language_frontend=DVD_LANGUAGE_FRONTEND if api_server is not None else None,
     )

@@ -15,6 +15,9 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from planner.engine import SchedulerConfig
+from planner.roofline import Roofline
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -140,6 +143,27 @@ class CoupledProfile(BaseModel):
     source: str = ""
 
 
+class FrontendCosts(BaseModel):
+    """Host CPU work of one front-end process: vLLM's API server, DvD's gateway or a language server's front end.
+
+    The process's threads share one core (Python's GIL hands it over every `slice_s`): its event loop parses
+    requests, renders and tokenises them, and streams every output token; its multimodal work (image decoding and
+    the HF processor) runs on one worker thread, first come first served (vLLM 0.32:
+    `vllm/renderers/base.py`, `_mm_executor = ThreadPoolExecutor(max_workers=1)`).
+    """
+
+    # processes sharing the traffic (vLLM: `--api-server-count`); None: one per GPU, vLLM 0.32's default for a
+    # data-parallel `vllm serve` (`vllm/entrypoints/cli/serve.py`; it was 1 before January 2026)
+    processes: int | None = Field(None, gt=0)
+    request_s: float = Field(0.0, ge=0)  # per request, on the event loop
+    image_s: float = Field(0.0, ge=0)  # per image, on the multimodal worker
+    tile_s: float = Field(0.0, ge=0)  # per encoder sequence (InternVL's processor works tile by tile)
+    text_token_s: float = Field(0.0, ge=0)  # per prompt text token, on the multimodal worker when there are images
+    output_token_s: float = Field(0.0, ge=0)  # per streamed output token, on the event loop
+    slice_s: float = Field(0.005, gt=0)  # `sys.getswitchinterval()`'s default
+    source: str = ""
+
+
 class StageProfiles(BaseModel):
     """Everything the planner knows about one device type and one model geometry."""
 
@@ -160,9 +184,25 @@ class StageProfiles(BaseModel):
     timeslice_s: float | None = Field(None, gt=0)
     # Spread of repeated identical service times (standard deviation / mean), as measured; 0: noiseless.
     service_time_cv: float = Field(0.0, ge=0, le=2)
+    # Derived profiles: step costs computed from what each step holds (`planner.roofline`), vLLM's scheduler
+    # settings, and the host work of the front ends. Absent (measured CPU profiles): the tables above, and the
+    # language profile's batch limits with chunked prefill off (as DvD runs vLLM on CPU).
+    roofline: Roofline | None = None
+    scheduler: SchedulerConfig | None = None
+    api_server: FrontendCosts | None = None  # coupled vLLM's API server
+    gateway: FrontendCosts | None = None  # DvD's gateway (processes None: one per language server)
+    language_frontend: FrontendCosts | None = None  # a DvD language server's front end (gRPC Generate)
 
     def feature_bytes(self, tokens: int) -> int:
         return tokens * self.geometry.language_hidden_size * 2  # BF16 on the wire
+
+    def engine_scheduler(self) -> SchedulerConfig:
+        """vLLM's scheduler settings for the language engines."""
+        if self.scheduler:
+            return self.scheduler
+        return SchedulerConfig(max_num_batched_tokens=self.language.max_batched_tokens or 1 << 30,
+                               max_num_seqs=self.language.max_num_seqs, enable_chunked_prefill=False,
+                               async_scheduling=False)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,21 @@
 """Discrete-event simulation of DvD and of coupled serving on the same devices, fed by stage profiles.
 
-Why simulation (simpy) and not a queueing formula: the stages interact in ways closed forms miss —
-a vision server waits up to `max_batch_wait_s` to fill a batch, so its speed depends on the load; a
-language server batches continuously, so a request's decode step costs what the other requests in
-flight make it cost; a request needs every image's features before its prefill, so it waits for the
-slowest of several parallel encodes; and in coupled serving the encoder runs inside the engine's step,
-stalling every decode in flight. simpy (processes, events, resources) expresses those directly and
-keeps the event loop out of this code; an M/D/1 case checks it against the closed form in the tests.
+Why simulation (simpy) and not a queueing formula: the stages interact in ways closed forms miss — a vision
+server waits up to `max_batch_wait_s` to fill a batch, so its speed depends on the load; a language engine
+batches continuously (`planner.engine`, vLLM's scheduler), so a request's decode step costs what the other
+requests in flight make it cost; a request needs every image's features before its prefill, so it waits for
+the slowest of several parallel encodes; in coupled serving the encoder runs inside the engine's step,
+stalling every decode in flight; and one API server process can serve several engines, its images queued on
+one worker. simpy (processes, events, resources) expresses those directly; an M/D/1 case checks it against the
+closed form in the tests.
+
+Three deployments:
+- coupled: vLLM serving the whole model, one engine per device (data parallel), its API server(s) in front;
+- DvD: gateway -> vision servers (tiles batched across requests) and language servers (vLLM without the
+  encoder), features over one link per language server;
+- vLLM's own encoder disaggregation (`simulate_epd`): a proxy sends each image to an encoder-only vLLM
+  instance, waits, then sends the request to a prefill/decode instance that loads the features (the
+  published anchor).
 """
 
 from __future__ import annotations
@@ -17,64 +26,58 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from planner.profiles import StageProfiles
+from planner.engine import Engine, Request, SchedulerConfig
+from planner.geometry import NativeImages
+from planner.profiles import FrontendCosts, StageProfiles
+from planner.roofline import Roofline, StepShape
 from planner.workload import Workload, draw, mean
 
-IMAGE_MARKER_TOKENS = 2  # <img> and </img> around each image's features
-
-
-@dataclass
-class Request:
-    index: int
-    arrival: float
-    tiles: list[int]  # per image
-    image_tokens: list[int]  # per image (ViR makes some tiles 64 tokens)
-    text_tokens: int
-    output_tokens: int
-    first_token: float | None = None
-    finish: float | None = None
-    generated: int = 0
-    images_left: int = 0  # features not yet at the language server
-    images_encoded: int = 0
-    generate_arrived: bool = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.text_tokens + sum(self.image_tokens) + IMAGE_MARKER_TOKENS * len(self.tiles)
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.arrival
-
-    @property
-    def tpot(self) -> float:
-        return (self.finish - self.first_token) / max(1, self.output_tokens - 1)
+__all__ = ["Request", "Result", "make_requests", "simulate_coupled", "simulate_dvd", "simulate_epd", "pool_loads"]
 
 
 @dataclass
 class Result:
     """One simulated run: its requests, and how busy each pool was."""
 
-    system: str  # "dvd" or "coupled"
+    system: str  # "dvd", "coupled" or "epd"
     vision_servers: int
     language_servers: int
     requests: list[Request]
     busy_s: dict[str, float] = field(default_factory=dict)  # pool -> busy seconds, summed over its servers
+    servers: dict[str, int] = field(default_factory=dict)  # pool -> how many
 
 
 def make_requests(workload: Workload, profiles: StageProfiles) -> list[Request]:
     """The workload's requests (arrival times set later by the arrival process), the same for every system."""
     rng = np.random.default_rng(workload.seed)
+    model = profiles.roofline.model if profiles.roofline else None
     full, small = profiles.geometry.tokens_per_tile, profiles.geometry.compressed_tokens_per_tile
+    if model is not None and not isinstance(model.images, NativeImages):
+        full, small = model.images.tokens_per_tile, model.images.compressed_tokens_per_tile
+    tile_patches = (model.images.tile_px // model.vision.patch_size) ** 2 if model and not isinstance(
+        model.images, NativeImages) else 1024
+    if model is not None and isinstance(model.images, NativeImages) and workload.image_px is None:
+        raise ValueError(f"{model.name} takes images at their own resolution: give the workload's image_px")
+    if workload.image_px is not None and model is None:
+        raise ValueError("image_px needs a derived profile (its model geometry turns pixels into tokens)")
     requests = []
     for i in range(workload.requests):
-        tiles = [draw(workload.tiles_per_image, rng) for _ in range(draw(workload.images_per_request, rng))]
-        tokens = []
-        for n in tiles:
-            compressed = int(rng.binomial(n, workload.vir_compressed_share)) if workload.vir_compressed_share else 0
-            tokens.append(compressed * small + (n - compressed) * full)
-        requests.append(Request(i, 0.0, tiles, tokens, draw(workload.text_tokens, rng),
-                                draw(workload.output_tokens, rng)))
+        sequences, tokens = [], []
+        for _ in range(draw(workload.images_per_request, rng)):
+            if workload.image_px is not None:
+                seqs = model.image_sequences(*workload.image_px)
+            else:
+                seqs = [tile_patches] * draw(workload.tiles_per_image, rng)
+            if model is not None and isinstance(model.images, NativeImages):
+                count = model.image_tokens(*workload.image_px)
+            else:
+                compressed = int(rng.binomial(len(seqs), workload.vir_compressed_share)) \
+                    if workload.vir_compressed_share else 0
+                count = compressed * small + (len(seqs) - compressed) * full
+            sequences.append(seqs)
+            tokens.append(count)
+        requests.append(Request(i, 0.0, sequences, tokens, draw(workload.text_tokens, rng),
+                                draw(workload.output_tokens, rng), images_first=workload.images_first))
     return requests
 
 
@@ -93,20 +96,24 @@ class Spread:
 
 
 class Device:
-    """One device, shared by the servers placed on it and by a server's own threads.
+    """One device (or CPU core), shared by the servers placed on it and by a server's own threads.
 
     Jobs take turns: each runs whole, in arrival order (`timeslice_s` None), or round robin in slices of
     `timeslice_s`, as an OS scheduler shares a CPU core among threads and processes (processor sharing
     as the slice shrinks): a short job beside a long one then finishes early instead of waiting for it.
     """
 
-    def __init__(self, env: simpy.Environment, timeslice_s: float | None, spread: Spread):
-        self.env, self.timeslice_s, self.spread = env, timeslice_s, spread
+    def __init__(self, env: simpy.Environment, timeslice_s: float | None, spread: Spread, exclusive: bool = False):
+        """`exclusive`: one job at a time ever runs here (an engine alone on its GPU), so no turns are kept."""
+        self.env, self.timeslice_s, self.spread, self.exclusive = env, timeslice_s, spread, exclusive
         self._turns = simpy.Resource(env, capacity=1)
 
     def run(self, seconds: float):
         """A simpy process body: about `seconds` (see `Spread`) of this device, in turns with other jobs."""
         left = self.spread(seconds)
+        if self.exclusive:
+            yield self.env.timeout(left)
+            return
         while left > 1e-12:
             piece = left if self.timeslice_s is None else min(left, self.timeslice_s)
             with self._turns.request() as turn:
@@ -125,118 +132,151 @@ class Host:
         yield self.env.timeout(self.spread(seconds))
 
 
-def devices_for(env: simpy.Environment, profiles: StageProfiles, workload: Workload, count: int) -> list[Device]:
+def devices_for(env: simpy.Environment, profiles: StageProfiles, workload: Workload, count: int,
+                exclusive: bool = False) -> list[Device]:
     spread = Spread(profiles.service_time_cv, workload.seed)
-    return [Device(env, profiles.timeslice_s, spread) for _ in range(count)]
+    return [Device(env, profiles.timeslice_s, spread, exclusive) for _ in range(count)]
 
 
-class LanguageEngine:
-    """A continuously batching engine (vLLM): each step prefills the newly admitted requests and decodes
-    one token of every running one. `encode_in_step` adds the coupled engine's encoder to the step."""
+Sampled = list[tuple[Request, int]]  # requests that got a token in one engine step, with their token count then
 
-    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_finish, device: Device,
-                 encode_in_step: bool = False):
-        self.env, self.profiles, self.on_finish = env, profiles, on_finish
-        self.device, self.encode_in_step = device, encode_in_step
-        self.ready: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.outstanding = 0
+
+class Frontend:
+    """One front-end process (`FrontendCosts`): its event loop's work and its one multimodal worker share a core
+    (its own, or a device's); `latency_s` is time every request spends in it without using that core."""
+
+    def __init__(self, env: simpy.Environment, costs: FrontendCosts, spread: Spread, core: Device | None = None,
+                 mm_workers: int = 1, latency_s: float = 0.0, name: str = "frontend"):
+        self.env, self.costs, self.latency_s, self.name = env, costs, latency_s, name
+        self.core = core or Device(env, costs.slice_s, spread)
+        self.mm_worker = simpy.Resource(env, capacity=mm_workers)
         self.busy_s = 0.0
-        self._wake = env.event()
-        env.process(self._loop())
+        self.outstanding = 0
+        self._owed_s = 0.0
 
-    def add(self, request: Request) -> None:
-        self.ready.append(request)
-        if not self._wake.triggered:
-            self._wake.succeed()
+    def _run(self, seconds: float):
+        self.busy_s += seconds
+        yield from self.core.run(seconds)
 
-    def _loop(self):
-        language = self.profiles.language
-        while True:
-            if not self.ready and not self.running:
-                self._wake = self.env.event()
-                yield self._wake
-            admitted: list[Request] = []
-            budget = language.max_batched_tokens or float("inf")
-            while self.ready and len(self.running) + len(admitted) < language.max_num_seqs and (
-                    not admitted or self.ready[0].prompt_tokens <= budget):  # one long prompt always goes
-                budget -= self.ready[0].prompt_tokens
-                admitted.append(self.ready.popleft())
-            step = 0.0
-            if self.running:
-                context = sum(r.prompt_tokens + r.generated for r in self.running) / len(self.running)
-                step += language.decode_step_seconds(len(self.running), context)
-            step += language.prefill_seconds([r.prompt_tokens for r in admitted])
-            tiles = sum(sum(r.tiles) for r in admitted) if self.encode_in_step else 0
-            if tiles:  # the encoder runs inside the step: every request in flight waits for it
-                coupled = self.profiles.coupled
-                step += (tiles * coupled.vision_seconds_per_tile if coupled
-                         else self.profiles.vision.batch_seconds(tiles))
-            self.busy_s += step
-            yield from self.device.run(step)
-            for r in admitted:
+    def take(self, r: Request, then) -> None:
+        """Parse, render and process `r`'s input, then hand it on with `then(r)`."""
+        self.env.process(self._take(r, then))
+
+    def _take(self, r: Request, then):
+        c = self.costs
+        if self.latency_s:
+            yield self.env.timeout(self.latency_s)
+        images = len(r.sequences)
+        text_s = r.text_tokens * c.text_token_s
+        if c.request_s or (text_s and not images):
+            yield from self._run(c.request_s + (0.0 if images else text_s))
+        mm_s = images * c.image_s + sum(len(s) for s in r.sequences) * c.tile_s + (text_s if images else 0.0)
+        if mm_s:
+            with self.mm_worker.request() as worker:
+                yield worker
+                yield from self._run(mm_s)
+        then(r)
+
+    def charge(self, tokens: int) -> None:
+        """Owe the streaming work of `tokens` output tokens; it runs with the next delivery (see `stream`)."""
+        self._owed_s += tokens * self.costs.output_token_s
+
+    def stream(self, sampled: Sampled, then, charged: bool = False) -> None:
+        """Stream one step's tokens on, then hand the first and last tokens among them to `then`. Only those
+        mark anything a client measures, so the work of the others is owed and done with the next delivery,
+        or once a GIL slice of it has piled up: the CPU the process spends is the same, in fewer events.
+        `charged`: the tokens' work was owed already (`charge`)."""
+        if not charged:
+            self.charge(len(sampled))
+        deliver = [(r, n) for r, n in sampled if n == 1 or n >= r.output_tokens]
+        if not deliver and self._owed_s < self.costs.slice_s:
+            return
+        seconds, self._owed_s = self._owed_s, 0.0
+        if not seconds:
+            then(deliver)
+            return
+        self.env.process(self._stream(seconds, deliver, then))
+
+    def _stream(self, seconds: float, deliver: Sampled, then):
+        yield from self._run(seconds)
+        if deliver:
+            then(deliver)
+
+
+class Client:
+    """Where tokens arrive: a request's first and last token times, and the closed loop's finished queue."""
+
+    def __init__(self, env: simpy.Environment):
+        self.env, self.finished = env, simpy.Store(env)
+
+    def receive(self, sampled: Sampled) -> None:
+        for r, count in sampled:
+            if r.first_token is None:
                 r.first_token = self.env.now
-            self.running.extend(admitted)
-            still = []
-            for r in self.running:
-                r.generated += 1
-                if r.generated >= r.output_tokens:
-                    r.finish = self.env.now
-                    self.outstanding -= 1
-                    self.on_finish(r)
-                else:
-                    still.append(r)
-            self.running = still
+            if count >= r.output_tokens and r.finish is None:
+                r.finish = self.env.now
+                self.finished.put(r)
 
 
-class VisionServer:
-    """Tiles of all waiting images batched across requests under a tile budget, round-robin between images
-    (as vision_server.scheduler does); a batch leaves when full or when its oldest tile waited
-    `max_batch_wait_s`; an image's features leave when its own last tile is done."""
+def _relay(front: Frontend, sampled: Sampled, second: str, final) -> None:
+    """One step's tokens through `front`, then through each request's `second` front end (DvD's gateway, vLLM's
+    proxy) to `final`; the second front end is charged for every token now and delivers the first and last."""
+    for r, _ in sampled:
+        getattr(r, second).charge(1)
 
-    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_image_done, device: Device):
-        self.env, self.profiles, self.on_image_done = env, profiles, on_image_done
-        self.images: list[list] = []  # [request, image index, tiles to schedule, tiles to finish, enqueued at]
-        self.outstanding = 0
-        self.busy_s = 0.0
-        # the encoder's device: shared with preprocessing on CPU, and with any server placed on it
-        self.device = device
-        self._wake = env.event()
-        env.process(self._loop())
+    def onward(deliver: Sampled) -> None:
+        for nxt in {id(getattr(r, second)): getattr(r, second) for r, _ in deliver}.values():
+            nxt.stream([(r, n) for r, n in deliver if getattr(r, second) is nxt], final, charged=True)
+    front.stream(sampled, onward)
 
-    @property
-    def waiting_tiles(self) -> int:
-        return sum(entry[2] for entry in self.images)
 
-    def submit(self, request: Request, image: int) -> None:
-        self.images.append([request, image, request.tiles[image], request.tiles[image], self.env.now])
-        if not self._wake.triggered:
-            self._wake.succeed()
+def step_cost(profiles: StageProfiles, roofline: Roofline | None = None, language: bool = True):
+    """What one engine step costs: from the roofline (derived profiles) or the measured tables; the encoder's
+    sequences run in the same step (coupled serving). `language` False: an encoder-only engine."""
+    roofline = roofline or profiles.roofline
+    if roofline is not None:
+        host_s = roofline.efficiency.step_host_s
 
-    def _loop(self):
-        vision = self.profiles.vision
-        while True:
-            while not self.images:
-                self._wake = self.env.event()
-                yield self._wake
-            deadline = min(entry[4] for entry in self.images) + vision.max_batch_wait_s
-            while self.waiting_tiles < vision.max_batch_tiles and self.env.now < deadline:
-                self._wake = self.env.event()
-                yield self._wake | self.env.timeout(deadline - self.env.now)
-            batch: list[list] = []
-            while len(batch) < vision.max_batch_tiles and any(entry[2] for entry in self.images):
-                for entry in self.images:  # one tile per image per round
-                    if entry[2] and len(batch) < vision.max_batch_tiles:
-                        entry[2] -= 1
-                        batch.append(entry)
-            self.images = [entry for entry in self.images if entry[2]]
-            seconds = vision.batch_seconds(len(batch))
-            self.busy_s += seconds
-            yield from self.device.run(seconds)
-            for entry in batch:
-                entry[3] -= 1
-                if entry[3] == 0:
-                    self.on_image_done(entry[0], entry[1])
+        def derived(shape: StepShape, sequences: list[int]) -> tuple[float, float]:
+            lm = roofline.language_seconds(shape) if language else 0.0
+            return lm + roofline.vision_seconds(sequences), host_s
+        return derived
+    tables, coupled = profiles.language, profiles.coupled
+
+    def measured(shape: StepShape, sequences: list[int]) -> tuple[float, float]:
+        seconds = 0.0
+        if language and shape.decodes:
+            seconds += tables.decode_step_seconds(shape.decodes, shape.decode_context / shape.decodes)
+        if language:
+            seconds += tables.prefill_seconds(shape.prefill_chunks)
+        if sequences:
+            seconds += (len(sequences) * coupled.vision_seconds_per_tile if coupled
+                        else profiles.vision.batch_seconds(len(sequences)))
+        return seconds, 0.0
+    return measured
+
+
+def engine_config(profiles: StageProfiles, roofline: Roofline | None, vision_weights: bool) -> SchedulerConfig:
+    """The scheduler settings, with the KV cache an engine of this roofline holds."""
+    config = profiles.engine_scheduler()
+    if roofline is not None and config.kv_cache_tokens is None:
+        config = config.model_copy(update={"kv_cache_tokens": roofline.kv_capacity_tokens(
+            vision_weights=vision_weights)})
+    return config
+
+
+def _coupled_frontend(profiles: StageProfiles) -> tuple[FrontendCosts, bool, int, float]:
+    """vLLM's API server: (costs, on the engine's device, multimodal workers, latency outside the core). A
+    derived profile states it; a measured CPU profile has the measured `coupled` figures, or the vision server's."""
+    if profiles.api_server:
+        return profiles.api_server, False, 1, 0.0
+    if profiles.coupled:
+        c = profiles.coupled
+        return (FrontendCosts(tile_s=c.preprocess_s_per_tile), c.preprocess_on_device, c.preprocess_parallelism,
+                c.overhead_s_per_request)
+    v = profiles.vision
+    return (FrontendCosts(tile_s=v.preprocess_s_per_tile), False, v.preprocess_parallelism,
+            profiles.language.overhead_s_per_request)
 
 
 def _arrivals(env: simpy.Environment, workload: Workload, requests: list[Request], start, finished: simpy.Store):
@@ -264,10 +304,145 @@ def _least_outstanding(servers):
     return min(servers, key=lambda s: s.outstanding)
 
 
+def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int,
+                     api_servers: int | None = None) -> Result:
+    """Coupled serving: each device runs encoder and language model in one vLLM engine.
+
+    `api_servers` None: `replicas` separate `vllm serve` instances behind a balancer (least outstanding
+    requests), each with its own API server. A number: one data-parallel `vllm serve` whose API servers (that
+    many) share the engines through vLLM's balancer (lowest `waiting * 4 + running`). A derived profile's
+    `api_server.processes` gives that number unless it is given here.
+    """
+    env = simpy.Environment()
+    requests = make_requests(workload, profiles)
+    client = Client(env)
+    spread = Spread(profiles.service_time_cv, workload.seed)
+    costs, on_device, mm_workers, latency_s = _coupled_frontend(profiles)
+    if api_servers is None and profiles.api_server is not None:
+        api_servers = profiles.api_server.processes or replicas
+    devices = devices_for(env, profiles, workload, replicas, exclusive=not on_device)
+    config = engine_config(profiles, profiles.roofline, vision_weights=True)
+    cost = step_cost(profiles)
+    engines: list[Engine] = []
+    for device in devices:
+        engines.append(Engine(env, config, cost, device, lambda s: _to_frontends(s), encoder=True))
+    if api_servers is None:  # one API server per replica, on its device's core when the profile says so
+        fronts = [Frontend(env, costs, spread, device if on_device else None, mm_workers, latency_s, "api_server")
+                  for device in devices]
+    else:
+        fronts = [Frontend(env, costs, spread, None, mm_workers, latency_s, "api_server")
+                  for _ in range(api_servers)]
+
+    def _to_frontends(sampled: list[Request]) -> None:
+        by_front: dict[int, Sampled] = {}
+        for r in sampled:
+            by_front.setdefault(id(r.frontend), []).append((r, r.generated))
+        for group in by_front.values():
+            front = group[0][0].frontend
+            front.stream(group, lambda s, f=front: _finish(s, f))
+
+    def _finish(sampled: Sampled, front: Frontend) -> None:
+        for r, count in sampled:
+            if count >= r.output_tokens:
+                front.outstanding -= 1
+        client.receive(sampled)
+
+    turn = [0, 0]  # next API server, balancer's scan start
+
+    def start(r: Request) -> None:
+        if api_servers is None:
+            engine = _least_outstanding(engines)
+            engine.outstanding += 1
+            r.frontend = fronts[engines.index(engine)]
+            r.frontend.outstanding += 1
+            r.frontend.take(r, engine.add)
+            return
+        r.frontend = fronts[turn[0] % len(fronts)]  # the kernel spreads connections over the API servers
+        turn[0] += 1
+        r.frontend.outstanding += 1
+
+        def to_engine(request: Request) -> None:
+            start = turn[1] = (turn[1] + 1) % len(engines)  # the scan's start rotates: ties go round robin
+            engine = min(engines[start:] + engines[:start], key=lambda e: e.load_score)
+            engine.outstanding += 1
+            engine.add(request)
+        r.frontend.take(r, to_engine)
+
+    env.process(_arrivals(env, workload, requests, start, client.finished))
+    env.run()
+    fronts_busy = sum(f.busy_s for f in fronts)
+    return Result("coupled", 0, replicas, requests,
+                  {"language": sum(e.busy_s for e in engines), "api_server": fronts_busy},
+                  {"language": replicas, "api_server": len(fronts)})
+
+
+class VisionServer:
+    """Encoder sequences (tiles) of all waiting images batched across requests under a budget, round-robin
+    between images (as vision_server.scheduler does); a batch leaves when full or when its oldest sequence
+    waited `max_batch_wait_s`; an image's features leave when its own last sequence is done."""
+
+    def __init__(self, env: simpy.Environment, profiles: StageProfiles, on_image_done, device: Device,
+                 roofline: Roofline | None):
+        self.env, self.profiles, self.on_image_done, self.roofline = env, profiles, on_image_done, roofline
+        self.images: list[list] = []  # [request, image index, sequences to schedule, left to finish, enqueued at]
+        self.outstanding = 0
+        self.busy_s = 0.0
+        # the encoder's device: shared with preprocessing on CPU, and with any server placed on it
+        self.device = device
+        self._wake = env.event()
+        env.process(self._loop())
+
+    @property
+    def waiting_tiles(self) -> int:
+        return sum(len(entry[2]) for entry in self.images)
+
+    def submit(self, request: Request, image: int) -> None:
+        sequences = list(request.sequences[image])
+        self.images.append([request, image, sequences, len(sequences), self.env.now])
+        if not self._wake.triggered:
+            self._wake.succeed()
+
+    def _seconds(self, batch: list[int]) -> float:
+        if self.roofline is not None:
+            return self.roofline.vision_seconds(batch)
+        return self.profiles.vision.batch_seconds(len(batch))
+
+    def _loop(self):
+        vision = self.profiles.vision
+        while True:
+            while not self.images:
+                self._wake = self.env.event()
+                yield self._wake
+            deadline = min(entry[4] for entry in self.images) + vision.max_batch_wait_s
+            while self.waiting_tiles < vision.max_batch_tiles and self.env.now < deadline:
+                self._wake = self.env.event()
+                yield self._wake | self.env.timeout(deadline - self.env.now)
+            batch: list[list] = []
+            patches: list[int] = []
+            while len(batch) < vision.max_batch_tiles and any(entry[2] for entry in self.images):
+                for entry in self.images:  # one sequence per image per round
+                    if entry[2] and len(batch) < vision.max_batch_tiles:
+                        patches.append(entry[2].pop())
+                        batch.append(entry)
+            self.images = [entry for entry in self.images if entry[2]]
+            seconds = self._seconds(patches)
+            self.busy_s += seconds
+            yield from self.device.run(seconds)
+            for entry in batch:
+                entry[3] -= 1
+                if entry[3] == 0:
+                    self.on_image_done(entry[0], entry[1])
+
+
 def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: int, language_servers: int,
-                 devices: list[int] | None = None) -> Result:
+                 devices: list[int] | None = None, *, spread_images: bool = False,
+                 prefill_as_features_arrive: bool = False) -> Result:
     """`devices`: the device each server runs on, vision servers first (default: a device each). Servers
-    placed on one device take turns on it, step by step (CPU cores shared by processes, a GPU shared)."""
+    placed on one device take turns on it, step by step (CPU cores shared by processes, a GPU shared).
+
+    Two techniques peers use, off by default (DvD today): `spread_images` sends each image of a request to the
+    least busy vision server instead of the whole request to one; `prefill_as_features_arrive` admits a request
+    when its Generate call arrives and prefills up to the first image whose features are still on their way."""
     servers = vision_servers + language_servers
     devices = list(range(servers)) if devices is None else devices
     if len(devices) != servers:
@@ -275,16 +450,44 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     env = simpy.Environment()
     shared = dict(zip(sorted(set(devices)), devices_for(env, profiles, workload, len(set(devices)))))
     requests = make_requests(workload, profiles)
-    finished = simpy.Store(env)
-    languages = [LanguageEngine(env, profiles, finished.put, shared[devices[vision_servers + i]])
-                 for i in range(language_servers)]
+    client = Client(env)
+    spread = Spread(profiles.service_time_cv, workload.seed)
+    # gateway processes: the profile's count, or one per language server (stateless replicas behind a balancer)
+    gateways = [Frontend(env, profiles.gateway, spread, name="gateway")
+                for _ in range(profiles.gateway.processes or language_servers)] if profiles.gateway else []
+    front_costs = profiles.language_frontend or FrontendCosts()
+    front_latency = 0.0 if profiles.language_frontend else profiles.language.overhead_s_per_request
+    roofline = profiles.roofline
+    vision_roofline = roofline.model_copy(update={"tensor_parallel": 1}) if roofline else None
+    config = engine_config(profiles, roofline, vision_weights=False)
+    cost = step_cost(profiles)
+    fronts: dict[int, Frontend] = {}
+    def language_output(sampled: list[Request]) -> None:
+        for front in {id(r.frontend): r.frontend for r in sampled}.values():
+            group = [(r, r.generated) for r in sampled if r.frontend is front]
+            if gateways:
+                _relay(front, group, "gateway", client.receive)
+            else:
+                front.stream(group, client.receive)
+
+    languages = []
+    for i in range(language_servers):
+        engine = Engine(env, config, cost, shared[devices[vision_servers + i]], language_output, encoder=False)
+        fronts[id(engine)] = Frontend(env, front_costs, spread, latency_s=front_latency, name="language_frontend")
+        languages.append(engine)
     links = {id(engine): simpy.Resource(env, capacity=1) for engine in languages}  # one receive link each
-    route: dict[int, LanguageEngine] = {}
+    route: dict[int, Engine] = {}
     vision_route: dict[int, VisionServer] = {}
     busy = {"wire": 0.0}
 
     def maybe_ready(r: Request) -> None:
-        if r.generate_arrived and r.images_left == 0:
+        if prefill_as_features_arrive:
+            if r.generate_arrived and not r.items:
+                r.layout(encoded=False)
+                route[r.index].add(r)
+            else:
+                route[r.index].wake()
+        elif r.generate_arrived and r.images_left == 0:
             route[r.index].add(r)
 
     def transfer(r: Request, image: int):
@@ -295,83 +498,176 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
             busy["wire"] += seconds
             yield env.timeout(seconds)
         r.images_left -= 1
+        arrived[(r.index, image)] = True
+        if r.items:
+            r.items[image].encoded = True
         maybe_ready(r)
+
+    arrived: dict[tuple[int, int], bool] = {}
 
     def image_done(r: Request, image: int) -> None:
         r.images_encoded += 1
-        if r.images_encoded == len(r.tiles):  # the gateway balances on requests still being encoded
-            vision_route[r.index].outstanding -= 1
+        server = vision_route[(r.index, image)] if spread_images else vision_route[r.index]
+        if spread_images or r.images_encoded == len(r.sequences):  # the gateway balances on work being encoded
+            server.outstanding -= 1
         env.process(transfer(r, image))
 
-    visions = [VisionServer(env, profiles, image_done, shared[devices[i]]) for i in range(vision_servers)]
+    visions = [VisionServer(env, profiles, image_done, shared[devices[i]], vision_roofline)
+               for i in range(vision_servers)]
     # image decoding and tiling: the server's worker threads, on its own device's cores (CPU) or on the host's
     workers = {id(v): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
     host = None if profiles.vision.preprocess_on_device else Host(env, profiles, workload)
 
-    def encode(r: Request, server: VisionServer):
+    def encode(r: Request, server: VisionServer, images):
         yield env.timeout(profiles.vision.overhead_s_per_request)
-        for image in range(len(r.tiles)):  # decode and tiling in the server's threads, then into the scheduler
+        for image in images:  # decode and tiling in the server's threads, then into the scheduler
             env.process(preprocess(r, image, server))
 
     def preprocess(r: Request, image: int, server: VisionServer):
         with workers[id(server)].request() as worker:
             yield worker
-            yield from (host or server.device).run(r.tiles[image] * profiles.vision.preprocess_s_per_tile)
+            yield from (host or server.device).run(len(r.sequences[image]) * profiles.vision.preprocess_s_per_tile)
         server.submit(r, image)
 
-    def generate(r: Request):
-        yield env.timeout(profiles.language.overhead_s_per_request)
+    def generate_arrived(r: Request) -> None:
         r.generate_arrived = True
-        maybe_ready(r)
+        if prefill_as_features_arrive:
+            r.layout(encoded=False)
+            for image, item in enumerate(r.items):
+                item.encoded = arrived.get((r.index, image), False)
+            route[r.index].add(r)
+        else:
+            maybe_ready(r)
 
-    def start(r: Request) -> None:
+    def dispatch(r: Request) -> None:
         engine = _least_outstanding(languages)
         engine.outstanding += 1
         route[r.index] = engine
-        r.images_left = len(r.tiles)
-        if r.tiles:
+        r.frontend = fronts[id(engine)]
+        r.images_left = len(r.sequences)
+        if r.sequences and spread_images:
+            for image in range(len(r.sequences)):
+                server = vision_route[(r.index, image)] = _least_outstanding(visions)
+                server.outstanding += 1
+                env.process(encode(r, server, [image]))
+        elif r.sequences:
             server = vision_route[r.index] = _least_outstanding(visions)
             server.outstanding += 1
-            env.process(encode(r, server))
-        env.process(generate(r))
+            env.process(encode(r, server, range(len(r.sequences))))
+        r.frontend.take(r, generate_arrived)
 
-    env.process(_arrivals(env, workload, requests, start, finished))
-    env.run()
-    return Result("dvd", vision_servers, language_servers, requests,
-                  {"vision": sum(v.busy_s for v in visions), "language": sum(e.busy_s for e in languages),
-                   "wire": busy["wire"]})
-
-
-def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int) -> Result:
-    """Data-parallel coupled serving: each device runs encoder and language model in one engine."""
-    env = simpy.Environment()
-    requests = make_requests(workload, profiles)
-    finished = simpy.Store(env)
-    engines = [LanguageEngine(env, profiles, finished.put, device, encode_in_step=True)
-               for device in devices_for(env, profiles, workload, replicas)]
-    measured = profiles.coupled
-    # vLLM's input processor: its API server's threads, on the engine's cores (CPU) or on the host's
-    parallelism = measured.preprocess_parallelism if measured else profiles.vision.preprocess_parallelism
-    workers = {id(e): simpy.Resource(env, capacity=parallelism) for e in engines}
-    host = None if measured and measured.preprocess_on_device else Host(env, profiles, workload)
-    overhead_s = measured.overhead_s_per_request if measured else profiles.language.overhead_s_per_request
-    preprocess_s_per_tile = measured.preprocess_s_per_tile if measured else profiles.vision.preprocess_s_per_tile
-
-    def serve(r: Request, engine: LanguageEngine):
-        yield env.timeout(overhead_s)
-        with workers[id(engine)].request() as worker:
-            yield worker
-            yield from (host or engine.device).run(sum(r.tiles) * preprocess_s_per_tile)
-        engine.add(r)
+    turn = [0]
 
     def start(r: Request) -> None:
-        engine = _least_outstanding(engines)
-        engine.outstanding += 1
-        env.process(serve(r, engine))
+        if gateways:
+            r.gateway = gateways[turn[0] % len(gateways)]
+            turn[0] += 1
+            r.gateway.take(r, dispatch)
+        else:
+            dispatch(r)
 
-    env.process(_arrivals(env, workload, requests, start, finished))
+    env.process(_arrivals(env, workload, requests, start, client.finished))
     env.run()
-    return Result("coupled", 0, replicas, requests, {"language": sum(e.busy_s for e in engines)})
+    busy_s = {"vision": sum(v.busy_s for v in visions), "language": sum(e.busy_s for e in languages),
+              "wire": busy["wire"], "language_frontend": sum(f.busy_s for f in fronts.values())}
+    counts = {"vision": vision_servers, "language": language_servers, "wire": language_servers,
+              "language_frontend": language_servers}
+    if gateways:
+        busy_s["gateway"], counts["gateway"] = sum(g.busy_s for g in gateways), len(gateways)
+    return Result("dvd", vision_servers, language_servers, requests, busy_s, counts)
+
+
+def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, language_servers: int,
+                 proxy: FrontendCosts, encoder_scheduler: SchedulerConfig, language_eager: bool = False,
+                 language_scheduler: SchedulerConfig | None = None, encoder_text_tokens: int = 10) -> Result:
+    """vLLM's encoder disaggregation as its example deploys it (`examples/online_serving/disaggregated_encoder/`):
+    a proxy (`disagg_epd_proxy.py`, `fanout_encoder_primer`) sends one request per image, its text removed and
+    max_tokens 1, round robin to encoder-only vLLM instances (an EC producer runs no language model:
+    `vllm/config/vllm.py`, `_resolve_mm_encoder_only`), waits for all of them, then forwards the original request
+    to a prefill/decode instance, whose API server processes the images again and whose scheduler loads their
+    features through the EC connector instead of encoding them. Every instance is one `vllm serve` with its own
+    API server (`profiles.api_server`)."""
+    if profiles.roofline is None or profiles.api_server is None:
+        raise ValueError("simulate_epd needs a derived profile (roofline and API server costs)")
+    env = simpy.Environment()
+    requests = make_requests(workload, profiles)
+    client = Client(env)
+    spread = Spread(profiles.service_time_cv, workload.seed)
+    api = profiles.api_server.model_copy(update={"processes": 1})
+    proxy_front = Frontend(env, proxy, spread, name="proxy")
+    vision_roofline = profiles.roofline.model_copy(update={"tensor_parallel": 1})
+    language_roofline = profiles.roofline.model_copy(update={"cuda_graphs": not language_eager})
+    devices = devices_for(env, profiles, workload, encoders + language_servers, exclusive=True)
+    pending: dict[int, Request] = {}  # encoder request index -> the original request
+    busy = {"wire": 0.0}
+
+    def encoded(sampled: list[Request]) -> None:
+        for e in sampled:
+            e.frontend.outstanding -= 1
+            entry = pending[e.index]
+            entry[1] -= 1
+            if entry[1] == 0:  # the proxy waits for every image's encode request
+                del pending[e.index]
+                env.process(to_language(entry[0]))
+
+    e_engines, e_fronts = [], []
+    for i in range(encoders):
+        engine = Engine(env, encoder_scheduler, step_cost(profiles, vision_roofline, language=False), devices[i],
+                        encoded, encoder=True)
+        e_engines.append(engine)
+        e_fronts.append(Frontend(env, api, spread, name="encoder_api_server"))
+    config = engine_config(profiles.model_copy(update={"scheduler": language_scheduler or profiles.scheduler}),
+                           language_roofline, vision_weights=False)
+
+    def language_output(sampled: list[Request]) -> None:
+        for front in {id(r.frontend): r.frontend for r in sampled}.values():
+            group = [(r, r.generated) for r in sampled if r.frontend is front]
+            _relay(front, group, "gateway", client.receive)
+
+    pd_engines, pd_fronts = [], []
+    for i in range(language_servers):
+        pd_engines.append(Engine(env, config, step_cost(profiles, language_roofline), devices[encoders + i],
+                                 language_output, encoder=False))
+        pd_fronts.append(Frontend(env, api, spread, name="language_api_server"))
+
+    def to_language(r: Request):
+        seconds = sum(profiles.transport.seconds(profiles.feature_bytes(t)) for t in r.image_tokens)
+        busy["wire"] += seconds
+        yield env.timeout(seconds)  # the EC connector's save and load of every image's features
+        i = min(range(language_servers), key=lambda k: pd_engines[k].outstanding)
+        pd_engines[i].outstanding += 1
+        r.frontend = pd_fronts[i]
+        r.frontend.take(r, pd_engines[i].add)
+
+    turn = [0]
+
+    def to_encoder(r: Request) -> None:
+        """The proxy's fan-out: one request per image, its text removed, round robin over the encoders."""
+        if not r.sequences:
+            env.process(to_language(r))
+            return
+        pending[r.index] = [r, len(r.sequences)]
+        for image in range(len(r.sequences)):
+            e = Request(r.index, r.arrival, [r.sequences[image]], [r.image_tokens[image]], encoder_text_tokens, 1)
+            i = turn[0] % encoders
+            turn[0] += 1
+            e.frontend = e_fronts[i]
+            e.frontend.outstanding += 1
+            e.frontend.take(e, e_engines[i].add)
+
+    def start(r: Request) -> None:
+        r.gateway = proxy_front
+        proxy_front.take(r, to_encoder)
+
+    env.process(_arrivals(env, workload, requests, start, client.finished))
+    env.run()
+    return Result("epd", encoders, language_servers, requests,
+                  {"vision": sum(e.busy_s for e in e_engines), "language": sum(e.busy_s for e in pd_engines),
+                   "wire": busy["wire"], "proxy": proxy_front.busy_s,
+                   "encoder_api_server": sum(f.busy_s for f in e_fronts),
+                   "language_api_server": sum(f.busy_s for f in pd_fronts)},
+                  {"vision": encoders, "language": language_servers, "wire": language_servers, "proxy": 1,
+                   "encoder_api_server": encoders, "language_api_server": language_servers})
 
 
 def pool_loads(profiles: StageProfiles, workload: Workload, rate: float, vision_servers: int,

@@ -17,6 +17,10 @@ class Workload(BaseModel):
     name: str = "workload"
     images_per_request: Distribution = 1
     tiles_per_image: Distribution = 3  # including the thumbnail of a multi-tile image
+    # Or the images' size in pixels: the model geometry's own rule then gives its tiles or patches and tokens
+    # (a derived profile's geometry; e.g. Qwen3-VL's native resolution: 640x640 -> 400 tokens).
+    image_px: tuple[int, int] | None = None
+    images_first: bool = True  # images before the prompt's text (InternVL's habit), else after it
     text_tokens: Distribution = 64  # prompt tokens besides the images' (template and question)
     output_tokens: Distribution = 64
     vir_compressed_share: float = Field(0.0, ge=0, le=1)  # ViR: share of tiles sent as 64 tokens, not 256

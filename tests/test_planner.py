@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from planner.derive import derive
-from planner.plan import make_plan, max_slo_rate, run
+from planner.plan import make_plan, run, sustained
 from planner.profiles import (
     CoupledProfile,
     DecodePoint,
@@ -72,7 +73,8 @@ def test_saturated_throughput_grows_with_gpus():
 @pytest.mark.parametrize("slow, best", [("vision", (3, 1)), ("language", (1, 3))])
 def test_the_slow_stage_is_named_and_gets_the_gpus(slow, best):
     profiles = profile(vision_tiles_per_s=30.0) if slow == "vision" else profile(prefill_s=0.05, decode_step_s=0.02)
-    plan = make_plan(profiles, workload(requests=200, ttft_slo_s=1.0, tpot_slo_s=0.05), search=True)
+    plan = make_plan(profiles, workload(requests=200, ttft_slo_s=1.0, tpot_slo_s=0.05), search=True,
+                     search_options={"min_run_s": 15.0, "precision": 0.1})
     assert (plan.best.vision_gpus, plan.best.language_gpus) == best
     one_to_one = next(s for s in plan.dvd if s.vision_gpus == 2)
     assert one_to_one.bottleneck == slow
@@ -88,8 +90,9 @@ def test_coupled_decode_stalls_behind_the_encoder():
 
 def test_vir_token_reduction_raises_a_prefill_bound_capacity():
     profiles = profile(prefill_s=0.08)
-    base = max_slo_rate(profiles, workload(requests=200), 1, 1, steps=6)
-    compressed = max_slo_rate(profiles, workload(requests=200, vir_compressed_share=1.0), 1, 1, steps=6)
+    base = sustained(profiles, workload(requests=200), 1, 1, percentiles=(90.0,), precision=0.1)[90.0]
+    compressed = sustained(profiles, workload(requests=200, vir_compressed_share=1.0), 1, 1, percentiles=(90.0,),
+                        precision=0.1)[90.0]
     assert compressed > 1.5 * base
 
 
@@ -142,7 +145,7 @@ def test_dvd_plan_cli_writes_table_and_plots(tmp_path):
     (tmp_path / "workload.json").write_text(workload(requests=150).model_dump_json())
     out = tmp_path / "plan"
     command = [sys.executable, "-m", "dvd.cli", "plan", "run", "--profiles", str(tmp_path / "profile.json"),
-               "--workload", str(tmp_path / "workload.json"), "--out", str(out), "--gpus", "3"]
+               "--workload", str(tmp_path / "workload.json"), "--out", str(out), "--gpus", "3", "--min-run-s", "15"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "| **" in done.stdout and "coupled x3" in done.stdout and "Best split" in done.stdout
@@ -253,3 +256,210 @@ def test_relative_spread_pools_repeated_measurements():
 
     assert relative_spread([[2.0, 2.0, 2.0], [5.0]]) == 0.0
     assert relative_spread([[0.9, 1.1], [1.8, 2.2]]) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- vLLM's engine, the roofline, geometry, sustained
+
+
+def _engine(config, cost):
+    """One simulated vLLM engine on a whole-turn device; returns (env, engine, token times per request index)."""
+    import simpy
+
+    from planner.engine import Engine
+    from planner.simulate import Device, Spread
+
+    env = simpy.Environment()
+    times: dict[int, list[float]] = {}
+
+    def output(sampled):
+        for r in sampled:
+            times.setdefault(r.index, []).append(env.now)
+
+    engine = Engine(env, config, cost, Device(env, None, Spread(0.0, 0)), output, encoder=True)
+    return env, engine, times
+
+
+def _request(index, text, images=(), output=4, images_first=True):
+    from planner.engine import Request
+
+    return Request(index, 0.0, [[1024] * 1 for _ in images], list(images), text, output, images_first=images_first)
+
+
+def test_a_step_that_encodes_an_image_delays_every_running_decode():
+    """Coupled vLLM: the encoder runs inside the step, so a decode in flight waits for another request's image."""
+    from planner.engine import SchedulerConfig
+
+    def cost(shape, sequences):  # 10 ms per step, 500 ms per encoder sequence
+        return 0.01 + 0.5 * len(sequences), 0.0
+
+    env, engine, times = _engine(SchedulerConfig(max_num_batched_tokens=4096), cost)
+    engine.add(_request(0, text=100, output=50))
+
+    def late_image():
+        yield env.timeout(0.105)
+        engine.add(_request(1, text=10, images=[256], output=2))
+
+    env.process(late_image())
+    env.run()
+    gaps = np.diff(times[0])
+    assert max(gaps) == pytest.approx(0.51)  # the step with the image: decode and encoder together
+    assert sorted(gaps)[-2] == pytest.approx(0.01)  # every other step is a plain decode step
+    assert times[1][0] == pytest.approx(times[0][int(np.argmax(gaps)) + 1])  # the image's request prefilled then
+
+
+def test_chunked_prefill_keeps_every_step_within_the_token_budget_and_serves_running_requests_first():
+    from planner.engine import SchedulerConfig
+
+    steps = []
+
+    def cost(shape, sequences):
+        steps.append((shape.tokens, shape.decodes, list(shape.prefill_chunks)))
+        return 0.01, 0.0
+
+    env, engine, times = _engine(SchedulerConfig(max_num_batched_tokens=512), cost)
+    engine.add(_request(0, text=8, output=20))
+    env.run(until=0.025)  # request 0 is decoding
+    engine.add(_request(1, text=2000, output=2))
+    env.run()
+    assert all(tokens <= 512 for tokens, _, _ in steps)
+    chunks = [c for _, _, prefill in steps for c in prefill]
+    assert chunks[1:] == [511, 511, 511, 467]  # beside request 0's decode, which is scheduled first
+    assert all(decodes == 1 for _, decodes, prefill in steps[1:5])
+    # added during the third step (t=0.02..0.03); four chunks from t=0.03: first token at 0.07
+    assert times[1] == pytest.approx([0.07, 0.08])
+
+
+def test_an_image_that_does_not_fit_the_encoder_budget_stops_the_chunk_before_it():
+    """vLLM's `_try_schedule_encoder_inputs`: an image is encoded whole in the step that first touches it; past
+    the step's encoder budget the chunk ends where the image begins, and the image goes in the next step."""
+    from planner.engine import SchedulerConfig
+
+    encoded = []
+
+    def cost(shape, sequences):
+        encoded.append((len(sequences), list(shape.prefill_chunks)))
+        return 0.01, 0.0
+
+    config = SchedulerConfig(max_num_batched_tokens=4096, encoder_compute_budget=300, encoder_cache_size=1000)
+    env, engine, _ = _engine(config, cost)
+    engine.add(_request(0, text=100, images=[256, 256], output=1, images_first=False))
+    env.run()
+    # text, the first image between its markers and the second's opening marker, cut where the second image's
+    # features begin; then the second image and its closing marker
+    assert encoded == [(1, [100 + (1 + 256 + 1) + 1]), (1, [256 + 1])]
+
+
+def test_tensor_parallelism_halves_the_weights_each_device_reads_and_adds_two_all_reduces_per_layer():
+    from planner.geometry import geometry
+    from planner.hardware import ACCELERATORS
+    from planner.roofline import Efficiency, Roofline, StepShape
+
+    model, h100 = geometry("38b"), ACCELERATORS["h100-sxm"]
+    eff = Efficiency(allreduce_latency_s=1e-5)
+    one = Roofline(accelerator=h100, model=model, tensor_parallel=1, efficiency=eff)
+    two = one.model_copy(update={"tensor_parallel": 2})
+    decode = StepShape()
+    decode.add_chunk(1, 1000, decode=True)
+    layers, hidden = model.language.num_layers, model.language.hidden_size
+    all_reduce = 2 * layers * (1e-5 + 2 * (2 - 1) / 2 * hidden * 2 / (h100.nvlink_gb_s * 1e9))
+    assert two.language_seconds(decode) == pytest.approx(one.language_seconds(decode) / 2 + all_reduce, rel=0.02)
+    assert two.kv_capacity_tokens() > 0
+    with pytest.raises(ValueError, match="does not fit 1 x NVIDIA H100"):
+        one.kv_capacity_tokens()
+
+
+def test_image_tokens_follow_each_models_rule():
+    from planner.geometry import geometry
+
+    qwen, internvl = geometry("qwen3-vl-4b"), geometry("8b")
+    assert qwen.image_tokens(640, 640) == 400 and qwen.image_sequences(640, 640) == [1600]
+    assert qwen.image_tokens(1000, 500) == 16 * 31 // 1  # 500x1000 -> 512x992 px -> 16x31 merged tokens
+    assert internvl.image_tokens(1920, 1080) == 9 * 256 and len(internvl.image_sequences(1920, 1080)) == 9
+    assert internvl.image_tokens(448, 448) == 256
+
+
+def test_an_moe_layer_reads_only_the_experts_its_tokens_route_to():
+    from planner.geometry import LanguageModel
+
+    moe = LanguageModel(hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128,
+                        intermediate_size=6144, vocab_size=151936, num_experts=128, experts_per_token=8,
+                        expert_intermediate_size=768)
+    assert moe.experts_touched(1) == pytest.approx(8)
+    assert moe.experts_touched(10_000) == pytest.approx(128)
+    assert moe.active_params() < 0.15 * moe.weight_params()
+
+
+def test_the_sustained_criterion_rejects_a_growing_queue_that_has_not_yet_broken_the_slo():
+    from planner.sustained import Criterion, Record, judge
+
+    criterion = Criterion(ttft_slo_s=10.0, tpot_slo_s=0.1)
+    steady = [Record(i * 0.1, 1.0 + 0.1 * (i % 3), 0.05) for i in range(300)]
+    growing = [Record(i * 0.1, 1.0 + 0.02 * i, 0.05) for i in range(300)]  # 1 s -> 7 s: every one within SLO
+    assert judge(steady, criterion, 99).passed
+    verdict = judge(growing, criterion, 99)
+    assert verdict.within_slo and not verdict.sustained and verdict.reason == "queue growing"
+    unfinished = steady[:-1] + [Record(30.0, None, None)]
+    assert not judge(unfinished, criterion, 90).within_slo
+
+
+def test_one_api_server_caps_a_data_parallel_deployment_whatever_its_engines():
+    """vLLM's API server processes every image on one worker: four engines behind one process serve no more than
+    that process does; one API server per engine (vLLM 0.32's default) lifts the cap."""
+    from planner.profiles import FrontendCosts
+
+    fast = profile(vision_tiles_per_s=1000.0, prefill_s=TINY, decode_step_s=TINY)
+    fast.api_server = FrontendCosts(image_s=0.05)  # 50 ms per image, nothing else
+    load = workload(arrival_rate=None, concurrency=32, requests=300, output_tokens=2)
+    one = run(fast, load, 0, 4, api_servers=1)
+    four = run(fast, load, 0, 4, api_servers=4)
+    assert one.throughput_rps == pytest.approx(20, rel=0.1)
+    assert four.throughput_rps == pytest.approx(80, rel=0.15)
+    assert one.bottleneck == "api_server"
+
+
+def test_spreading_a_requests_images_over_vision_servers_encodes_them_side_by_side():
+    """Two vision servers, two-image requests, one at a time: spread, each image has a server of its own."""
+    profiles = profile(vision_tiles_per_s=30.0, prefill_s=TINY, decode_step_s=TINY, max_batch_wait_s=0.0)
+    load = workload(images_per_request=2, tiles_per_image=3, arrival_rate=0.5, requests=40, output_tokens=2)
+    whole = run(profiles, load, 2, 1)
+    spread = run(profiles, load, 2, 1, spread_images=True)
+    assert whole.ttft_p50_s == pytest.approx(6 / 30, rel=0.1)  # six tiles on one server
+    assert spread.ttft_p50_s == pytest.approx(3 / 30, rel=0.1)  # three on each
+
+
+def test_prefill_starts_on_the_text_before_the_images_features_arrive():
+    """A language server that prefills up to the first missing image overlaps the text's prefill with the
+    encode; one that waits for every feature does them one after the other."""
+    from planner.profiles import LanguageProfile
+
+    profiles = profile(vision_tiles_per_s=2.0, decode_step_s=TINY, max_batch_wait_s=0.0)  # 0.5 s per image
+    # prefill: 0.2 ms per token, whatever the batch (one point per batch size)
+    profiles.language = LanguageProfile(
+        prefill=[PrefillPoint(batch=1, context_tokens=1000, seconds=0.2)],
+        decode=[DecodePoint(batch=1, context_tokens=1000, step_seconds=TINY)],
+        max_batched_tokens=1 << 20)
+    profiles.language.max_num_seqs = 8
+    load = workload(images_per_request=1, tiles_per_image=1, text_tokens=1000, images_first=False,
+                    arrival_rate=0.2, requests=20, output_tokens=2)
+    waiting = run(profiles, load, 1, 1)
+    streaming = run(profiles, load, 1, 1, prefill_as_features_arrive=True)
+    # waiting: the 0.5 s encode, then 1000 text + 258 image tokens (0.25 s); streaming: the text's 0.2 s during
+    # the encode, then the image's tokens
+    assert waiting.ttft_p50_s == pytest.approx(0.5 + 1258 * 2e-4, rel=0.05)
+    assert streaming.ttft_p50_s == pytest.approx(0.5 + 257 * 2e-4, rel=0.05)
+
+
+def test_dvd_plan_derive_sizes_38b_with_tensor_parallelism_2_and_refuses_it_on_one_gpu(tmp_path):
+    host = tmp_path / "host.json"
+    profile().save(host)
+    command = [sys.executable, "-m", "dvd.cli", "plan", "derive", str(tmp_path / "p.json"), "--preset", "38b",
+               "--accelerator", "h100-sxm", "--host-profile", str(host), "--api-server-costs",
+               str(Path(__file__).parents[1] / "benchmarks" / "results" / "mm_processor_cpu.json"),
+               "--tensor-parallel-size"]
+    done = subprocess.run(command + ["2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    derived = StageProfiles.load(tmp_path / "p.json")
+    assert derived.roofline.tensor_parallel == 2 and "NOT MEASURED" in derived.notes
+    assert derived.scheduler.max_num_batched_tokens == 8192  # vLLM's H100 default
+    refused = subprocess.run(command + ["1"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "does not fit 1 x NVIDIA H100 SXM" in refused.stderr
