@@ -122,6 +122,7 @@ def _openai_errors(app: FastAPI, settings: GatewaySettings) -> None:
 def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="DvD gateway", lifespan=_lifespan(settings))
     app.state.tenants = Tenants(settings)
+    metrics.start_series(app.state.tenants.names)
     app.state.response_store = responses.ResponseStore(settings.responses_store_max_bytes,
                                                        settings.responses_store_ttl_s)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)

@@ -34,6 +34,19 @@ IMAGES_SENT_NEEDLESSLY = Counter("dvd_gateway_images_sent_needlessly",
                                  "Images encoded at once for a language server that turned out to hold them "
                                  "(a misprediction of the affinity map; the server drops the features)")
 
+# The statuses a client meets in normal operation and in overload, whose series exist from the start (see below).
+COMMON_STATUSES = ("200", "400", "401", "429", "499", "500", "503", "504")
+
+
+def start_series(tenants: list[str]) -> None:
+    """Create the series of the known label values at zero: a labelled counter's series otherwise appears at its
+    first event, which `rate()` and `increase()` then miss (a first burst of 429s or 5xx would alert late)."""
+    for tenant in [*tenants, "-"]:
+        for status in COMMON_STATUSES:
+            REQUESTS.labels(status, tenant)
+    for source in ("vision", "cache"):
+        IMAGES.labels(source)
+
 
 class TokenClock:
     """One choice's token times, for the TPOT metric of its tenant."""

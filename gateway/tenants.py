@@ -67,6 +67,11 @@ class Tenants:
     def _hmac(self, message: bytes) -> bytes:
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
+    @property
+    def names(self) -> list[str]:
+        """Every tenant's metrics label."""
+        return [self.default.name] if self.default else [tenant.name for tenant in self._by_digest.values()]
+
     def authenticate(self, authorization: str) -> Tenant:
         """The tenant of `Authorization: Bearer <key>` (any request, without keys); 401 otherwise."""
         if self.default is not None:

@@ -33,3 +33,12 @@ FEATURE_CACHE_BYTES = Gauge("dvd_language_feature_cache_bytes", "Feature bytes h
 PROMPT_TOKENS = Counter("dvd_language_prompt_tokens", "Prompt tokens of finished requests")
 CACHED_PROMPT_TOKENS = Counter("dvd_language_cached_prompt_tokens",
                                "Prompt tokens whose KV came from vLLM's prefix cache")
+
+# Label values known in advance exist from the start at zero: otherwise a series appears at its first event, which
+# Prometheus's rate() and increase() miss (a first burst of errors or drops would alert late).
+for _outcome in ("ok", "error", "cancelled"):
+    REQUESTS.labels(_outcome)
+for _result in ("hit", "miss"):
+    FEATURE_CACHE.labels(_result)
+for _reason in ("late", "duplicate", "not_needed", "over_capacity", "expired", "image_count_mismatch"):
+    FEATURES_DROPPED.labels(_reason)

@@ -27,3 +27,10 @@ SEND = Histogram("dvd_vision_send_seconds", "Handing one image's features to the
                  buckets=LATENCY_BUCKETS)
 DEDUP_IMAGES = Counter("dvd_vision_dedup_images", "Images not encoded: identical to one in flight")
 DEDUP_TILES = Counter("dvd_vision_dedup_tiles", "Tiles not encoded: their image was identical to one in flight")
+
+# Label values known in advance exist from the start at zero: otherwise a series appears at its first event, which
+# Prometheus's rate() and increase() miss (a first burst of errors would alert late).
+for _outcome in ("ok", "error"):
+    REQUESTS.labels(_outcome)
+for _route in ("compressed", "full"):
+    VIR_TILES.labels(_route)
