@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -37,9 +35,12 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import psutil
 import typer
 
+from benchmarks.toolkit.documents import command_line, write
+from benchmarks.toolkit.machine import load_average, machine, versions
+from benchmarks.toolkit.processes import cpu_seconds
+from benchmarks.toolkit.servers import VLLM_COMMAND
 from language_server import torch_compat  # noqa: F401  (before transformers, which imports torchvision)
 from launcher import OFFLINE_ENV, Servers, free_port, http_ready
 
@@ -105,8 +106,8 @@ def internvl_checkpoint(out: Path) -> Path:
 
 
 def serve_command(model: Path, port: int) -> list[str]:
-    """`vllm serve` as the project runs it on CPU (see `benchmarks.servers.coupled_command`), one API server."""
-    return [sys.executable, "-m", "benchmarks.vllm_cli", "serve", "--model", str(model), "--host", HOST, "--port",
+    """`vllm serve` as the project runs it on CPU (see `toolkit.servers.coupled_command`), one API server."""
+    return [*VLLM_COMMAND, "serve", str(model), "--host", HOST, "--port",
             str(port), "--served-model-name", model.name, "--trust-remote-code", "--max-model-len", "8192",
             "--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
             "--gpu-memory-utilization", "0.2", "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
@@ -115,7 +116,7 @@ def serve_command(model: Path, port: int) -> list[str]:
 def bench_command(model: Path, port: int, text: int, images: int, output: int, size: tuple[int, int],
                   prompts: int) -> list[str]:
     """`vllm bench serve --dataset-name random-mm`, as a vLLM user types it."""
-    return [sys.executable, "-m", "benchmarks.vllm_cli", "bench-serve", "--backend", "openai-chat", "--base-url",
+    return [*VLLM_COMMAND, "bench", "serve", "--backend", "openai-chat", "--base-url",
             f"http://{HOST}:{port}", "--endpoint", "/v1/chat/completions", "--model", model.name, "--tokenizer",
             str(model), "--dataset-name", "random-mm", "--random-input-len", str(text), "--random-output-len",
             str(output), "--random-range-ratio", "0", "--random-mm-base-items-per-request", str(images),
@@ -125,16 +126,9 @@ def bench_command(model: Path, port: int, text: int, images: int, output: int, s
             "--seed", str(text + images + output)]
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
+def api_server_cpu_s(pid: int) -> float:
+    """The API server process's own CPU seconds (its threads; not the engine core's process below it)."""
+    return cpu_seconds(pid)["own"]
 
 
 def measure(model: Path, runs: list[tuple], prompts: int, log_dir: Path) -> list[dict]:
@@ -144,22 +138,22 @@ def measure(model: Path, runs: list[tuple], prompts: int, log_dir: Path) -> list
                       env=OFFLINE_ENV | {"VLLM_CPU_KVCACHE_SPACE": "1"})
     rows = []
     with servers.running(http_ready(f"http://{HOST}:{port}"), 900, "vllm serve answers"):
-        api = psutil.Process(servers.processes["vllm-serve"].pid)
+        api = servers.processes["vllm-serve"].pid
         for text, images, output, size in runs:
-            idle_from, idle_cpu = time.monotonic(), cpu_s(api)
+            idle_from, idle_cpu = time.monotonic(), api_server_cpu_s(api)
             time.sleep(5)
-            idle_rate = (cpu_s(api) - idle_cpu) / (time.monotonic() - idle_from)
-            begin, before = time.monotonic(), cpu_s(api)
+            idle_rate = (api_server_cpu_s(api) - idle_cpu) / (time.monotonic() - idle_from)
+            begin, before = time.monotonic(), api_server_cpu_s(api)
             done = subprocess.run(bench_command(model, port, text, images, output, size, prompts),
                                   capture_output=True, text=True, timeout=1800, env=os.environ | OFFLINE_ENV)
-            wall, used = time.monotonic() - begin, cpu_s(api) - before
+            wall, used = time.monotonic() - begin, api_server_cpu_s(api) - before
             if done.returncode != 0:
                 raise RuntimeError(f"vllm bench serve failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
             requests = prompts + 1  # `vllm bench serve` sends one test request first
             rows.append({"text_tokens": text, "images": images, "image_hw": list(size), "output_tokens": output,
                          "requests": requests, "wall_s": round(wall, 2), "idle_cores": round(idle_rate, 4),
                          "api_server_cpu_s_per_request": round((used - idle_rate * wall) / requests, 5),
-                         "load": [round(x, 2) for x in os.getloadavg()]})
+                         "load": load_average()})
             typer.echo(json.dumps(rows[-1]))
     return rows
 
@@ -185,10 +179,9 @@ def main(
     prompts: Annotated[int, typer.Option(help="Requests per run")] = 24,
     out: Annotated[Path, typer.Option(help="Result file")] = RESULTS / "mm_processor_cpu.json",
 ) -> None:
-    document = {"command": "python -m benchmarks.mm_processor " + " ".join(sys.argv[1:]),
+    document = {"command": command_line(),
                 "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                            "load_before": [round(x, 2) for x in os.getloadavg()]},
+                "machine": machine(), "versions": versions(), "load_before": load_average(),
                 "rule": "CPU seconds (user + system) of the vllm serve API server process (its threads, not the "
                         "engine core's process) during a run, less its idle rate times the run's duration, per "
                         "request; fit: least squares over the runs",
@@ -200,9 +193,8 @@ def main(
             rows = measure(model, RUNS[name], prompts, Path(tmp) / "logs")
             document["models"][name] = {"runs": rows, "fit": fit(rows)}
             typer.echo(f"{name}: {document['models'][name]['fit']}")
-    document["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
+    document["load_after"] = load_average()
+    write(document, out)
     typer.echo(f"wrote {out}")
 
 

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from planner.profiles import ProfileError, StageProfiles
+from planner.files import ProfileError
+from planner.profiles import StageProfiles
 from planner.workload import Workload
 
 app = typer.Typer(help="Capacity planning: the best vision:language GPU split, from measured stage costs.",

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from planner.engine import SchedulerConfig
+from planner.files import ProfileError
 from planner.geometry import ModelGeometry, NativeImages, TiledImages, geometry
 from planner.hardware import Accelerator
 from planner.profiles import (
@@ -23,7 +24,6 @@ from planner.profiles import (
     Geometry,
     LanguageProfile,
     PrefillPoint,
-    ProfileError,
     StageProfiles,
     TransportProfile,
     VisionPoint,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from checkpoint.geometry import PRESETS as CHECKPOINT_PRESETS
 from checkpoint.geometry import ModelConfig
+from planner.files import load_model
 
 
 class VisionEncoder(BaseModel):
@@ -200,8 +201,6 @@ class ModelGeometry(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> ModelGeometry:
-        from planner.profiles import load_model
-
         return load_model(cls, path, "model geometry")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from planner.profiles import load_model
+from planner.files import load_model
 
 # A count that is either fixed or drawn from {value: weight}; JSON keys are strings, pydantic makes them ints.
 Distribution = int | dict[int, float]

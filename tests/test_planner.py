@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from planner.derive import derive
+from planner.files import ProfileError
 from planner.plan import make_plan, run, sustained
 from planner.profiles import (
     CoupledProfile,
@@ -18,7 +19,6 @@ from planner.profiles import (
     Geometry,
     LanguageProfile,
     PrefillPoint,
-    ProfileError,
     StageProfiles,
     TransportProfile,
     VisionPoint,
