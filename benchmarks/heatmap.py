@@ -235,7 +235,7 @@ def markdown(result: dict) -> str:
              f"{slos['tpot']:g} ms at the percentile, every request finished and no growing queue "
              f"(`planner.sustained`). Each rate's run: {search['run_length']} fresh requests; each system's search "
              f"starts at {result['start_share']:g}x its own closed-loop capacity (`cap`, {result['probe_concurrency']} "
-             f"in flight), steps x{search['step']:g} and bisects to {search['precision']:g}. Ratios are DvD / "
+             f"in flight), steps x{search['step']:g} and bisects to {search['precision']:.0%}. Ratios are DvD / "
              "coupled; `plan` is the planner's prediction (runs of the same length); `DvD limit` / `coupled limit` say "
              "what broke at the lowest failing rate above the p90 answer; V/L cpu is DvD's vision-server CPU time "
              "over its language server's during its search (1 = balanced).", "",
@@ -284,7 +284,7 @@ def main(
     search_requests: Annotated[int, typer.Option(help="Each rate's run sends at least this many requests")] = 200,
     search_seconds: Annotated[float, typer.Option(
         help="... and at least this many seconds of arrivals (rate x seconds requests)")] = 60.0,
-    search_step: Annotated[float, typer.Option(help="Factor between rates while bracketing")] = 1.5,
+    search_step: Annotated[float, typer.Option(help="Factor between rates while bracketing")] = 1.4,
     search_precision: Annotated[float, typer.Option(help="Bisect until within this share")] = 0.1,
     start_share: Annotated[float, typer.Option(
         help="Each search starts at this share of the system's closed-loop capacity at the point")] = 0.8,
@@ -302,26 +302,31 @@ def main(
     tile_counts, outputs = parse_list(tiles), parse_list(output_tokens)
     if unknown := set(tile_counts) - set(IMAGES_FOR_TILES):
         raise typer.BadParameter(f"tiles per request {sorted(unknown)}: choose from {sorted(IMAGES_FOR_TILES)}")
-    try:
-        search = GoodputSearch(ttft_slo_s=ttft_slo_ms / 1e3, tpot_slo_s=tpot_slo_ms / 1e3, step=search_step,
-                               precision=search_precision, least_requests=search_requests,
-                               least_seconds=search_seconds)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    search = settings(ttft_slo_s=ttft_slo_ms / 1e3, tpot_slo_s=tpot_slo_ms / 1e3, step=search_step,
+                      precision=search_precision, least_requests=search_requests, least_seconds=search_seconds)
     placement = Placement.choose("pinned", dtype=dtype)
     result = {"name": name, "command": command_line(),
               "machine": machine(), "versions": versions(), "model": str(model),
-              "coupled_model": str(coupled_model or model),
+              "coupled_model": str(coupled_model or model), "profiles": str(profiles),
               "placement": {"language": placement.language, "vision": placement.vision, "dtype": placement.dtype},
-              "profiles": str(profiles), "slos_ms": {"ttft": ttft_slo_ms, "tpot": tpot_slo_ms},
-              "search": search.described(), "start_share": start_share, "probe_concurrency": probe_concurrency,
-              "probe_requests": probe_requests, "tiles": tile_counts, "output_tokens": outputs,
+              "slos_ms": {"ttft": ttft_slo_ms, "tpot": tpot_slo_ms}, "start_share": start_share,
+              "search": search.described() | {"start": f"{start_share:g} x each system's closed-loop capacity"},
+              "probe_concurrency": probe_concurrency, "probe_requests": probe_requests, "tiles": tile_counts,
+              "output_tokens": outputs,
               "points": [{"tiles": t, "output_tokens": o} for t in tile_counts for o in outputs],
               "logs": tempfile.mkdtemp(prefix="dvd-heatmap-")}
     partial = out_dir / f"heatmap_{name}.partial.json"
     run_grid(result, placement, search, StageProfiles.load(profiles), lambda: write_document(result, partial))
     write(result, out_dir)
     partial.unlink(missing_ok=True)
+
+
+def settings(**given) -> GoodputSearch:
+    """The search's settings; a bad one as a bad parameter."""
+    try:
+        return GoodputSearch(**given)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def run_grid(result: dict, placement: Placement, search: GoodputSearch, profiles: StageProfiles, save) -> None:
@@ -355,7 +360,8 @@ def repredict(results: Path, profiles: Path) -> None:
         raise typer.BadParameter(f"{results} holds single-rate goodput (the heat map before sustained goodput); "
                                  "rerun the heat map to get a file it can repredict", param_hint="--repredict")
     stage_profiles = StageProfiles.load(profiles)
-    settings = {k: v for k, v in result["search"].items() if k in {f.name for f in dataclasses.fields(GoodputSearch)}}
+    settings = {k: v for k, v in result["search"].items()
+                if k in {f.name for f in dataclasses.fields(GoodputSearch)} - {"start"}}  # start: per system
     search = GoodputSearch(**settings | {"percentiles": tuple(settings["percentiles"])})
     for point in result["points"]:
         point["predicted"] = predictions(stage_profiles, point, search)

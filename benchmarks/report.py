@@ -96,7 +96,7 @@ def sustained_section(documents: dict[str, dict]) -> list[str]:
              f"queue (the last third's median TTFT at most {criterion['ttft_growth']:g}x the first third's, or "
              f"at most {criterion['growth_floor_of_ttft_slo']:.0%} of the TTFT SLO above it). Each rate's run: "
              f"{settings['run_length']} fresh requests; the search starts at {settings['start']:g} req/s, steps "
-             f"x{settings['step']:g}, then bisects to {settings['precision']:g}.", "",
+             f"x{settings['step']:g}, then bisects to {settings['precision']:.0%}.", "",
              f"| percentile | {name_a} req/s | {name_b} req/s | {name_a} / {name_b} |", "|---|---|---|---|"]
     for percentile in settings["percentiles"]:
         key = f"{percentile_name(percentile)}_rps"

@@ -575,3 +575,22 @@ def test_heatmap_refuses_to_repredict_a_single_rate_result(tmp_path):
     old.write_text(json.dumps({"name": "old", "slos_ms": {"ttft": 2000.0, "tpot": 30.0}, "points": []}))
     with pytest.raises(typer.BadParameter, match="single-rate goodput"):
         repredict(old, tmp_path / "profiles.json")
+
+
+def test_heatmap_repredicts_both_systems_sustained_goodput_with_the_runs_it_measured(tmp_path):
+    from benchmarks.heatmap import RESULTS, repredict
+    from benchmarks.toolkit.search import GoodputSearch
+
+    search = GoodputSearch(least_requests=50, least_seconds=10.0)
+    result = {"name": "r", "slos_ms": {"ttft": 2000.0, "tpot": 30.0}, "tiles": [3], "output_tokens": [16],
+              "search": search.described() | {"start": "0.8 x each system's closed-loop capacity"},
+              "start_share": 0.8, "probe_concurrency": 8, "points": [heatmap_point(3, 16, 1.3, 1.0)]}
+    path = tmp_path / "heatmap_r.json"
+    path.write_text(json.dumps(result))
+    repredict(path, RESULTS / "profiles" / "cpu_tiny_2026_12.json")
+    [point] = json.loads(path.read_text())["points"]
+    for system in ("DvD", "coupled"):
+        predicted = point["predicted"][system]
+        assert 0 < predicted["sustained_p99_rps"] <= predicted["sustained_p90_rps"]
+    assert point["ratios"]["predicted_sustained_p90"] == pytest.approx(
+        point["predicted"]["DvD"]["sustained_p90_rps"] / point["predicted"]["coupled"]["sustained_p90_rps"], abs=1e-3)

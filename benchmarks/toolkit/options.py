@@ -204,7 +204,7 @@ class SearchOptions:
     tpot_slo_ms: Annotated[float, typer.Option(help="Sustained goodput: TPOT SLO (ms) at the percentile")] = 30.0
     search_start: Annotated[float, typer.Option(
         help="Rate of the search's first run, req/s; near the answer saves runs")] = 1.0
-    search_step: Annotated[float, typer.Option(help="Factor between rates while bracketing the answer")] = 1.5
+    search_step: Annotated[float, typer.Option(help="Factor between rates while bracketing the answer")] = 1.4
     search_precision: Annotated[float, typer.Option(
         help="Bisect until the passing and failing rates are within this share")] = 0.1
     search_requests: Annotated[int, typer.Option(help="Each rate's run sends at least this many requests")] = 200

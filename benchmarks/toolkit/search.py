@@ -29,7 +29,7 @@ class GoodputSearch:
     ttft_slo_s: float = 2.0
     tpot_slo_s: float = 0.03
     start: float = 1.0  # req/s of the first run: near the answer saves runs
-    step: float = 1.5  # factor between rates while bracketing
+    step: float = 1.4  # factor between rates while bracketing: two bisections then reach 10%
     precision: float = 0.1  # bisection stops when the bracket's high end is within this share of its low end
     least_requests: int = 200
     least_seconds: float = 60.0
