@@ -218,7 +218,7 @@ def draw(plan: list[dict], tiles: list[int], outputs: list[int], path: Path, tit
     axes.set_ylabel("tiles per request")
     axes.set_title(title, fontsize=9)
     bar = figure.colorbar(image, ax=axes)
-    bar.set_label("log2(DvD / coupled sustained goodput, p90)")
+    bar.set_label("log2(DvD / coupled, p90)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -349,7 +349,7 @@ def write(result: dict, out_dir: Path) -> None:
     write_document(result, out_dir / f"heatmap_{name}.json")
     (out_dir / f"heatmap_{name}.md").write_text(markdown(result))
     draw(result["points"], result["tiles"], result["output_tokens"], out_dir / f"heatmap_{name}.png",
-         f"DvD / coupled sustained goodput ({name}; TTFT<={slos['ttft']:g} ms, TPOT<={slos['tpot']:g} ms)")
+         f"DvD / coupled sustained goodput ({name})\nTTFT<={slos['ttft']:g} ms, TPOT<={slos['tpot']:g} ms")
     typer.echo(markdown(result))
 
 
