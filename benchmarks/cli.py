@@ -21,6 +21,7 @@ from benchmarks.toolkit.options import (
     RequestsOption,
     SearchFlag,
     SearchOptions,
+    SearchStartOption,
     SeedOption,
     SizeOption,
     WarmupOption,
@@ -65,6 +66,7 @@ def run(
     out: Annotated[Path, typer.Option(help="Results JSON; a CSV of the same name is written beside it")] = Path(
         "benchmarks/results/bench.json"),
     search_goodput: SearchFlag = False,
+    search_start: SearchStartOption = 1.0,
     *,
     workload: WorkloadOptions,
     load: LoadOptions,
@@ -77,7 +79,7 @@ def run(
 
     refuse_fixed_requests(search_goodput, workload)
     pages = {kind: url for kind, url in (("vision", vision_metrics), ("language", language_metrics)) if url}
-    options = load.run_options(workload.seed, pages, search if search_goodput else None)
+    options = load.run_options(workload.seed, pages, search.settings(search_start) if search_goodput else None)
     batches = workload.batches(len(options.points))
     with reported():
         document = asyncio.run(bench(base_url, batches, options, model=model, api_key=api_key))
@@ -127,6 +129,7 @@ def compare(
         help="Both systems' model dtype (language model and vision encoder; DvD's features too)")] = "bfloat16",
     api_key: ApiKeyOption = "unused",
     search_goodput: SearchFlag = True,
+    search_start: SearchStartOption = 1.0,
     *,
     workload: WorkloadOptions,
     load: LoadOptions,
@@ -148,8 +151,9 @@ def compare(
         if not (source.results or source.urls or model):
             raise typer.BadParameter(f"give --model, or a URL or results file for {system}")
     with reported():
-        table = compare_systems(sources, model, where, workload, load, search if search_goodput else None, api_key,
-                                out_dir, name, log_dir)
+        table = compare_systems(sources, model, where, workload, load,
+                                search.settings(search_start) if search_goodput else None, api_key, out_dir, name,
+                                log_dir)
     typer.echo(f"comparison: {table}")
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from benchmarks.report import write_comparison
 from benchmarks.toolkit import servers
-from benchmarks.toolkit.options import LoadOptions, SearchOptions, WorkloadOptions
+from benchmarks.toolkit.options import LoadOptions, WorkloadOptions
 from benchmarks.toolkit.placement import Placement
+from benchmarks.toolkit.search import GoodputSearch
 from benchmarks.toolkit.sweep import RunOptions, bench, print_summary, write_results
 from benchmarks.toolkit.workload import RequestBatches
 
@@ -56,7 +57,7 @@ async def _measured(system: str, target: servers.Target, placement: Placement, b
 
 
 def measure(system: str, source: Source, model: Path | None, placement: Placement, workload: WorkloadOptions,
-            load: LoadOptions, search: SearchOptions | None, api_key: str, log_dir: Path | None) -> dict:
+            load: LoadOptions, search: GoodputSearch | None, api_key: str, log_dir: Path | None) -> dict:
     """One system's results document: the search and the sweep sent to its running servers, or to a stack
     started here."""
     import asyncio
@@ -69,7 +70,7 @@ def measure(system: str, source: Source, model: Path | None, placement: Placemen
 
 
 def compare_systems(sources: dict[str, Source], model: Path | None, placement: Placement, workload: WorkloadOptions,
-                    load: LoadOptions, search: SearchOptions | None, api_key: str, out_dir: Path, name: str,
+                    load: LoadOptions, search: GoodputSearch | None, api_key: str, out_dir: Path, name: str,
                     log_dir: Path | None) -> Path:
     """Both systems' results (bench_NAME.json/.csv for DvD, coupled_NAME.json/.csv), then the comparison; returns
     the Markdown table's path."""

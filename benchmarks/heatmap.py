@@ -44,6 +44,7 @@ from benchmarks.toolkit.documents import write as write_document
 from benchmarks.toolkit.loadgen import LoadPoint
 from benchmarks.toolkit.machine import machine, versions
 from benchmarks.toolkit.metrics import percentile_name
+from benchmarks.toolkit.options import SearchOptions, grouped
 from benchmarks.toolkit.placement import Placement
 from benchmarks.toolkit.processes import tree_cpu_seconds
 from benchmarks.toolkit.search import GoodputSearch
@@ -272,6 +273,7 @@ def run_system(system: str, model: str, plan: list[dict], placement: Placement, 
             save()
 
 
+@grouped
 def main(
     model: Annotated[Path, typer.Option(help="Checkpoint DvD serves (a Flash one: ViR on)")] = Path("checkpoints/tiny"),
     coupled_model: Annotated[Path | None, typer.Option(
@@ -279,13 +281,6 @@ def main(
     name: str = "cpu_tiny",
     tiles: Annotated[str, typer.Option(help=f"Tiles per request, of {sorted(IMAGES_FOR_TILES)}")] = "1,3,6,12",
     output_tokens: str = "16,64,256",
-    ttft_slo_ms: float = 2000.0,
-    tpot_slo_ms: float = 30.0,
-    search_requests: Annotated[int, typer.Option(help="Each rate's run sends at least this many requests")] = 200,
-    search_seconds: Annotated[float, typer.Option(
-        help="... and at least this many seconds of arrivals (rate x seconds requests)")] = 60.0,
-    search_step: Annotated[float, typer.Option(help="Factor between rates while bracketing")] = 1.4,
-    search_precision: Annotated[float, typer.Option(help="Bisect until within this share")] = 0.1,
     start_share: Annotated[float, typer.Option(
         help="Each search starts at this share of the system's closed-loop capacity at the point")] = 0.8,
     probe_concurrency: Annotated[int, typer.Option(help="Requests in flight in the capacity probes")] = 8,
@@ -296,20 +291,21 @@ def main(
     out_dir: Path = RESULTS,
     repredict_results: Annotated[Path | None, typer.Option(
         "--repredict", help="Only recompute the predictions of this heatmap JSON on --profiles")] = None,
+    *,
+    search_options: SearchOptions,
 ) -> None:
     if repredict_results:
         return repredict(repredict_results, profiles)
     tile_counts, outputs = parse_list(tiles), parse_list(output_tokens)
     if unknown := set(tile_counts) - set(IMAGES_FOR_TILES):
         raise typer.BadParameter(f"tiles per request {sorted(unknown)}: choose from {sorted(IMAGES_FOR_TILES)}")
-    search = settings(ttft_slo_s=ttft_slo_ms / 1e3, tpot_slo_s=tpot_slo_ms / 1e3, step=search_step,
-                      precision=search_precision, least_requests=search_requests, least_seconds=search_seconds)
+    search = search_options.settings()  # each system's start: `start_share` of its capacity, at each point
     placement = Placement.choose("pinned", dtype=dtype)
     result = {"name": name, "command": command_line(),
               "machine": machine(), "versions": versions(), "model": str(model),
               "coupled_model": str(coupled_model or model), "profiles": str(profiles),
               "placement": {"language": placement.language, "vision": placement.vision, "dtype": placement.dtype},
-              "slos_ms": {"ttft": ttft_slo_ms, "tpot": tpot_slo_ms}, "start_share": start_share,
+              "slos_ms": search.slos_ms(), "start_share": start_share,
               "search": search.described() | {"start": f"{start_share:g} x each system's closed-loop capacity"},
               "probe_concurrency": probe_concurrency, "probe_requests": probe_requests, "tiles": tile_counts,
               "output_tokens": outputs,
@@ -319,14 +315,6 @@ def main(
     run_grid(result, placement, search, StageProfiles.load(profiles), lambda: write_document(result, partial))
     write(result, out_dir)
     partial.unlink(missing_ok=True)
-
-
-def settings(**given) -> GoodputSearch:
-    """The search's settings; a bad one as a bad parameter."""
-    try:
-        return GoodputSearch(**given)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
 
 
 def run_grid(result: dict, placement: Placement, search: GoodputSearch, profiles: StageProfiles, save) -> None:

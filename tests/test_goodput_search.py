@@ -130,9 +130,9 @@ def test_bench_search_mode_judges_each_rate_on_fresh_requests_and_records_the_an
     monkeypatch.setattr(openai, "AsyncOpenAI", functools.partial(
         openai.AsyncOpenAI, http_client=httpx.AsyncClient(transport=transport)))
     workload = WorkloadOptions(image_size=["32x32"], input_words=3, output_len=2, warmup=2)
-    search = SearchOptions(ttft_slo_ms=60_000, tpot_slo_ms=60_000, search_start=8, search_step=2,
-                           search_precision=0.5, search_requests=4, search_seconds=0.1)
-    options = LoadOptions(progress=False).run_options(workload.seed, {}, search)
+    search = SearchOptions(ttft_slo_ms=60_000, tpot_slo_ms=60_000, search_step=2, search_precision=0.5,
+                           search_requests=4, search_seconds=0.1)
+    options = LoadOptions(progress=False).run_options(workload.seed, {}, search.settings(start=8))
     assert options.points == [] and options.slos_ms == {"ttft": 60_000, "tpot": 60_000}
     document = asyncio.run(bench("http://127.0.0.1:9001", workload.batches(len(options.points)), options))
 

@@ -173,9 +173,9 @@ class LoadOptions:
                                          param_hint="--goodput") from None
         return slos
 
-    def run_options(self, seed: int, metrics_pages: dict[str, str], search: SearchOptions | None = None):
-        """The run's options; with `search`, the sustained-goodput search runs first, the load points only when
-        given, and single-rate goodput takes the search's SLOs unless `--goodput` gives others."""
+    def run_options(self, seed: int, metrics_pages: dict[str, str], search=None):
+        """The run's options; with `search` (a `GoodputSearch`), the sustained-goodput search runs first, the load
+        points only when given, and single-rate goodput takes the search's SLOs unless `--goodput` gives others."""
         from benchmarks.toolkit.sweep import RunOptions
 
         if search and self.burstiness != 1.0:
@@ -186,24 +186,24 @@ class LoadOptions:
                           sampling={} if self.temperature is None else {"temperature": self.temperature},
                           percentiles=[float(p) for p in self.percentiles.split(",")],
                           slos_ms=self.slos_ms() or (search.slos_ms() if search else {}),
-                          metrics_pages=metrics_pages, progress=self.progress,
-                          search=search.settings() if search else None)
+                          metrics_pages=metrics_pages, progress=self.progress, search=search)
 
 
 SearchFlag = Annotated[bool, typer.Option(
     "--search-goodput/--no-search-goodput",
     help="Search the sustained goodput (p90 and p99) before any load points: the highest Poisson rate whose run "
          "holds the SLOs with no growing queue (see the --search-* options)")]
+SearchStartOption = Annotated[float, typer.Option(
+    help="Rate of the sustained-goodput search's first run, req/s; near the answer saves runs")]
 
 
 @dataclasses.dataclass
 class SearchOptions:
-    """The sustained-goodput search (`benchmarks.toolkit.search`): the SLOs, each rate's run length, the search."""
+    """The sustained-goodput search (`benchmarks.toolkit.search`): the SLOs, each rate's run length, the steps.
+    Where it starts is each command's own (a rate given, or a share of a measured capacity)."""
 
     ttft_slo_ms: Annotated[float, typer.Option(help="Sustained goodput: TTFT SLO (ms) at the percentile")] = 2000.0
     tpot_slo_ms: Annotated[float, typer.Option(help="Sustained goodput: TPOT SLO (ms) at the percentile")] = 30.0
-    search_start: Annotated[float, typer.Option(
-        help="Rate of the search's first run, req/s; near the answer saves runs")] = 1.0
     search_step: Annotated[float, typer.Option(help="Factor between rates while bracketing the answer")] = 1.4
     search_precision: Annotated[float, typer.Option(
         help="Bisect until the passing and failing rates are within this share")] = 0.1
@@ -212,15 +212,13 @@ class SearchOptions:
         help="... and at least this many seconds of arrivals (rate x seconds requests), to show a growing queue")] = (
         60.0)
 
-    def slos_ms(self) -> dict[str, float]:
-        return {"ttft": self.ttft_slo_ms, "tpot": self.tpot_slo_ms}
-
-    def settings(self):
+    def settings(self, start: float = 1.0):
+        """The `GoodputSearch` these options describe, from `start` req/s."""
         from benchmarks.toolkit.search import GoodputSearch
 
         try:
-            return GoodputSearch(ttft_slo_s=self.ttft_slo_ms / 1e3, tpot_slo_s=self.tpot_slo_ms / 1e3,
-                                 start=self.search_start, step=self.search_step, precision=self.search_precision,
+            return GoodputSearch(ttft_slo_s=self.ttft_slo_ms / 1e3, tpot_slo_s=self.tpot_slo_ms / 1e3, start=start,
+                                 step=self.search_step, precision=self.search_precision,
                                  least_requests=self.search_requests, least_seconds=self.search_seconds)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--search-* / --*-slo-ms") from None

@@ -45,6 +45,9 @@ class GoodputSearch:
         if self.least_requests < 3:
             raise ValueError(f"a run needs at least 3 requests to judge its queue, got {self.least_requests}")
 
+    def slos_ms(self) -> dict[str, float]:
+        return {"ttft": self.ttft_slo_s * 1e3, "tpot": self.tpot_slo_s * 1e3}
+
     @property
     def criterion(self) -> Criterion:
         return Criterion(self.ttft_slo_s, self.tpot_slo_s)
