@@ -19,6 +19,9 @@ from benchmarks.toolkit.options import (
     LoadOptions,
     RequestOptions,
     RequestsOption,
+    SearchFlag,
+    SearchOptions,
+    SearchStartOption,
     SeedOption,
     SizeOption,
     WarmupOption,
@@ -41,6 +44,14 @@ def reported():
         raise typer.Exit(1) from None
 
 
+def refuse_fixed_requests(search_goodput: bool, workload: WorkloadOptions) -> None:
+    """The search draws fresh requests at every rate; a JSONL file is one fixed set."""
+    if search_goodput and workload.jsonl:
+        raise typer.BadParameter("the sustained-goodput search draws fresh requests at every rate, a JSONL file is "
+                                 "one fixed set: give a synthetic or folder workload, or --no-search-goodput",
+                                 param_hint="--jsonl")
+
+
 @app.command()
 @grouped
 def run(
@@ -54,17 +65,21 @@ def run(
         help="DvD language server's Prometheus URL, for the per-stage breakdown")] = None,
     out: Annotated[Path, typer.Option(help="Results JSON; a CSV of the same name is written beside it")] = Path(
         "benchmarks/results/bench.json"),
+    search_goodput: SearchFlag = False,
+    search_start: SearchStartOption = 1.0,
     *,
     workload: WorkloadOptions,
     load: LoadOptions,
+    search: SearchOptions,
 ) -> None:
-    """Benchmark one server over a sweep of load points; writes JSON + CSV results."""
+    """Benchmark one server over a sweep of load points, or search its sustained goodput; writes JSON + CSV."""
     import asyncio
 
     from benchmarks.toolkit.sweep import bench, print_summary, write_results
 
+    refuse_fixed_requests(search_goodput, workload)
     pages = {kind: url for kind, url in (("vision", vision_metrics), ("language", language_metrics)) if url}
-    options = load.run_options(workload.seed, pages)
+    options = load.run_options(workload.seed, pages, search.settings(search_start) if search_goodput else None)
     batches = workload.batches(len(options.points))
     with reported():
         document = asyncio.run(bench(base_url, batches, options, model=model, api_key=api_key))
@@ -83,6 +98,8 @@ def write_workload(
     """Write a workload as JSONL, to replay it with `dvd bench run --jsonl` or `vllm bench serve`."""
     from benchmarks.toolkit.workload import write_jsonl
 
+    if requests.num_requests < 1:
+        raise typer.BadParameter("write at least one request", param_hint="--num-requests")
     made, _ = requests.make(requests.num_requests)
     write_jsonl(made, out)
     typer.echo(f"wrote {len(made)} requests to {out}")
@@ -111,14 +128,19 @@ def compare(
     dtype: Annotated[str, typer.Option(
         help="Both systems' model dtype (language model and vision encoder; DvD's features too)")] = "bfloat16",
     api_key: ApiKeyOption = "unused",
+    search_goodput: SearchFlag = True,
+    search_start: SearchStartOption = 1.0,
     *,
     workload: WorkloadOptions,
     load: LoadOptions,
+    search: SearchOptions,
 ) -> None:
-    """The same sweep against DvD and coupled `vllm serve`: both results, a Markdown table and PNG plots."""
+    """DvD against coupled `vllm serve`: each one's sustained goodput (the headline; --no-search-goodput skips
+    it) and the sweep's load points if given; both results, a Markdown table and PNG plots."""
     from benchmarks.compare import Source, compare_systems
     from benchmarks.toolkit.placement import Placement
 
+    refuse_fixed_requests(search_goodput, workload)
     try:
         where = Placement.choose(placement, vision_cores, dtype)
     except ValueError as exc:
@@ -129,7 +151,9 @@ def compare(
         if not (source.results or source.urls or model):
             raise typer.BadParameter(f"give --model, or a URL or results file for {system}")
     with reported():
-        table = compare_systems(sources, model, where, workload, load, api_key, out_dir, name, log_dir)
+        table = compare_systems(sources, model, where, workload, load,
+                                search.settings(search_start) if search_goodput else None, api_key, out_dir, name,
+                                log_dir)
     typer.echo(f"comparison: {table}")
 
 

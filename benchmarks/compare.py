@@ -1,6 +1,7 @@
-"""`dvd bench compare`: the same sweep against DvD and coupled `vllm serve`, one after the other, then both results
-files, a Markdown table and plots (`benchmarks/report.py`). Each system is started here (`--model`), already
-running (its URLs), or read from an earlier results file."""
+"""`dvd bench compare`: the same runs against DvD and coupled `vllm serve`, one after the other (each system's
+sustained-goodput search, then the sweep's load points if given), then both results files, a Markdown table and
+plots (`benchmarks/report.py`). Each system is started here (`--model`), already running (its URLs), or read from
+an earlier results file."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from benchmarks.report import write_comparison
 from benchmarks.toolkit import servers
 from benchmarks.toolkit.options import LoadOptions, WorkloadOptions
 from benchmarks.toolkit.placement import Placement
+from benchmarks.toolkit.search import GoodputSearch
 from benchmarks.toolkit.sweep import RunOptions, bench, print_summary, write_results
 from benchmarks.toolkit.workload import RequestBatches
 
@@ -55,11 +57,12 @@ async def _measured(system: str, target: servers.Target, placement: Placement, b
 
 
 def measure(system: str, source: Source, model: Path | None, placement: Placement, workload: WorkloadOptions,
-            load: LoadOptions, api_key: str, log_dir: Path | None) -> dict:
-    """One system's results document: the sweep sent to its running servers, or to a stack started here."""
+            load: LoadOptions, search: GoodputSearch | None, api_key: str, log_dir: Path | None) -> dict:
+    """One system's results document: the search and the sweep sent to its running servers, or to a stack
+    started here."""
     import asyncio
 
-    options = load.run_options(workload.seed, {})
+    options = load.run_options(workload.seed, {}, search)
     batches = workload.batches(len(options.points))
     with contextlib.ExitStack() as stack:
         target = servers.Target(source.urls) if source.urls else started(system, model, placement, log_dir, stack)
@@ -67,7 +70,8 @@ def measure(system: str, source: Source, model: Path | None, placement: Placemen
 
 
 def compare_systems(sources: dict[str, Source], model: Path | None, placement: Placement, workload: WorkloadOptions,
-                    load: LoadOptions, api_key: str, out_dir: Path, name: str, log_dir: Path | None) -> Path:
+                    load: LoadOptions, search: GoodputSearch | None, api_key: str, out_dir: Path, name: str,
+                    log_dir: Path | None) -> Path:
     """Both systems' results (bench_NAME.json/.csv for DvD, coupled_NAME.json/.csv), then the comparison; returns
     the Markdown table's path."""
     servers.stop_on_sigterm()
@@ -77,7 +81,7 @@ def compare_systems(sources: dict[str, Source], model: Path | None, placement: P
         if source.results:
             documents[system] = json.loads(source.results.read_text())
             continue
-        documents[system] = measure(system, source, model, placement, workload, load, api_key, log_dir)
+        documents[system] = measure(system, source, model, placement, workload, load, search, api_key, log_dir)
         write_results(documents[system], paths[system])
         print(f"{system}:")
         print_summary(documents[system])

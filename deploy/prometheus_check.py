@@ -298,30 +298,45 @@ def observe(prometheus: Prometheus, gateway_url: str, rounds: int) -> dict:
         "targets": [{"job": t["labels"]["job"], "pod": t["labels"]["pod"], "health": t["health"],
                      "url": t["scrapeUrl"]} for t in prometheus.api("targets")["activeTargets"]]}
 
+    observed["dashboard"] = dashboard_results(prometheus, window, at)
+    observed["hpa"] = hpa_results(prometheus, at, done[-1].get("during", {}).get("hpa", {}))
+    observed["alerts"] = alert_states(prometheus)
+    return observed
+
+
+def dashboard_results(prometheus: Prometheus, window: str, at: float) -> list[dict]:
+    """Every dashboard query at `at`, judged."""
     dashboard = dashboard_queries(window)
     for query in dashboard:
         query.result = prometheus.query(query.expr, at)
         judge(query)
-    observed["dashboard"] = [asdict(q) for q in dashboard]
-    observed["hpa"] = []
-    held = done[-1].get("during", {}).get("hpa", {})
+    return [asdict(q) for q in dashboard]
+
+
+def hpa_results(prometheus: Prometheus, at: float, held: dict) -> list[dict]:
+    """Each autoscaler's metric as the adapter finds it (series discovery) and queries it, judged; `held`: the
+    same queries' results while the last round was in flight."""
+    results = []
     for hpa, discovery, metric_query in adapter_queries():
         discovery.result = [{"labels": s, "value": None}
                             for s in prometheus.api("series", **{"match[]": discovery.expr})]
         discovery.problem = "" if discovery.result else "no series"
         metric_query.result = prometheus.query(metric_query.expr, at)
         judge(metric_query)
-        observed["hpa"].append({**hpa, "discovery": asdict(discovery), "query": asdict(metric_query),
-                                "under_load": held.get(metric_query.expr)})
+        results.append({**hpa, "discovery": asdict(discovery), "query": asdict(metric_query),
+                        "under_load": held.get(metric_query.expr)})
+    return results
 
+
+def alert_states(prometheus: Prometheus) -> list[dict]:
+    """Every alert rule once Prometheus has evaluated them all."""
     def rules() -> list[dict]:
         return [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
 
     prometheus.wait_until(lambda: all(not r["lastEvaluation"].startswith("0001") for r in rules()), 60,
                           "the alert rules have been evaluated")  # 0001-01-01: Go's zero time, never evaluated
-    observed["alerts"] = [{"name": r["name"], "health": r["health"], "state": r.get("state"),
-                           "error": r.get("lastError", ""), "query": r["query"]} for r in rules()]
-    return observed
+    return [{"name": r["name"], "health": r["health"], "state": r.get("state"),
+             "error": r.get("lastError", ""), "query": r["query"]} for r in rules()]
 
 
 def failures_in(report: dict) -> list[str]:

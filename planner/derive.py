@@ -92,60 +92,24 @@ def derive(preset: str | ModelGeometry, host: StageProfiles, *, device: str, pea
     measured host costs of DvD's vision server. `legacy` takes the old keyword arguments `mfu`,
     `hbm_efficiency` and `step_overhead_s` (matrix-multiply efficiency, HBM efficiency, host time per step)."""
     model = geometry(preset) if isinstance(preset, str) else preset
-    efficiency = efficiency or Efficiency()
-    if legacy:
-        unknown = set(legacy) - {"mfu", "hbm_efficiency", "step_overhead_s", "max_num_seqs"}
-        if unknown:
-            raise TypeError(f"derive() got unexpected keyword arguments {sorted(unknown)}")
-        efficiency = efficiency.model_copy(update={
-            key: legacy[old] for old, key in (("mfu", "gemm"), ("mfu", "attention"), ("hbm_efficiency", "hbm"),
-                                              ("step_overhead_s", "step_host_s")) if old in legacy})
+    efficiency = _legacy_efficiency(efficiency or Efficiency(), legacy)
     accelerator = Accelerator(name=device, bf16_tflops=peak_tflops, hbm_gb_s=hbm_gb_s, memory_gib=memory_gib,
                               nvlink_gb_s=nvlink_gb_s, source="as given to dvd plan derive")
     roofline = Roofline(accelerator=accelerator, model=model, tensor_parallel=tensor_parallel,
                         cuda_graphs=cuda_graphs, efficiency=efficiency)
-    vision_roofline = roofline.model_copy(update={"tensor_parallel": 1})
     scheduler = scheduler or scheduler_defaults(accelerator, model, tensor_parallel)
     if "max_num_seqs" in legacy:
         scheduler = scheduler.model_copy(update={"max_num_seqs": legacy["max_num_seqs"]})
-    tile = model.image_sequences(448, 448)[0]
-    sweep = [VisionPoint(batch_tiles=b, tiles_per_s=round(b / vision_roofline.vision_seconds([tile] * b), 2))
-             for b in (1, 2, 4, 8, 16, 32, 64, 128)]
-
-    def step(batch: int, context: int, decode: bool) -> float:
-        shape = StepShape()
-        for _ in range(batch):
-            shape.add_chunk(1 if decode else context, context if decode else 0, decode)
-        return max(roofline.language_seconds(shape), efficiency.step_host_s)
-
-    contexts, lm = (512, 2048, 8192, 16384), model.language
     tp = f" x{tensor_parallel} (tensor parallel)" if tensor_parallel > 1 else ""
-    tokens_per_tile = model.images.tokens_per_tile if isinstance(model.images, TiledImages) else tile // 4
     return StageProfiles(
         device=device + tp,
-        geometry=Geometry(name=model.name, vision_hidden_size=model.vision.hidden_size,
-                          language_hidden_size=lm.hidden_size, tokens_per_tile=tokens_per_tile,
-                          compressed_tokens_per_tile=getattr(model.images, "compressed_tokens_per_tile", 64)),
+        geometry=_profile_geometry(model),
         provenance="derived",
-        notes=(f"DERIVED, NOT MEASURED: roofline from FLOPs and bytes ({vision_flop_per_tile(model) / 1e12:.2f} TFLOP "
-               f"per 448 px tile or image, {lm.active_params() / 1e9:.2f} B language parameters per token"
-               f"{', tensor parallel ' + str(tensor_parallel) if tensor_parallel > 1 else ''}), peak "
-               f"{peak_tflops:g} TFLOP/s at {efficiency.gemm:g} (matmul) / {efficiency.attention:g} (attention), "
-               f"HBM {hbm_gb_s:g} GB/s at {efficiency.hbm:g}, host {efficiency.step_host_s * 1e3:g} ms per engine "
-               f"step, link {link_gb_s:g} GB/s + {link_latency_s * 1e6:g} us; vision server host costs from the "
-               f"'{host.device}' profile. Illustrative until replaced by a measured GPU profile."),
+        notes=_notes(roofline, host, link_gb_s, link_latency_s),
         command=f"dvd plan derive --preset {model.name} --host-profile HOST.json --device '{device}' "
                 f"--peak-tflops {peak_tflops:g} --hbm-gb-s {hbm_gb_s:g} --tensor-parallel-size {tensor_parallel}",
-        vision=VisionProfile(batch_sweep=sweep, preprocess_s_per_tile=host.vision.preprocess_s_per_tile,
-                             overhead_s_per_request=host.vision.overhead_s_per_request, max_batch_tiles=64,
-                             preprocess_parallelism=16),
-        language=LanguageProfile(
-            prefill=[PrefillPoint(batch=b, context_tokens=c, seconds=round(step(b, c, False), 6))
-                     for b in (1, 8) for c in contexts],
-            decode=[DecodePoint(batch=b, context_tokens=c, step_seconds=round(step(b, c, True), 6))
-                    for b in (1, 8, 32, 128, 256) for c in contexts],
-            max_num_seqs=scheduler.max_num_seqs, max_batched_tokens=scheduler.max_num_batched_tokens,
-            overhead_s_per_request=host.language.overhead_s_per_request),
+        vision=_vision_profile(roofline, host),
+        language=_language_profile(roofline, scheduler, host),
         transport=TransportProfile(backend="rdma", bandwidth_gb_s=link_gb_s, latency_s=link_latency_s,
                                    source="assumed line rate, not measured"),
         roofline=roofline,
@@ -154,3 +118,70 @@ def derive(preset: str | ModelGeometry, host: StageProfiles, *, device: str, pea
         gateway=DVD_GATEWAY if api_server is not None else None,
         language_frontend=DVD_LANGUAGE_FRONTEND if api_server is not None else None,
     )
+
+
+def _legacy_efficiency(efficiency: Efficiency, legacy: dict) -> Efficiency:
+    """`efficiency` with the old keyword arguments of `derive` applied."""
+    if not legacy:
+        return efficiency
+    unknown = set(legacy) - {"mfu", "hbm_efficiency", "step_overhead_s", "max_num_seqs"}
+    if unknown:
+        raise TypeError(f"derive() got unexpected keyword arguments {sorted(unknown)}")
+    return efficiency.model_copy(update={
+        key: legacy[old] for old, key in (("mfu", "gemm"), ("mfu", "attention"), ("hbm_efficiency", "hbm"),
+                                          ("step_overhead_s", "step_host_s")) if old in legacy})
+
+
+def _tile(model: ModelGeometry) -> int:
+    """Encoder sequence length of one 448 px tile (or a 448x448 image at native resolution)."""
+    return model.image_sequences(448, 448)[0]
+
+
+def _profile_geometry(model: ModelGeometry) -> Geometry:
+    tokens_per_tile = model.images.tokens_per_tile if isinstance(model.images, TiledImages) else _tile(model) // 4
+    return Geometry(name=model.name, vision_hidden_size=model.vision.hidden_size,
+                    language_hidden_size=model.language.hidden_size, tokens_per_tile=tokens_per_tile,
+                    compressed_tokens_per_tile=getattr(model.images, "compressed_tokens_per_tile", 64))
+
+
+def _notes(roofline: Roofline, host: StageProfiles, link_gb_s: float, link_latency_s: float) -> str:
+    """What the profile is derived from, and that it is not measured."""
+    model, efficiency, accelerator = roofline.model, roofline.efficiency, roofline.accelerator
+    tensor_parallel = roofline.tensor_parallel
+    return (f"DERIVED, NOT MEASURED: roofline from FLOPs and bytes ({vision_flop_per_tile(model) / 1e12:.2f} TFLOP "
+            f"per 448 px tile or image, {model.language.active_params() / 1e9:.2f} B language parameters per token"
+            f"{', tensor parallel ' + str(tensor_parallel) if tensor_parallel > 1 else ''}), peak "
+            f"{accelerator.bf16_tflops:g} TFLOP/s at {efficiency.gemm:g} (matmul) / {efficiency.attention:g} "
+            f"(attention), HBM {accelerator.hbm_gb_s:g} GB/s at {efficiency.hbm:g}, host "
+            f"{efficiency.step_host_s * 1e3:g} ms per engine step, link {link_gb_s:g} GB/s + "
+            f"{link_latency_s * 1e6:g} us; vision server host costs from the '{host.device}' profile. Illustrative "
+            f"until replaced by a measured GPU profile.")
+
+
+def _vision_profile(roofline: Roofline, host: StageProfiles) -> VisionProfile:
+    """The vision encoder's throughput by batch size (one device, no tensor parallelism), the host's costs."""
+    vision_roofline = roofline.model_copy(update={"tensor_parallel": 1})
+    tile = _tile(roofline.model)
+    sweep = [VisionPoint(batch_tiles=b, tiles_per_s=round(b / vision_roofline.vision_seconds([tile] * b), 2))
+             for b in (1, 2, 4, 8, 16, 32, 64, 128)]
+    return VisionProfile(batch_sweep=sweep, preprocess_s_per_tile=host.vision.preprocess_s_per_tile,
+                         overhead_s_per_request=host.vision.overhead_s_per_request, max_batch_tiles=64,
+                         preprocess_parallelism=16)
+
+
+def _language_profile(roofline: Roofline, scheduler: SchedulerConfig, host: StageProfiles) -> LanguageProfile:
+    """The roofline's prefill and decode step times at a few batch sizes and contexts, for reading."""
+    def step(batch: int, context: int, decode: bool) -> float:
+        shape = StepShape()
+        for _ in range(batch):
+            shape.add_chunk(1 if decode else context, context if decode else 0, decode)
+        return max(roofline.language_seconds(shape), roofline.efficiency.step_host_s)
+
+    contexts = (512, 2048, 8192, 16384)
+    return LanguageProfile(
+        prefill=[PrefillPoint(batch=b, context_tokens=c, seconds=round(step(b, c, False), 6))
+                 for b in (1, 8) for c in contexts],
+        decode=[DecodePoint(batch=b, context_tokens=c, step_seconds=round(step(b, c, True), 6))
+                for b in (1, 8, 32, 128, 256) for c in contexts],
+        max_num_seqs=scheduler.max_num_seqs, max_batched_tokens=scheduler.max_num_batched_tokens,
+        overhead_s_per_request=host.language.overhead_s_per_request)

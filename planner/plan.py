@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from planner.profiles import StageProfiles
 from planner.simulate import Result, pool_loads, simulate_coupled, simulate_dvd
-from planner.sustained import PERCENTILES, Criterion, Record, judge
+from planner.sustained import PERCENTILES, Criterion, Record, drive, judge, rate_search
 from planner.workload import Workload
 
 MIN_RUN_S = 60.0  # a searched run lasts at least this long at its arrival rate (more requests at higher rates)
@@ -150,52 +150,18 @@ def run(profiles: StageProfiles, workload: Workload, vision_gpus: int, language_
 def sustained_goodput(simulate_at: Callable[[Workload], Result], workload: Workload,
                       percentiles: tuple[float, ...] = PERCENTILES, *, precision: float = 0.03,
                       min_run_s: float = MIN_RUN_S) -> dict[float, float]:
-    """For each percentile, the highest Poisson rate whose run `planner.sustained.judge` passes: doubling from
-    1 req/s until a run fails, then bisection (on the rate's logarithm) to `precision`. Each run lasts at least
-    `min_run_s` at its rate; runs are shared between percentiles and seeded alike (common random numbers)."""
+    """For each percentile, the highest Poisson rate whose simulated run `planner.sustained.judge` passes
+    (`planner.sustained.rate_search`: doubling from 1 req/s, then bisection to `precision`). Each run lasts at
+    least `min_run_s` at its rate; runs are shared between percentiles and seeded alike (common random numbers)."""
     criterion = Criterion(workload.ttft_slo_s, workload.tpot_slo_s)
-    verdicts: dict[float, dict[float, bool]] = {}
 
-    def passes(rate: float, percentile: float) -> bool:
-        if rate not in verdicts:
-            count = min(MAX_RUN_REQUESTS, max(workload.requests, math.ceil(rate * min_run_s)))
-            trial = workload.model_copy(update={"arrival_rate": rate, "concurrency": None, "requests": count})
-            result = simulate_at(trial)
-            verdicts[rate] = {p: judge(records(result), criterion, p).passed for p in percentiles}
-        return verdicts[rate][percentile]
+    def run_at(rate: float) -> dict[float, bool]:
+        count = min(MAX_RUN_REQUESTS, max(workload.requests, math.ceil(rate * min_run_s)))
+        trial = workload.model_copy(update={"arrival_rate": rate, "concurrency": None, "requests": count})
+        result = simulate_at(trial)
+        return {p: judge(records(result), criterion, p).passed for p in percentiles}
 
-    found: dict[float, float] = {}
-    for percentile in sorted(percentiles):  # the laxest first: its answer bounds the stricter ones from above
-        ceiling = min(found.values(), default=None)
-        if ceiling is not None and (ceiling == 0.0 or passes(ceiling, percentile)):
-            found[percentile] = ceiling
-            continue
-        low, high = _bracket(lambda rate, p=percentile: passes(rate, p), ceiling)
-        while low and high / low > 1 + precision:
-            mid = math.sqrt(low * high)
-            low, high = (mid, high) if passes(mid, percentile) else (low, mid)
-        found[percentile] = low
-    return found
-
-
-def _bracket(passes: Callable[[float], bool], failing: float | None) -> tuple[float, float]:
-    """(a passing rate, a failing one twice as high), from 1 req/s or below a rate known to fail; (0, x) when
-    even 1/1000 req/s fails."""
-    if failing is None:
-        rate = 1.0
-        if passes(rate):
-            while passes(rate * 2):
-                rate *= 2
-                if rate > 1e5:
-                    raise ValueError("no arrival rate breaks the SLOs: check the profile's costs")
-            return rate, rate * 2
-        failing = rate
-    rate = failing / 2
-    while not passes(rate):
-        failing, rate = rate, rate / 2
-        if rate < 1e-3:
-            return 0.0, failing
-    return rate, failing
+    return drive(rate_search(percentiles, precision=precision), run_at)
 
 
 def sustained(profiles: StageProfiles, workload: Workload, vision_gpus: int, language_gpus: int,

@@ -313,67 +313,79 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int,
     many) share the engines through vLLM's balancer (lowest `waiting * 4 + running`). A derived profile's
     `api_server.processes` gives that number unless it is given here.
     """
-    env = simpy.Environment()
-    requests = make_requests(workload, profiles)
-    client = Client(env)
-    spread = Spread(profiles.service_time_cv, workload.seed)
-    costs, on_device, mm_workers, latency_s = _coupled_frontend(profiles)
-    if api_servers is None and profiles.api_server is not None:
-        api_servers = profiles.api_server.processes or replicas
-    devices = devices_for(env, profiles, workload, replicas, exclusive=not on_device)
-    config = engine_config(profiles, profiles.roofline, vision_weights=True)
-    cost = step_cost(profiles)
-    engines: list[Engine] = []
-    for device in devices:
-        engines.append(Engine(env, config, cost, device, lambda s: _to_frontends(s), encoder=True))
-    if api_servers is None:  # one API server per replica, on its device's core when the profile says so
-        fronts = [Frontend(env, costs, spread, device if on_device else None, mm_workers, latency_s, "api_server")
-                  for device in devices]
-    else:
-        fronts = [Frontend(env, costs, spread, None, mm_workers, latency_s, "api_server")
-                  for _ in range(api_servers)]
+    return CoupledRun(profiles, workload, replicas, api_servers).run()
 
-    def _to_frontends(sampled: list[Request]) -> None:
+
+class CoupledRun:
+    """One simulated run of coupled serving (`simulate_coupled`): its engines, its API servers, and how a request
+    goes through them."""
+
+    def __init__(self, profiles: StageProfiles, workload: Workload, replicas: int, api_servers: int | None):
+        self.workload, self.replicas = workload, replicas
+        self.env = env = simpy.Environment()
+        self.requests = make_requests(workload, profiles)
+        self.client = Client(env)
+        spread = Spread(profiles.service_time_cv, workload.seed)
+        costs, on_device, mm_workers, latency_s = _coupled_frontend(profiles)
+        if api_servers is None and profiles.api_server is not None:
+            api_servers = profiles.api_server.processes or replicas
+        self.api_servers = api_servers
+        devices = devices_for(env, profiles, workload, replicas, exclusive=not on_device)
+        config = engine_config(profiles, profiles.roofline, vision_weights=True)
+        cost = step_cost(profiles)
+        self.engines = [Engine(env, config, cost, device, self.to_frontends, encoder=True) for device in devices]
+        if api_servers is None:  # one API server per replica, on its device's core when the profile says so
+            self.fronts = [Frontend(env, costs, spread, device if on_device else None, mm_workers, latency_s,
+                                    "api_server") for device in devices]
+        else:
+            self.fronts = [Frontend(env, costs, spread, None, mm_workers, latency_s, "api_server")
+                           for _ in range(api_servers)]
+        self.next_front = 0  # the API server the next connection goes to
+        self.scan_start = 0  # where vLLM's balancer starts its scan
+
+    def to_frontends(self, sampled: list[Request]) -> None:
+        """One step's tokens, each request's through the API server it came in by."""
         by_front: dict[int, Sampled] = {}
         for r in sampled:
             by_front.setdefault(id(r.frontend), []).append((r, r.generated))
         for group in by_front.values():
             front = group[0][0].frontend
-            front.stream(group, lambda s, f=front: _finish(s, f))
+            front.stream(group, lambda s, f=front: self.finish(s, f))
 
-    def _finish(sampled: Sampled, front: Frontend) -> None:
+    def finish(self, sampled: Sampled, front: Frontend) -> None:
         for r, count in sampled:
             if count >= r.output_tokens:
                 front.outstanding -= 1
-        client.receive(sampled)
+        self.client.receive(sampled)
 
-    turn = [0, 0]  # next API server, balancer's scan start
-
-    def start(r: Request) -> None:
-        if api_servers is None:
-            engine = _least_outstanding(engines)
+    def start(self, r: Request) -> None:
+        if self.api_servers is None:
+            engine = _least_outstanding(self.engines)
             engine.outstanding += 1
-            r.frontend = fronts[engines.index(engine)]
+            r.frontend = self.fronts[self.engines.index(engine)]
             r.frontend.outstanding += 1
             r.frontend.take(r, engine.add)
             return
-        r.frontend = fronts[turn[0] % len(fronts)]  # the kernel spreads connections over the API servers
-        turn[0] += 1
+        r.frontend = self.fronts[self.next_front % len(self.fronts)]  # the kernel spreads connections over them
+        self.next_front += 1
         r.frontend.outstanding += 1
+        r.frontend.take(r, self.to_engine)
 
-        def to_engine(request: Request) -> None:
-            start = turn[1] = (turn[1] + 1) % len(engines)  # the scan's start rotates: ties go round robin
-            engine = min(engines[start:] + engines[:start], key=lambda e: e.load_score)
-            engine.outstanding += 1
-            engine.add(request)
-        r.frontend.take(r, to_engine)
+    def to_engine(self, request: Request) -> None:
+        """vLLM's data-parallel balancer: the engine of lowest load score, its scan's start rotating (ties go
+        round robin)."""
+        start = self.scan_start = (self.scan_start + 1) % len(self.engines)
+        engine = min(self.engines[start:] + self.engines[:start], key=lambda e: e.load_score)
+        engine.outstanding += 1
+        engine.add(request)
 
-    env.process(_arrivals(env, workload, requests, start, client.finished))
-    env.run()
-    fronts_busy = sum(f.busy_s for f in fronts)
-    return Result("coupled", 0, replicas, requests,
-                  {"language": sum(e.busy_s for e in engines), "api_server": fronts_busy},
-                  {"language": replicas, "api_server": len(fronts)})
+    def run(self) -> Result:
+        self.env.process(_arrivals(self.env, self.workload, self.requests, self.start, self.client.finished))
+        self.env.run()
+        fronts_busy = sum(f.busy_s for f in self.fronts)
+        return Result("coupled", 0, self.replicas, self.requests,
+                      {"language": sum(e.busy_s for e in self.engines), "api_server": fronts_busy},
+                      {"language": self.replicas, "api_server": len(self.fronts)})
 
 
 class VisionServer:
@@ -447,134 +459,160 @@ def simulate_dvd(profiles: StageProfiles, workload: Workload, vision_servers: in
     devices = list(range(servers)) if devices is None else devices
     if len(devices) != servers:
         raise ValueError(f"devices names {len(devices)} servers' devices, the split has {servers} servers")
-    env = simpy.Environment()
-    shared = dict(zip(sorted(set(devices)), devices_for(env, profiles, workload, len(set(devices)))))
-    requests = make_requests(workload, profiles)
-    client = Client(env)
-    spread = Spread(profiles.service_time_cv, workload.seed)
-    # gateway processes: the profile's count, or one per language server (stateless replicas behind a balancer)
-    gateways = [Frontend(env, profiles.gateway, spread, name="gateway")
-                for _ in range(profiles.gateway.processes or language_servers)] if profiles.gateway else []
-    front_costs = profiles.language_frontend or FrontendCosts()
-    front_latency = 0.0 if profiles.language_frontend else profiles.language.overhead_s_per_request
-    roofline = profiles.roofline
-    vision_roofline = roofline.model_copy(update={"tensor_parallel": 1}) if roofline else None
-    config = engine_config(profiles, roofline, vision_weights=False)
-    cost = step_cost(profiles)
-    fronts: dict[int, Frontend] = {}
-    def language_output(sampled: list[Request]) -> None:
+    return DvdRun(profiles, workload, vision_servers, devices, spread_images, prefill_as_features_arrive).run()
+
+
+class DvdRun:
+    """One simulated DvD run (`simulate_dvd`): gateways, vision servers, language servers with their front ends
+    and feature links, and a request's way through them. A request goes to the gateway (`start`), which sends
+    its images to a vision server and its Generate call to a language server (`dispatch`); each encoded image's
+    features cross the language server's link (`transfer`), and the request is prefilled once its Generate call
+    and its features are in (`maybe_ready`)."""
+
+    def __init__(self, profiles: StageProfiles, workload: Workload, vision_servers: int, devices: list[int],
+                 spread_images: bool, prefill_as_features_arrive: bool):
+        self.profiles, self.workload = profiles, workload
+        self.spread_images, self.prefill_early = spread_images, prefill_as_features_arrive
+        self.env = env = simpy.Environment()
+        shared = dict(zip(sorted(set(devices)), devices_for(env, profiles, workload, len(set(devices)))))
+        self.requests = make_requests(workload, profiles)
+        self.client = Client(env)
+        spread = Spread(profiles.service_time_cv, workload.seed)
+        language_servers = len(devices) - vision_servers
+        # gateway processes: the profile's count, or one per language server (stateless replicas behind a balancer)
+        self.gateways = [Frontend(env, profiles.gateway, spread, name="gateway")
+                         for _ in range(profiles.gateway.processes or language_servers)] if profiles.gateway else []
+        self.languages, self.fronts = self._language_servers([shared[d] for d in devices[vision_servers:]], spread)
+        self.links = {id(engine): simpy.Resource(env, capacity=1) for engine in self.languages}  # one receive link each
+        self.route: dict[int, Engine] = {}  # request -> its language server
+        self.vision_route: dict = {}  # request (or (request, image) when spreading images) -> its vision server
+        self.wire_busy_s = 0.0
+        self.arrived: dict[tuple[int, int], bool] = {}  # (request, image) -> its features are in
+        roofline = profiles.roofline
+        vision_roofline = roofline.model_copy(update={"tensor_parallel": 1}) if roofline else None
+        self.visions = [VisionServer(env, profiles, self.image_done, shared[devices[i]], vision_roofline)
+                        for i in range(vision_servers)]
+        # image decoding and tiling: the server's worker threads, on its own device's cores (CPU) or on the host's
+        self.workers = {id(v): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism)
+                        for v in self.visions}
+        self.host = None if profiles.vision.preprocess_on_device else Host(env, profiles, workload)
+        self.next_gateway = 0
+
+    def _language_servers(self, devices: list[Device], spread: Spread) -> tuple[list[Engine], dict[int, Frontend]]:
+        """One engine per device (vLLM without the encoder), each with its server's front end."""
+        profiles = self.profiles
+        front_costs = profiles.language_frontend or FrontendCosts()
+        front_latency = 0.0 if profiles.language_frontend else profiles.language.overhead_s_per_request
+        config = engine_config(profiles, profiles.roofline, vision_weights=False)
+        cost = step_cost(profiles)
+        engines, fronts = [], {}
+        for device in devices:
+            engine = Engine(self.env, config, cost, device, self.language_output, encoder=False)
+            fronts[id(engine)] = Frontend(self.env, front_costs, spread, latency_s=front_latency,
+                                          name="language_frontend")
+            engines.append(engine)
+        return engines, fronts
+
+    def language_output(self, sampled: list[Request]) -> None:
+        """One step's tokens through each request's language front end, then its gateway, to the client."""
         for front in {id(r.frontend): r.frontend for r in sampled}.values():
             group = [(r, r.generated) for r in sampled if r.frontend is front]
-            if gateways:
-                _relay(front, group, "gateway", client.receive)
+            if self.gateways:
+                _relay(front, group, "gateway", self.client.receive)
             else:
-                front.stream(group, client.receive)
+                front.stream(group, self.client.receive)
 
-    languages = []
-    for i in range(language_servers):
-        engine = Engine(env, config, cost, shared[devices[vision_servers + i]], language_output, encoder=False)
-        fronts[id(engine)] = Frontend(env, front_costs, spread, latency_s=front_latency, name="language_frontend")
-        languages.append(engine)
-    links = {id(engine): simpy.Resource(env, capacity=1) for engine in languages}  # one receive link each
-    route: dict[int, Engine] = {}
-    vision_route: dict[int, VisionServer] = {}
-    busy = {"wire": 0.0}
+    def start(self, r: Request) -> None:
+        """A request reaches a gateway (in turn), or goes straight on without one."""
+        if self.gateways:
+            r.gateway = self.gateways[self.next_gateway % len(self.gateways)]
+            self.next_gateway += 1
+            r.gateway.take(r, self.dispatch)
+        else:
+            self.dispatch(r)
 
-    def maybe_ready(r: Request) -> None:
-        if prefill_as_features_arrive:
-            if r.generate_arrived and not r.items:
-                r.layout(encoded=False)
-                route[r.index].add(r)
-            else:
-                route[r.index].wake()
-        elif r.generate_arrived and r.images_left == 0:
-            route[r.index].add(r)
+    def dispatch(self, r: Request) -> None:
+        """The gateway's routing: the language server and vision server(s) with the fewest requests in flight."""
+        engine = _least_outstanding(self.languages)
+        engine.outstanding += 1
+        self.route[r.index] = engine
+        r.frontend = self.fronts[id(engine)]
+        r.images_left = len(r.sequences)
+        if r.sequences and self.spread_images:
+            for image in range(len(r.sequences)):
+                server = self.vision_route[(r.index, image)] = _least_outstanding(self.visions)
+                server.outstanding += 1
+                self.env.process(self.encode(r, server, [image]))
+        elif r.sequences:
+            server = self.vision_route[r.index] = _least_outstanding(self.visions)
+            server.outstanding += 1
+            self.env.process(self.encode(r, server, range(len(r.sequences))))
+        r.frontend.take(r, self.generate_arrived)
 
-    def transfer(r: Request, image: int):
-        engine = route[r.index]
-        seconds = profiles.transport.seconds(profiles.feature_bytes(r.image_tokens[image]))
-        with links[id(engine)].request() as slot:
-            yield slot
-            busy["wire"] += seconds
-            yield env.timeout(seconds)
-        r.images_left -= 1
-        arrived[(r.index, image)] = True
-        if r.items:
-            r.items[image].encoded = True
-        maybe_ready(r)
-
-    arrived: dict[tuple[int, int], bool] = {}
-
-    def image_done(r: Request, image: int) -> None:
-        r.images_encoded += 1
-        server = vision_route[(r.index, image)] if spread_images else vision_route[r.index]
-        if spread_images or r.images_encoded == len(r.sequences):  # the gateway balances on work being encoded
-            server.outstanding -= 1
-        env.process(transfer(r, image))
-
-    visions = [VisionServer(env, profiles, image_done, shared[devices[i]], vision_roofline)
-               for i in range(vision_servers)]
-    # image decoding and tiling: the server's worker threads, on its own device's cores (CPU) or on the host's
-    workers = {id(v): simpy.Resource(env, capacity=profiles.vision.preprocess_parallelism) for v in visions}
-    host = None if profiles.vision.preprocess_on_device else Host(env, profiles, workload)
-
-    def encode(r: Request, server: VisionServer, images):
-        yield env.timeout(profiles.vision.overhead_s_per_request)
+    def encode(self, r: Request, server: VisionServer, images):
+        yield self.env.timeout(self.profiles.vision.overhead_s_per_request)
         for image in images:  # decode and tiling in the server's threads, then into the scheduler
-            env.process(preprocess(r, image, server))
+            self.env.process(self.preprocess(r, image, server))
 
-    def preprocess(r: Request, image: int, server: VisionServer):
-        with workers[id(server)].request() as worker:
+    def preprocess(self, r: Request, image: int, server: VisionServer):
+        with self.workers[id(server)].request() as worker:
             yield worker
-            yield from (host or server.device).run(len(r.sequences[image]) * profiles.vision.preprocess_s_per_tile)
+            seconds = len(r.sequences[image]) * self.profiles.vision.preprocess_s_per_tile
+            yield from (self.host or server.device).run(seconds)
         server.submit(r, image)
 
-    def generate_arrived(r: Request) -> None:
+    def image_done(self, r: Request, image: int) -> None:
+        r.images_encoded += 1
+        server = self.vision_route[(r.index, image)] if self.spread_images else self.vision_route[r.index]
+        if self.spread_images or r.images_encoded == len(r.sequences):  # the gateway balances on work being encoded
+            server.outstanding -= 1
+        self.env.process(self.transfer(r, image))
+
+    def transfer(self, r: Request, image: int):
+        """One image's features over its language server's link, one transfer at a time."""
+        engine = self.route[r.index]
+        seconds = self.profiles.transport.seconds(self.profiles.feature_bytes(r.image_tokens[image]))
+        with self.links[id(engine)].request() as slot:
+            yield slot
+            self.wire_busy_s += seconds
+            yield self.env.timeout(seconds)
+        r.images_left -= 1
+        self.arrived[(r.index, image)] = True
+        if r.items:
+            r.items[image].encoded = True
+        self.maybe_ready(r)
+
+    def generate_arrived(self, r: Request) -> None:
         r.generate_arrived = True
-        if prefill_as_features_arrive:
+        if self.prefill_early:
             r.layout(encoded=False)
             for image, item in enumerate(r.items):
-                item.encoded = arrived.get((r.index, image), False)
-            route[r.index].add(r)
+                item.encoded = self.arrived.get((r.index, image), False)
+            self.route[r.index].add(r)
         else:
-            maybe_ready(r)
+            self.maybe_ready(r)
 
-    def dispatch(r: Request) -> None:
-        engine = _least_outstanding(languages)
-        engine.outstanding += 1
-        route[r.index] = engine
-        r.frontend = fronts[id(engine)]
-        r.images_left = len(r.sequences)
-        if r.sequences and spread_images:
-            for image in range(len(r.sequences)):
-                server = vision_route[(r.index, image)] = _least_outstanding(visions)
-                server.outstanding += 1
-                env.process(encode(r, server, [image]))
-        elif r.sequences:
-            server = vision_route[r.index] = _least_outstanding(visions)
-            server.outstanding += 1
-            env.process(encode(r, server, range(len(r.sequences))))
-        r.frontend.take(r, generate_arrived)
+    def maybe_ready(self, r: Request) -> None:
+        if self.prefill_early:
+            if r.generate_arrived and not r.items:
+                r.layout(encoded=False)
+                self.route[r.index].add(r)
+            else:
+                self.route[r.index].wake()
+        elif r.generate_arrived and r.images_left == 0:
+            self.route[r.index].add(r)
 
-    turn = [0]
-
-    def start(r: Request) -> None:
-        if gateways:
-            r.gateway = gateways[turn[0] % len(gateways)]
-            turn[0] += 1
-            r.gateway.take(r, dispatch)
-        else:
-            dispatch(r)
-
-    env.process(_arrivals(env, workload, requests, start, client.finished))
-    env.run()
-    busy_s = {"vision": sum(v.busy_s for v in visions), "language": sum(e.busy_s for e in languages),
-              "wire": busy["wire"], "language_frontend": sum(f.busy_s for f in fronts.values())}
-    counts = {"vision": vision_servers, "language": language_servers, "wire": language_servers,
-              "language_frontend": language_servers}
-    if gateways:
-        busy_s["gateway"], counts["gateway"] = sum(g.busy_s for g in gateways), len(gateways)
-    return Result("dvd", vision_servers, language_servers, requests, busy_s, counts)
+    def run(self) -> Result:
+        self.env.process(_arrivals(self.env, self.workload, self.requests, self.start, self.client.finished))
+        self.env.run()
+        vision_servers, language_servers = len(self.visions), len(self.languages)
+        busy_s = {"vision": sum(v.busy_s for v in self.visions), "language": sum(e.busy_s for e in self.languages),
+                  "wire": self.wire_busy_s, "language_frontend": sum(f.busy_s for f in self.fronts.values())}
+        counts = {"vision": vision_servers, "language": language_servers, "wire": language_servers,
+                  "language_frontend": language_servers}
+        if self.gateways:
+            busy_s["gateway"], counts["gateway"] = sum(g.busy_s for g in self.gateways), len(self.gateways)
+        return Result("dvd", vision_servers, language_servers, self.requests, busy_s, counts)
 
 
 def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, language_servers: int,
@@ -589,85 +627,98 @@ def simulate_epd(profiles: StageProfiles, workload: Workload, encoders: int, lan
     API server (`profiles.api_server`)."""
     if profiles.roofline is None or profiles.api_server is None:
         raise ValueError("simulate_epd needs a derived profile (roofline and API server costs)")
-    env = simpy.Environment()
-    requests = make_requests(workload, profiles)
-    client = Client(env)
-    spread = Spread(profiles.service_time_cv, workload.seed)
-    api = profiles.api_server.model_copy(update={"processes": 1})
-    proxy_front = Frontend(env, proxy, spread, name="proxy")
-    vision_roofline = profiles.roofline.model_copy(update={"tensor_parallel": 1})
-    language_roofline = profiles.roofline.model_copy(update={"cuda_graphs": not language_eager})
-    devices = devices_for(env, profiles, workload, encoders + language_servers, exclusive=True)
-    pending: dict[int, Request] = {}  # encoder request index -> the original request
-    busy = {"wire": 0.0}
+    return EpdRun(profiles, workload, encoders, language_servers, proxy, encoder_scheduler, language_eager,
+                  language_scheduler, encoder_text_tokens).run()
 
-    def encoded(sampled: list[Request]) -> None:
-        for e in sampled:
-            e.frontend.outstanding -= 1
-            entry = pending[e.index]
-            entry[1] -= 1
-            if entry[1] == 0:  # the proxy waits for every image's encode request
-                del pending[e.index]
-                env.process(to_language(entry[0]))
 
-    e_engines, e_fronts = [], []
-    for i in range(encoders):
-        engine = Engine(env, encoder_scheduler, step_cost(profiles, vision_roofline, language=False), devices[i],
-                        encoded, encoder=True)
-        e_engines.append(engine)
-        e_fronts.append(Frontend(env, api, spread, name="encoder_api_server"))
-    config = engine_config(profiles.model_copy(update={"scheduler": language_scheduler or profiles.scheduler}),
-                           language_roofline, vision_weights=False)
+class EpdRun:
+    """One simulated run of vLLM's encoder disaggregation (`simulate_epd`): the proxy, the encoder instances and
+    the prefill/decode instances, each with its API server, and a request's way through them."""
 
-    def language_output(sampled: list[Request]) -> None:
-        for front in {id(r.frontend): r.frontend for r in sampled}.values():
-            group = [(r, r.generated) for r in sampled if r.frontend is front]
-            _relay(front, group, "gateway", client.receive)
+    def __init__(self, profiles: StageProfiles, workload: Workload, encoders: int, language_servers: int,
+                 proxy: FrontendCosts, encoder_scheduler: SchedulerConfig, language_eager: bool,
+                 language_scheduler: SchedulerConfig | None, encoder_text_tokens: int):
+        self.profiles, self.workload, self.encoder_text_tokens = profiles, workload, encoder_text_tokens
+        self.env = env = simpy.Environment()
+        self.requests = make_requests(workload, profiles)
+        self.client = Client(env)
+        spread = Spread(profiles.service_time_cv, workload.seed)
+        api = profiles.api_server.model_copy(update={"processes": 1})
+        self.proxy = Frontend(env, proxy, spread, name="proxy")
+        vision_roofline = profiles.roofline.model_copy(update={"tensor_parallel": 1})
+        language_roofline = profiles.roofline.model_copy(update={"cuda_graphs": not language_eager})
+        devices = devices_for(env, profiles, workload, encoders + language_servers, exclusive=True)
+        self.pending: dict[int, list] = {}  # encoder request index -> [the original request, images left]
+        self.wire_busy_s = 0.0
+        encoder_cost = step_cost(profiles, vision_roofline, language=False)
+        self.e_engines, self.e_fronts = [], []
+        for i in range(encoders):
+            self.e_engines.append(Engine(env, encoder_scheduler, encoder_cost, devices[i], self.encoded, encoder=True))
+            self.e_fronts.append(Frontend(env, api, spread, name="encoder_api_server"))
+        config = engine_config(profiles.model_copy(update={"scheduler": language_scheduler or profiles.scheduler}),
+                               language_roofline, vision_weights=False)
+        language_cost = step_cost(profiles, language_roofline)
+        self.pd_engines, self.pd_fronts = [], []
+        for i in range(language_servers):
+            self.pd_engines.append(Engine(env, config, language_cost, devices[encoders + i], self.language_output,
+                                          encoder=False))
+            self.pd_fronts.append(Frontend(env, api, spread, name="language_api_server"))
+        self.next_encoder = 0
 
-    pd_engines, pd_fronts = [], []
-    for i in range(language_servers):
-        pd_engines.append(Engine(env, config, step_cost(profiles, language_roofline), devices[encoders + i],
-                                 language_output, encoder=False))
-        pd_fronts.append(Frontend(env, api, spread, name="language_api_server"))
+    def start(self, r: Request) -> None:
+        r.gateway = self.proxy
+        self.proxy.take(r, self.to_encoder)
 
-    def to_language(r: Request):
-        seconds = sum(profiles.transport.seconds(profiles.feature_bytes(t)) for t in r.image_tokens)
-        busy["wire"] += seconds
-        yield env.timeout(seconds)  # the EC connector's save and load of every image's features
-        i = min(range(language_servers), key=lambda k: pd_engines[k].outstanding)
-        pd_engines[i].outstanding += 1
-        r.frontend = pd_fronts[i]
-        r.frontend.take(r, pd_engines[i].add)
-
-    turn = [0]
-
-    def to_encoder(r: Request) -> None:
+    def to_encoder(self, r: Request) -> None:
         """The proxy's fan-out: one request per image, its text removed, round robin over the encoders."""
         if not r.sequences:
-            env.process(to_language(r))
+            self.env.process(self.to_language(r))
             return
-        pending[r.index] = [r, len(r.sequences)]
+        self.pending[r.index] = [r, len(r.sequences)]
         for image in range(len(r.sequences)):
-            e = Request(r.index, r.arrival, [r.sequences[image]], [r.image_tokens[image]], encoder_text_tokens, 1)
-            i = turn[0] % encoders
-            turn[0] += 1
-            e.frontend = e_fronts[i]
+            e = Request(r.index, r.arrival, [r.sequences[image]], [r.image_tokens[image]], self.encoder_text_tokens,
+                        1)
+            i = self.next_encoder % len(self.e_engines)
+            self.next_encoder += 1
+            e.frontend = self.e_fronts[i]
             e.frontend.outstanding += 1
-            e.frontend.take(e, e_engines[i].add)
+            e.frontend.take(e, self.e_engines[i].add)
 
-    def start(r: Request) -> None:
-        r.gateway = proxy_front
-        proxy_front.take(r, to_encoder)
+    def encoded(self, sampled: list[Request]) -> None:
+        for e in sampled:
+            e.frontend.outstanding -= 1
+            entry = self.pending[e.index]
+            entry[1] -= 1
+            if entry[1] == 0:  # the proxy waits for every image's encode request
+                del self.pending[e.index]
+                self.env.process(self.to_language(entry[0]))
 
-    env.process(_arrivals(env, workload, requests, start, client.finished))
-    env.run()
-    return Result("epd", encoders, language_servers, requests,
-                  {"vision": sum(e.busy_s for e in e_engines), "language": sum(e.busy_s for e in pd_engines),
-                   "wire": busy["wire"], "proxy": proxy_front.busy_s,
-                   "encoder_api_server": sum(f.busy_s for f in e_fronts),
-                   "language_api_server": sum(f.busy_s for f in pd_fronts)},
-                  {"vision": encoders, "language": language_servers, "wire": language_servers, "proxy": 1,
-                   "encoder_api_server": encoders, "language_api_server": language_servers})
+    def to_language(self, r: Request):
+        seconds = sum(self.profiles.transport.seconds(self.profiles.feature_bytes(t)) for t in r.image_tokens)
+        self.wire_busy_s += seconds
+        yield self.env.timeout(seconds)  # the EC connector's save and load of every image's features
+        i = min(range(len(self.pd_engines)), key=lambda k: self.pd_engines[k].outstanding)
+        self.pd_engines[i].outstanding += 1
+        r.frontend = self.pd_fronts[i]
+        r.frontend.take(r, self.pd_engines[i].add)
+
+    def language_output(self, sampled: list[Request]) -> None:
+        for front in {id(r.frontend): r.frontend for r in sampled}.values():
+            group = [(r, r.generated) for r in sampled if r.frontend is front]
+            _relay(front, group, "gateway", self.client.receive)
+
+    def run(self) -> Result:
+        self.env.process(_arrivals(self.env, self.workload, self.requests, self.start, self.client.finished))
+        self.env.run()
+        encoders, language_servers = len(self.e_engines), len(self.pd_engines)
+        return Result("epd", encoders, language_servers, self.requests,
+                      {"vision": sum(e.busy_s for e in self.e_engines),
+                       "language": sum(e.busy_s for e in self.pd_engines),
+                       "wire": self.wire_busy_s, "proxy": self.proxy.busy_s,
+                       "encoder_api_server": sum(f.busy_s for f in self.e_fronts),
+                       "language_api_server": sum(f.busy_s for f in self.pd_fronts)},
+                      {"vision": encoders, "language": language_servers, "wire": language_servers, "proxy": 1,
+                       "encoder_api_server": encoders, "language_api_server": language_servers})
 
 
 def pool_loads(profiles: StageProfiles, workload: Workload, rate: float, vision_servers: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -194,6 +195,40 @@ def test_comparison_refuses_runs_of_different_workloads(tmp_path):
                          tmp_path / "c")
 
 
+
+def searched_document(p90: float, p99: float, **settings) -> dict:
+    """A results document of a search only (no load points): two runs and the answer."""
+    from benchmarks.toolkit.search import GoodputSearch
+
+    document = result_document([1.0])
+    document["points"] = [search_run(p90, (True, p99 == p90)), search_run(p90 * 1.2, (False, False), growth=3.0)]
+    document["sustained_goodput"] = {"p90_rps": p90, "p99_rps": p99, "runs": 2,
+                                     "settings": GoodputSearch(**settings).described()}
+    return document
+
+
+def test_comparison_leads_with_the_sustained_goodput_ratio_and_plots_the_search(tmp_path):
+    from benchmarks.report import write_comparison
+
+    table = write_comparison({"DvD": searched_document(6.0, 4.5), "coupled": searched_document(4.0, 4.0)},
+                             tmp_path / "bench_s_compare")
+    text = table.read_text()
+    assert "## Sustained goodput: DvD / coupled" in text and "max(200 requests, 60 s x rate) fresh requests" in text
+    assert "| p90 | 6 | 4 | **1.50x** |" in text and "| p99 | 4.5 | 4 | **1.12x** |" in text
+    assert "| DvD | 7.2 | 200 / 0 | fail (queue growing) | fail (queue growing) |" in text
+    assert "## Load points" not in text  # a search alone: no sweep table, no sweep plots
+    assert [p.name for p in tmp_path.glob("*.png")] == ["bench_s_compare_search.png"]
+    assert text.index("Sustained goodput") < text.index("![bench_s_compare_search]")
+
+
+def test_comparison_refuses_searches_under_different_slos(tmp_path):
+    from benchmarks.report import write_comparison
+
+    with pytest.raises(ValueError, match="different terms"):
+        write_comparison({"DvD": searched_document(6.0, 4.5),
+                          "coupled": searched_document(4.0, 4.0, tpot_slo_s=0.1)}, tmp_path / "c")
+
+
 @pytest.fixture(scope="module")
 def stack(tiny_checkpoints, tmp_path_factory):
     """`dvd up` on free ports, with the servers' metrics pages."""
@@ -236,6 +271,36 @@ def test_dvd_bench_run_against_dvd_up_writes_complete_results(stack, tmp_path):
     with out.with_suffix(".csv").open() as rows:
         table = list(csv.DictReader(rows))
     assert [int(r["completed"]) for r in table] == [6, 6] and "p99_ttft_ms" in table[0]
+
+
+@pytest.mark.slow
+def test_dvd_bench_search_mode_against_dvd_up_judges_every_run_and_records_the_answer(stack, tmp_path):
+    """The real CLI's search mode against a real stack, on a tiny budget: structure, not speed. No real request
+    meets a 1 ms TTFT SLO, so every run fails and the search walks down from 64 req/s by x8 to its floor
+    (start / 64): runs of 6 fresh requests at 64, 8 and 1 req/s, and 0 req/s sustained at p90 and p99."""
+    out = tmp_path / "search.json"
+    bench = subprocess.run(DVD + [
+        "bench", "run", "--base-url", stack.gateway_url, "--search-goodput", "--ttft-slo-ms", "1",
+        "--tpot-slo-ms", "600000", "--search-start", "64", "--search-step", "8", "--search-requests", "6",
+        "--search-seconds", "0.05", "--image-size", "448x448", "--output-len", "4", "--warmup", "1",
+        "--no-progress", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    document = json.loads(out.read_text())
+    found = document["sustained_goodput"]
+    assert (found["p90_rps"], found["p99_rps"], found["runs"]) == (0.0, 0.0, 3)
+    assert found["settings"]["run_length"] == "max(6 requests, 0.05 s x rate)"
+    assert found["settings"]["criterion"]["ttft_slo_s"] == 0.001
+    assert [p["request_rate"] for p in document["points"]] == [64.0, 8.0, 1.0]
+    for point in document["points"]:
+        assert (point["completed"], point["failed"], point["total_output_tokens"]) == (6, 0, 6 * 4)
+        for verdict in point["search"]["verdicts"].values():
+            assert not verdict["passed"] and not verdict["within_slo"] and verdict["ttft_s"] > 0.001
+            assert 0 < verdict["tpot_s"] < 600 and verdict["ttft_growth"] > 0
+    assert document["settings"]["goodput_slos_ms"] == {"ttft": 1.0, "tpot": 600000.0}
+    with out.with_suffix(".csv").open() as rows:
+        table = list(csv.DictReader(rows))
+    assert [r["passed_p90"] for r in table] == ["False"] * 3
+    assert "sustained goodput: p90 0 req/s, p99 0 req/s (3 runs)" in bench.stdout
 
 
 @pytest.mark.slow
@@ -416,7 +481,7 @@ def test_compare_pinned_runs_each_server_on_its_cores_and_balances_over_two_coup
     compare = subprocess.run(DVD + [
         "bench", "compare", "--model", str(tiny_checkpoints["custom"]), "--placement", "pinned", "--name", "pin",
         "--out-dir", str(tmp_path / "results"), "--log-dir", str(tmp_path / "logs"), "--num-requests", "3",
-        "--output-len", "4", "--image-size", "448x448", "--warmup", "2", "--no-progress"],
+        "--output-len", "4", "--image-size", "448x448", "--warmup", "2", "--no-progress", "--no-search-goodput"],
         capture_output=True, text=True, env=ENV, timeout=1200)
     assert compare.returncode == 0, compare.stdout[-3000:] + compare.stderr[-3000:]
     dvd = json.loads((tmp_path / "results" / "bench_pin.json").read_text())
@@ -452,29 +517,80 @@ def test_heatmap_requests_carry_the_tiles_per_request_they_are_named_for(tiles):
     assert counted == tiles and request.output_len == 16
 
 
-def heatmap_point(tiles: int, out: int, dvd_goodput: float, coupled_goodput: float) -> dict:
-    def run(goodput: float, tpot: float, cpu: dict) -> dict:
-        return {"request_throughput": 2.0, "request_goodput": goodput, "p90_tpot_ms": tpot, "p90_ttft_ms": 300.0,
-                "cpu_s": cpu}
+def search_run(rate: float, passed: tuple[bool, bool], growth: float = 1.0, tpot_s: float = 0.01) -> dict:
+    """A search run's row as `bench` writes it, with its verdicts at p90 and p99."""
+    def verdict(p: float, ok: bool) -> dict:
+        from planner.sustained import Verdict
 
-    return {"tiles": tiles, "output_tokens": out, "rate": 1.8, "capacity_rps": {"DvD": 2.0, "coupled": 1.5},
-            "predicted": {"DvD": {"goodput_rps": 1.5, "tpot_p90_s": 0.01},
-                          "coupled": {"goodput_rps": 1.0, "tpot_p90_s": 0.02}},
-            "measured": {"DvD": run(dvd_goodput, 10.0, {"vision-server": 3.0, "language-server": 6.0}),
-                         "coupled": run(coupled_goodput, 20.0, {"coupled-0": 5.0, "coupled-1": 5.0})}}
+        sustained = growth < 1.5
+        made = Verdict(p, 0.3, tpot_s, growth, sustained, within_slo=ok if sustained else tpot_s <= 0.03)
+        assert made.passed == ok
+        return dataclasses.asdict(made) | {"passed": made.passed, "reason": made.reason}
+
+    return {"request_rate": rate, "max_concurrency": None, "completed": 200, "failed": 0,
+            "request_throughput": rate, "request_goodput": rate, "p90_ttft_ms": 300.0, "p99_ttft_ms": 400.0,
+            "p90_tpot_ms": tpot_s * 1e3, "p99_tpot_ms": tpot_s * 1e3, "search": {"run": 0, "verdicts": {
+                "p90": verdict(90.0, passed[0]), "p99": verdict(99.0, passed[1])}}}
 
 
-def test_heatmap_writes_ratios_table_and_map_and_tolerates_zero_goodput(tmp_path):
+def heatmap_point(tiles: int, out: int, dvd_p90: float, coupled_p90: float) -> dict:
+    def measured(p90: float, cpu: dict) -> dict:
+        runs = [search_run(p90, (True, True)), search_run(p90 * 1.1, (False, False), growth=3.0),
+                search_run(p90 * 1.2, (False, False), tpot_s=0.05)]
+        return {"sustained_p90_rps": p90, "sustained_p99_rps": p90 / 2, "start_rps": 1.6, "runs": runs, "cpu_s": cpu}
+
+    return {"tiles": tiles, "output_tokens": out, "capacity_rps": {"DvD": 2.0, "coupled": 1.5},
+            "predicted": {"DvD": {"sustained_p90_rps": 1.5, "sustained_p99_rps": 1.2},
+                          "coupled": {"sustained_p90_rps": 1.0, "sustained_p99_rps": 1.0}},
+            "measured": {"DvD": measured(dvd_p90, {"vision-server": 3.0, "language-server": 6.0}),
+                         "coupled": measured(coupled_p90, {"coupled-0": 5.0, "coupled-1": 5.0})}}
+
+
+def test_heatmap_reports_sustained_goodput_ratios_what_broke_first_and_tolerates_zero(tmp_path):
     from benchmarks.heatmap import write
+    from benchmarks.toolkit.search import GoodputSearch
 
     points = [heatmap_point(1, 16, 1.3, 1.0), heatmap_point(1, 64, 0.5, 0.0)]
     result = {"name": "t", "slos_ms": {"ttft": 2000.0, "tpot": 30.0}, "tiles": [1], "output_tokens": [16, 64],
-              "points": points}
+              "search": GoodputSearch().described(), "start_share": 0.8, "probe_concurrency": 8, "points": points}
     write(result, tmp_path)
     first, second = json.loads((tmp_path / "heatmap_t.json").read_text())["points"]
-    assert first["ratios"] == {"goodput": 1.3, "throughput": 1.0, "tpot_p90": 0.5, "ttft_p90": 1.0,
-                               "predicted_goodput": 1.5, "predicted_tpot_p90": 0.5, "vision_over_language_cpu": 0.5}
-    assert second["ratios"]["goodput"] is None  # coupled met no SLO: no ratio rather than a division error
+    assert first["ratios"] == {"sustained_p90": 1.3, "predicted_sustained_p90": 1.5, "sustained_p99": 1.3,
+                               "predicted_sustained_p99": 1.2, "capacity": 1.333, "vision_over_language_cpu": 0.5}
+    assert second["ratios"]["sustained_p90"] is None  # coupled sustained nothing: no ratio, not a division error
     table = (tmp_path / "heatmap_t.md").read_text()
-    assert "| 1 | 16 | 2.00 / 1.50 | 1.8 |" in table and "1.30 (1.50)" in table and "| 0.50 |" in table
+    assert "max(200 requests, 60 s x rate)" in table
+    assert ("| 1 | 16 | 2.00 / 1.50 | 1.30 / 1.00 | **1.30** (1.50) | 0.65 / 0.50 | 1.30 (1.20) | queue at 1.43 | "
+            "queue at 1.1 | 0.50 | 3 / 3 |") in table
+    assert "| 1 | 64 | 2.00 / 1.50 | 0.50 / 0.00 | **-** (1.50) |" in table
     assert (tmp_path / "heatmap_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heatmap_refuses_to_repredict_a_single_rate_result(tmp_path):
+    import typer
+
+    from benchmarks.heatmap import repredict
+
+    old = tmp_path / "heatmap_old.json"
+    old.write_text(json.dumps({"name": "old", "slos_ms": {"ttft": 2000.0, "tpot": 30.0}, "points": []}))
+    with pytest.raises(typer.BadParameter, match="single-rate goodput"):
+        repredict(old, tmp_path / "profiles.json")
+
+
+def test_heatmap_repredicts_both_systems_sustained_goodput_with_the_runs_it_measured(tmp_path):
+    from benchmarks.heatmap import RESULTS, repredict
+    from benchmarks.toolkit.search import GoodputSearch
+
+    search = GoodputSearch(least_requests=50, least_seconds=10.0)
+    result = {"name": "r", "slos_ms": {"ttft": 2000.0, "tpot": 30.0}, "tiles": [3], "output_tokens": [16],
+              "search": search.described() | {"start": "0.8 x each system's closed-loop capacity"},
+              "start_share": 0.8, "probe_concurrency": 8, "points": [heatmap_point(3, 16, 1.3, 1.0)]}
+    path = tmp_path / "heatmap_r.json"
+    path.write_text(json.dumps(result))
+    repredict(path, RESULTS / "profiles" / "cpu_tiny_2026_12.json")
+    [point] = json.loads(path.read_text())["points"]
+    for system in ("DvD", "coupled"):
+        predicted = point["predicted"][system]
+        assert 0 < predicted["sustained_p99_rps"] <= predicted["sustained_p90_rps"]
+    assert point["ratios"]["predicted_sustained_p90"] == pytest.approx(
+        point["predicted"]["DvD"]["sustained_p90_rps"] / point["predicted"]["coupled"]["sustained_p90_rps"], abs=1e-3)

@@ -10,5 +10,6 @@
 - `encoder`: the vision model on random weights, timed on a device;
 - the load loop: `workload` (requests) -> `loadgen` (sending them at a load) -> `metrics` (`vllm bench serve`'s
   figures) -> `sweep` (load points in turn, the results file);
+- `search`: sustained goodput, the planner's rate search over measured runs (`sweep` runs it before the points);
 - `options`: command-line options that several commands share.
 """

@@ -89,7 +89,7 @@ class RequestOptions:
     seed: SeedOption = 0
 
     def make(self, count: int, seed: int | None = None):
-        """`count` requests, and their description for the results file."""
+        """`count` requests (none: only the description), and their description for the results file."""
         from benchmarks.toolkit import workload as w
 
         seed = self.seed if seed is None else seed
@@ -98,11 +98,11 @@ class RequestOptions:
                      "output_len": output_len, "seed": seed}
         if self.image_dir:
             requests = or_bad_parameter(w.from_folder, self.image_dir, count, self.images_per_request,
-                                        self.input_words, output_len, seed)
+                                        self.input_words, output_len, seed) if count else []
             return requests, {"source": f"folder:{self.image_dir}", **described}
         sizes = [or_bad_parameter(w.parse_size, s) for s in self.image_size or ["896x448"]]
         requests = or_bad_parameter(w.synthetic, count, sizes, self.images_per_request, self.input_words, output_len,
-                                    seed)
+                                    seed) if count else []
         return requests, {"source": "synthetic", "image_sizes": [f"{a}x{b}" for a, b in sizes], **described}
 
 
@@ -114,7 +114,8 @@ class WorkloadOptions(RequestOptions):
     warmup: WarmupOption = 2
 
     def batches(self, points: int):
-        """Warm-up requests and one batch per load point."""
+        """Warm-up requests, one batch per load point and, for generated workloads, fresh requests on demand for
+        each run of a sustained-goodput search (seeded by the run: `workload.run_seed`)."""
         from benchmarks.toolkit import workload as w
 
         if self.jsonl and self.image_dir:
@@ -124,7 +125,12 @@ class WorkloadOptions(RequestOptions):
             described = {"source": f"jsonl:{self.jsonl}", "num_requests": len(requests), "output_len": self.output_len}
             return w.RequestBatches.repeated(requests, self.warmup, points, described)
         requests, described = self.make(self.warmup + self.num_requests * points)
-        return w.RequestBatches.fresh(requests, self.warmup, points, {**described, "num_requests": self.num_requests})
+
+        def draw(count: int, run: int) -> list:
+            return self.make(count, seed=w.run_seed(self.seed, run))[0]
+
+        return w.RequestBatches.fresh(requests, self.warmup, points, {**described, "num_requests": self.num_requests},
+                                      draw)
 
 
 @dataclasses.dataclass
@@ -142,10 +148,13 @@ class LoadOptions:
         help="SLO for goodput, METRIC:MS with METRIC ttft, tpot or e2el (repeatable)")] = None
     progress: Annotated[bool, typer.Option(help="Live progress bar")] = True
 
-    def points(self):
-        """Every (rate, concurrency) pair given, in order."""
+    def points(self, sweep_by_default: bool = True):
+        """Every (rate, concurrency) pair given, in order; none given: one point at `inf`, or none at all when not
+        `sweep_by_default` (a sustained-goodput search chooses its own rates)."""
         from benchmarks.toolkit.loadgen import LoadPoint
 
+        if not (sweep_by_default or self.request_rate or self.concurrency):
+            return []
         if any(c < 1 for c in self.concurrency or []):
             raise typer.BadParameter("concurrency must be at least 1", param_hint="--concurrency")
         if any(r <= 0 for r in self.request_rate or []):
@@ -164,10 +173,52 @@ class LoadOptions:
                                          param_hint="--goodput") from None
         return slos
 
-    def run_options(self, seed: int, metrics_pages: dict[str, str]):
+    def run_options(self, seed: int, metrics_pages: dict[str, str], search=None):
+        """The run's options; with `search` (a `GoodputSearch`), the sustained-goodput search runs first, the load
+        points only when given, and single-rate goodput takes the search's SLOs unless `--goodput` gives others."""
         from benchmarks.toolkit.sweep import RunOptions
 
-        return RunOptions(points=self.points(), burstiness=self.burstiness, seed=seed, ignore_eos=self.ignore_eos,
+        if search and self.burstiness != 1.0:
+            raise typer.BadParameter("sustained goodput is searched under Poisson arrivals (burstiness 1)",
+                                     param_hint="--burstiness")
+        return RunOptions(points=self.points(sweep_by_default=search is None), burstiness=self.burstiness, seed=seed,
+                          ignore_eos=self.ignore_eos,
                           sampling={} if self.temperature is None else {"temperature": self.temperature},
-                          percentiles=[float(p) for p in self.percentiles.split(",")], slos_ms=self.slos_ms(),
-                          metrics_pages=metrics_pages, progress=self.progress)
+                          percentiles=[float(p) for p in self.percentiles.split(",")],
+                          slos_ms=self.slos_ms() or (search.slos_ms() if search else {}),
+                          metrics_pages=metrics_pages, progress=self.progress, search=search)
+
+
+SearchFlag = Annotated[bool, typer.Option(
+    "--search-goodput/--no-search-goodput",
+    help="Search the sustained goodput (p90 and p99) before any load points: the highest Poisson rate whose run "
+         "holds the SLOs with no growing queue (see the --search-* options)")]
+SearchStartOption = Annotated[float, typer.Option(
+    help="Rate of the sustained-goodput search's first run, req/s; near the answer saves runs")]
+
+
+@dataclasses.dataclass
+class SearchOptions:
+    """The sustained-goodput search (`benchmarks.toolkit.search`): the SLOs, each rate's run length, the steps.
+    Where it starts is each command's own (a rate given, or a share of a measured capacity)."""
+
+    ttft_slo_ms: Annotated[float, typer.Option(help="Sustained goodput: TTFT SLO (ms) at the percentile")] = 2000.0
+    tpot_slo_ms: Annotated[float, typer.Option(help="Sustained goodput: TPOT SLO (ms) at the percentile")] = 30.0
+    search_step: Annotated[float, typer.Option(help="Factor between rates while bracketing the answer")] = 1.4
+    search_precision: Annotated[float, typer.Option(
+        help="Bisect until the passing and failing rates are within this share")] = 0.1
+    search_requests: Annotated[int, typer.Option(help="Each rate's run sends at least this many requests")] = 200
+    search_seconds: Annotated[float, typer.Option(
+        help="... and at least this many seconds of arrivals (rate x seconds requests), to show a growing queue")] = (
+        60.0)
+
+    def settings(self, start: float = 1.0):
+        """The `GoodputSearch` these options describe, from `start` req/s."""
+        from benchmarks.toolkit.search import GoodputSearch
+
+        try:
+            return GoodputSearch(ttft_slo_s=self.ttft_slo_ms / 1e3, tpot_slo_s=self.tpot_slo_ms / 1e3, start=start,
+                                 step=self.search_step, precision=self.search_precision,
+                                 least_requests=self.search_requests, least_seconds=self.search_seconds)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--search-* / --*-slo-ms") from None

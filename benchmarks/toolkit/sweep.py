@@ -1,10 +1,11 @@
-"""A benchmark sweep: warm-up, every load point in turn against one server (or replicas of it), and the results
-file (JSON + CSV)."""
+"""A benchmark sweep: warm-up, the sustained-goodput search if asked (`benchmarks.toolkit.search`), every load point
+in turn against one server (or replicas of it), and the results file (JSON + CSV)."""
 
 from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ from benchmarks.toolkit import stages
 from benchmarks.toolkit.documents import command_line, write
 from benchmarks.toolkit.loadgen import Balancer, LoadPoint, run_point
 from benchmarks.toolkit.machine import load_average, machine, versions
-from benchmarks.toolkit.metrics import summarize
+from benchmarks.toolkit.metrics import RequestResult, summarize
+from benchmarks.toolkit.search import GoodputSearch, search
 from benchmarks.toolkit.workload import RequestBatches
 
 
@@ -32,6 +34,7 @@ class RunOptions:
     slos_ms: dict[str, float] = field(default_factory=dict)  # goodput: metric -> limit
     metrics_pages: dict[str, str] = field(default_factory=dict)  # "vision"/"language" -> Prometheus URL
     progress: bool = True
+    search: GoodputSearch | None = None  # search sustained goodput before the load points
 
 
 def _rate(value: float) -> float | str:
@@ -73,8 +76,10 @@ async def _warm_up(balancer: Balancer, model: str, requests: list, options: RunO
                     options.sampling, progress=False)
 
 
-async def _point(balancer: Balancer, model: str, point: LoadPoint, requests: list, options: RunOptions) -> dict:
-    """One load point's row: its load, `vllm bench serve`'s figures and, given metrics pages, DvD's stage means."""
+async def _point(balancer: Balancer, model: str, point: LoadPoint, requests: list,
+                 options: RunOptions) -> tuple[dict, list[RequestResult]]:
+    """One load point's row (its load, `vllm bench serve`'s figures and, given metrics pages, DvD's stage means),
+    and its requests' results."""
     before = await stages.snapshot(options.metrics_pages)
     results, duration = await run_point(balancer, model, requests, point, options.burstiness, options.seed,
                                         options.ignore_eos, options.sampling, options.progress)
@@ -83,16 +88,20 @@ async def _point(balancer: Balancer, model: str, point: LoadPoint, requests: lis
     row = {"request_rate": _rate(point.request_rate), "max_concurrency": point.max_concurrency, **summary}
     if options.metrics_pages:
         row["stages_ms"] = stages.stage_means_ms(before, after)
-    return row
+    return row, results
 
 
 async def bench(base_url: str | list[str], workload: RequestBatches, options: RunOptions, model: str | None = None,
                 api_key: str = "unused") -> dict:
-    """Run the sweep against `base_url` (its `/v1` API) and return the results document. Several URLs are
+    """Run the sweep against `base_url` (its `/v1` API) and return the results document: after the warm-up, the
+    sustained-goodput search's runs (given `options.search`), then the load points. Several URLs are
     replicas of one server (coupled data-parallel serving): each request goes to the one with the fewest requests
     in flight; the document is still one result, with the replicas and what each was sent under `target`."""
     if len(workload.batches) != len(options.points):
         raise ValueError(f"{len(workload.batches)} request batches for {len(options.points)} load points")
+    if options.search and workload.draw is None:
+        raise ValueError("the sustained-goodput search needs fresh requests at every rate: a synthetic or folder "
+                         "workload, not a fixed request set (JSONL)")
     urls = [base_url] if isinstance(base_url, str) else list(base_url)
     balancer = Balancer([openai.AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key, max_retries=0,
                                             timeout=openai.Timeout(900.0, connect=30.0)) for url in urls])
@@ -103,8 +112,12 @@ async def bench(base_url: str | list[str], workload: RequestBatches, options: Ru
                 raise RuntimeError(f"the replica at {url} does not serve {model}")
         document = _document(urls, model, workload, options)
         await _warm_up(balancer, model, workload.warmup, options)
+        if options.search:
+            run_at = functools.partial(_point, balancer, model, options=options)
+            rows, document["sustained_goodput"] = await search(options.search, workload.draw, run_at)
+            document["points"] += rows
         for point, requests in zip(options.points, workload.batches):
-            document["points"].append(await _point(balancer, model, point, requests, options))
+            document["points"].append((await _point(balancer, model, point, requests, options))[0])
         if len(urls) > 1:
             document["target"]["requests_sent"] = balancer.sent  # per replica, warm-up included
         document["load_avg_after"] = load_average()
@@ -122,6 +135,9 @@ def write_results(document: dict, json_path: Path) -> Path:
         row = {k: v for k, v in point.items() if not isinstance(v, dict)}
         row |= {f"{stage}_ms": v for stage, v in point.get("stages_ms", {}).items()}
         row["failure_reasons"] = "; ".join(f"{n}x {r}" for r, n in point["failure_reasons"].items())
+        if "search" in point:
+            row |= {"search_run": point["search"]["run"]}
+            row |= {f"passed_{name}": v["passed"] for name, v in point["search"]["verdicts"].items()}
         rows.append(row)
     csv_path = json_path.with_suffix(".csv")
     with csv_path.open("w", newline="") as out:
@@ -132,12 +148,26 @@ def write_results(document: dict, json_path: Path) -> Path:
 
 
 def print_summary(document: dict) -> None:
-    """One line per load point: the numbers people look at first."""
+    """One line per load point (search runs marked with their verdicts): the numbers people look at first; then
+    the sustained goodput found."""
     for p in document["points"]:
         cap = f" c={p['max_concurrency']}" if p["max_concurrency"] else ""
-        print(f"rate={p['request_rate']}{cap}: {p['completed']} ok, {p['failed']} failed, "
+        verdicts = (" [search: " + ", ".join(f"{name} {'pass' if v['passed'] else 'fail: ' + v['reason']}"
+                                              for name, v in p["search"]["verdicts"].items()) + "]"
+                    if "search" in p else "")
+        rate = p["request_rate"] if isinstance(p["request_rate"], str) else f"{p['request_rate']:.3g}"
+        print(f"rate={rate}{cap}{verdicts}: {p['completed']} ok, {p['failed']} failed, "
               f"{p['request_throughput']:.2f} req/s, {p['output_throughput']:.1f} out tok/s, "
               f"TTFT mean {p['mean_ttft_ms']:.0f} / p99 {p.get('p99_ttft_ms', float('nan')):.0f} ms, "
               f"TPOT mean {p['mean_tpot_ms']:.1f} ms, E2EL mean {p['mean_e2el_ms']:.0f} ms")
         for reason, count in p["failure_reasons"].items():
             print(f"    {count}x {reason}")
+    if found := document.get("sustained_goodput"):
+        print("sustained goodput: " + ", ".join(f"{key.removesuffix('_rps')} {value:.3g} req/s"
+                                                for key, value in found.items() if key.endswith("_rps"))
+              + f" ({found['runs']} runs)")
+
+
+def sweep_points(document: dict) -> list[dict]:
+    """The document's load points proper: its rows less the search's runs."""
+    return [p for p in document["points"] if "search" not in p]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import mimetypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,23 +53,32 @@ class BenchRequest:
 
 @dataclass
 class RequestBatches:
-    """What a run sends: warm-up requests, then one batch of requests per load point."""
+    """What a run sends: warm-up requests, then one batch of requests per load point; and, for a sustained-goodput
+    search (`benchmarks.toolkit.search`), `draw(count, run)`: `count` requests drawn for search run `run` alone."""
 
     warmup: list[BenchRequest]
     batches: list[list[BenchRequest]]
     described: dict  # recorded in the results file
+    draw: Callable[[int, int], list[BenchRequest]] | None = None  # None: a fixed request set, no fresh ones
 
     @classmethod
-    def fresh(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict) -> RequestBatches:
+    def fresh(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict,
+              draw: Callable[[int, int], list[BenchRequest]] | None = None) -> RequestBatches:
         """Split generated requests: no request (and no image) is sent twice, so no server cache can serve it."""
-        size = (len(requests) - warmup) // points
+        size = (len(requests) - warmup) // points if points else 0
         return cls(requests[:warmup], [requests[warmup + i * size:warmup + (i + 1) * size] for i in range(points)],
-                   described)
+                   described, draw)
 
     @classmethod
     def repeated(cls, requests: list[BenchRequest], warmup: int, points: int, described: dict) -> RequestBatches:
         """A fixed request set (a JSONL file) sent whole at every load point; warm-up takes its first lines."""
         return cls([requests[i % len(requests)] for i in range(warmup)], [requests] * points, described)
+
+
+def run_seed(seed: int, run: int) -> int:
+    """The seed of a search run's requests: drawn from (seed, run), so runs, and workloads of other seeds, never
+    share requests."""
+    return int(np.random.SeedSequence([seed, run]).generate_state(1)[0])
 
 
 def parse_size(text: str) -> tuple[int, int]:
