@@ -121,6 +121,8 @@ def image_turns(url: str, stack: Stack, model: str, turns: list[str], seed: int)
 
 
 def generate(port: int, prompt: str, salt: str) -> dvd_pb2.Usage:
+    """One text-only Generate straight to the language server at `port`, 2 tokens, with vLLM's cache salt `salt`."""
+
     async def call():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stream = dvd_pb2_grpc.LanguageServiceStub(channel).Generate(dvd_pb2.GenerateRequest(

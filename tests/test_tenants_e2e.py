@@ -8,7 +8,6 @@ One vision server and one language server (real vLLM); two gateways in front of 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,10 @@ import grpc
 import openai
 import pytest
 
+from benchmarks.tenant_isolation import generate
 from conftest import data_url, free_port, make_image, metric
 from launcher import Stack, command_lines, http_ready, wait_until
-from proto import dvd_pb2, dvd_pb2_grpc
+from proto import dvd_pb2
 
 pytestmark = pytest.mark.slow
 ALPHA, BETA = "sk-e2e-alpha-0b7d51f2", "sk-e2e-beta-c93a0e64"
@@ -154,20 +154,6 @@ def test_with_caches_shared_across_tenants_the_other_tenant_hits_them(stack, mod
                                 "gateway_cache": 1}
 
 
-def generate(stack: Stack, prompt: str, salt: str = "") -> dvd_pb2.Usage:
-    """One text-only Generate on the language server itself, 2 tokens, with vLLM's cache salt `salt`."""
-
-    async def call():
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.language_port}") as channel:
-            stream = dvd_pb2_grpc.LanguageServiceStub(channel).Generate(dvd_pb2.GenerateRequest(
-                request_id=uuid.uuid4().hex, cache_salt=salt,
-                messages=[dvd_pb2.ChatMessage(role="user", content=[dvd_pb2.ContentPart(text=prompt)])],
-                sampling=dvd_pb2.SamplingParams(max_tokens=2, ignore_eos=True, temperature=0)), timeout=120)
-            return [r.usage for r in [r async for r in stream] if r.HasField("usage")][-1]
-
-    return asyncio.run(call())
-
-
 def test_vllms_cache_salt_keeps_two_salts_from_sharing_any_prefix_block(stack):
     """The same 300-word prompt under salt one, salt two, salt one again and no salt: only the repeat of salt
     one finds cached blocks, by vLLM's own prefix-cache counters (tokens) and the server's per-request count."""
@@ -186,7 +172,7 @@ def test_vllms_cache_salt_keeps_two_salts_from_sharing_any_prefix_block(stack):
         before = {"queries": metric(page, "vllm:prefix_cache_queries_total"),
                   "hits": metric(page, "vllm:prefix_cache_hits_total"),
                   "cached": metric(page, "dvd_language_cached_prompt_tokens_total")}
-        usage = generate(stack, prompt, salt)
+        usage = generate(stack.language_port, prompt, salt)
         return usage, counted(usage, before)
 
     one, two, one_again, unsalted = run("salt-one"), run("salt-two"), run("salt-one"), run("")
@@ -201,6 +187,6 @@ def test_vllms_cache_salt_keeps_two_salts_from_sharing_any_prefix_block(stack):
 
 def test_a_cache_salt_vllm_would_refuse_is_invalid_argument(stack):
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        generate(stack, "hello", "a/b")
+        generate(stack.language_port, "hello", "a/b")
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "cache_salt must be at most 128 characters" in refused.value.details()
