@@ -122,13 +122,17 @@ def holding(language_requests_before_reply: list[int], vision: FakeVision):
     """A language server's script that holds every image key it was sent once (a feature cache), and records
     how many Encode calls had been made when each request got its `missing` reply."""
     held: set[str] = set()
+    misses = 0  # requests answered "missing" so far: each one's Encode is expected before its reply
 
     async def script(request, server):
+        nonlocal misses
         missing = [i for i, key in enumerate(request.image_keys) if key not in held]
         held.update(request.image_keys)
         if request.image_keys:
-            if missing:  # an image the gateway thought held would be encoded after this reply
-                await asyncio.wait_for(vision.called.wait(), timeout=10)
+            if missing:  # an image the gateway thought held would be encoded only after this reply
+                misses += 1
+                with contextlib.suppress(TimeoutError):
+                    await wait_until_async(lambda: len(vision.requests) >= misses, 10, "this request's Encode")
             language_requests_before_reply.append(len(vision.requests))
             yield dvd_pb2.GenerateResponse(missing=dvd_pb2.MissingImages(image_indices=missing))
         yield finish()
