@@ -1,12 +1,14 @@
 """`dvd up` on the custom-format tiny checkpoint, driven with the official `openai` client.
 
-The three servers run as real processes (vLLM included); the last test stops the stack with SIGTERM.
+The three servers run as real processes (vLLM included). One test stops the stack with SIGTERM; a test that runs
+after it, in whatever order, finds `dvd up` started again on the same ports.
 """
 
 from __future__ import annotations
 
 import base64
 import signal
+from pathlib import Path
 
 import grpc
 import httpx
@@ -22,27 +24,37 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def up(tiny_checkpoints, tmp_path_factory):
-    """`dvd up` as a user runs it, on free ports, with its defaults (bf16 features on the wire)."""
+def dvd_up(tiny_checkpoints, tmp_path_factory):
+    """`dvd up` as a user runs it, on free ports, with its defaults (bf16 features on the wire); stopped with
+    SIGTERM at the end (its servers also get SIGTERM from their parent-death signal should it be killed)."""
     stack = Stack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
                   language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                   language_metrics_port=free_port())
-    # Stopped with SIGTERM unless the SIGTERM test did it already; the servers also get SIGTERM from their
-    # parent-death signal should `dvd up` be killed.
-    dvd_up = Servers({"dvd up": stack.up_command()}, log_dir=tmp_path_factory.mktemp("logs"), stop_timeout_s=60)
-    with dvd_up.running(stack.ready()):
-        yield stack, dvd_up.processes["dvd up"]
+    with Servers({"dvd up": stack.up_command()}, log_dir=tmp_path_factory.mktemp("logs"), stop_timeout_s=60) as servers:
+        yield stack, servers
+
+
+@pytest.fixture(autouse=True)
+def up(dvd_up):
+    """The running stack and its `dvd up` process: started for the first test, and again after a test stopped it."""
+    stack, servers = dvd_up
+    process = servers.processes.get("dvd up")
+    if process is None or process.poll() is not None:
+        servers.start()
+        servers.wait_until(stack.ready(), 600)
+    return stack, servers.processes["dvd up"]
 
 
 @pytest.fixture(scope="module")
-def client(up) -> openai.OpenAI:
-    stack, _ = up
+def client(dvd_up) -> openai.OpenAI:
+    stack, _ = dvd_up
     return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
+def model(dvd_up) -> str:
+    """The served model's name: the checkpoint directory's (test_models_lists_the_served_checkpoint checks it)."""
+    return Path(dvd_up[0].model).name
 
 
 def user(text: str, *images) -> list[dict]:
@@ -60,8 +72,8 @@ def counter(url: str, name: str) -> float:
     return total
 
 
-def test_models_lists_the_served_checkpoint(client, up):
-    assert [m.id for m in client.models.list().data] == [up[0].model.rsplit("/", 1)[-1]]
+def test_models_lists_the_served_checkpoint(client, model):
+    assert [m.id for m in client.models.list().data] == [model]
 
 
 @pytest.mark.parametrize("num_images", [0, 1, 2])
@@ -104,12 +116,14 @@ def test_images_across_turns_are_all_used(client, model):
 
 
 def test_output_depends_on_the_image(client, model):
+    """Eight greedy tokens each (ignore_eos: never an early EOS, so never three empty answers alike)."""
     replies = {
-        client.chat.completions.create(model=model, messages=user("Describe.", make_image(448, 448, seed=s)),
-                                       max_tokens=8, temperature=0).choices[0].message.content
+        tuple(token.token for token in client.chat.completions.create(
+            model=model, messages=user("Describe.", make_image(448, 448, seed=s)), max_tokens=8, temperature=0,
+            logprobs=True, extra_body={"ignore_eos": True}).choices[0].logprobs.content)
         for s in (3, 4, 5)
     }
-    assert len(replies) > 1
+    assert len(replies) > 1 and all(len(tokens) == 8 for tokens in replies)
 
 
 def test_a_video_goes_in_as_frames_of_one_tile(client, model):
@@ -147,8 +161,9 @@ def test_corrupt_image_is_a_400_and_the_server_keeps_serving(client, model):
     with pytest.raises(openai.BadRequestError, match="data: URLs"):
         client.chat.completions.create(model=model, max_tokens=2, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}])
-    reply = client.chat.completions.create(model=model, messages=user("ok?", make_image(64, 64, 1)), max_tokens=2)
-    assert reply.choices[0].message.content
+    reply = client.chat.completions.create(model=model, messages=user("ok?", make_image(64, 64, 1)), max_tokens=2,
+                                           extra_body={"ignore_eos": True})
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
 
 
 def test_bad_requests_get_openai_errors(client, model):
@@ -162,10 +177,11 @@ def test_bad_requests_get_openai_errors(client, model):
 
 
 def test_prompt_longer_than_the_context_is_a_400(client, model):
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match=r"maximum context length is \d+ tokens"):
         client.chat.completions.create(model=model, max_tokens=2,
                                        messages=[{"role": "user", "content": "hello " * 9000}])
-    assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert reply.usage.completion_tokens == 1  # and the server serves on
 
 
 def test_too_many_images_is_a_400(client, model):
@@ -218,11 +234,13 @@ def test_features_that_never_arrive_time_out_and_the_server_keeps_serving(up, cl
         assert "0 of 1 images" in error.value.details()
     pending = counter(f"http://127.0.0.1:{stack.language_metrics_port}/metrics", "dvd_language_features_pending_bytes")
     assert pending == 0
-    assert client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 2)), max_tokens=2)
+    reply = client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 2)), max_tokens=2,
+                                           extra_body={"ignore_eos": True})
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
 
 
 def test_sigterm_stops_every_server(up):
-    """Must stay last in this module: it ends the stack."""
+    """`dvd up` exits cleanly on SIGTERM and takes its three servers with it (the next test starts it again)."""
     stack, process = up
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0

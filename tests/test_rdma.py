@@ -455,7 +455,7 @@ def test_a_link_failure_fails_the_waiting_send_and_later_sends_reconnect():
                 stack.fabric.held.clear()
                 stack.fabric.hold_sends = False
                 stack.fabric.break_links()
-                with pytest.raises(TransportError):
+                with pytest.raises(TransportError, match="RDMA completion failed"):
                     await waiting  # well before the 5 s timeout
                 await wait_until_async(lambda: stack.drops["rdma_error"] >= 1, 5, "a drop counted as rdma_error")
                 after = make_item("after-link")
@@ -485,7 +485,7 @@ def test_with_a_shared_secret_only_senders_holding_it_connect():
             endpoint = stack.receiver.endpoint
             for options in ({}, {"secret": "another secret of some length"}):
                 with rdma_sender(stack, **options) as sender:
-                    with pytest.raises(TransportError):
+                    with pytest.raises(TransportError, match="closed during set-up"):  # the receiver hung up
                         await sender.send(endpoint, make_item("intruder"))
             assert stack.drops == Counter({"auth": 2})
             with rdma_sender(stack, secret=SECRET) as sender:

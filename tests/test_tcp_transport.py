@@ -455,10 +455,11 @@ def test_with_a_shared_secret_only_senders_holding_it_deliver_features():
         async with running_receiver(secret=SECRET) as got:
             endpoint = got.receiver.endpoint
             with sender(send_timeout_s=0.5) as plain:
-                with pytest.raises(TransportError):  # the handshake never completes: nothing is accepted
+                # The handshake never completes: nothing is accepted.
+                with pytest.raises(TransportError, match=r"accepted nothing for 0\.5 s"):
                     await plain.send(endpoint, make_item("no-secret", 0, 1))
             with sender(send_timeout_s=0.5, secret="a different secret, long enough") as wrong:
-                with pytest.raises(TransportError):
+                with pytest.raises(TransportError, match=r"accepted nothing for 0\.5 s"):
                     await wrong.send(endpoint, make_item("wrong-secret", 0, 1))
             # A peer that learned the receiver's public key but not the secret fails ZAP.
             context = zmq.asyncio.Context()
