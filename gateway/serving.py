@@ -47,6 +47,7 @@ class Serving:
                                     max_redirects=settings.image_fetch_max_redirects,
                                     allowed_networks=settings.image_fetch_allowed_networks)
         self.in_flight = 0
+        self.peak_in_flight = 0
         self._health: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -138,6 +139,9 @@ class _Admission:
         self.finished = False
         serving.in_flight += 1
         metrics.IN_FLIGHT.inc()
+        if serving.in_flight > serving.peak_in_flight:
+            serving.peak_in_flight = serving.in_flight
+            metrics.IN_FLIGHT_PEAK.set(serving.peak_in_flight)
 
     def finish(self, status: str) -> None:
         if self.finished:

@@ -243,6 +243,7 @@ def test_over_capacity_drops_only_the_newcomer():
         assert store.put(make_item("a", 1, 2))
         assert_is(await store.claim("a", 2, timeout_s=1.0), "a", 2)
         assert store.num_bytes == 0
+        assert store.peak_bytes == 2 * ITEM_BYTES  # the high-water mark: the cap was never passed
 
     run(body())
 
