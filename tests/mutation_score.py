@@ -21,8 +21,8 @@ def scores(mutants: Path) -> dict[str, tuple[Counter, list[str]]]:
     results = {}
     for meta in sorted(mutants.rglob("*.py.meta")):
         exit_codes = json.loads(meta.read_text())["exit_code_by_key"]
-        if not exit_codes:
-            continue
+        if not any(code is not None for code in exit_codes.values()):
+            continue  # a module not run (yet)
         counts = Counter("killed" if code in KILLED else SURVIVED.get(code, f"exit {code}")
                          for code in exit_codes.values())
         alive = sorted(name for name, code in exit_codes.items() if code not in KILLED)
