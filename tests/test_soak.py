@@ -54,9 +54,11 @@ def body(rng: random.Random, kind: str) -> dict:
 
 KINDS = ["one image"] * 6 + ["two images"] * 2 + ["13 tiles", "text", "text", "bad image", "hang up"]
 ANSWERS = {"bad image": "400 (bad image)", "hang up": "client hung up"}  # the others: "200" or "200 streamed"
-# Memory a server may gain over a soak after its warm-up: allocator slack and caches that fill once (vLLM's
-# prefix cache lives in its preallocated KV cache). Measured here: at most ... MiB.
-RSS_GROWTH_MIB = 64
+# Memory a server (with its children) may gain over the soak after its warm-up: allocator slack, not requests.
+# Measured here (90 s, 1611 requests, 2 shared cores, load 5-8): gateway +4.2 MiB, vision server +0.4 MiB,
+# language server -84 MiB (vLLM's engine returns and takes memory by the tens of MiB). A leak of 10 KiB a
+# request would add 16 MiB.
+RSS_GROWTH_MIB = {"gateway": 16, "vision-server": 16, "language-server": 64}
 
 
 @dataclass
@@ -229,5 +231,5 @@ def test_soak_at_saturation_answers_everything_stays_under_caps_and_leaks_nothin
     for name, (fds, threads, rss_mib) in after.items():
         assert fds <= baseline[name][0] + 4, (name, baseline[name], after[name])
         assert threads <= baseline[name][1] + 4, (name, baseline[name], after[name])
-        assert rss_mib <= baseline[name][2] + RSS_GROWTH_MIB, (name, baseline[name], after[name])
+        assert rss_mib <= baseline[name][2] + RSS_GROWTH_MIB[name], (name, baseline[name], after[name])
     assert httpx.get(f"{stack.gateway_url}/health", timeout=10).status_code == 200
