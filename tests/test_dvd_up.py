@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import data_url, free_port, make_image, make_video, png_bytes, sse_lines
+from conftest import data_url, free_port, make_image, make_video, metric, png_bytes, sse_lines
 from language_server.server import VISION_PREFIXES
 from launcher import Servers, Stack, wait_until
 from proto import dvd_pb2, dvd_pb2_grpc
@@ -61,15 +61,6 @@ def user(text: str, *images) -> list[dict]:
     parts = [{"type": "text", "text": text}]
     parts += [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
     return [{"role": "user", "content": parts}]
-
-
-def counter(url: str, name: str) -> float:
-    """Sum of a Prometheus counter's samples on a server's metrics page."""
-    total = 0.0
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_models_lists_the_served_checkpoint(client, model):
@@ -143,11 +134,11 @@ def test_a_video_goes_in_as_frames_of_one_tile(client, model):
 def test_text_only_requests_skip_the_vision_server(client, model, up):
     stack, _ = up
     metrics_url = f"http://127.0.0.1:{stack.vision_metrics_port}/metrics"
-    before = counter(metrics_url, "dvd_vision_requests_total")
+    before = metric(metrics_url, "dvd_vision_requests_total")
     client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    assert counter(metrics_url, "dvd_vision_requests_total") == before
+    assert metric(metrics_url, "dvd_vision_requests_total") == before
     client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 0)), max_tokens=2)
-    assert counter(metrics_url, "dvd_vision_requests_total") == before + 1
+    assert metric(metrics_url, "dvd_vision_requests_total") == before + 1
 
 
 def test_corrupt_image_is_a_400_and_the_server_keeps_serving(client, model):
@@ -193,7 +184,7 @@ def test_too_many_images_is_a_400(client, model):
 def test_client_disconnect_cancels_the_generation(up, model):
     stack, _ = up
     metrics_url = f"http://127.0.0.1:{stack.language_metrics_port}/metrics"
-    before = counter(metrics_url, 'dvd_language_requests_total{outcome="cancelled"}')
+    before = metric(metrics_url, "dvd_language_requests_total", outcome="cancelled")
     body = {"model": model, "stream": True, "max_tokens": 4000, "ignore_eos": True,
             "messages": user("Write a long story.", make_image(64, 64, 3))}
     with httpx.stream("POST", f"{stack.gateway_url}/v1/chat/completions", json=body, timeout=60) as reply:
@@ -201,13 +192,13 @@ def test_client_disconnect_cancels_the_generation(up, model):
         next(sse_lines(reply))  # the first chunk arrived: the request is generating; now hang up
 
     def outcomes() -> dict[str, float]:
-        return {o: counter(metrics_url, f'dvd_language_requests_total{{outcome="{o}"}}')
+        return {o: metric(metrics_url, "dvd_language_requests_total", outcome=o)
                 for o in ("ok", "cancelled", "error")}
 
     # Two loaded cores can be slow to notice the hang-up.
     wait_until(lambda: outcomes()["cancelled"] == before + 1, 30,
                lambda: f"the language server counts the request as cancelled; its outcomes: {outcomes()}")
-    assert counter(metrics_url, "dvd_language_requests_in_flight") == 0
+    assert metric(metrics_url, "dvd_language_requests_in_flight") == 0
 
 
 def test_language_server_holds_no_vision_weights(up):
@@ -232,7 +223,7 @@ def test_features_that_never_arrive_time_out_and_the_server_keeps_serving(up, cl
             list(language.Generate(request, timeout=30))
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "0 of 1 images" in error.value.details()
-    pending = counter(f"http://127.0.0.1:{stack.language_metrics_port}/metrics", "dvd_language_features_pending_bytes")
+    pending = metric(f"http://127.0.0.1:{stack.language_metrics_port}/metrics", "dvd_language_features_pending_bytes")
     assert pending == 0
     reply = client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 2)), max_tokens=2,
                                            extra_body={"ignore_eos": True})
