@@ -25,7 +25,7 @@ def scores(mutants: Path) -> dict[str, tuple[Counter, list[str]]]:
             continue  # a module not run (yet)
         counts = Counter("killed" if code in KILLED else SURVIVED.get(code, f"exit {code}")
                          for code in exit_codes.values())
-        alive = sorted(name for name, code in exit_codes.items() if code not in KILLED)
+        alive = sorted(name for name, code in exit_codes.items() if code not in KILLED and code is not None)
         results[str(meta.relative_to(mutants)).removesuffix(".meta")] = (counts, alive)
     return results
 
