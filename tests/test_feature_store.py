@@ -265,6 +265,7 @@ def test_features_that_fill_the_store_exactly_are_kept():
 def test_over_capacity_drops_only_the_newcomer():
     async def body():
         store, drops = new_store(max_bytes=5 * ITEM_BYTES // 2)
+        assert store.peak_bytes == 0  # nothing held yet
         assert store.put(make_item("a", 0, 2))
         assert store.put(make_item("b", 0, 1))
         assert not store.put(make_item("c", 0, 1))  # a request with nothing held yet
