@@ -88,3 +88,11 @@ def test_a_template_that_raises_and_an_empty_chat_are_prompt_errors():
         ChatRenderer("{{ raise_exception('no tools here') }}").render([{"role": "user", "content": "x"}])
     with pytest.raises(PromptError, match="^a chat needs at least one message$"):
         ChatRenderer("x").render([])
+
+
+def test_block_tags_leave_no_blank_lines_or_indentation_as_in_transformers():
+    """transformers renders chat templates with `trim_blocks` and `lstrip_blocks`; a template that puts its
+    block tags on lines of their own, indented, relies on both."""
+    template = "{% for m in messages %}\n  {% if m.content %}\n{{ m.content }}\n  {% endif %}\n{% endfor %}"
+    assert ChatRenderer(template).render([{"role": "user", "content": "a"},
+                                          {"role": "assistant", "content": "b"}]) == "a\nb\n"
