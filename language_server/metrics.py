@@ -24,6 +24,10 @@ TTFT = Histogram("dvd_language_ttft_seconds", "Generate arrival to first token",
 TPOT = Histogram("dvd_language_tpot_seconds", "Time per output token after the first", buckets=LATENCY_BUCKETS)
 E2E = Histogram("dvd_language_request_seconds", "Generate arrival to last token", buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("dvd_language_requests_in_flight", "Generate calls in progress")
+# High-water marks: a scrape every few seconds misses a moment over a cap; these keep it.
+IN_FLIGHT_PEAK = Gauge("dvd_language_requests_in_flight_peak", "The most Generate calls in progress at once so far")
+FEATURES_PENDING_BYTES_PEAK = Gauge("dvd_language_features_pending_bytes_peak",
+                                    "The most feature bytes waiting for Generate at once so far")
 REQUESTS = Counter("dvd_language_requests", "Finished Generate calls, by outcome", ["outcome"])
 FEATURE_CACHE = Counter("dvd_language_feature_cache_images", "Images looked up by content key, by result",
                         ["result"])

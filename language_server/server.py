@@ -73,6 +73,7 @@ def _feature_intake(settings: LanguageServerSettings, hidden_size: int, max_mode
     store = FeatureStore(ttl_s=settings.feature_ttl_s, max_bytes=settings.max_pending_feature_bytes,
                          on_drop=on_drop)
     metrics.FEATURES_PENDING_BYTES.set_function(lambda: store.num_bytes)
+    metrics.FEATURES_PENDING_BYTES_PEAK.set_function(lambda: store.peak_bytes)
     metrics.FEATURES_PENDING_REQUESTS.set_function(lambda: len(store))
     cache = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
     metrics.FEATURE_CACHE_BYTES.set_function(lambda: cache.num_bytes if cache else 0)

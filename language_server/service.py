@@ -148,6 +148,7 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
         self._model_dtype = model_dtype
         self._feature_timeout_s = feature_timeout_s
         self._active: dict[str, asyncio.Task] = {}
+        self.peak_in_flight = 0
         self._on_engine_dead = on_engine_dead
         self._parsers = parsers  # None: no tools, no thinking split (tests with a fake engine)
         self._vocab_size = vocab_size
@@ -170,6 +171,9 @@ class LanguageService(dvd_pb2_grpc.LanguageServiceServicer):
             raise (RequestInFlight if rid else InvalidRequest)(f"request id {rid!r} is empty or already in flight")
         self._active[rid] = asyncio.current_task()
         metrics.IN_FLIGHT.inc()
+        if len(self._active) > self.peak_in_flight:
+            self.peak_in_flight = len(self._active)
+            metrics.IN_FLIGHT_PEAK.set(self.peak_in_flight)
         outcome = "error"
         try:
             async with contextlib.aclosing(self._generate(request)) as responses:

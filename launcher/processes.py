@@ -19,6 +19,12 @@ from launcher.waiting import wait_until
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
+# Looked up once, here: `_own_process_group` runs in the forked child before exec, where looking a symbol up
+# (dlopen) can wait forever on a loader lock that another thread of a busy parent (a test run) held at the fork.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+PR_SET_PDEATHSIG = 1
+
+
 def _own_process_group() -> None:
     """Child set-up: Ctrl-C in the terminal reaches only `dvd up`, which stops the servers in order; a signal
     to the group reaches the server's children (vLLM's engine) too; and on Linux a server gets SIGTERM if
@@ -28,8 +34,8 @@ def _own_process_group() -> None:
     on CPU busy-waits between its two processes; with the servers in sessions of their own, that starved every
     other session on a 2-core host for up to 10 s at a time (the gateway, the vision server, the client)."""
     os.setpgid(0, 0)
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def http_ready(url: str, headers: dict[str, str] | None = None, health: dict | None = None) -> Callable[[], bool]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,41 @@ def pytest_runtest_teardown(item, nextitem):
         stack = item.funcargs.get(HARDENED)
         if stack is not None:
             stack.stop()
+
+
+# ---------------------------------------------------------------- the `slow` marker, enforced
+
+SERVER_COMMANDS = {"language-server", "vision-server", "gateway", "up", "serve"}
+_running: list[pytest.Item] = []  # the test whose setup, call or teardown runs now
+
+
+def server_command(args) -> str | None:
+    """The command line, when `args` starts one of the project's servers (or coupled vLLM): `dvd.cli
+    language-server ...`, `dvd up ...`, `benchmarks.vllm_cli serve ...`, also behind `ip netns exec`."""
+    words = [str(a) for a in args] if isinstance(args, list | tuple) else str(args).split()
+    for word, following in zip(words, words[1:]):
+        runner = word in ("dvd.cli", "benchmarks.vllm_cli", "dvd") or word.endswith("/dvd")
+        if runner and following in SERVER_COMMANDS:
+            return " ".join(words)
+    return None
+
+
+def _refuse_unmarked_servers(event: str, args: tuple) -> None:
+    """A test that starts a server process must be marked `slow`, so that `-m "not slow"` stays fast."""
+    if event != "subprocess.Popen" or not _running:
+        return
+    item = _running[-1]
+    if item.get_closest_marker("slow") is None and (command := server_command(args[1])):
+        raise RuntimeError(f"{item.nodeid} starts a server without the `slow` marker: {command}")
+
+
+sys.addaudithook(_refuse_unmarked_servers)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()

@@ -152,9 +152,7 @@ HTTP_CORPUS = [
 ]
 
 
-@pytest.mark.parametrize("case", HTTP_CORPUS, ids=str)
-def test_bad_http_input_is_a_4xx_with_a_clear_message(hardened_stack, case):
-    stack = hardened_stack
+def send(stack, case: Case) -> httpx.Response:
     url = f"{stack.gateway_url}/v1/chat/completions"
     headers = {**stack.headers, "content-type": "application/json", **case.headers}
     content = case.content
@@ -162,7 +160,12 @@ def test_bad_http_input_is_a_4xx_with_a_clear_message(hardened_stack, case):
         content = chunked(BIG_BODY)
     elif case.body is not None:
         content = json.dumps(case.body).encode()
-    reply = httpx.request(case.method, url, content=content, headers=headers, timeout=120)
+    return httpx.request(case.method, url, content=content, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize("case", HTTP_CORPUS, ids=str)
+def test_bad_http_input_is_a_4xx_with_a_clear_message(hardened_stack, case):
+    reply = send(hardened_stack, case)
     assert reply.status_code == case.status, (reply.status_code, reply.text[:500])
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == case.status, error
@@ -296,12 +299,15 @@ def raw_exchange(port: int, data: bytes) -> bytes:
         return received
 
 
-@pytest.mark.parametrize("name, data", [
+GARBAGE = [
     ("random bytes", os.urandom(4096)),
     ("HTTP/1.1 request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
     ("HTTP/2 preface then garbage", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + os.urandom(1024)),
     ("HTTP/2 frame declaring 16 MB", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01"),
-])
+]
+
+
+@pytest.mark.parametrize("name, data", GARBAGE)
 def test_garbage_on_the_grpc_ports_is_refused_and_the_servers_serve_on(hardened_stack, name, data):
     stack = hardened_stack
     for port in (stack.vision_port, stack.language_port):
@@ -314,7 +320,15 @@ def test_garbage_on_the_grpc_ports_is_refused_and_the_servers_serve_on(hardened_
 
 
 def test_after_the_corpus_every_server_is_healthy_holds_nothing_and_answers(hardened_stack):
+    """The whole corpus first, in this test (the tests above check each answer; run alone, this one still
+    follows the corpus), then a good request."""
     stack = hardened_stack
+    for case in HTTP_CORPUS:
+        assert send(stack, case).status_code == case.status, case
+    asyncio.run(grpc_corpus(stack))
+    for _, data in GARBAGE:
+        for port in (stack.vision_port, stack.language_port):
+            raw_exchange(port, data)
     assert httpx.get(f"{stack.gateway_url}/health", timeout=10).json() == {"vision_servers_up": 1,
                                                                            "language_servers_up": 1}
     messages = [{"role": "user", "content": [{"type": "text", "text": "Describe."},

@@ -7,6 +7,7 @@ import json
 import jinja2
 import pytest
 import torch
+import transformers  # after language_server.torch_compat, which conftest imports first
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -31,8 +32,6 @@ from checkpoint.geometry import (
     INTERNVL_ADDED_TOKENS,
     PRESETS,
 )
-
-transformers = pytest.importorskip("transformers")
 
 FORMATS = ("hf", "custom")
 SMALL_SHARD_BYTES = 100_000  # splits tiny's ~0.4 MB of non-embedding tensors over several shards

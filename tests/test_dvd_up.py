@@ -1,19 +1,21 @@
 """`dvd up` on the custom-format tiny checkpoint, driven with the official `openai` client.
 
-The three servers run as real processes (vLLM included); the last test stops the stack with SIGTERM.
+The three servers run as real processes (vLLM included). One test stops the stack with SIGTERM; a test that runs
+after it, in whatever order, finds `dvd up` started again on the same ports.
 """
 
 from __future__ import annotations
 
 import base64
 import signal
+from pathlib import Path
 
 import grpc
 import httpx
 import openai
 import pytest
 
-from conftest import data_url, free_port, make_image, make_video, png_bytes, sse_lines
+from conftest import data_url, free_port, make_image, make_video, metric, png_bytes, sse_lines
 from language_server.server import VISION_PREFIXES
 from launcher import Servers, Stack, wait_until
 from proto import dvd_pb2, dvd_pb2_grpc
@@ -22,27 +24,37 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def up(tiny_checkpoints, tmp_path_factory):
-    """`dvd up` as a user runs it, on free ports, with its defaults (bf16 features on the wire)."""
+def dvd_up(tiny_checkpoints, tmp_path_factory):
+    """`dvd up` as a user runs it, on free ports, with its defaults (bf16 features on the wire); stopped with
+    SIGTERM at the end (its servers also get SIGTERM from their parent-death signal should it be killed)."""
     stack = Stack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
                   language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                   language_metrics_port=free_port())
-    # Stopped with SIGTERM unless the SIGTERM test did it already; the servers also get SIGTERM from their
-    # parent-death signal should `dvd up` be killed.
-    dvd_up = Servers({"dvd up": stack.up_command()}, log_dir=tmp_path_factory.mktemp("logs"), stop_timeout_s=60)
-    with dvd_up.running(stack.ready()):
-        yield stack, dvd_up.processes["dvd up"]
+    with Servers({"dvd up": stack.up_command()}, log_dir=tmp_path_factory.mktemp("logs"), stop_timeout_s=60) as servers:
+        yield stack, servers
+
+
+@pytest.fixture(autouse=True)
+def up(dvd_up):
+    """The running stack and its `dvd up` process: started for the first test, and again after a test stopped it."""
+    stack, servers = dvd_up
+    process = servers.processes.get("dvd up")
+    if process is None or process.poll() is not None:
+        servers.start()
+        servers.wait_until(stack.ready(), 600)
+    return stack, servers.processes["dvd up"]
 
 
 @pytest.fixture(scope="module")
-def client(up) -> openai.OpenAI:
-    stack, _ = up
+def client(dvd_up) -> openai.OpenAI:
+    stack, _ = dvd_up
     return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
+def model(dvd_up) -> str:
+    """The served model's name: the checkpoint directory's (test_models_lists_the_served_checkpoint checks it)."""
+    return Path(dvd_up[0].model).name
 
 
 def user(text: str, *images) -> list[dict]:
@@ -51,17 +63,8 @@ def user(text: str, *images) -> list[dict]:
     return [{"role": "user", "content": parts}]
 
 
-def counter(url: str, name: str) -> float:
-    """Sum of a Prometheus counter's samples on a server's metrics page."""
-    total = 0.0
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def test_models_lists_the_served_checkpoint(client, up):
-    assert [m.id for m in client.models.list().data] == [up[0].model.rsplit("/", 1)[-1]]
+def test_models_lists_the_served_checkpoint(client, model):
+    assert [m.id for m in client.models.list().data] == [model]
 
 
 @pytest.mark.parametrize("num_images", [0, 1, 2])
@@ -104,12 +107,14 @@ def test_images_across_turns_are_all_used(client, model):
 
 
 def test_output_depends_on_the_image(client, model):
+    """Eight greedy tokens each (ignore_eos: never an early EOS, so never three empty answers alike)."""
     replies = {
-        client.chat.completions.create(model=model, messages=user("Describe.", make_image(448, 448, seed=s)),
-                                       max_tokens=8, temperature=0).choices[0].message.content
+        tuple(token.token for token in client.chat.completions.create(
+            model=model, messages=user("Describe.", make_image(448, 448, seed=s)), max_tokens=8, temperature=0,
+            logprobs=True, extra_body={"ignore_eos": True}).choices[0].logprobs.content)
         for s in (3, 4, 5)
     }
-    assert len(replies) > 1
+    assert len(replies) > 1 and all(len(tokens) == 8 for tokens in replies)
 
 
 def test_a_video_goes_in_as_frames_of_one_tile(client, model):
@@ -129,11 +134,11 @@ def test_a_video_goes_in_as_frames_of_one_tile(client, model):
 def test_text_only_requests_skip_the_vision_server(client, model, up):
     stack, _ = up
     metrics_url = f"http://127.0.0.1:{stack.vision_metrics_port}/metrics"
-    before = counter(metrics_url, "dvd_vision_requests_total")
+    before = metric(metrics_url, "dvd_vision_requests_total")
     client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    assert counter(metrics_url, "dvd_vision_requests_total") == before
+    assert metric(metrics_url, "dvd_vision_requests_total") == before
     client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 0)), max_tokens=2)
-    assert counter(metrics_url, "dvd_vision_requests_total") == before + 1
+    assert metric(metrics_url, "dvd_vision_requests_total") == before + 1
 
 
 def test_corrupt_image_is_a_400_and_the_server_keeps_serving(client, model):
@@ -147,8 +152,9 @@ def test_corrupt_image_is_a_400_and_the_server_keeps_serving(client, model):
     with pytest.raises(openai.BadRequestError, match="data: URLs"):
         client.chat.completions.create(model=model, max_tokens=2, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}])
-    reply = client.chat.completions.create(model=model, messages=user("ok?", make_image(64, 64, 1)), max_tokens=2)
-    assert reply.choices[0].message.content
+    reply = client.chat.completions.create(model=model, messages=user("ok?", make_image(64, 64, 1)), max_tokens=2,
+                                           extra_body={"ignore_eos": True})
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
 
 
 def test_bad_requests_get_openai_errors(client, model):
@@ -162,10 +168,11 @@ def test_bad_requests_get_openai_errors(client, model):
 
 
 def test_prompt_longer_than_the_context_is_a_400(client, model):
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match=r"maximum context length is \d+ tokens"):
         client.chat.completions.create(model=model, max_tokens=2,
                                        messages=[{"role": "user", "content": "hello " * 9000}])
-    assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert reply.usage.completion_tokens == 1  # and the server serves on
 
 
 def test_too_many_images_is_a_400(client, model):
@@ -177,7 +184,7 @@ def test_too_many_images_is_a_400(client, model):
 def test_client_disconnect_cancels_the_generation(up, model):
     stack, _ = up
     metrics_url = f"http://127.0.0.1:{stack.language_metrics_port}/metrics"
-    before = counter(metrics_url, 'dvd_language_requests_total{outcome="cancelled"}')
+    before = metric(metrics_url, "dvd_language_requests_total", outcome="cancelled")
     body = {"model": model, "stream": True, "max_tokens": 4000, "ignore_eos": True,
             "messages": user("Write a long story.", make_image(64, 64, 3))}
     with httpx.stream("POST", f"{stack.gateway_url}/v1/chat/completions", json=body, timeout=60) as reply:
@@ -185,13 +192,13 @@ def test_client_disconnect_cancels_the_generation(up, model):
         next(sse_lines(reply))  # the first chunk arrived: the request is generating; now hang up
 
     def outcomes() -> dict[str, float]:
-        return {o: counter(metrics_url, f'dvd_language_requests_total{{outcome="{o}"}}')
+        return {o: metric(metrics_url, "dvd_language_requests_total", outcome=o)
                 for o in ("ok", "cancelled", "error")}
 
     # Two loaded cores can be slow to notice the hang-up.
     wait_until(lambda: outcomes()["cancelled"] == before + 1, 30,
                lambda: f"the language server counts the request as cancelled; its outcomes: {outcomes()}")
-    assert counter(metrics_url, "dvd_language_requests_in_flight") == 0
+    assert metric(metrics_url, "dvd_language_requests_in_flight") == 0
 
 
 def test_language_server_holds_no_vision_weights(up):
@@ -216,13 +223,15 @@ def test_features_that_never_arrive_time_out_and_the_server_keeps_serving(up, cl
             list(language.Generate(request, timeout=30))
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "0 of 1 images" in error.value.details()
-    pending = counter(f"http://127.0.0.1:{stack.language_metrics_port}/metrics", "dvd_language_features_pending_bytes")
+    pending = metric(f"http://127.0.0.1:{stack.language_metrics_port}/metrics", "dvd_language_features_pending_bytes")
     assert pending == 0
-    assert client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 2)), max_tokens=2)
+    reply = client.chat.completions.create(model=model, messages=user("hi", make_image(64, 64, 2)), max_tokens=2,
+                                           extra_body={"ignore_eos": True})
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
 
 
 def test_sigterm_stops_every_server(up):
-    """Must stay last in this module: it ends the stack."""
+    """`dvd up` exits cleanly on SIGTERM and takes its three servers with it (the next test starts it again)."""
     stack, process = up
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0

@@ -206,17 +206,55 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+# With 20 top logprobs a chunk is about 2 KiB: two choices of 3500 tokens make a stream of about 13 MiB, far
+# more than the kernel's socket buffers hold (4 MiB at most), so a gateway that kept the stream would grow by the
+# rest. An honest one holds what gRPC's flow-control window let the language server send ahead. Measured here
+# (2 shared cores, load 5-7): 4.1 MiB honest; 23.1 MiB with the gateway changed to read the whole stream ahead of
+# its client (an unbounded queue between the two), which this bound fails.
+STALLED_TOKENS = 3500
+HELD_MIB = 8.0
+
+
+def stalled_stream_body() -> bytes:
+    return json.dumps({**chat(1, max_tokens=STALLED_TOKENS, stream=True), "n": 2, "temperature": 1.0, "seed": 0,
+                       "logprobs": True, "top_logprobs": 20}).encode()
+
+
+def generation_settled(metrics_url: str):
+    """A probe that holds once vLLM's count of generated tokens has not moved since the previous probe."""
+    seen = []
+
+    def probe() -> bool:
+        seen.append(metric(metrics_url, "vllm:generation_tokens_total"))
+        return len(seen) > 1 and seen[-1] == seen[-2]
+
+    return probe
+
+
+def serve_others(stack) -> None:
+    client = stack.client()
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda i: client.chat.completions.create(**openai_params(chat(10 + i))), range(4)))
+    assert [r.usage.completion_tokens for r in replies] == [4] * 4
+
+
 def test_a_stalled_streaming_client_holds_bounded_memory_and_others_are_served(hardened_stack):
     """A client that reads the first chunk of a long stream and then stops reading (small receive buffer):
-    the gateway's memory stays bounded, other clients are served meanwhile, and everything is released
-    when the client finally leaves."""
+    the gateway's memory grows by far less than the stream, other clients are served meanwhile, and everything
+    is released when the client finally leaves."""
     stack = hardened_stack
     gateway_pid = stack.processes["gateway"].pid
     urls = stack.metrics_urls
+    body = stalled_stream_body()
+    # The same stream read whole: its size, and the gateway past the allocations of its first such request.
+    with httpx.stream("POST", f"{stack.gateway_url}/v1/chat/completions", content=body, timeout=300,
+                      headers={**stack.headers, "content-type": "application/json"}) as whole:
+        data = b"".join(whole.iter_bytes())
+    assert whole.status_code == 200 and data.endswith(b"data: [DONE]\n\n"), data[-300:]
+    stream_mib = len(data) / 2**20
+    assert stream_mib > HELD_MIB, stream_mib  # a gateway that kept it would show (23 MiB for 13 MiB, measured)
+    serve_others(stack)
     before = rss_mib(gateway_pid)
-    # With 20 top logprobs a chunk is a few KiB: the ~10 MiB stream cannot hide in the kernel's socket buffers
-    # (4 MiB at most), so the gateway really holds a stalled stream.
-    body = json.dumps({**chat(1, max_tokens=1900, stream=True), "logprobs": True, "top_logprobs": 20}).encode()
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
                f"Authorization: Bearer {stack.api_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     stalled = socket.socket()
@@ -233,15 +271,15 @@ def test_a_stalled_streaming_client_holds_bounded_memory_and_others_are_served(h
         # into gRPC's flow-control window (a quiet machine writes 1900 tokens in about a second).
         wait_until(lambda: metric(urls["gateway"], "dvd_gateway_requests_in_flight") == 1, 30,
                    "the gateway holds the stalled request")
-        # Meanwhile others are served, streamed and not.
-        client = stack.client()
-        with ThreadPoolExecutor(4) as pool:
-            replies = list(pool.map(lambda i: client.chat.completions.create(**openai_params(chat(10 + i))), range(4)))
-        assert all(r.usage.completion_tokens == 4 for r in replies)
+        serve_others(stack)  # meanwhile others are served
         assert metric(urls["gateway"], "dvd_gateway_requests_in_flight") == 1
+        # Measured once the language server has generated all it will for the stalled stream: everything, into
+        # a gateway that buffered it, or as much as the gRPC and socket buffers took, for one that does not.
+        wait_until(generation_settled(urls["language-server"]), 300,
+                   "the language server generates no more tokens", interval_s=2)
         growth = rss_mib(gateway_pid) - before
-        print(f"gateway RSS growth with a stalled client: {growth:.1f} MiB")
-        assert growth < 100
+        print(f"gateway RSS growth with a stalled client: {growth:.1f} MiB (the stream: {stream_mib:.1f} MiB)")
+        assert growth < HELD_MIB
     finally:
         stalled.close()
     wait_until(lambda: metric(urls["gateway"], "dvd_gateway_requests_in_flight") == 0, 60,

@@ -47,6 +47,19 @@ def test_cache_replaces_a_key_and_refuses_an_item_over_its_budget():
     assert "huge" not in cache and "a" in cache
 
 
+def test_a_replaced_key_counts_its_bytes_once_with_room_to_spare():
+    cache = FeatureCache(max_bytes=10_000)
+    for index in (0, 1, 2):
+        cache.put("a", features("r", index, 3))
+    assert len(cache) == 1 and cache.num_bytes == 128 and cache.get("a").image_index == 2
+
+
+def test_an_item_of_exactly_the_budget_is_kept():
+    cache = FeatureCache(max_bytes=128)
+    cache.put("a", features("r", 0, 1))
+    assert "a" in cache and cache.num_bytes == 128
+
+
 # ---------------------------------------------------------------- language server: partial claims
 
 
@@ -126,6 +139,33 @@ def test_shared_work_survives_one_caller_leaving_and_stops_when_all_have_left():
         third.cancel()
         await asyncio.wait_for(cancelled.wait(), 5)
         assert len(in_flight) == 0
+
+    asyncio.run(run())
+
+
+def test_work_abandoned_by_every_caller_is_forgotten_at_once_and_a_new_caller_starts_afresh():
+    """The last caller leaving cancels the work and forgets it then, not when the cancelled work has unwound: a
+    caller in between would otherwise join work that is being cancelled. The unwinding raises nothing."""
+    async def run():
+        errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        in_flight: InFlight[str] = InFlight()
+
+        async def forever():
+            await asyncio.Event().wait()
+
+        async def fresh():
+            return "fresh"
+
+        first = asyncio.create_task(in_flight.run("k", forever))
+        await asyncio.sleep(0)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert len(in_flight) == 0  # forgotten before the cancelled work has unwound
+        await asyncio.sleep(0)  # it unwinds now; its done callback finds nothing to forget
+        assert errors == []
+        assert await in_flight.run("k", fresh) == ("fresh", False)
 
     asyncio.run(run())
 

@@ -8,7 +8,6 @@ language server.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import pytest
 
 from checkpoint.generate import write_checkpoint
 from conftest import data_url, encode_to_local_receiver, free_port, make_image, metric
-from launcher import Stack
+from launcher import Stack, http_ready, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +42,35 @@ class CacheStack(Stack):
         return commands
 
 
+# The language server's feature cache holds six one-tile images (bf16, hidden size 64: 32 KiB each), so that a
+# test can evict an image by sending six others.
+TILE_BYTES = 256 * 64 * 2
+CACHE_BYTES = 6 * TILE_BYTES
+
+
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoints, tmp_path_factory):
+def running(tiny_checkpoints, tmp_path_factory):
     retrained = write_checkpoint(tmp_path_factory.mktemp("retrained") / "tiny", "tiny", "custom", seed=1)
     stack = CacheStack(model=str(tiny_checkpoints["custom"]), gateway_port=free_port(), vision_port=free_port(),
                        language_port=free_port(), feature_port=free_port(), vision_metrics_port=free_port(),
                        language_metrics_port=free_port(), uncached_port=free_port(), retrained_model=str(retrained),
                        retrained_vision_port=free_port(), retrained_port=free_port())
-    gateways = [stack.ready()] + [dataclasses.replace(stack, gateway_port=port).ready()
-                                  for port in (stack.uncached_port, stack.retrained_port)]
-    with stack.servers(tmp_path_factory.mktemp("feature-cache-logs")).running(lambda: all(g() for g in gateways)):
-        yield stack
+    servers = stack.servers(tmp_path_factory.mktemp("feature-cache-logs"),
+                            {"DVD_LANGUAGE_FEATURE_CACHE_BYTES": str(CACHE_BYTES)})
+    with servers.running(lambda: all(ready() for ready in gateways_ready(stack))):
+        yield stack, servers
+
+
+@pytest.fixture(scope="module")
+def stack(running) -> CacheStack:
+    return running[0]
+
+
+def gateways_ready(stack: CacheStack) -> list:
+    """Each gateway's readiness: its vision server and the language server up."""
+    health = {"vision_servers_up": 1, "language_servers_up": 1}
+    return [http_ready(f"http://127.0.0.1:{port}", health=health)
+            for port in (stack.gateway_port, stack.uncached_port, stack.retrained_port)]
 
 
 class Counters:
@@ -79,15 +96,26 @@ class Counters:
         return {name: now[name] - self._start[name] for name in now}
 
 
-def chat_turns(port: int, model: str, pictures, turns: int = 3):
-    """A chat that resends its pictures on every turn; returns each turn's reply and usage."""
+def ask(port: int, model: str, messages: list[dict], max_tokens: int = 8):
+    """Greedy, exactly `max_tokens` tokens (ignore_eos), with each token's logprob entry to compare by."""
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                          logprobs=True, extra_body={"ignore_eos": True})
+
+
+def tokens(reply) -> list[tuple[str, tuple[int, ...]]]:
+    """The reply's tokens, each as its text and its bytes."""
+    return [(entry.token, tuple(entry.bytes or ())) for entry in reply.choices[0].logprobs.content]
+
+
+def chat_turns(port: int, model: str, pictures, turns: int = 3):
+    """A chat that resends its pictures on every turn; returns each turn's reply."""
     images = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pictures]
     questions = ["Describe both pictures.", "What differs between them?", "Which one is brighter?"]
     messages, replies = [], []
     for question in questions[:turns]:
         messages.append({"role": "user", "content": [*images, {"type": "text", "text": question}]})
-        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        reply = ask(port, model, messages)
         messages.append({"role": "assistant", "content": reply.choices[0].message.content})
         replies.append(reply)
     return replies
@@ -116,7 +144,8 @@ def test_a_three_turn_chat_encodes_and_sends_each_image_once_with_the_tokens_of_
     counters = Counters(stack)
     uncached = chat_turns(stack.uncached_port, model, pictures)
     assert counters.delta()["encoded"] == 2 + 4 + 6  # every turn resends every image
-    assert [r.choices[0].message.content for r in cached] == [r.choices[0].message.content for r in uncached]
+    assert [tokens(r) for r in cached] == [tokens(r) for r in uncached]
+    assert all(len(tokens(r)) == 8 for r in cached)
     assert [r.usage.prompt_tokens for r in cached] == [r.usage.prompt_tokens for r in uncached]
 
 
@@ -141,19 +170,48 @@ def test_the_vision_server_encodes_identical_images_of_one_request_once(stack):
     assert counters.delta()["dedup"] == 1
 
 
-def test_a_language_server_restart_or_eviction_is_not_needed_for_correctness_of_new_images(stack):
-    """A new picture in a later turn is encoded while the earlier one still comes from the cache."""
+def image_part(seed: int) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(make_image(220, 220, seed))}}  # one tile
+
+
+def test_an_image_evicted_or_lost_in_a_language_server_restart_is_encoded_again_for_the_same_tokens(running):
+    """The gateway counts on the language server holding an earlier turn's image. Once the server's cache has
+    evicted it (six newer images fill the budget), and again once a restart has emptied the cache, the server
+    says the image is missing, it is encoded and sent again, and the answer is token for token the one the
+    uncached gateway gives."""
+    stack, servers = running
     model = served_model(stack)
-    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused")
-    old, new = ({"type": "image_url", "image_url": {"url": data_url(make_image(220, 220, seed))}} for seed in (35, 36))
-    client.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [old]}])
+    old, new = image_part(35), image_part(36)
+    ask(stack.gateway_port, model, [{"role": "user", "content": [old]}], max_tokens=1)
     counters = Counters(stack)
-    reply = client.chat.completions.create(model=model, max_tokens=2, messages=[
-        {"role": "user", "content": [old]}, {"role": "assistant", "content": "ok"},
-        {"role": "user", "content": [new, {"type": "text", "text": "And this one?"}]}])
+    ask(stack.gateway_port, model, [{"role": "user", "content": [old, {"type": "text", "text": "Again."}]}], 1)
+    assert counters.delta()["hits"] == 1  # held, so far
+
+    for seed in range(40, 46):  # six newer images: the oldest, `old`, is evicted
+        ask(stack.gateway_port, model, [{"role": "user", "content": [image_part(seed)]}], max_tokens=1)
+    language_metrics = f"http://127.0.0.1:{stack.language_metrics_port}/metrics"
+    assert metric(language_metrics, "dvd_language_feature_cache_bytes") == CACHE_BYTES
+    conversation = [{"role": "user", "content": [old]}, {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": [new, {"type": "text", "text": "And this one?"}]}]
+    want = tokens(ask(stack.uncached_port, model, conversation))
+    counters = Counters(stack)
+    reply = ask(stack.gateway_port, model, conversation)
     assert reply.usage.prompt_tokens_details.image_tokens == 2 * 256
     seen = counters.delta()
-    assert seen["encoded"] == 1 and seen["received"] == 1 and seen["hits"] == 1, seen
+    assert seen["encoded"] == 2 and seen["received"] == 2 and seen["hits"] == 0, seen
+    assert tokens(reply) == want and len(want) == 8
+
+    servers.stop("language-server")
+    wait_until(lambda: not any(ready() for ready in gateways_ready(stack)), 60,
+               "every gateway sees the language server gone")
+    servers.start("language-server")
+    servers.wait_until(lambda: all(ready() for ready in gateways_ready(stack)), 600,
+                       "every gateway re-admits the restarted language server")
+    counters = Counters(stack)  # the restarted server counts from zero
+    reply = ask(stack.gateway_port, model, conversation)
+    seen = counters.delta()
+    assert seen["received"] == 2 and seen["hits"] == 0, seen
+    assert tokens(reply) == want
 
 
 def test_features_cached_for_other_vision_weights_are_not_used(stack):

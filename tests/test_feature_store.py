@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from language_server.feature_store import FeatureMismatch, FeatureOverCapacity, FeatureStore, FeatureTimeout
+from launcher import wait_until_async
 from transport.frames import ImageFeatures
 
 pytestmark = pytest.mark.timeout(30)
@@ -88,6 +89,13 @@ def test_features_sent_before_the_claim_that_the_server_holds_are_dropped_and_co
         assert drops == [("not_needed", ITEM_BYTES)]
         assert store.num_bytes == 0
 
+        claim = asyncio.create_task(store.claim("s", 2, timeout_s=5.0, indices=[0]))
+        await asyncio.sleep(0)
+        assert not store.put(make_item("s", 1, 2))  # arriving after the claim said it is not needed
+        assert drops.events[-1] == ("not_needed", ITEM_BYTES)
+        store.put(make_item("s", 0, 2))
+        assert [i.image_index for i in await claim] == [0]
+
     run(body())
 
 
@@ -138,10 +146,15 @@ def test_claim_timeout_names_how_many_arrived_and_frees_their_bytes():
         store, drops = new_store()
         store.put(make_item("r", 0, 3))
         store.put(make_item("r", 2, 3))
-        started = time.monotonic()
+        # A claim with a far longer timeout, begun first, still waits when this one gives up on its own 0.05 s.
+        patient = asyncio.create_task(store.claim("patient", 1, timeout_s=60))
+        await asyncio.sleep(0)
         with pytest.raises(FeatureTimeout, match=r"only 2 of 3 images' features arrived within 0\.05 s"):
             await store.claim("r", 3, timeout_s=0.05)
-        assert time.monotonic() - started < 1.0
+        assert not patient.done()
+        patient.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await patient
         assert store.num_bytes == 0 and len(store) == 0
         # The missing image, arriving at last, is not kept for anyone.
         assert not store.put(make_item("r", 1, 3))
@@ -161,17 +174,32 @@ def test_claim_timeout_with_nothing_arrived_says_zero():
     run(body())
 
 
-def test_unclaimed_features_expire_after_the_ttl():
+def test_unclaimed_features_expire_after_the_ttl(caplog):
     async def body():
         store, drops = new_store(ttl_s=10.0)
         store.put(make_item("old", 0, 2))
         store.put(make_item("old", 1, 2))
         now = time.monotonic()
+        assert store.expire() == 0  # on its own clock: nothing is old yet
         assert store.expire(now=now + 5.0) == 0
         assert store.num_bytes == 2 * ITEM_BYTES
         assert store.expire(now=now + 10.5) == 1
         assert drops == [("expired", 2 * ITEM_BYTES)]
         assert store.num_bytes == 0 and len(store) == 0
+
+    with caplog.at_level("WARNING", logger="language_server.feature_store"):
+        run(body())
+    assert caplog.messages == ["request old: dropped 2 unclaimed images' features after 10 s"]
+
+
+def test_the_expiry_loop_expires_unclaimed_features_on_its_own():
+    async def body():
+        store, drops = new_store(ttl_s=0.0)
+        loop = asyncio.create_task(store.expire_forever(interval_s=0.01))
+        store.put(make_item("old", 0, 2))
+        await wait_until_async(lambda: len(store) == 0, 5, "the loop expires the unclaimed features")
+        assert drops.reasons == ["expired"]
+        loop.cancel()
 
     run(body())
 
@@ -196,10 +224,12 @@ def test_finished_requests_are_forgotten_after_the_ttl():
         store, drops = new_store(ttl_s=1.0)
         store.release("r")
         assert not store.put(make_item("r", 0, 1))
+        store.expire(now=time.monotonic())
+        assert not store.put(make_item("r", 0, 1))  # finished less than the TTL ago: still late
         store.expire(now=time.monotonic() + 2.0)
         # A request id reused after the TTL is a new request.
         assert store.put(make_item("r", 0, 1))
-        assert drops.reasons == ["late"]
+        assert drops.reasons == ["late", "late"]
 
     run(body())
 
@@ -223,9 +253,19 @@ def test_cancelling_a_claim_releases_the_request():
 # --- what gets dropped ----------------------------------------------------------------------------------
 
 
+def test_features_that_fill_the_store_exactly_are_kept():
+    async def body():
+        store, drops = new_store(max_bytes=2 * ITEM_BYTES)
+        assert store.put(make_item("a", 0, 2)) and store.put(make_item("a", 1, 2))
+        assert store.num_bytes == 2 * ITEM_BYTES and drops == []
+
+    run(body())
+
+
 def test_over_capacity_drops_only_the_newcomer():
     async def body():
         store, drops = new_store(max_bytes=5 * ITEM_BYTES // 2)
+        assert store.peak_bytes == 0  # nothing held yet
         assert store.put(make_item("a", 0, 2))
         assert store.put(make_item("b", 0, 1))
         assert not store.put(make_item("c", 0, 1))  # a request with nothing held yet
@@ -238,6 +278,7 @@ def test_over_capacity_drops_only_the_newcomer():
         assert store.put(make_item("a", 1, 2))
         assert_is(await store.claim("a", 2, timeout_s=1.0), "a", 2)
         assert store.num_bytes == 0
+        assert store.peak_bytes == 2 * ITEM_BYTES  # the high-water mark: the cap was never passed
 
     run(body())
 

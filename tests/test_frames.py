@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import zlib
 
 import pytest
@@ -143,7 +144,8 @@ def test_payload_view_keeps_the_tensor_alive():
             id="index-equals-count",
         ),
         pytest.param(header_bytes(image_index=0, image_count=0), "outside image count 0", id="zero-count"),
-        pytest.param(header_bytes(hidden_size=0), "empty shape", id="zero-hidden-size"),
+        pytest.param(header_bytes(hidden_size=0), r"^feature header has an empty shape \(hidden size or tile tokens\)$",
+                     id="zero-hidden-size"),
         pytest.param(header_bytes(tile_tokens=[]), "empty shape", id="no-tile-tokens"),
         pytest.param(header_bytes(tile_tokens=[4, 0]), "empty shape", id="zero-token-tile"),
         pytest.param(
@@ -197,7 +199,7 @@ def test_flipped_payload_byte_fails_the_checksum(position):
     header, payload = encode_frames(make_item(dtype=torch.bfloat16), checksum=True)
     corrupted = bytearray(payload)
     corrupted[position] ^= 0x01
-    with pytest.raises(FrameError, match="checksum does not match"):
+    with pytest.raises(FrameError, match="^payload checksum does not match its header$"):
         decode_frames(header, corrupted, max_payload_bytes=MAX_PAYLOAD)
 
 
@@ -322,3 +324,22 @@ def test_a_checksum_mismatch_is_labelled_checksum():
 def test_the_expected_hidden_size_accepts_matching_features():
     header, payload = encode_frames(make_item(hidden=8))
     assert decode_frames(header, payload, max_payload_bytes=MAX_PAYLOAD, hidden_size=8).features.shape == (6, 8)
+
+
+def test_the_expected_hidden_size_refuses_other_features_naming_both_sizes():
+    header, payload = encode_frames(make_item(request_id="wide", hidden=16))
+    with pytest.raises(FrameError, match="^request wide: hidden size 16 is not the model's 8$"):
+        decode_frames(header, payload, max_payload_bytes=MAX_PAYLOAD, hidden_size=8)
+
+
+def test_a_request_id_of_the_longest_length_allowed_is_accepted():
+    longest = "r" * MAX_REQUEST_ID_LENGTH
+    assert decode_header(header_bytes(request_id=longest), max_payload_bytes=MAX_PAYLOAD).request_id == longest
+
+
+def test_decoded_features_carry_when_they_were_sent_and_received():
+    """For the transfer-latency metric: the sender's clock at encoding, the receiver's at decoding."""
+    before = time.time_ns()
+    header, payload = encode_frames(make_item())
+    item = decode_frames(header, payload, max_payload_bytes=MAX_PAYLOAD)
+    assert before <= item.sent_unix_ns <= item.received_unix_ns <= time.time_ns()

@@ -15,6 +15,8 @@ from conftest import data_url, free_port, make_image
 from gateway.schemas.chat import ChatCompletionRequest
 from launcher import Servers
 
+pytestmark = pytest.mark.slow  # a gateway process, and a 200-request fuzz against it
+
 
 @pytest.fixture(scope="module")
 def lonely_gateway(tmp_path_factory):

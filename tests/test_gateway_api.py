@@ -12,6 +12,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import sys
 import threading
 import time
@@ -437,9 +438,15 @@ def test_request_id_in_the_header_and_in_every_log_line(stack, client, model):
     tagged = lambda: [line for line in log.read_text().splitlines() if f"[{request_id}]" in line]  # noqa: E731
     wait_until(lambda: len(tagged()) >= 3, 30, "the request, the timings and the access log are logged at least")
     lines, ours = log.read_text().splitlines(), tagged()
-    assert any("POST /v1/chat/completions" in line for line in ours)
-    log_lines = [line for line in lines if line[:4].isdigit()]  # lines from the logging module
-    assert log_lines and all(" [" in line and "]: " in line for line in log_lines)
+    assert any("POST /v1/chat/completions" in line for line in ours)  # the access log
+    assert any(f"request {request_id}: preprocess" in line for line in ours)  # the timings
+    # Every line from the logging module carries a request id, or "-" outside a request; a line that names a
+    # request carries that request's id, not another's.
+    log_lines = [line for line in lines if line[:4].isdigit()]
+    tags = {line: re.match(r"\S+ \S+ \w+ \S+ \[(-|[0-9a-f]{32})\]: ", line) for line in log_lines}
+    assert log_lines and all(tags.values()), [line for line, tag in tags.items() if not tag]
+    named = {line: re.search(r"request ([0-9a-f]{32})", line) for line in log_lines}
+    assert all(tags[line][1] == name[1] for line, name in named.items() if name), named
 
 
 def test_metrics_count_requests_latencies_and_backend_load(stack, client, model):

@@ -85,14 +85,20 @@ def plan_fleet(model: str) -> Fleet:
             "language-server", "--model", model, "--host", HOST, "--port", str(port), "--metrics-port",
             str(metrics_port), "--feature-bind", f"tcp://{HOST}:{free_port()}", "--max-model-len", "4096")))
     fleet = Fleet(vision, language)
-    for name, members in (("fleet", vision + language), ("pair", [vision[0], language[0]])):
+    # Frequent health checks and a short deadline: a stopped server leaves the pool within a second, and no
+    # request can outlive the test. `spread` checks health rarely and waits long for an answer, so that servers
+    # paused by a test (SIGSTOP) stay in its pools.
+    health = {"fleet": ["--health-interval-s", "1"], "pair": ["--health-interval-s", "1"],
+              "spread": ["--health-interval-s", "600"]}
+    for name, members in (("fleet", vision + language), ("pair", [vision[0], language[0]]),
+                          ("spread", vision + language)):
         port = free_port()
         servers = [arg for s in members for arg in (f"--{s.name.split('-')[0]}-server", s.address)]
-        # Frequent health checks and a short deadline: a stopped server leaves the pool within a second,
-        # and no request can outlive the test.
-        fleet.gateways[name] = Server(name, port, 0, dvd(
-            "gateway", "--host", HOST, "--port", str(port), "--served-model-name", MODEL, "--health-interval-s", "1",
-            "--request-timeout-s", "120", *servers))
+        command = dvd("gateway", "--host", HOST, "--port", str(port), "--served-model-name", MODEL, *health[name],
+                      "--request-timeout-s", "120", *servers)
+        if name == "spread":  # a health check that meets a paused server waits for it
+            command = ["env", "DVD_GATEWAY_HEALTH_TIMEOUT_S=120", *command]
+        fleet.gateways[name] = Server(name, port, 0, command)
     return fleet
 
 
@@ -101,7 +107,8 @@ def fleet(tiny_checkpoints, tmp_path_factory):
     fleet = plan_fleet(str(tiny_checkpoints["custom"]))
     fleet.launched = Servers(fleet.commands(), log_dir=tmp_path_factory.mktemp("gateway-fleet-logs"))
     both_see_all = [http_ready(fleet.url("fleet"), health={"vision_servers_up": 2, "language_servers_up": 2}),
-                    http_ready(fleet.url("pair"), health={"vision_servers_up": 1, "language_servers_up": 1})]
+                    http_ready(fleet.url("pair"), health={"vision_servers_up": 1, "language_servers_up": 1}),
+                    http_ready(fleet.url("spread"), health={"vision_servers_up": 2, "language_servers_up": 2})]
     with fleet.launched.running(lambda: all(ready() for ready in both_see_all),
                                 what="both gateways see all of their servers"):
         yield fleet
@@ -354,18 +361,41 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
     return {name: int(after[name] - before[name]) for name in after}
 
 
+def outstanding(fleet: Fleet, gateway: str) -> dict[str, float]:
+    """The calls each vision and language server has outstanding from `gateway`, as it counts them."""
+    return {s.name: metric(f"{fleet.url(gateway)}/metrics", "dvd_gateway_backend_outstanding", address=s.address)
+            for s in (*fleet.vision, *fleet.language)}
+
+
 def test_concurrent_requests_spread_across_both_vision_and_both_language_servers(fleet):
+    """20 requests at once, both vision servers paused (SIGSTOP) so that every call is still outstanding when
+    the next is placed: least-outstanding placement puts 10 Encode and 10 Generate calls on each server (the
+    Generate calls wait for their features). Then the vision servers resume and all 20 are answered."""
     vision_before = ok_requests(fleet.vision, "dvd_vision_requests_total")
     language_before = ok_requests(fleet.language, "dvd_language_requests_total")
-    replies = ask_many(fleet.url("fleet"), 20, max_tokens=8, first_seed=1000)  # images no server holds yet
+    paused = [fleet.launched.processes[s.name].pid for s in fleet.vision]
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            replies = pool.submit(ask_many, fleet.url("spread"), 20, 8, 1000)  # images no server holds yet
+            placed = {s.name: 10 for s in (*fleet.vision, *fleet.language)}
+            wait_until(lambda: outstanding(fleet, "spread") == placed, 120,
+                       lambda: f"10 calls placed on each server: {outstanding(fleet, 'spread')}")
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
+            replies = replies.result(300)
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
     assert [r.status_code for r in replies] == [200] * 20, [r.text for r in replies if r.status_code != 200]
     assert all(r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 256 for r in replies)
     vision = delta(ok_requests(fleet.vision, "dvd_vision_requests_total"), vision_before)
     language = delta(ok_requests(fleet.language, "dvd_language_requests_total"), language_before)
-    print(f"20 requests: Encode calls per vision server {vision}, Generate calls per language server {language}")
-    assert sum(vision.values()) == 20 and sum(language.values()) == 20  # one Encode and one Generate each
-    assert min(language.values()) >= 5, language  # least-outstanding: the long Generate calls alternate
-    assert min(vision.values()) >= 2, vision  # Encode is short: ties go to the first server, overlaps to the other
+    assert vision == {s.name: 10 for s in fleet.vision} and language == {s.name: 10 for s in fleet.language}
+    # The other gateways ejected the paused servers; the next tests need them back.
+    wait_until(http_ready(fleet.url("fleet"), health={"vision_servers_up": 2, "language_servers_up": 2}), 60,
+               "the fleet gateway re-admits both vision servers")
 
 
 def test_later_turns_of_chats_return_to_the_language_server_holding_their_images(fleet):

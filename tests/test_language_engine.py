@@ -117,8 +117,9 @@ def test_an_engine_argument_dvd_sets_is_refused_with_the_reason(dest, environmen
     assert exit.value.code == 2
     assert f"DvD sets this itself: {REFUSED[dest]}" in capsys.readouterr().err.replace("\n", " ")
     environment.setenv(ENGINE_ARGS_ENV, f"{flag} 1")  # the environment's way too
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit:
         parse([], cpu=True)
+    assert exit.value.code == 2
     assert f"{ENGINE_ARGS_ENV}: error: argument {flag}" in capsys.readouterr().err
 
 
@@ -136,6 +137,7 @@ def test_on_cpu_the_defaults_are_dvds_cpu_ones_and_on_a_gpu_vllms_own(environmen
     assert on_cpu.tensor_parallel_size == on_gpu.tensor_parallel_size == 1
 
 
+@pytest.mark.slow  # runs `dvd language-server --help=…` as a process, as a user would
 def test_the_help_shows_the_platforms_defaults_and_the_refused_arguments(environment, capsys):
     for cpu, shown in ((True, "--gpu-memory-utilization 0.2 --enforce-eager"), (False, "--trust-remote-code\n")):
         with pytest.raises(SystemExit) as exit:
@@ -185,8 +187,9 @@ def test_dvds_own_settings_keep_their_flags(environment):
 ])
 def test_a_dvd_setting_in_the_engine_arguments_variable_is_refused(given, error, environment, capsys):
     environment.setenv(ENGINE_ARGS_ENV, given)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit:
         parse([], cpu=True)
+    assert exit.value.code == 2
     assert error in capsys.readouterr().err
 
 

@@ -273,6 +273,7 @@ USER = [text("user", "Weather in Paris?")]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow
 def test_required_choice_always_ends_as_a_schema_valid_call(language_port, seed):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="required")
     choices = generate(language_port, USER, tools, max_tokens=96, temperature=1.0, seed=seed, n=2)
@@ -284,6 +285,7 @@ def test_required_choice_always_ends_as_a_schema_valid_call(language_port, seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow
 def test_named_choice_always_ends_as_a_schema_valid_call(language_port, seed):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="get_weather")
     [choice] = generate(language_port, USER, tools, max_tokens=96, temperature=1.0, seed=seed).values()
@@ -291,27 +293,31 @@ def test_named_choice_always_ends_as_a_schema_valid_call(language_port, seed):
     assert_valid_calls(choice, {"get_weather"})
 
 
+@pytest.mark.slow
 def test_choice_none_makes_no_calls(language_port):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="none")
     [choice] = generate(language_port, USER, tools, max_tokens=8, ignore_eos=True).values()
     assert choice["calls"] == {} and choice["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 def test_auto_with_a_tool_history_renders_and_runs_with_two_choices(language_port):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), parallel_calls=True)
     choices = generate(language_port, HISTORY, tools, max_tokens=8, n=2, ignore_eos=True)
     assert sorted(choices) == [0, 1]
     for choice in choices.values():
         assert len(choice["token_ids"]) == 8
-        assert choice["finish_reason"] in ("length", "tool_calls")
+        assert choice["finish_reason"] == "length", choice  # ignore_eos: a call, if any, never stopped the model
 
 
+@pytest.mark.slow
 def test_logit_bias_makes_greedy_output_that_token(language_port):
     [choice] = generate(language_port, USER, max_tokens=4, temperature=0.0, ignore_eos=True,
                         logit_bias={1000: 100.0}).values()
     assert choice["token_ids"] == [1000] * 4
 
 
+@pytest.mark.slow
 def test_logit_bias_outside_the_vocabulary_is_refused(language_port):
     with pytest.raises(grpc.RpcError) as caught:
         generate(language_port, USER, max_tokens=2, logit_bias={10_000_000: 1.0})
@@ -319,6 +325,7 @@ def test_logit_bias_outside_the_vocabulary_is_refused(language_port):
     assert "vocabulary" in caught.value.details()
 
 
+@pytest.mark.slow
 def test_a_bad_tool_choice_is_an_invalid_argument(language_port):
     with pytest.raises(grpc.RpcError) as caught:
         generate(language_port, USER, dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="nope"), max_tokens=2)

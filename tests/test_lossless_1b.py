@@ -95,6 +95,11 @@ def test_greedy_tokens_equal_coupled_inference_at_1b(stack_1b, expected, case):
     assert mismatches(got, want, LOGPROB_ATOL) == []
 
 
-def test_the_comparison_tells_the_two_images_apart(expected):
-    """Image "b" under image "a"'s prompt does not pass for "a": features sent to the wrong request would fail."""
-    assert mismatches(expected["other image"], expected["one image"], LOGPROB_ATOL) != []
+def test_dvd_tells_the_two_images_apart_as_the_coupled_model_does(stack_1b, expected):
+    """Image "b" under image "a"'s prompt, through DvD: the coupled model's answer for "b", which the comparison
+    tells from its answer for "a", so features sent to the wrong request would fail it."""
+    client = openai.OpenAI(base_url=f"{stack_1b.gateway_url}/v1", api_key="unused", max_retries=0,
+                           timeout=SLOW_CPU_S)
+    got = greedy_chat(client, CASES["one image"][0], [IMAGES["b"]], NEW_TOKENS)
+    assert mismatches(got, expected["other image"], LOGPROB_ATOL) == []
+    assert mismatches(got, expected["one image"], LOGPROB_ATOL) != []

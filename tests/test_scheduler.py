@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -84,3 +85,54 @@ def test_every_tile_is_scheduled_exactly_once_in_order_within_budget(images, bud
     for j in jobs:
         covered = [t for start, stop in seen[id(j)] for t in range(start, stop)]
         assert covered == list(range(j.num_tiles))  # each tile once, in order
+
+
+def test_the_default_scheduler_batches_32_tiles_and_waits_5_ms():
+    scheduler = TileScheduler()
+    scheduler.add(job("a", 40, at=0.0))
+    assert abs(scheduler.wait_s(now=0.0)) == 0.0  # 40 tiles waiting: a full batch is due
+    assert sum(s.num_tiles for s in scheduler.next_batch(now=0.0)) == 32
+    assert abs(scheduler.wait_s(now=0.0) - 0.005) < 1e-12  # 8 left: due when the oldest has waited 5 ms
+
+
+def test_exactly_a_full_batch_leaves_at_once():
+    scheduler = TileScheduler(max_batch_tiles=8, max_wait_s=10)
+    scheduler.add(job("a", 8, at=0.0))
+    assert scheduler.wait_s(now=0.0) == 0.0
+    assert [(s.start, s.stop) for s in scheduler.next_batch(now=0.0)] == [(0, 8)]
+
+
+def test_without_a_given_time_the_wait_counts_from_the_clock():
+    scheduler = TileScheduler(max_batch_tiles=8, max_wait_s=10)
+    scheduler.add(ImageJob("a", 0, 1))  # enqueued now, on the monotonic clock
+    assert 0 < scheduler.wait_s() <= 10
+
+
+def test_batches_take_turns_in_arrival_order_when_the_budget_is_smaller_than_the_requests():
+    """One tile a batch: each request in turn, from the first arrival on, one place further every batch."""
+    scheduler = TileScheduler(max_batch_tiles=1, max_wait_s=0)
+    for name in "abc":
+        scheduler.add(job(name, 10))
+    order = [scheduler.next_batch(now=1.0)[0].job.request_id for _ in range(9)]
+    assert order == list("abcabcabc")
+
+
+def test_a_budget_smaller_than_the_requests_gives_one_tile_each_in_turn():
+    scheduler = TileScheduler(max_batch_tiles=2, max_wait_s=0)
+    for name in "abc":
+        scheduler.add(job(name, 5))
+    assert [(s.job.request_id, s.num_tiles) for s in scheduler.next_batch(now=1.0)] == [("a", 1), ("b", 1)]
+
+
+def test_cancelling_a_request_it_does_not_hold_changes_nothing():
+    scheduler = TileScheduler(max_batch_tiles=4, max_wait_s=0)
+    scheduler.add(job("a", 2))
+    scheduler.cancel("gone")
+    assert [(s.job.request_id, s.start, s.stop) for s in scheduler.next_batch(now=1.0)] == [("a", 0, 2)]
+
+
+def test_bad_budgets_and_empty_images_are_refused_by_name():
+    with pytest.raises(ValueError, match="^max_batch_tiles must be at least 1$"):
+        TileScheduler(max_batch_tiles=0)
+    with pytest.raises(ValueError, match="^image 2 of request r has no tiles$"):
+        TileScheduler().add(job("r", 0, index=2))

@@ -89,7 +89,7 @@ def test_the_owner_deletes_its_response_and_then_it_is_gone():
             gone = []
             for call in (a.responses.retrieve(made.id), a.responses.delete(made.id),
                          a.responses.create(model=MODEL, input="more", previous_response_id=made.id)):
-                with pytest.raises(openai.NotFoundError):
+                with pytest.raises(openai.NotFoundError, match="is not stored here"):
                     await call
                 gone.append(True)
             again = await a.responses.create(model=MODEL, input="hi")

@@ -120,7 +120,7 @@ def test_another_key_gets_404_for_a_stored_response_by_get_previous_response_id_
     assert follow.usage.input_tokens > made.usage.input_tokens >= 256  # A's history, its image included
     assert alpha.responses.retrieve(made.id).id == made.id
     alpha.responses.delete(made.id)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError, match="is not stored here"):
         alpha.responses.retrieve(made.id)
 
 

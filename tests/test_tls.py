@@ -148,8 +148,9 @@ def test_the_container_health_check_calls_a_tls_server_with_its_own_certificate(
     spec = importlib.util.spec_from_file_location("dvd_healthcheck", path)
     healthcheck = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(healthcheck)
-    with pytest.raises(grpc.RpcError):  # plaintext, without the server's TLS settings: refused
+    with pytest.raises(grpc.RpcError) as refused:  # plaintext, without the server's TLS settings: refused
         healthcheck.check("vision-server", stack.vision_port, timeout_s=2)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     for key, value in tls_environment(pki).items():
         monkeypatch.setenv(key, value)
     assert healthcheck.check("vision-server", stack.vision_port)

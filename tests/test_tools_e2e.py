@@ -17,6 +17,7 @@ from pydantic import Field
 
 from benchmarks.toolkit.servers import VLLM_COMMAND
 from conftest import data_url, make_image
+from coupled import TOP_K, from_openai, mismatches
 from launcher import Servers, Stack, free_port, http_ready
 
 pytestmark = pytest.mark.slow
@@ -28,6 +29,7 @@ WEATHER = {"type": "function", "function": {
                                                     "days": {"type": "integer", "minimum": 1, "maximum": 14}},
                    "required": ["city", "days"], "additionalProperties": False}}}
 IMAGES = [data_url(make_image(448, 448, 3)), data_url(make_image(896, 448, 4))]
+LOGPROB_ATOL = 1e-4  # both sides fp32; as in tests/test_lossless.py
 
 
 def user(text: str, images: int = 0) -> dict:
@@ -73,31 +75,51 @@ def servers(tiny_checkpoints, tmp_path_factory):
 # ---------------------------------------------------------------- equal to coupled serving
 
 
+def greedy(client, model: str, messages: list[dict], new_tokens: int, **kwargs):
+    """Exactly `new_tokens` greedy tokens (ignore_eos: never two empty answers), with their top logprobs."""
+    return client.chat.completions.create(model=model, messages=messages, tools=[WEATHER], temperature=0,
+                                          max_tokens=new_tokens, logprobs=True, top_logprobs=TOP_K,
+                                          extra_body={"ignore_eos": True}, **kwargs)
+
+
+def assert_same_tokens(ours, theirs, new_tokens: int) -> None:
+    """The same tokens, each with the same top logprobs (both sides fp32): a prompt that differed in any token
+    would move them."""
+    tokens = [[entry.token for entry in reply.choices[0].logprobs.content] for reply in (ours, theirs)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == new_tokens, tokens
+    assert mismatches(from_openai(ours), from_openai(theirs), LOGPROB_ATOL) == []
+
+
 @pytest.mark.parametrize("images", [0, 1, 2])
 def test_the_prompt_with_tools_equals_coupled_serving(servers, images):
+    """A question with tools, then the same after a call and its result: the same prompt on both sides, seen as
+    the same length and the same first tokens with the same logprobs."""
     dvd, coupled, dvd_model, coupled_model = servers
     history = [user("What is the weather where this was taken?", images),
                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
                    "name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "cold"}]
     for messages in (history[:1], history):
-        ours = dvd.chat.completions.create(model=dvd_model, messages=messages, tools=[WEATHER], max_tokens=1)
-        theirs = coupled.chat.completions.create(model=coupled_model, messages=messages, tools=[WEATHER],
-                                                 max_tokens=1)
+        ours = greedy(dvd, dvd_model, messages, 4)
+        theirs = greedy(coupled, coupled_model, messages, 4)
         assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+        assert_same_tokens(ours, theirs, 4)
 
 
 def test_auto_tool_choice_gives_coupled_serving_s_output(servers):
+    """Under `auto`, the same 24 tokens, and the hermes parser makes the same content, calls and finish reason
+    of them on both sides."""
     dvd, coupled, dvd_model, coupled_model = servers
     for images in (0, 1):
-        kwargs = dict(messages=[user("Weather in Paris for 2 days?", images)], tools=[WEATHER], tool_choice="auto",
-                      temperature=0, max_tokens=24)
-        ours = dvd.chat.completions.create(model=dvd_model, **kwargs).choices[0]
-        theirs = coupled.chat.completions.create(model=coupled_model, **kwargs).choices[0]
+        messages = [user("Weather in Paris for 2 days?", images)]
+        ours = greedy(dvd, dvd_model, messages, 24, tool_choice="auto")
+        theirs = greedy(coupled, coupled_model, messages, 24, tool_choice="auto")
+        assert_same_tokens(ours, theirs, 24)
+        ours, theirs = ours.choices[0], theirs.choices[0]
         assert ours.message.content == theirs.message.content
         assert [(c.function.name, c.function.arguments) for c in ours.message.tool_calls or []] == \
             [(c.function.name, c.function.arguments) for c in theirs.message.tool_calls or []]
-        assert ours.finish_reason == theirs.finish_reason
+        assert ours.finish_reason == theirs.finish_reason == "length"  # ignore_eos: the length ends both
 
 
 # ---------------------------------------------------------------- better than coupled serving
@@ -140,7 +162,8 @@ def test_a_two_turn_tool_loop_with_an_image_on_chat_completions(servers):
                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"weather": "sunny"})}]
     second = dvd.chat.completions.create(model=model, messages=messages, tools=[WEATHER], max_tokens=8,
                                          extra_body={"ignore_eos": True})
-    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # ignore_eos: eight tokens, cut by the length (a call among them would turn only a "stop" into "tool_calls")
+    assert second.choices[0].finish_reason == "length" and second.usage.completion_tokens == 8
     assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result are in the prompt
     assert second.usage.prompt_tokens_details.image_tokens == first.usage.prompt_tokens_details.image_tokens
 

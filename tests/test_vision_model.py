@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers  # after language_server.torch_compat, which conftest imports first
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,8 +20,6 @@ from vision_server import loader
 from vision_server.loader import VISION_PREFIXES, VisionCheckpointError, load_vision_model
 from vision_server.preprocess import normalize, preprocess, preprocess_tiles
 from vision_server.vision_model import pixel_shuffle
-
-transformers = pytest.importorskip("transformers")
 
 IMAGE_SIZES = {"wide": (1500, 400), "tall": (300, 900), "small": (100, 80)}
 MAX_TILES = 4  # keeps the CPU forward passes short; the grid rule itself is tested in test_preprocess
