@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from openai_fakes import models_reply, streamed_reply
 
 from benchmarks.toolkit.loadgen import arrival_times
 from benchmarks.toolkit.metrics import RequestResult, summarize
@@ -370,18 +371,11 @@ def fake_replicas(held: dict[int, asyncio.Event] | None = None):
 
     async def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/models"):
-            return httpx.Response(200, json={"object": "list", "data": [
-                {"id": "m", "object": "model", "created": 0, "owned_by": "x"}]})
+            return models_reply()
         arrived.append(request.url.port)
         if held and request.url.port in held:
             await asyncio.wait_for(held[request.url.port].wait(), 60)
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
-        events = [chunk | {"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
-                  for t in ("a", "b")]
-        events.append(chunk | {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
-                                                         "total_tokens": 5}})
-        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+        return streamed_reply()
 
     return httpx.MockTransport(handle), arrived
 

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+from openai_fakes import models_reply, streamed_reply
 
 from planner.sustained import Criterion, Record, drive, judge, rate_search
 
@@ -101,18 +102,11 @@ def fake_server(answered: int):
 
     async def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/models"):
-            return httpx.Response(200, json={"object": "list", "data": [
-                {"id": "m", "object": "model", "created": 0, "owned_by": "x"}]})
+            return models_reply()
         bodies.append(json.loads(request.content))
         if len(bodies) > answered:
             return httpx.Response(503, json={"error": {"message": "overloaded"}})
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
-        events = [chunk | {"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
-                  for t in ("a", "b")]
-        events.append(chunk | {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
-                                                         "total_tokens": 5}})
-        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+        return streamed_reply()
 
     return httpx.MockTransport(handle), bodies
 
