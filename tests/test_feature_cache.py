@@ -4,6 +4,7 @@ store, the vision server's in-flight dedup, the gateway's content keys and its a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import pytest
 import torch
@@ -189,6 +190,13 @@ def test_content_key_covers_bytes_and_settings_and_names_each_video_frame():
     assert len({content_key(b"png", 12, 0, None), content_key(b"png!", 12, 0, None), content_key(b"png", 6, 0, None),
                 content_key(b"png", 12, 0, "vir")}) == 4
     assert frame_keys("k") == ["k"] and frame_keys("k", 3) == ["k.0", "k.1", "k.2"]
+
+
+def test_a_content_key_is_the_documented_digest_so_gateways_of_two_releases_agree():
+    """During a rolling update old and new gateways share the language servers' feature caches and the vision
+    server's dedup: a key is the SHA-256 of the settings' reprs joined and ended by NUL, then the bytes."""
+    assert content_key(b"png", 12, 0, None) == hashlib.sha256(b"12\x000\x00None\x00png").hexdigest()
+    assert content_key(b"") == hashlib.sha256(b"\x00").hexdigest()
 
 
 # ---------------------------------------------------------------- gateway: keys, subsets, affinity
