@@ -199,9 +199,6 @@ class ChoiceParser:
         """The delta in parts in which each reasoning marker token (`<think>`, `</think>`) comes alone: vLLM's
         reasoning parsers expect them so (one token per step) and misplace them when the engine's output
         merges steps."""
-        if len(token_ids) < 2 or not any(t in self._markers for t in token_ids):
-            yield text, token_ids
-            return
         start = position = 0
         for i, token_id in enumerate(token_ids):
             marker = self._markers.get(token_id)
@@ -231,16 +228,17 @@ class ChoiceParser:
                                                       arguments=arguments))
 
     def _flush(self, piece: Piece) -> None:
-        """Add what vLLM's non-streaming parse of the whole text has beyond what was streamed."""
+        """Add what vLLM's non-streaming parse of the whole text has beyond what was streamed. Where that parse
+        has fewer calls than were streamed (a call cut off, which it gives back as raw text), the stream stands,
+        as in vLLM's streaming chat completions."""
         reasoning, content, calls = self._make_parser().parse(
             self._text, self._request, enable_auto_tools=True, model_output_token_ids=self._token_ids)
-        more_reasoning = self._rest(reasoning or "", self._sent.reasoning)
-        more_content = self._rest(content or "", self._sent.content)
-        piece.reasoning += more_reasoning
-        piece.content += more_content
-        self._sent.reasoning += more_reasoning
-        self._sent.content += more_content
-        for index, call in enumerate(calls or []):
+        calls = calls or []
+        if len(calls) < len(self._sent.calls):
+            return
+        piece.reasoning += self._rest(reasoning or "", self._sent.reasoning)
+        piece.content += self._rest(content or "", self._sent.content)
+        for index, call in enumerate(calls):
             name, arguments = self._sent.calls.get(index, ["", ""])
             if not name:
                 self._add_call(piece, index, call.id or "", call.name, call.arguments or "")

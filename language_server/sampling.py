@@ -4,12 +4,16 @@ constrains JSON output (a response format or a forced tool call), and vLLM's log
 from __future__ import annotations
 
 import json
+import re
 
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from language_server.output import ToolsRequest
 from proto import dvd_pb2
+
+# xgrammar's messages begin with where they were raised: "[06:24:26] /project/cpp/json_schema_converter.cc:4950: ".
+XGRAMMAR_LOCATION = re.compile(r"^\[[^\]]*\] \S+:\d+: ")
 
 
 def compact_json_grammar(schema: str) -> str:
@@ -31,8 +35,8 @@ def compact_json_grammar(schema: str) -> str:
         return grammar.replace(r'[^\"\\\r\n]', r'[^\"\\\x00-\x1f]')
     except json.JSONDecodeError as exc:
         raise ValueError(f"json_schema is not valid JSON: {exc}") from None
-    except RuntimeError as exc:  # xgrammar's message names the unsupported part of the schema
-        raise ValueError(f"json_schema cannot be used: {str(exc).rsplit(': ', 1)[-1]}") from None
+    except RuntimeError as exc:  # xgrammar's message names the unsupported part of the schema, after its location
+        raise ValueError(f"json_schema cannot be used: {XGRAMMAR_LOCATION.sub('', str(exc), count=1)}") from None
 
 
 def to_vllm_sampling(params: dvd_pb2.SamplingParams, tools: ToolsRequest | None = None,

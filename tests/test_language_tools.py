@@ -46,8 +46,10 @@ def tokenizer(tiny_checkpoints):
     return get_tokenizer(str(tiny_checkpoints["custom"]), trust_remote_code=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def parsers(tokenizer) -> OutputParsers:
+    """Made for each test (a fraction of a millisecond), so that `make mutation` runs every test that uses
+    parsers against an edit in their construction, not only the first."""
     return OutputParsers(tokenizer, "hermes", "deepseek_r1")
 
 
@@ -144,20 +146,26 @@ def add_call_deltas(calls: dict[int, dict], deltas) -> None:
 
 
 def run(parsers, tokenizer, output: str, tools: dvd_pb2.Tools | None = None, thinking: bool = False,
-        step: int = 1) -> dict:
-    """`output`'s tokens fed `step` at a time to one choice's parser; the deltas joined."""
+        step: int = 1, finish: str = "stop") -> dict:
+    """`output`'s tokens fed `step` at a time to one choice's parser, the engine ending it with `finish`: the
+    deltas joined, the pieces, and what a client held after each step."""
     chat_request = parsers.tools_request(tools).chat_request if tools else parsers.chat_request(None)
     parser = parsers.choice_parser(chat_request, thinking)
     ids = tokenizer.encode(output, add_special_tokens=False)
-    joined = {"content": "", "reasoning": "", "calls": {}, "pieces": 0}
+    joined = {"content": "", "reasoning": "", "calls": {}, "pieces": [], "so_far": {}}
     for start in range(0, len(ids), step):
         before = tokenizer.decode(ids[:start], skip_special_tokens=False)
         delta = tokenizer.decode(ids[:start + step], skip_special_tokens=False)[len(before):]
         piece = parser.feed(delta, ids[start:start + step], finished=start + step >= len(ids))
+        joined["pieces"].append(piece)
         joined["content"] += piece.content
         joined["reasoning"] += piece.reasoning
         add_call_deltas(joined["calls"], piece.tool_calls)
-    joined["finish_reason"] = parser.finish_reason("stop")
+        # what a client holds after this step, by the count of tokens generated (ids as "was one sent")
+        joined["so_far"][min(start + step, len(ids))] = (
+            joined["content"], joined["reasoning"],
+            [(c["name"], c["arguments"], bool(c["id"])) for c in joined["calls"].values()])
+    joined["finish_reason"] = parser.finish_reason(finish)
     return joined
 
 
@@ -193,7 +201,62 @@ def test_cut_off_reasoning_is_all_reasoning_and_the_think_tag_is_dropped(parsers
 
 
 def test_text_held_back_as_a_possible_tag_is_flushed_at_the_end(parsers, tokenizer):
-    assert run(parsers, tokenizer, "Hello <tool", AUTO)["content"] == "Hello <tool"
+    out = run(parsers, tokenizer, "Hello <tool", AUTO)
+    assert (out["content"], out["reasoning"], out["calls"], out["finish_reason"]) == ("Hello <tool", "", {}, "stop")
+
+
+STREAMED = [
+    ("<think>Paris, 3 days.</think>\n\n" + CALL, AUTO, True),
+    ("<think>a</think>b</think>c", None, True),  # a marker twice in one step
+    ("<think>x<think>y</think>z", None, True),
+    ("No tag</think>\n\nAnswer.", None, True),
+    ("Hi." + CALL + "\n" + CALL.replace("3", "4"), AUTO, False),
+]
+
+
+@pytest.mark.parametrize("step", [2, 3, 5])
+@pytest.mark.parametrize("output, tools, thinking", STREAMED)
+def test_steps_of_several_tokens_stream_what_one_token_steps_do(parsers, tokenizer, output, tools, thinking, step):
+    """The engine merges steps under load: after each merged step a client holds exactly what it held at the
+    same token count when every step was one token (vLLM's parsers' own pace), not only at the end."""
+    one = run(parsers, tokenizer, output, tools, thinking, step=1)["so_far"]
+    merged = run(parsers, tokenizer, output, tools, thinking, step=step)["so_far"]
+    assert len(merged) > 1
+    for tokens, held in merged.items():
+        assert held == one[tokens], tokens
+
+
+def test_content_reasoning_and_calls_stream_before_the_end(parsers, tokenizer):
+    """What is parsed goes out as it is generated: the flush at the end adds nothing here."""
+    out = run(parsers, tokenizer, "<think>Paris, 3 days.</think>\n\nLet me look." + CALL, AUTO, thinking=True)
+    *streamed, last = out["pieces"]
+    assert "".join(p.reasoning for p in streamed) == "Paris, 3 days."
+    assert "".join(p.content for p in streamed) == "\n\nLet me look."
+    arguments = [d.arguments for p in streamed for d in p.tool_calls if d.arguments]
+    assert len(arguments) > 3 and json.loads("".join(arguments)) == {"city": "Paris", "days": 3}
+    assert (last.content, last.reasoning) == ("", "")
+
+
+def test_each_call_s_id_and_name_come_once_in_its_first_delta(parsers, tokenizer):
+    out = run(parsers, tokenizer, CALL + "\n" + CALL.replace("3", "4"), AUTO, step=3)
+    deltas = [d for p in out["pieces"] for d in p.tool_calls]
+    ids = []
+    for index in (0, 1):
+        first, *rest = [d for d in deltas if d.index == index]
+        assert first.name == "get_weather" and first.id.startswith("chatcmpl-tool-")
+        assert rest and all((d.id, d.name) == ("", "") and d.arguments for d in rest)
+        ids.append(first.id)
+    assert ids[0] != ids[1]
+
+
+def test_a_call_cut_off_by_max_tokens_streams_as_vllm_streams_it(parsers, tokenizer):
+    """Cut off inside its arguments: the call as far as it streamed, and none of its markup as content (the
+    non-streaming parse of the whole text, which gives it back as raw text, does not overrule the stream)."""
+    cut = CALL[:CALL.index('"days"') + 3]
+    out = run(parsers, tokenizer, "Sure." + cut, AUTO, finish="length")
+    assert (out["content"], out["reasoning"], out["finish_reason"]) == ("Sure.", "", "length")
+    [call] = out["calls"].values()
+    assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris", "da')
 
 
 def test_choice_none_leaves_markup_as_content(parsers, tokenizer):
@@ -217,6 +280,124 @@ def test_forced_choices_become_calls(parsers, tokenizer):
     assert [(c["name"], c["arguments"]) for c in named["calls"].values()] == [("get_weather",
                                                                              '{"city":"Oslo","days":1}')]
     assert named["finish_reason"] == "stop"  # as vLLM (and OpenAI) for a named choice
+
+
+class ScriptedParser:
+    """vLLM's `Parser` interface with a scripted stream (one DeltaMessage or None per delta) and a scripted parse
+    of the whole text: for the merge rules of `ChoiceParser`, whatever a given vLLM parser happens to stream."""
+
+    reasoning_parser = None
+
+    def __init__(self, stream, whole):
+        self.stream, self.whole = list(stream), whole
+
+    def parse_delta(self, text, token_ids, request, prompt_token_ids, finished):
+        return self.stream.pop(0)
+
+    def parse(self, text, request, enable_auto_tools, model_output_token_ids):
+        return self.whole
+
+
+def scripted(parsers, stream, whole, tools=AUTO):
+    from language_server.output import ChoiceParser
+
+    chat_request = parsers.tools_request(tools).chat_request
+    parser = ChoiceParser(lambda: ScriptedParser(stream, whole), chat_request)
+    pieces = [parser.feed(f"t{i}", [i], finished=i == len(stream) - 1) for i in range(len(stream))]
+    calls: dict[int, dict] = {}
+    for piece in pieces:
+        add_call_deltas(calls, piece.tool_calls)
+    return pieces, calls, parser
+
+
+def call_delta(index, name=None, arguments=None, id=None):
+    from vllm.entrypoints.generate.base.protocol import DeltaFunctionCall, DeltaMessage, DeltaToolCall
+
+    return DeltaMessage(tool_calls=[DeltaToolCall(index=index, id=id, function=DeltaFunctionCall(
+        name=name, arguments=arguments))])
+
+
+def test_the_end_adds_the_arguments_the_stream_stopped_short_of_and_the_calls_it_never_showed(parsers):
+    from vllm.entrypoints.generate.base.protocol import DeltaMessage, FunctionCall
+
+    stream = [DeltaMessage(content="Hi"), call_delta(0, "get_weather", id="call_a"), call_delta(0, arguments='{"ci'),
+              None]
+    whole = ("", "Hi there", [FunctionCall(id="call_a", name="get_weather", arguments='{"city":"Oslo"}'),
+                              FunctionCall(id="call_b", name="get_time", arguments="{}")])
+    pieces, calls, parser = scripted(parsers, stream, whole)
+    assert "".join(p.content for p in pieces) == "Hi there" and pieces[-1].content == " there"
+    assert calls == {0: {"id": "call_a", "name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                     1: {"id": "call_b", "name": "get_time", "arguments": "{}"}}
+    assert [(d.index, d.id, d.name, d.arguments) for d in pieces[-1].tool_calls] == [
+        (0, "", "", 'ty":"Oslo"}'), (1, "call_b", "get_time", "{}")]
+    assert parser.finish_reason("stop") == "tool_calls" and parser.finish_reason("length") == "length"
+
+
+def test_the_end_makes_an_id_for_a_call_the_parser_gave_none_and_never_renames_a_call(parsers):
+    from vllm.entrypoints.generate.base.protocol import FunctionCall
+
+    stream = [call_delta(0, "get_weather"), call_delta(0, arguments='{"a":1}'), None]
+    # the whole text's parse disagrees on call 0 (another name, other arguments): what was streamed stands
+    whole = (None, None, [FunctionCall(name="get_time", arguments='{"b":2}'), FunctionCall(name="get_time",
+                                                                                           arguments="")])
+    pieces, calls, _ = scripted(parsers, stream, whole)
+    assert calls[0]["name"] == "get_weather" and calls[0]["arguments"] == '{"a":1}'
+    assert calls[0]["id"].startswith("chatcmpl-tool-") and calls[1]["id"].startswith("chatcmpl-tool-")
+    assert (calls[1]["name"], calls[1]["arguments"]) == ("get_time", "")
+    assert calls[0]["id"] != calls[1]["id"]
+    # other arguments for the same name: not a continuation, so nothing is added
+    pieces, calls, _ = scripted(parsers, [call_delta(0, "get_weather", id="c"), call_delta(0, arguments='{"a":1'),
+                                          None], (None, None, [FunctionCall(name="get_weather", arguments='{"b":2}')]))
+    assert calls == {0: {"id": "c", "name": "get_weather", "arguments": '{"a":1'}}
+
+
+def test_without_parallel_calls_the_end_adds_no_second_call(parsers):
+    from vllm.entrypoints.generate.base.protocol import FunctionCall
+
+    whole = (None, None, [FunctionCall(name="get_weather", arguments="{}"), FunctionCall(name="get_time",
+                                                                                          arguments="{}")])
+    _, calls, _ = scripted(parsers, [None, None], whole, tools=dvd_pb2.Tools(tools_json=json.dumps(TOOLS)))
+    assert list(calls) == [0] and calls[0]["name"] == "get_weather"
+
+
+def generate_responses(tokenizer, output: str, index: int, step: int = 4) -> list[tuple[dvd_pb2.GenerateResponse,
+                                                                                      list[int]]]:
+    ids = tokenizer.encode(output, add_special_tokens=False)
+    responses = []
+    for start in range(0, len(ids), step):
+        before = tokenizer.decode(ids[:start], skip_special_tokens=False)
+        text = tokenizer.decode(ids[:start + step], skip_special_tokens=False)[len(before):]
+        last = start + step >= len(ids)
+        responses.append((dvd_pb2.GenerateResponse(index=index, text=text, finish_reason="stop" if last else ""),
+                          ids[start:start + step]))
+    return responses
+
+
+def test_choices_split_each_choice_s_deltas_with_its_own_parser_in_place(parsers, tokenizer):
+    """Two choices whose deltas interleave, as `n=2` streams them: each keeps its own parser state."""
+    choices = parsers.choices(parsers.tools_request(AUTO), enable_thinking=True)
+    first = generate_responses(tokenizer, "<think>hm</think>" + CALL, 0)
+    second = generate_responses(tokenizer, "<think>no</think>Plain answer.", 1)
+    for response, ids in [r for pair in zip(first, second) for r in pair] + first[len(second):] + \
+            second[len(first):]:
+        choices.split(response, ids)
+    joined = {}
+    for index, responses in enumerate((first, second)):
+        calls: dict[int, dict] = {}
+        for response, _ in responses:
+            add_call_deltas(calls, response.tool_calls)
+        joined[index] = ("".join(r.text for r, _ in responses), "".join(r.reasoning for r, _ in responses),
+                         {i: (c["name"], json.loads(c["arguments"])) for i, c in calls.items()},
+                         responses[-1][0].finish_reason)
+    assert joined[0] == ("", "hm", {0: ("get_weather", {"city": "Paris", "days": 3})}, "tool_calls")
+    assert joined[1] == ("Plain answer.", "no", {}, "stop")
+    assert all(not r.finish_reason for r, _ in first[:-1] + second[:-1])
+
+
+def test_choices_are_parsed_only_when_tools_or_thinking_ask_for_it(parsers):
+    assert parsers.choices(None, enable_thinking=False) is None
+    assert parsers.choices(None, enable_thinking=True) is not None
+    assert parsers.choices(parsers.tools_request(AUTO), enable_thinking=False) is not None
 
 
 # --- a real server -------------------------------------------------------------------------------------------

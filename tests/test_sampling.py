@@ -109,6 +109,9 @@ def test_a_bad_schema_is_refused_naming_what_is_wrong():
     # xgrammar's message without its source location (time, file and line)
     with pytest.raises(ValueError, match=r"^json_schema cannot be used: Cannot find field nowhere in #/nowhere\n$"):
         compact_json_grammar(json.dumps({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}))
+    # only the location goes: a name with ": " in it stays whole
+    with pytest.raises(ValueError, match=r"^json_schema cannot be used: Cannot find field no: where in #/no: where\n$"):
+        compact_json_grammar(json.dumps({"type": "object", "properties": {"a": {"$ref": "#/no: where"}}}))
 
 
 def test_token_logprobs_list_the_chosen_token_and_the_best_candidates_by_rank():
