@@ -107,8 +107,9 @@ def test_bad_tool_arguments_in_the_history_become_an_empty_object():
 
 @pytest.mark.parametrize("tools, message", [
     (dvd_pb2.Tools(tools_json="{"), "not valid JSON"),
-    (dvd_pb2.Tools(tools_json="{}"), "JSON array"),
-    (dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="sometimes"), "not one of"),
+    (dvd_pb2.Tools(tools_json="{}"), "^tools_json must be a JSON array of tools$"),
+    (dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="sometimes"),
+     "^tool choice 'sometimes' is not one of auto, none, required$"),
     (dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="nope"), "nope"),
     (dvd_pb2.Tools(tools_json=json.dumps([{"type": "function"}])), "invalid tools"),
 ])
@@ -118,10 +119,16 @@ def test_bad_tools_are_refused_with_a_clear_message(parsers, tools, message):
 
 
 def test_unknown_parser_names_fail_with_the_registered_ones():
-    with pytest.raises(ValueError, match="unknown tool call parser 'nope'.*hermes"):
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    with pytest.raises(ValueError, match="unknown tool call parser 'nope'.*hermes") as tool:
         OutputParsers.check_names("nope", "deepseek_r1")
-    with pytest.raises(ValueError, match="unknown reasoning parser 'nope'.*deepseek_r1"):
+    assert str(tool.value).split("; vLLM has: ")[1].split(", ") == sorted(ToolParserManager.list_registered())
+    with pytest.raises(ValueError, match="unknown reasoning parser 'nope'.*deepseek_r1") as reasoning:
         OutputParsers.check_names("hermes", "nope")
+    assert str(reasoning.value).split("; vLLM has: ")[1].split(", ") == sorted(
+        ReasoningParserManager.list_registered())
 
 
 def test_forced_choices_get_vllms_schema_and_hermes_keeps_special_tokens(parsers):
@@ -263,6 +270,9 @@ def test_choice_none_leaves_markup_as_content(parsers, tokenizer):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="none")
     out = run(parsers, tokenizer, CALL, tools)
     assert (out["content"], out["calls"], out["finish_reason"]) == (CALL, {}, "stop")
+    # it does not force a call, so thinking is still split off
+    thought = run(parsers, tokenizer, "<think>no tools</think>" + CALL, tools, thinking=True)
+    assert (thought["reasoning"], thought["content"], thought["calls"]) == ("no tools", CALL, {})
 
 
 def test_without_parallel_calls_only_the_first_is_kept(parsers, tokenizer):
@@ -321,7 +331,7 @@ def test_the_end_adds_the_arguments_the_stream_stopped_short_of_and_the_calls_it
     from vllm.entrypoints.generate.base.protocol import DeltaMessage, FunctionCall
 
     stream = [DeltaMessage(content="Hi"), call_delta(0, "get_weather", id="call_a"), call_delta(0, arguments='{"ci'),
-              None]
+              call_delta(0, arguments='ty":'), None]
     whole = ("", "Hi there", [FunctionCall(id="call_a", name="get_weather", arguments='{"city":"Oslo"}'),
                               FunctionCall(id="call_b", name="get_time", arguments="{}")])
     pieces, calls, parser = scripted(parsers, stream, whole)
@@ -329,7 +339,7 @@ def test_the_end_adds_the_arguments_the_stream_stopped_short_of_and_the_calls_it
     assert calls == {0: {"id": "call_a", "name": "get_weather", "arguments": '{"city":"Oslo"}'},
                      1: {"id": "call_b", "name": "get_time", "arguments": "{}"}}
     assert [(d.index, d.id, d.name, d.arguments) for d in pieces[-1].tool_calls] == [
-        (0, "", "", 'ty":"Oslo"}'), (1, "call_b", "get_time", "{}")]
+        (0, "", "", '"Oslo"}'), (1, "call_b", "get_time", "{}")]
     assert parser.finish_reason("stop") == "tool_calls" and parser.finish_reason("length") == "length"
 
 
@@ -349,6 +359,27 @@ def test_the_end_makes_an_id_for_a_call_the_parser_gave_none_and_never_renames_a
     pieces, calls, _ = scripted(parsers, [call_delta(0, "get_weather", id="c"), call_delta(0, arguments='{"a":1'),
                                           None], (None, None, [FunctionCall(name="get_weather", arguments='{"b":2}')]))
     assert calls == {0: {"id": "c", "name": "get_weather", "arguments": '{"a":1'}}
+
+
+def test_a_call_s_id_and_name_go_once_whatever_order_the_parser_gives_them_in(parsers):
+    """Arguments before the name, the name repeated, a delta with no function part: one id and one name per
+    call, on the delta that first names it; the arguments in the order they came."""
+    from vllm.entrypoints.generate.base.protocol import DeltaMessage, DeltaToolCall
+
+    stream = [call_delta(0, arguments='{"a"'), call_delta(0, "f", id="c"), call_delta(0, "f", id="c"),
+              DeltaMessage(tool_calls=[DeltaToolCall(index=0, id="c")]), call_delta(0, arguments=":1}"), None]
+    pieces, calls, _ = scripted(parsers, stream, (None, None, None))
+    deltas = [(d.id, d.name, d.arguments) for p in pieces for d in p.tool_calls]
+    assert deltas == [("", "", '{"a"'), ("c", "f", ""), ("", "", ":1}")]
+    assert calls == {0: {"id": "c", "name": "f", "arguments": '{"a":1}'}}
+
+
+def test_where_the_whole_text_s_parse_disagrees_with_the_stream_nothing_is_added(parsers):
+    from vllm.entrypoints.generate.base.protocol import DeltaMessage
+
+    stream = [DeltaMessage(content="Hi", reasoning="hm"), None]
+    pieces, calls, _ = scripted(parsers, stream, ("other thoughts", "Hello there", []))
+    assert [(p.content, p.reasoning) for p in pieces] == [("Hi", "hm"), ("", "")] and calls == {}
 
 
 def test_without_parallel_calls_the_end_adds_no_second_call(parsers):
@@ -392,6 +423,14 @@ def test_choices_split_each_choice_s_deltas_with_its_own_parser_in_place(parsers
     assert joined[0] == ("", "hm", {0: ("get_weather", {"city": "Paris", "days": 3})}, "tool_calls")
     assert joined[1] == ("Plain answer.", "no", {}, "stop")
     assert all(not r.finish_reason for r, _ in first[:-1] + second[:-1])
+
+
+def test_a_choice_s_last_response_flushes_what_its_parser_held_back(parsers, tokenizer):
+    choices = parsers.choices(parsers.tools_request(AUTO), enable_thinking=False)
+    sent = generate_responses(tokenizer, "Hello <tool", 0, step=1)
+    for response, ids in sent:
+        choices.split(response, ids)
+    assert "".join(r.text for r, _ in sent) == "Hello <tool" and sent[-1][0].text.endswith("<tool")
 
 
 def test_choices_are_parsed_only_when_tools_or_thinking_ask_for_it(parsers):
