@@ -36,7 +36,7 @@ def compact_json_grammar(schema: str) -> str:
     except json.JSONDecodeError as exc:
         raise ValueError(f"json_schema is not valid JSON: {exc}") from None
     except RuntimeError as exc:  # xgrammar's message names the unsupported part of the schema, after its location
-        raise ValueError(f"json_schema cannot be used: {XGRAMMAR_LOCATION.sub('', str(exc), count=1)}") from None
+        raise ValueError(f"json_schema cannot be used: {XGRAMMAR_LOCATION.sub('', str(exc))}") from None
 
 
 def to_vllm_sampling(params: dvd_pb2.SamplingParams, tools: ToolsRequest | None = None,
