@@ -111,18 +111,18 @@ class BackendPool:
         metrics.BACKEND_UP.labels(self.kind, address).set(1)
         return backend
 
-    def reload_tls(self) -> bool:
+    def reload_tls(self) -> None:
         """New channels once the gateway's TLS files change (certificates rotated in place); calls under
         way finish on the old ones. Files that do not load leave the current channels in use."""
         stamp = self._tls.stamp()
         if stamp == self._tls_stamp:
-            return False
+            return
         self._tls_stamp = stamp
         try:
             credentials = channel_credentials(self._tls)
         except (OSError, ValueError) as exc:
             log.warning("TLS files changed but did not load, %s servers keep the previous ones: %s", self.kind, exc)
-            return False
+            return
         self._credentials = credentials
         for backend in self.backends:
             old = backend.channel
@@ -130,7 +130,6 @@ class BackendPool:
             backend.stub = self._stub_cls(backend.channel)
             self._close_later(old)
         log.info("TLS certificate reloaded: new channels to %d %s servers", len(self.backends), self.kind)
-        return True
 
     async def resolve(self) -> None:
         """Re-resolve "dns:" entries: new addresses join the pool, vanished ones leave it."""
@@ -251,17 +250,22 @@ class LanguagePool(BackendPool):
         """Healthy servers with a known description, asking those not yet described."""
         for backend in self.candidates():
             if backend.description is None:
-                try:
-                    backend.description = await backend.stub.Describe(dvd_pb2.DescribeRequest(), timeout=timeout_s)
-                    backend.mark_up()
-                except grpc.aio.AioRpcError as exc:
-                    log.info("language server %s not ready: %s", backend.address, exc.code().name)
+                await self._describe(backend, timeout_s)
         return [b for b in self.candidates() if b.description is not None]
 
+    async def _describe(self, backend: Backend, timeout_s: float) -> None:
+        try:
+            backend.description = await backend.stub.Describe(dvd_pb2.DescribeRequest(), timeout=timeout_s)
+            backend.mark_up()
+        except grpc.aio.AioRpcError as exc:
+            log.info("language server %s not ready: %s", backend.address, exc.code().name)
+
     async def _check(self, backend: Backend, timeout_s: float) -> bool:
+        # Only this server: asking the others here would ask one whose own check is under way, and its answer
+        # could re-admit it just after it said it is not ready.
         ok = await super()._check(backend, timeout_s)
         if ok and backend.description is None:
-            await self.describe(timeout_s)
+            await self._describe(backend, timeout_s)
         return ok
 
 
