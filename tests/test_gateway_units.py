@@ -287,6 +287,8 @@ def test_sampling_takes_every_given_parameter_and_leaves_the_others_unset():
     assert [name for name in ("temperature", "top_p", "seed") if unset.HasField(name)] == []
     assert unset.ignore_eos is False
     assert (unset.max_tokens, list(unset.stop), unset.n, unset.json_object, unset.json_schema) == (0, [], 1, False, "")
+    assert (unset.logprobs, unset.top_logprobs) == (False, 0)
+    assert chat_job(n=4, temperature=1.0).sampling.n == 4  # as many choices as the server allows
     # sixteen stop strings are allowed; max_completion_tokens wins over the older max_tokens
     assert len(chat_job(stop=[f"s{i}" for i in range(16)]).sampling.stop) == 16
     assert chat_job(max_tokens=7, max_completion_tokens=9).sampling.max_tokens == 9
@@ -310,6 +312,7 @@ def test_tools_and_a_named_choice_reach_the_language_server():
     named = chat_job(tools=tools, tool_choice={"type": "function", "function": {"name": "f"}},
                      parallel_tool_calls=False)
     assert (named.tools.function, named.tools.choice, named.tools.parallel_calls) == ("f", "", False)
+    assert chat_job(tools=tools, parallel_tool_calls=True).tools.parallel_calls
     assert json.loads(named.tools.tools_json)[0]["function"]["name"] == "f"
     assert chat_job().tools is None
 
@@ -467,3 +470,20 @@ def test_the_folded_completion_joins_each_choice_s_deltas():
     both = folded(chat_job(), [dvd_pb2.GenerateResponse(text="Sure.", tool_calls=[call(0, "c", "f", "{}")],
                                                    finish_reason="tool_calls")])
     assert both.choices[0].message.content == "Sure." and len(both.choices[0].message.tool_calls) == 1
+    unfinished = folded(chat_job(), [dvd_pb2.GenerateResponse(text="x")])  # no finish reason came: null, not ""
+    assert unfinished.choices[0].finish_reason is None
+
+
+def test_each_choice_s_time_per_output_token_is_recorded_for_its_tenant():
+    from prometheus_client import REGISTRY
+
+    made = chat_job(n=2, temperature=1.0)
+    made.tenant = "tenant-tpot-test"
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("dvd_gateway_tpot_seconds_count", {"tenant": "tenant-tpot-test"}) or 0.0
+
+    before = count()
+    collect(made, [dvd_pb2.GenerateResponse(index=i, text="a", token_ids=[1]) for i in (0, 1)] +
+            [dvd_pb2.GenerateResponse(index=i, text="b", token_ids=[2], finish_reason="stop") for i in (0, 1)])
+    assert count() == before + 2
