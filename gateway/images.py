@@ -63,7 +63,9 @@ def _data_url_bytes(url: str, *, max_bytes: int, index: int, kind: str) -> bytes
     if media_type and not media_type.startswith(f"{kind}/"):
         raise APIError(400, f"{kind} {index}: data URL media type {media_type!r} is not {kind}/*",
                        param="messages")
-    if len(payload) > (max_bytes * 4) // 3 + 4:
+    # The size the payload decodes to, read before decoding it: every 4 base64 characters are 3 bytes, and
+    # each "=" of padding stands for one byte less (a payload that is not valid base64 fails to decode below).
+    if len(payload.rstrip("=")) * 3 // 4 > max_bytes:
         raise APIError(400, f"{kind} {index}: larger than the {max_bytes}-byte limit", param="messages")
     try:
         return base64.b64decode(payload, validate=True)
@@ -101,7 +103,7 @@ class ImageFetcher:
         await self._client.aclose()
 
     def allowed(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        ip = ipaddress.ip_address(address)  # an IPv6 scope ("fe80::1%eth0") is parsed, and changes nothing here
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         if any(ip in network for network in self._allowed):
@@ -117,17 +119,17 @@ class ImageFetcher:
         except httpx.HTTPError as exc:
             raise APIError(400, f"image {index}: downloading {url[:200]} failed: {exc!r}", param="messages") from None
 
-    async def _resolve(self, host: str, port: int, index: int) -> str:
+    async def _resolve(self, host: str, index: int) -> str:
         """One checked address of `host`; every address it resolves to must pass, or none is used."""
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        try:  # a name resolves to at least one address, or fails; each address comes once per socket type
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None)
         except socket.gaierror as exc:
             raise APIError(400, f"image {index}: cannot resolve host {host!r}: {exc.strerror}",
                            param="messages") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
         refused = [a for a in addresses if not self.allowed(a)]
-        if refused or not addresses:
-            raise APIError(400, f"image {index}: host {host!r} resolves to {refused[0] if refused else 'nothing'}, "
+        if refused:
+            raise APIError(400, f"image {index}: host {host!r} resolves to {refused[0]}, "
                                 "a non-public address, and is refused: send such images as data: URLs, or allow "
                                 "the network in the gateway's image_fetch_allowed_networks", param="messages")
         return addresses[0]
@@ -141,11 +143,10 @@ class ImageFetcher:
             if target.scheme not in ("http", "https") or not target.host:
                 raise APIError(400, f"image {index}: only data:, http: and https: image URLs are supported, "
                                     f"got {url[:60]!r}", param="messages")
-            port = target.port or (443 if target.scheme == "https" else 80)
-            address = await self._resolve(target.host, port, index)
+            address = await self._resolve(target.host, index)
             # Connect to the address just checked; Host header and TLS name stay the requested ones.
             pinned = target.copy_with(host=address)
-            host_header = target.host if target.port is None else f"{target.host}:{target.port}"
+            host_header = target.netloc.decode()  # "[::1]:8080" for an IPv6 address, with its brackets
             extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
             async with self._client.stream("GET", pinned, headers={"host": host_header},
                                            extensions=extensions) as response:
@@ -155,8 +156,8 @@ class ImageFetcher:
                 if response.status_code != 200:
                     raise APIError(400, f"image {index}: downloading {str(target)[:200]} returned HTTP "
                                         f"{response.status_code}", param="messages")
-                declared = int(response.headers.get("content-length") or 0)
-                if declared > self._max_bytes:
+                declared = response.headers.get("content-length")
+                if declared is not None and int(declared) > self._max_bytes:
                     raise self._too_large(index)
                 data = bytearray()
                 async for chunk in response.aiter_bytes():
@@ -170,7 +171,7 @@ class ImageFetcher:
         return APIError(400, f"image {index}: larger than the {self._max_bytes}-byte limit", param="messages")
 
 
-async def load_images(job: Job, settings: GatewaySettings, fetcher: ImageFetcher, vision_weights: str = "") -> None:
+async def load_images(job: Job, settings: GatewaySettings, fetcher: ImageFetcher, vision_weights: str) -> None:
     """Decode data URLs (in threads) and download http(s) URLs, all of a request's images at once; with the
     feature cache on, name each by content within the job's cache scope (`vision_weights`: the vision pool's
     weights fingerprint)."""
