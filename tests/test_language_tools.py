@@ -359,6 +359,10 @@ def test_the_end_makes_an_id_for_a_call_the_parser_gave_none_and_never_renames_a
     pieces, calls, _ = scripted(parsers, [call_delta(0, "get_weather", id="c"), call_delta(0, arguments='{"a":1'),
                                           None], (None, None, [FunctionCall(name="get_weather", arguments='{"b":2}')]))
     assert calls == {0: {"id": "c", "name": "get_weather", "arguments": '{"a":1'}}
+    # a call with no arguments at all: the end adds none
+    _, calls, _ = scripted(parsers, [call_delta(0, "get_time", id="t"), None],
+                           (None, None, [FunctionCall(name="get_time", arguments="")]))
+    assert calls == {0: {"id": "t", "name": "get_time", "arguments": ""}}
 
 
 def test_a_call_s_id_and_name_go_once_whatever_order_the_parser_gives_them_in(parsers):
