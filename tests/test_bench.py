@@ -409,8 +409,9 @@ def test_balancer_sends_each_request_to_the_replica_with_fewest_in_flight():
                                      progress=False)
         await releaser
         assert all(r.success for r in results)
-        # the first two requests race to arrive; the balancer chose one of each
-        assert sorted(arrived[:2]) == [9001, 9002] and arrived.count(9001) == 1 and balancer.sent == [1, 5]
+        # One request reached 9001 (held there while 9002 served the other five); which of the first requests
+        # reaches its replica first is the event loop's choice, not the balancer's, so arrival order is not checked.
+        assert arrived.count(9001) == 1 and arrived.count(9002) == 5 and balancer.sent == [1, 5]
         assert balancer.outstanding == [0, 0]
 
     async def all_at_once():  # nothing answered yet: in turn, each replica once before any gets a second
