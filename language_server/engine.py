@@ -12,7 +12,7 @@ import os
 
 from checkpoint.formats import detect_format
 from language_server.settings import LanguageServerSettings
-from language_server.vllm_plugin import ARCHITECTURES, BUSY_POLL_ENV, register
+from language_server.vllm_plugin import ARCHITECTURES, BUSY_POLL_ENV, EXIT_FAST_ENV, register
 
 # How long vLLM's worker busy-polls for the next step before it sleeps (vLLM's own: 1 s). Steps of a running
 # request come milliseconds apart, so it still spins while generating; it sleeps while a request is upstream.
@@ -87,6 +87,7 @@ def build_engine(settings: LanguageServerSettings, engine_args):
     embeddings instead of pixels."""
     set_cpu_kv_cache(settings)
     os.environ.setdefault(BUSY_POLL_ENV, str(ENGINE_BUSY_POLL_S))  # read by the plugin in vLLM's processes
+    os.environ.setdefault(EXIT_FAST_ENV, "1")
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 

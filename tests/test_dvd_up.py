@@ -230,11 +230,15 @@ def test_features_that_never_arrive_time_out_and_the_server_keeps_serving(up, cl
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
 
 
-def test_sigterm_stops_every_server(up):
-    """`dvd up` exits cleanly on SIGTERM and takes its three servers with it (the next test starts it again)."""
+def test_sigterm_stops_every_server(up, dvd_up):
+    """`dvd up` exits cleanly on SIGTERM and takes its three servers with it (the next test starts it again); the
+    language server's engine processes end on their own, none left for vLLM's shutdown to kill."""
     stack, process = up
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     for port in (stack.gateway_port, stack.vision_port, stack.language_port):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+    log = dvd_up[1].log("dvd up")
+    assert log.count("[shutdown] Executor: all workers exited gracefully") == 1
+    assert "force killing" not in log

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from language_server.arguments import ENGINE_ARGS_ENV, ENV_PREFIX, Refused, build_parser, coverage, parse
 from language_server.engine import CPU_DEFAULTS, REFUSED, set_cpu_kv_cache
 from language_server.settings import LanguageServerSettings
-from language_server.vllm_plugin import BUSY_POLL_ENV
+from language_server.vllm_plugin import BUSY_POLL_ENV, EXIT_FAST_ENV
 
 
 def test_a_given_kv_cache_size_beats_an_inherited_vllm_cpu_kvcache_space():
@@ -60,6 +60,25 @@ def _busy_loop_default(environ: dict[str, str]) -> float:
 def test_the_plugin_shortens_vllm_workers_busy_poll_only_in_the_language_servers_engine():
     assert _busy_loop_default({BUSY_POLL_ENV: "0.05"}) == 0.05
     assert _busy_loop_default({}) == 1  # any other vLLM in this environment keeps vLLM's own
+
+
+def _collected_at_exit(setup: str, environ: dict[str, str]) -> bool:
+    """Whether a fresh interpreter, after `setup`, still runs its last garbage collection on the way out: a
+    reference cycle left in a module's globals is found only by that collection."""
+    code = (f"import os\n{setup}\n"
+            "class Loud:\n    def __del__(self, write=os.write):\n        write(1, b'collected\\n')\n"
+            "cycle = [Loud()]\ncycle.append(cycle)\n")
+    env = {k: v for k, v in os.environ.items() if k not in (BUSY_POLL_ENV, EXIT_FAST_ENV)} | environ
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()[-1:] == ["collected"]
+
+
+def test_the_language_servers_engine_processes_exit_without_a_last_garbage_collection():
+    assert _collected_at_exit("", {})  # what the test detects
+    assert not _collected_at_exit("from language_server.vllm_plugin import register; register()",
+                                  {EXIT_FAST_ENV: "1"})
 
 
 # vLLM's engine arguments on `dvd language-server` (language_server/arguments.py). Each test decides the platform
