@@ -181,10 +181,15 @@ class BackendPool:
             backend.outstanding -= 1
 
     async def check(self, timeout_s: float) -> int:
-        """Health-check every server, ejecting those that fail and re-admitting those that pass."""
+        """Health-check every server, ejecting those that fail and re-admitting those that pass; how many are in."""
         self.reload_tls()
         await self.resolve()
         results = await asyncio.gather(*(self._check(b, timeout_s) for b in self.backends))
+        return sum(results)
+
+    async def check_ejected(self, timeout_s: float) -> int:
+        """Health-check only the servers out of the pool, re-admitting those that pass; how many came back."""
+        results = await asyncio.gather(*(self._check(b, timeout_s) for b in self.backends if not b.up))
         return sum(results)
 
     async def _check(self, backend: Backend, timeout_s: float) -> bool:
@@ -281,11 +286,24 @@ class VisionPool(BackendPool):
         return "+".join(sorted({b.weights for b in self.candidates() if b.weights}))
 
 
-async def check_forever(pools: list[BackendPool], interval_s: float, timeout_s: float) -> None:
+async def check_forever(pools: list[BackendPool], interval_s: float, timeout_s: float,
+                        ejected_interval_s: float | None = None) -> None:
+    """Every server each `interval_s`; in between, the servers out of the pool each `ejected_interval_s` (when
+    shorter), so that one coming up (a restart, a slow engine start) is admitted within that, not a round later."""
+    loop = asyncio.get_running_loop()
+    pause_s = min(interval_s, ejected_interval_s or interval_s)
     while True:
-        for pool in pools:
-            try:
-                await pool.check(timeout_s)
-            except Exception:  # a health round must never end the loop
-                log.exception("health check of %s servers failed", pool.kind)
-        await asyncio.sleep(interval_s)
+        await _check_each(pools, timeout_s, BackendPool.check)
+        round_end = loop.time() + interval_s
+        while (left := round_end - loop.time()) > 0:
+            await asyncio.sleep(min(left, pause_s))
+            if loop.time() < round_end:
+                await _check_each(pools, timeout_s, BackendPool.check_ejected)
+
+
+async def _check_each(pools: list[BackendPool], timeout_s: float, check) -> None:
+    for pool in pools:
+        try:
+            await check(pool, timeout_s)
+        except Exception:  # a health round must never end the loop
+            log.exception("health check of %s servers failed", pool.kind)

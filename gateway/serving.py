@@ -66,7 +66,8 @@ class Serving:
     def start(self) -> None:
         self._health = asyncio.create_task(check_forever([self.vision, self.language],
                                                          self.settings.health_interval_s,
-                                                         self.settings.health_timeout_s))
+                                                         self.settings.health_timeout_s,
+                                                         self.settings.ejected_check_interval_s))
 
     async def close(self) -> None:
         if self._health is not None:

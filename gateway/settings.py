@@ -66,6 +66,7 @@ class GatewaySettings(BaseSettings, InternalSecurity):  # the shared piece: cont
     max_in_flight: int = Field(256, ge=0)  # chat completions in progress before new ones get 429; 0: no cap
     retry_after_s: int = Field(1, ge=0)  # the Retry-After of a 429
     health_interval_s: float = Field(5.0, gt=0)  # servers failing a check are ejected until one passes
+    ejected_check_interval_s: float = Field(1.0, gt=0)  # ejected servers are checked this often: back sooner
     health_timeout_s: float = Field(2.0, gt=0)
     max_n: int = Field(8, ge=1)  # choices per request
     # Images per request: no setting here; each language server advertises its own limit (`Describe`).

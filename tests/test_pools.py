@@ -783,3 +783,30 @@ def test_the_health_loop_checks_every_pool_each_round_and_outlives_a_failing_one
     assert not done and checks >= 3
     errors = [(r.getMessage(), r.exc_info[0]) for r in caplog.records if r.levelname == "ERROR"]
     assert errors[:3] == [("health check of language servers failed", UnicodeError)] * 3
+
+
+def test_between_rounds_only_ejected_servers_are_checked_again_so_one_coming_up_is_back_within_that_interval():
+    """Rounds an hour apart: a server that said it is not ready is checked every few milliseconds and re-admitted
+    once it says it is ready, then left for the next round like the server that never left; that one is checked
+    by the first round only."""
+    healthy, starting = Vision(), Vision(ready=False)
+
+    async def scenario(servers):
+        pool = VisionPool([await servers.start(healthy), await servers.start(starting)])
+        loop = asyncio.create_task(check_forever([pool], interval_s=3600, timeout_s=5, ejected_interval_s=0.01))
+        try:
+            await wait_until_async(lambda: starting.checks >= 3, 10, "the unready server checked between rounds")
+            up_while_starting = [b.up for b in pool.backends]
+            starting.ready = True
+            await wait_until_async(lambda: pool.backends[1].up, 10, "the ready server re-admitted")
+            at_readmission = starting.checks
+            await asyncio.sleep(0.2)  # twenty ejected-server intervals: none of them checks it now
+            return up_while_starting, healthy.checks, at_readmission, starting.checks, loop.done()
+        finally:
+            loop.cancel()
+            await pool.close()
+
+    up_while_starting, healthy_checks, at_readmission, later, done = with_servers(scenario)
+    assert up_while_starting == [True, False] and not done
+    assert healthy_checks == 1
+    assert later == at_readmission
