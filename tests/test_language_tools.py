@@ -11,7 +11,7 @@ import grpc
 import jsonschema
 import pytest
 
-from conftest import free_port
+from contracts.grpc_secret import client_interceptors
 from language_server.output import OutputParsers
 from language_server.prompt import ChatRenderer, load_chat_template, messages_to_dicts
 from proto import dvd_pb2, dvd_pb2_grpc
@@ -446,23 +446,14 @@ def test_choices_are_parsed_only_when_tools_or_thinking_ask_for_it(parsers):
 # --- a real server -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def language_port(tiny_checkpoints, tmp_path_factory):
-    from launcher import Stack
-
-    stack = Stack(model=str(tiny_checkpoints["custom"]), language_port=free_port(), feature_port=free_port(),
-                  max_model_len=2048)
-
-    def ready() -> bool:
-        with grpc.insecure_channel(f"127.0.0.1:{stack.language_port}") as channel:
-            return dvd_pb2_grpc.LanguageServiceStub(channel).Health(dvd_pb2.HealthRequest(), timeout=5).ready
-
-    with stack.servers(tmp_path_factory.mktemp("logs")).start("language-server") as servers:
-        servers.wait_until(ready, timeout_s=600, what="the language server is ready")
-        yield stack.language_port
+@pytest.fixture
+def language_server(hardened_stack):
+    """The reliability modules' stack (tests/hardened.py): its language server, called as the gateway calls it,
+    with the internal secret."""
+    return hardened_stack
 
 
-def generate(port: int, messages, tools: dvd_pb2.Tools | None = None, **sampling) -> dict[int, dict]:
+def generate(stack, messages, tools: dvd_pb2.Tools | None = None, **sampling) -> dict[int, dict]:
     """One Generate call; per choice, its joined content, reasoning, tool calls, token ids and finish reason."""
 
     async def call():
@@ -471,7 +462,8 @@ def generate(port: int, messages, tools: dvd_pb2.Tools | None = None, **sampling
         if tools is not None:
             request.tools.CopyFrom(tools)
         choices: dict[int, dict] = {}
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"{stack.host}:{stack.language_port}",
+                                             interceptors=client_interceptors(stack.internal_secret)) as channel:
             async for response in dvd_pb2_grpc.LanguageServiceStub(channel).Generate(request, timeout=300):
                 choice = choices.setdefault(response.index, {"content": "", "reasoning": "", "calls": {},
                                                              "token_ids": [], "finish_reason": ""})
@@ -498,9 +490,9 @@ USER = [text("user", "Weather in Paris?")]
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.slow
-def test_required_choice_always_ends_as_a_schema_valid_call(language_port, seed):
+def test_required_choice_always_ends_as_a_schema_valid_call(language_server, seed):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="required")
-    choices = generate(language_port, USER, tools, max_tokens=96, temperature=1.0, seed=seed, n=2)
+    choices = generate(language_server, USER, tools, max_tokens=96, temperature=1.0, seed=seed, n=2)
     assert sorted(choices) == [0, 1]
     for choice in choices.values():
         assert choice["finish_reason"] == "tool_calls", choice
@@ -510,24 +502,24 @@ def test_required_choice_always_ends_as_a_schema_valid_call(language_port, seed)
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.slow
-def test_named_choice_always_ends_as_a_schema_valid_call(language_port, seed):
+def test_named_choice_always_ends_as_a_schema_valid_call(language_server, seed):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="get_weather")
-    [choice] = generate(language_port, USER, tools, max_tokens=96, temperature=1.0, seed=seed).values()
+    [choice] = generate(language_server, USER, tools, max_tokens=96, temperature=1.0, seed=seed).values()
     assert choice["finish_reason"] == "stop", choice
     assert_valid_calls(choice, {"get_weather"})
 
 
 @pytest.mark.slow
-def test_choice_none_makes_no_calls(language_port):
+def test_choice_none_makes_no_calls(language_server):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), choice="none")
-    [choice] = generate(language_port, USER, tools, max_tokens=8, ignore_eos=True).values()
+    [choice] = generate(language_server, USER, tools, max_tokens=8, ignore_eos=True).values()
     assert choice["calls"] == {} and choice["finish_reason"] == "length"
 
 
 @pytest.mark.slow
-def test_auto_with_a_tool_history_renders_and_runs_with_two_choices(language_port):
+def test_auto_with_a_tool_history_renders_and_runs_with_two_choices(language_server):
     tools = dvd_pb2.Tools(tools_json=json.dumps(TOOLS), parallel_calls=True)
-    choices = generate(language_port, HISTORY, tools, max_tokens=8, n=2, ignore_eos=True)
+    choices = generate(language_server, HISTORY, tools, max_tokens=8, n=2, ignore_eos=True)
     assert sorted(choices) == [0, 1]
     for choice in choices.values():
         assert len(choice["token_ids"]) == 8
@@ -535,23 +527,23 @@ def test_auto_with_a_tool_history_renders_and_runs_with_two_choices(language_por
 
 
 @pytest.mark.slow
-def test_logit_bias_makes_greedy_output_that_token(language_port):
-    [choice] = generate(language_port, USER, max_tokens=4, temperature=0.0, ignore_eos=True,
+def test_logit_bias_makes_greedy_output_that_token(language_server):
+    [choice] = generate(language_server, USER, max_tokens=4, temperature=0.0, ignore_eos=True,
                         logit_bias={1000: 100.0}).values()
     assert choice["token_ids"] == [1000] * 4
 
 
 @pytest.mark.slow
-def test_logit_bias_outside_the_vocabulary_is_refused(language_port):
+def test_logit_bias_outside_the_vocabulary_is_refused(language_server):
     with pytest.raises(grpc.RpcError) as caught:
-        generate(language_port, USER, max_tokens=2, logit_bias={10_000_000: 1.0})
+        generate(language_server, USER, max_tokens=2, logit_bias={10_000_000: 1.0})
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "vocabulary" in caught.value.details()
 
 
 @pytest.mark.slow
-def test_a_bad_tool_choice_is_an_invalid_argument(language_port):
+def test_a_bad_tool_choice_is_an_invalid_argument(language_server):
     with pytest.raises(grpc.RpcError) as caught:
-        generate(language_port, USER, dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="nope"), max_tokens=2)
+        generate(language_server, USER, dvd_pb2.Tools(tools_json=json.dumps(TOOLS), function="nope"), max_tokens=2)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "nope" in caught.value.details()
