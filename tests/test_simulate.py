@@ -147,7 +147,8 @@ def test_spread_draws_a_lognormal_of_the_same_mean():
     assert spread.sigma == pytest.approx(sigma)
     for seconds in (2.0, 0.3):
         assert spread(seconds) == pytest.approx(seconds * reference.lognormal(-sigma ** 2 / 2, sigma), rel=1e-12)
-    assert spread(0.0) == 0.0
+    assert spread(0.0) == 0.0  # draws nothing: the next time gets the next draw
+    assert spread(1.0) == pytest.approx(reference.lognormal(-sigma ** 2 / 2, sigma), rel=1e-12)
     assert Spread(0.0, seed=7)(0.25) == 0.25
 
 
@@ -624,20 +625,26 @@ def test_a_derived_profile_states_how_many_api_servers_share_the_engines():
     assert result.servers == {"language": 3, "api_server": 3}
 
 
-def test_coupled_engines_are_exclusive_unless_the_api_server_shares_their_device():
-    p = profile()
-    assert all(e.device.exclusive for e in CoupledRun(p, one_request(), 2, None).engines)
-    p.coupled = CoupledProfile(vision_seconds_per_tile=0.02, preprocess_on_device=True)
-    run = CoupledRun(p, one_request(), 2, None)
-    assert not any(e.device.exclusive for e in run.engines)
-    assert [f.core for f in run.fronts] == [e.device for e in run.engines]
+def _too_long(roofline, vision_weights):
+    """The refusal of a request longer than the KV cache an engine of `roofline` holds."""
+    tokens = roofline.kv_capacity_tokens(vision_weights=vision_weights)
+    return f"^a request of {10 ** 7 + 16} tokens does not fit the KV cache's {tokens} tokens$"
 
 
 def test_a_coupled_engine_holds_the_kv_cache_left_beside_the_vision_weights():
     roofline = _roofline()
     p = profile().model_copy(update={"roofline": roofline, "scheduler": SchedulerConfig()})
-    run = CoupledRun(p, one_request(), 1, None)
-    assert run.engines[0].config.kv_cache_tokens == roofline.kv_capacity_tokens(vision_weights=True)
+    load = one_request(images_per_request=0, text_tokens=10 ** 7, output_tokens=16)
+    with pytest.raises(ValueError, match=_too_long(roofline, vision_weights=True)):
+        simulate_coupled(p, load, 1)
+
+
+def test_a_dvd_language_server_holds_the_kv_cache_left_without_the_vision_weights():
+    roofline = _roofline()
+    p = profile().model_copy(update={"roofline": roofline, "scheduler": SchedulerConfig()})
+    load = one_request(images_per_request=0, text_tokens=10 ** 7, output_tokens=16)
+    with pytest.raises(ValueError, match=_too_long(roofline, vision_weights=False)):
+        simulate_dvd(p, load, 1, 1)
 
 
 # ---------------------------------------------------------------- the vision server
@@ -876,16 +883,16 @@ def test_servers_placed_on_one_device_share_it_and_devices_must_match_the_split(
 
 def test_prefill_as_features_arrive_starts_on_the_text_and_admits_on_the_generate_call():
     p = profile(max_batch_wait_s=0.0)
-    load = one_request(tiles_per_image=1, text_tokens=1000, images_first=False)
+    load = one_request(tiles_per_image=1, text_tokens=200, images_first=False)
     [waiting] = simulate_dvd(p, load, 1, 1).requests
     [early] = simulate_dvd(p, load, 1, 1, prefill_as_features_arrive=True).requests
-    assert waiting.first_token == pytest.approx(0.01 + wire_s(256) + 1258 * PREFILL_S_PER_TOKEN)
-    # the text (and the image's opening marker) prefilled 0-12.5 ms while the image is encoded and sent
-    assert early.first_token == pytest.approx(1001 * PREFILL_S_PER_TOKEN + 257 * PREFILL_S_PER_TOKEN)
+    assert waiting.first_token == pytest.approx(0.01 + wire_s(256) + 458 * PREFILL_S_PER_TOKEN)
+    # the text and the image's opening marker prefilled (2.5 ms) while the image is encoded and sent (10.1 ms)
+    assert early.first_token == pytest.approx(0.01 + wire_s(256) + 257 * PREFILL_S_PER_TOKEN)
     # features in before the Generate call: the prefill waits for nothing
     p.language.overhead_s_per_request = 0.1
     [late] = simulate_dvd(p, load, 1, 1, prefill_as_features_arrive=True).requests
-    assert late.first_token == pytest.approx(0.1 + 1258 * PREFILL_S_PER_TOKEN)
+    assert late.first_token == pytest.approx(0.1 + 458 * PREFILL_S_PER_TOKEN)
     [text] = simulate_dvd(p, one_request(images_per_request=0), 1, 1, prefill_as_features_arrive=True).requests
     assert text.first_token == pytest.approx(0.1 + 32 * PREFILL_S_PER_TOKEN)
 
@@ -991,19 +998,31 @@ def test_epd_balances_language_servers_and_sends_text_straight_on():
     assert all(r.finish is not None for r in run.requests) and run.wire_busy_s == 0.0
 
 
-def test_epd_language_scheduler_and_kv_cache():
-    p = _derived()
-    mine = SchedulerConfig(max_num_seqs=7)
-    run = EpdRun(p, one_request(), 1, 1, FrontendCosts(), SchedulerConfig(max_num_seqs=3), False, mine, 10)
-    language = p.roofline.model_copy(update={"cuda_graphs": True})
-    assert run.pd_engines[0].config == mine.model_copy(
-        update={"kv_cache_tokens": language.kv_capacity_tokens(vision_weights=False)})
-    assert run.e_engines[0].config == SchedulerConfig(max_num_seqs=3)
-    default = EpdRun(p, one_request(), 1, 1, FrontendCosts(), SchedulerConfig(), False, None, 10)
-    assert default.pd_engines[0].config.max_num_seqs == p.scheduler.max_num_seqs
-    assert all(e.device.exclusive for e in run.e_engines + run.pd_engines)
-    assert run.e_fronts[0].costs == p.api_server.model_copy(update={"processes": 1})
-    assert run.pd_fronts[0].costs == p.api_server.model_copy(update={"processes": 1})
+def test_epd_prefill_decode_instances_take_the_language_scheduler_and_the_kv_cache_without_vision_weights():
+    p = _derived().model_copy(update={"api_server": FrontendCosts()})
+    load = one_request(images_per_request=0, concurrency=2, requests=2, text_tokens=100, output_tokens=3)
+    one_at_a_time = simulate_epd(p, load, 1, 1, FrontendCosts(), SchedulerConfig(), language_scheduler=SchedulerConfig(
+        max_num_seqs=1)).requests
+    batched = simulate_epd(p, load, 1, 1, FrontendCosts(), SchedulerConfig(max_num_seqs=1)).requests
+    assert one_at_a_time[1].first_token > one_at_a_time[0].finish  # the second waits for the first's last token
+    assert batched[1].first_token == batched[0].first_token  # the profile's scheduler: both prefilled in one step
+    huge = one_request(images_per_request=0, text_tokens=10 ** 7, output_tokens=16)
+    with pytest.raises(ValueError, match=_too_long(p.roofline, vision_weights=False)):
+        simulate_epd(p, huge, 1, 1, FrontendCosts(), SchedulerConfig())
+
+
+def test_epd_encoders_take_the_encoder_scheduler():
+    """Free API servers: both images' encode requests reach the one encoder at once; it encodes them in one step,
+    or one per step with one sequence at a time."""
+    p = _derived().model_copy(update={"api_server": FrontendCosts()})
+    load = one_request(images_per_request=2, tiles_per_image=1, output_tokens=1)
+    vision = p.roofline.model_copy(update={"tensor_parallel": 1})
+    rest = 2 * p.transport.seconds(p.feature_bytes(256)) + _epd_prefill(p.roofline, 32 + 2 * 258)
+    [together] = simulate_epd(p, load, 1, 1, FrontendCosts(), SchedulerConfig()).requests
+    [apart] = simulate_epd(p, load, 1, 1, FrontendCosts(), SchedulerConfig(max_num_seqs=1)).requests
+    assert together.first_token == pytest.approx(vision.vision_seconds([1024, 1024]) + rest, rel=1e-9)
+    assert apart.first_token == pytest.approx(2 * vision.vision_seconds([1024]) + rest, rel=1e-9)
+    assert vision.vision_seconds([1024, 1024]) != pytest.approx(2 * vision.vision_seconds([1024]))
 
 
 # ---------------------------------------------------------------- pool_loads
