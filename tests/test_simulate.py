@@ -1050,3 +1050,50 @@ def test_pool_loads_without_images_or_vision_servers():
                                    "language": 2.0 * (800 * PREFILL_S_PER_TOKEN + 10 * DECODE_S / 64)}, rel=1e-12)
     loads = pool_loads(profile(), workload(tiles_per_image=1), 2.0, 0, 1)
     assert loads["vision"] == pytest.approx(2.0 * 0.01)
+
+
+def test_epd_closed_loop_sends_the_next_request_when_one_ends_and_sums_the_wire():
+    p = _derived()
+    result = simulate_epd(p, one_request(requests=2, output_tokens=2), 1, 1, FrontendCosts(), SchedulerConfig())
+    first, second = result.requests
+    assert second.arrival == first.finish
+    assert second.first_token - second.arrival == pytest.approx(first.first_token - first.arrival, rel=1e-9)
+    assert result.busy_s["wire"] == pytest.approx(2 * p.transport.seconds(p.feature_bytes(768)), rel=1e-12)
+
+
+@pytest.mark.parametrize("api_servers", [None, 1])
+def test_a_coupled_api_servers_workers_share_its_core_and_its_latency_uses_none(api_servers):
+    p = profile(preprocess_s_per_tile=0.01, preprocess_parallelism=2)
+    p.language.overhead_s_per_request = 0.002
+    a, b = simulate_coupled(p, one_request(concurrency=2, requests=2), 1, api_servers).requests
+    # both in the API server from 2 ms; two workers on its core in 5 ms slices: a's 30 ms done at 57 ms, b's at
+    # 62 ms; a's prefill step (40.025 ms), then b's prefill beside a's decode (45.025 ms)
+    step = 802 * PREFILL_S_PER_TOKEN + 0.03
+    assert (a.first_token, b.first_token) == (pytest.approx(0.057 + step), pytest.approx(0.057 + 2 * step + DECODE_S))
+
+
+def test_shared_api_servers_stream_each_requests_tokens_back_through_its_own():
+    run = CoupledRun(profile(), one_request(concurrency=4, requests=4), 2, 2)
+    result = run.run()
+    assert [f.outstanding for f in run.fronts] == [0, 0]
+    assert [e.outstanding for e in run.engines] == [0, 0]
+    assert all(r.finish == pytest.approx(r.first_token + DECODE_S) for r in result.requests)
+    assert result.servers == {"language": 2, "api_server": 2}
+
+
+def test_a_batch_of_exactly_the_budget_leaves_at_once():
+    env, server, done = _vision(max_batch_tiles=2)
+    server.submit(_request(0, images=(2,)), 0)
+    env.run()
+    assert done == [(0, 0, pytest.approx(0.02))]
+
+
+def test_dvd_encodes_on_one_device_and_prefills_on_the_tensor_parallel_group():
+    p = _derived(tensor_parallel=2).model_copy(update={"gateway": FrontendCosts(),
+                                                       "language_frontend": FrontendCosts()})
+    [r] = simulate_dvd(p, one_request(), 1, 1).requests
+    vision = p.roofline.model_copy(update={"tensor_parallel": 1})
+    assert vision.vision_seconds([1024] * 3) != pytest.approx(p.roofline.vision_seconds([1024] * 3))
+    expected = (p.vision.max_batch_wait_s + vision.vision_seconds([1024] * 3)
+                + p.transport.seconds(p.feature_bytes(768)) + _epd_prefill(p.roofline, 802))
+    assert r.first_token == pytest.approx(expected, rel=1e-9)
