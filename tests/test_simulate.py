@@ -1097,3 +1097,31 @@ def test_dvd_encodes_on_one_device_and_prefills_on_the_tensor_parallel_group():
     expected = (p.vision.max_batch_wait_s + vision.vision_seconds([1024] * 3)
                 + p.transport.seconds(p.feature_bytes(768)) + _epd_prefill(p.roofline, 802))
     assert r.first_token == pytest.approx(expected, rel=1e-9)
+
+
+def test_service_times_are_drawn_from_the_workloads_seed_step_by_step():
+    """With spread, each device's work takes the next draw of one seeded sequence shared by the run's devices."""
+    cv, seed = 0.3, 4
+    load = one_request(seed=seed)
+    p = profile().model_copy(update={"service_time_cv": cv})
+
+    reference = Spread(cv, seed)
+    [r] = simulate_coupled(p, load, 1).requests
+    first = reference(802 * PREFILL_S_PER_TOKEN + 0.03)
+    assert (r.first_token, r.finish) == (pytest.approx(first, rel=1e-12),
+                                         pytest.approx(first + reference(DECODE_S), rel=1e-12))
+
+    reference = Spread(cv, seed)
+    [r] = simulate_dvd(p, load, 1, 1).requests
+    first = BATCH_WAIT_S + reference(0.03) + wire_s(768) + reference(802 * PREFILL_S_PER_TOKEN)
+    assert (r.first_token, r.finish) == (pytest.approx(first, rel=1e-12),
+                                         pytest.approx(first + reference(DECODE_S), rel=1e-12))
+
+    d = _derived().model_copy(update={"service_time_cv": cv, "api_server": FrontendCosts()})
+    vision = d.roofline.model_copy(update={"tensor_parallel": 1})
+    reference = Spread(cv, seed)
+    [r] = simulate_epd(d, load, 1, 1, FrontendCosts(), SchedulerConfig()).requests
+    first = (reference(vision.vision_seconds([1024] * 3)) + d.transport.seconds(d.feature_bytes(768))
+             + reference(_epd_prefill(d.roofline, 802)))
+    assert (r.first_token, r.finish) == (pytest.approx(first, rel=1e-12), pytest.approx(
+        first + reference(_epd_decode(d.roofline, 803)), rel=1e-12))
