@@ -1125,3 +1125,14 @@ def test_service_times_are_drawn_from_the_workloads_seed_step_by_step():
              + reference(_epd_prefill(d.roofline, 802)))
     assert (r.first_token, r.finish) == (pytest.approx(first, rel=1e-12), pytest.approx(
         first + reference(_epd_decode(d.roofline, 803)), rel=1e-12))
+
+
+def test_one_engines_tokens_stream_through_the_api_servers_their_requests_came_by():
+    """Two API servers in front of one engine: a step's tokens of requests from each are streamed by each, side by
+    side on their own cores."""
+    p = profile()
+    p.api_server = FrontendCosts(output_token_s=0.004)
+    a, b = simulate_coupled(p, one_request(concurrency=2, requests=2), 1, api_servers=2).requests
+    step = 2 * 802 * PREFILL_S_PER_TOKEN + 0.06  # both prefilled in one step, their six tiles encoded in it
+    assert (a.first_token, b.first_token) == (pytest.approx(step + 0.004), pytest.approx(step + 0.004))
+    assert (a.finish, b.finish) == (pytest.approx(step + DECODE_S + 0.004), pytest.approx(step + DECODE_S + 0.004))
