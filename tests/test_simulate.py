@@ -1136,3 +1136,15 @@ def test_one_engines_tokens_stream_through_the_api_servers_their_requests_came_b
     step = 2 * 802 * PREFILL_S_PER_TOKEN + 0.06  # both prefilled in one step, their six tiles encoded in it
     assert (a.first_token, b.first_token) == (pytest.approx(step + 0.004), pytest.approx(step + 0.004))
     assert (a.finish, b.finish) == (pytest.approx(step + DECODE_S + 0.004), pytest.approx(step + DECODE_S + 0.004))
+
+
+def test_spreading_images_counts_each_image_in_flight_on_its_server():
+    load = one_request(images_per_request=3, tiles_per_image=1, concurrency=2, requests=2)
+    run = DvdRun(profile(), load, 2, [0, 1, 2], True, False)
+    first, second = run.requests
+    run.start(first)  # images 0 and 2 on server 0, image 1 on server 1
+    run.start(second)  # server 1 has fewer in flight: image 0 there, then 1 and 2 alternate
+    assert [run.vision_route[(1, i)] for i in range(3)] == [run.visions[1], run.visions[0], run.visions[1]]
+    run.env.run()
+    assert [v.outstanding for v in run.visions] == [0, 0]
+    assert first.finish is not None and second.finish is not None
