@@ -108,16 +108,17 @@ def _roofline_profile(model) -> StageProfiles:
 def test_a_tiled_models_own_tile_size_and_tokens_replace_the_profiles():
     """The roofline's model says how many patches a tile has and how many tokens it makes, not the geometry."""
     model = geometry("8b")
-    model = model.model_copy(update={"images": TiledImages(tile_px=224, tokens_per_tile=100,
+    model = model.model_copy(update={"images": TiledImages(tile_px=230, tokens_per_tile=100,
                                                            compressed_tokens_per_tile=10)})
     profiles = _roofline_profile(model)
-    patches = (224 // model.vision.patch_size) ** 2
+    patches = (230 // model.vision.patch_size) ** 2  # whole patches: 16 x 16
+    assert patches == 256
     [r] = make_requests(workload(tiles_per_image=3, requests=1), profiles)
     assert r.sequences == [[patches] * 3] and r.image_tokens == [300]
     [small] = make_requests(workload(tiles_per_image=3, requests=1, vir_compressed_share=1.0), profiles)
     assert small.image_tokens == [30]
-    # by pixels: the model's tile grid (448x224 at 224 px tiles: two tiles and a thumbnail)
-    [by_px] = make_requests(workload(image_px=(448, 224), requests=1), profiles)
+    # by pixels: the model's tile grid (460x230 at 230 px tiles: two tiles and a thumbnail)
+    [by_px] = make_requests(workload(image_px=(460, 230), requests=1), profiles)
     assert by_px.sequences == [[patches] * 3] and by_px.image_tokens == [300]
 
 
@@ -1148,3 +1149,39 @@ def test_spreading_images_counts_each_image_in_flight_on_its_server():
     run.env.run()
     assert [v.outstanding for v in run.visions] == [0, 0]
     assert first.finish is not None and second.finish is not None
+
+
+def test_a_coupled_api_server_on_a_time_sliced_device_shares_it_with_the_engine_slice_by_slice():
+    p = profile(preprocess_s_per_tile=0.01)
+    p.coupled = CoupledProfile(vision_seconds_per_tile=0.02, preprocess_s_per_tile=0.01, preprocess_on_device=True)
+    p.timeslice_s = 0.001
+    a, b = simulate_coupled(p, one_request(concurrency=2, requests=2), 1).requests
+    prefill = 802 * PREFILL_S_PER_TOKEN + 3 * 0.02
+    # image b (30 ms) and a's prefill step (70 ms) share the device from 30 ms in 1 ms turns: b's done at 90 ms,
+    # a's step at 130 ms; b's prefill joins a's decode step
+    assert (a.first_token, b.first_token) == (pytest.approx(0.03 + 0.03 + prefill),
+                                              pytest.approx(0.06 + 2 * prefill + DECODE_S))
+
+
+def test_a_round_stops_at_the_budget_even_between_images():
+    env, server, done = _vision(max_batch_tiles=2)
+    for i in range(3):
+        server.submit(_request(i, images=(1,)), 0)
+    env.run()
+    # [a, b] -> 20 ms; c alone (its wait already past) -> 30 ms
+    assert done == [(0, 0, pytest.approx(0.02)), (1, 0, pytest.approx(0.02)), (2, 0, pytest.approx(0.03))]
+
+
+def test_an_image_that_arrives_during_a_batch_waits_from_its_own_arrival():
+    env, server, done = _vision()
+    a, b = _request(0, images=(1,)), _request(1, images=(1,))
+
+    def submit():
+        server.submit(a, 0)
+        yield env.timeout(0.012)
+        server.submit(b, 0)
+
+    env.process(submit())
+    env.run()
+    # a: waits to 5 ms, encoded to 15 ms; b (in at 12 ms) waits to 17 ms, encoded to 27 ms
+    assert done == [(0, 0, pytest.approx(0.015)), (1, 0, pytest.approx(0.027))]
