@@ -593,12 +593,8 @@ class DvdRun:
             self.maybe_ready(r)
 
     def maybe_ready(self, r: Request) -> None:
-        if self.prefill_early:
-            if r.generate_arrived and not r.items:
-                r.layout(encoded=False)
-                self.route[r.index].add(r)
-            else:
-                self.route[r.index].wake()
+        if self.prefill_early:  # admitted on its Generate call: its prefill may now go past this image
+            self.route[r.index].wake()
         elif r.generate_arrived and r.images_left == 0:
             self.route[r.index].add(r)
 
