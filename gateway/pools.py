@@ -187,10 +187,9 @@ class BackendPool:
         results = await asyncio.gather(*(self._check(b, timeout_s) for b in self.backends))
         return sum(results)
 
-    async def check_ejected(self, timeout_s: float) -> int:
-        """Health-check only the servers out of the pool, re-admitting those that pass; how many came back."""
-        results = await asyncio.gather(*(self._check(b, timeout_s) for b in self.backends if not b.up))
-        return sum(results)
+    async def check_ejected(self, timeout_s: float) -> None:
+        """Health-check only the servers out of the pool, re-admitting those that pass."""
+        await asyncio.gather(*(self._check(b, timeout_s) for b in self.backends if not b.up))
 
     async def _check(self, backend: Backend, timeout_s: float) -> bool:
         """Whether `backend` stays in the pool after one health check."""

@@ -810,3 +810,27 @@ def test_between_rounds_only_ejected_servers_are_checked_again_so_one_coming_up_
     assert up_while_starting == [True, False] and not done
     assert healthy_checks == 1
     assert later == at_readmission
+
+
+def test_an_ejected_server_that_never_answers_is_checked_at_the_timeout_s_pace_and_the_pool_at_the_rounds():
+    """Rounds 0.9 s apart and a server out of the pool whose health calls hang: each check of it ends at the health
+    timeout and the next follows, while the server in the pool waits for the next round."""
+    healthy, silent = Vision(), Vision(ready=False)
+
+    async def scenario(servers):
+        pool = VisionPool([await servers.start(healthy), await servers.start(silent)])
+        loop = asyncio.create_task(check_forever([pool], interval_s=0.9, timeout_s=0.05, ejected_interval_s=0.01))
+        try:
+            await wait_until_async(lambda: not pool.backends[1].up, 10, "the unready server ejected")
+            silent.hold = asyncio.Event()  # its health calls answer no more
+            before = silent.checks
+            await wait_until_async(lambda: silent.checks >= before + 5, 10, "the silent server checked five times")
+            return healthy.checks, loop.done()
+        finally:
+            loop.cancel()
+            if silent.hold is not None:
+                silent.hold.set()
+            await pool.close()
+
+    healthy_checks, done = with_servers(scenario)
+    assert healthy_checks <= 2 and not done
