@@ -146,8 +146,8 @@ class Frontend:
     (its own, or a device's); `latency_s` is time every request spends in it without using that core."""
 
     def __init__(self, env: simpy.Environment, costs: FrontendCosts, spread: Spread, core: Device | None = None,
-                 mm_workers: int = 1, latency_s: float = 0.0, name: str = "frontend"):
-        self.env, self.costs, self.latency_s, self.name = env, costs, latency_s, name
+                 mm_workers: int = 1, latency_s: float = 0.0):
+        self.env, self.costs, self.latency_s = env, costs, latency_s
         self.core = core or Device(env, costs.slice_s, spread)
         self.mm_worker = simpy.Resource(env, capacity=mm_workers)
         self.busy_s = 0.0
@@ -335,10 +335,10 @@ class CoupledRun:
         cost = step_cost(profiles)
         self.engines = [Engine(env, config, cost, device, self.to_frontends, encoder=True) for device in devices]
         if api_servers is None:  # one API server per replica, on its device's core when the profile says so
-            self.fronts = [Frontend(env, costs, spread, device if on_device else None, mm_workers, latency_s,
-                                    "api_server") for device in devices]
+            self.fronts = [Frontend(env, costs, spread, device if on_device else None, mm_workers, latency_s)
+                           for device in devices]
         else:
-            self.fronts = [Frontend(env, costs, spread, None, mm_workers, latency_s, "api_server")
+            self.fronts = [Frontend(env, costs, spread, None, mm_workers, latency_s)
                            for _ in range(api_servers)]
         self.next_front = 0  # the API server the next connection goes to
         self.scan_start = 0  # where vLLM's balancer starts its scan
@@ -480,7 +480,7 @@ class DvdRun:
         spread = Spread(profiles.service_time_cv, workload.seed)
         language_servers = len(devices) - vision_servers
         # gateway processes: the profile's count, or one per language server (stateless replicas behind a balancer)
-        self.gateways = [Frontend(env, profiles.gateway, spread, name="gateway")
+        self.gateways = [Frontend(env, profiles.gateway, spread)
                          for _ in range(profiles.gateway.processes or language_servers)] if profiles.gateway else []
         self.languages, self.fronts = self._language_servers([shared[d] for d in devices[vision_servers:]], spread)
         self.links = {id(engine): simpy.Resource(env, capacity=1) for engine in self.languages}  # one receive link each
@@ -508,8 +508,7 @@ class DvdRun:
         engines, fronts = [], {}
         for device in devices:
             engine = Engine(self.env, config, cost, device, self.language_output, encoder=False)
-            fronts[id(engine)] = Frontend(self.env, front_costs, spread, latency_s=front_latency,
-                                          name="language_frontend")
+            fronts[id(engine)] = Frontend(self.env, front_costs, spread, latency_s=front_latency)
             engines.append(engine)
         return engines, fronts
 
@@ -640,7 +639,7 @@ class EpdRun:
         self.client = Client(env)
         spread = Spread(profiles.service_time_cv, workload.seed)
         api = profiles.api_server.model_copy(update={"processes": 1})
-        self.proxy = Frontend(env, proxy, spread, name="proxy")
+        self.proxy = Frontend(env, proxy, spread)
         vision_roofline = profiles.roofline.model_copy(update={"tensor_parallel": 1})
         language_roofline = profiles.roofline.model_copy(update={"cuda_graphs": not language_eager})
         devices = devices_for(env, profiles, workload, encoders + language_servers, exclusive=True)
@@ -650,7 +649,7 @@ class EpdRun:
         self.e_engines, self.e_fronts = [], []
         for i in range(encoders):
             self.e_engines.append(Engine(env, encoder_scheduler, encoder_cost, devices[i], self.encoded, encoder=True))
-            self.e_fronts.append(Frontend(env, api, spread, name="encoder_api_server"))
+            self.e_fronts.append(Frontend(env, api, spread))
         config = engine_config(profiles.model_copy(update={"scheduler": language_scheduler or profiles.scheduler}),
                                language_roofline, vision_weights=False)
         language_cost = step_cost(profiles, language_roofline)
@@ -658,7 +657,7 @@ class EpdRun:
         for i in range(language_servers):
             self.pd_engines.append(Engine(env, config, language_cost, devices[encoders + i], self.language_output,
                                           encoder=False))
-            self.pd_fronts.append(Frontend(env, api, spread, name="language_api_server"))
+            self.pd_fronts.append(Frontend(env, api, spread))
         self.next_encoder = 0
 
     def start(self, r: Request) -> None:
