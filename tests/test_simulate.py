@@ -660,17 +660,20 @@ def _vision(max_batch_tiles=32, max_batch_wait_s=0.005, roofline=None):
     return env, server, done
 
 
-def test_a_batch_that_does_not_fill_waits_for_its_oldest_sequence():
-    env, server, done = _vision()
-    a, b = _request(0, images=(2,)), _request(1, images=(1,))
-
+def _submit_apart(env, server, first, second, delay_s: float) -> None:
+    """`first`'s image to the vision server now, `second`'s `delay_s` later; run until both are encoded."""
     def submit():
-        server.submit(a, 0)
-        yield env.timeout(0.003)
-        server.submit(b, 0)
+        server.submit(first, 0)
+        yield env.timeout(delay_s)
+        server.submit(second, 0)
 
     env.process(submit())
     env.run()
+
+
+def test_a_batch_that_does_not_fill_waits_for_its_oldest_sequence():
+    env, server, done = _vision()
+    _submit_apart(env, server, _request(0, images=(2,)), _request(1, images=(1,)), 0.003)
     # one batch of three tiles (a, b, a) leaves at 5 ms: 30 ms
     assert done == [(1, 0, pytest.approx(0.035)), (0, 0, pytest.approx(0.035))]
     assert server.busy_s == pytest.approx(0.03)
@@ -700,15 +703,7 @@ def test_a_batch_takes_at_most_its_budget_of_sequences():
 
 def test_a_vision_server_waits_again_for_the_next_image():
     env, server, done = _vision()
-    a, b = _request(0, images=(1,)), _request(1, images=(1,))
-
-    def submit():
-        server.submit(a, 0)
-        yield env.timeout(1.0)
-        server.submit(b, 0)
-
-    env.process(submit())
-    env.run()
+    _submit_apart(env, server, _request(0, images=(1,)), _request(1, images=(1,)), 1.0)
     assert done == [(0, 0, pytest.approx(0.015)), (1, 0, pytest.approx(1.015))]
 
 
