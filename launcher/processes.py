@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,23 +19,15 @@ from launcher.waiting import wait_until
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
-# Looked up once, here: `_own_process_group` runs in the forked child before exec, where looking a symbol up
-# (dlopen) can wait forever on a loader lock that another thread of a busy parent (a test run) held at the fork.
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-PR_SET_PDEATHSIG = 1
+# On Linux a server gets SIGTERM if the process that started it dies: util-linux's `setpriv` sets that signal and
+# execs the server (it survives exec). No Python code runs in the forked child, so the child is made with vfork:
+# in a multi-threaded parent (a test run with gRPC's threads, whose fork handlers start a poller in a forked
+# child) a full fork could abort the child before exec.
+_SETPRIV = shutil.which("setpriv") if sys.platform == "linux" else None
 
 
-def _own_process_group() -> None:
-    """Child set-up: Ctrl-C in the terminal reaches only `dvd up`, which stops the servers in order; a signal
-    to the group reaches the server's children (vLLM's engine) too; and on Linux a server gets SIGTERM if
-    `dvd up` itself dies.
-
-    A process group, not a session: Linux schedules each session as one group (autogroup), and a vLLM engine
-    on CPU busy-waits between its two processes; with the servers in sessions of their own, that starved every
-    other session on a 2-core host for up to 10 s at a time (the gateway, the vision server, the client)."""
-    os.setpgid(0, 0)
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    return [_SETPRIV, "--pdeathsig", "TERM", "--", *command] if _SETPRIV else list(command)
 
 
 def http_ready(url: str, headers: dict[str, str] | None = None, health: dict | None = None) -> Callable[[], bool]:
@@ -53,8 +45,13 @@ def http_ready(url: str, headers: dict[str, str] | None = None, health: dict | N
 
 class Servers:
     """Named server processes started together, waited for with one readiness probe, stopped together: the one
-    way `dvd up`, the tests and the benchmarks start servers. Each runs in its own process group (see
-    `_own_process_group`), so that a signal to its process group reaches its children (vLLM's engine) too."""
+    way `dvd up`, the tests and the benchmarks start servers.
+
+    Each runs in a process group of its own: Ctrl-C in the terminal reaches only `dvd up`, which stops the servers
+    in order, and a signal to the group reaches the server's children (vLLM's engine) too. A process group, not
+    a session: Linux schedules each session as one group (autogroup), and a vLLM engine on CPU busy-waits
+    between its two processes; with the servers in sessions of their own, that starved every other session on
+    a 2-core host for up to 10 s at a time (the gateway, the vision server, the client)."""
 
     def __init__(self, commands: dict[str, list[str]], *, log_dir: Path | None = None,
                  env: dict[str, str] | None = None, stop_timeout_s: float = 15.0):
@@ -74,9 +71,9 @@ class Servers:
                 if log.exists():
                     log.rename(self.log_dir / f"{name}.{time.monotonic_ns()}.log")
                 output = open(log, "wb")  # noqa: SIM115 (owned by the child)
-            self.processes[name] = subprocess.Popen(self.commands[name], env=env, stdout=output,
-                                                    stderr=subprocess.STDOUT if output else None,
-                                                    preexec_fn=_own_process_group)
+            self.processes[name] = subprocess.Popen(_with_parent_death_signal(self.commands[name]), env=env,
+                                                    stdout=output, stderr=subprocess.STDOUT if output else None,
+                                                    process_group=0)
             if output:
                 output.close()
         return self

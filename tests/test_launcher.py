@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +56,22 @@ def test_servers_get_a_process_group_of_their_own_in_the_launchers_session_and_s
         assert alive(children["other"])
     assert servers.processes["other"].poll() is not None
     wait_until(lambda: not alive(children["other"]), 30, "the stopped server's child is gone")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="the parent-death signal needs util-linux's setpriv")
+def test_a_server_gets_sigterm_when_the_process_that_started_it_dies():
+    """`dvd up` killed outright (no chance to stop its servers) still takes them with it."""
+    starter = [sys.executable, "-c", "import sys, time; from launcher import Servers; "
+               "s = Servers({'server': [sys.executable, '-c', 'import time; time.sleep(600)']}).start(); "
+               "print(s.processes['server'].pid, flush=True); time.sleep(600)"]
+    parent = subprocess.Popen(starter, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        server = int(parent.stdout.readline())
+        assert alive(server)
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_until(lambda: not alive(server), 30, "the server of the killed parent is gone")
 
 
 def test_a_server_that_exits_during_start_up_fails_the_wait_with_its_log(tmp_path):
