@@ -18,7 +18,6 @@ from language_server.output import OutputParsers
 from language_server.prompt import ChatRenderer, load_chat_template
 from language_server.service import LanguageService
 from language_server.settings import LanguageServerSettings
-from language_server.vllm_plugin import skip_final_collection
 from proto import dvd_pb2, dvd_pb2_grpc
 from transport.backends import build_receiver
 from transport.frames import ImageFeatures
@@ -144,5 +143,4 @@ async def _serve(settings: LanguageServerSettings, engine) -> None:
 
 
 def main(settings: LanguageServerSettings, engine_args) -> None:
-    skip_final_collection()
     asyncio.run(serve(settings, engine_args))

@@ -41,8 +41,9 @@ def skip_final_collection() -> None:
     the heap of torch, vLLM and transformers that collection took 2-3 s per process on two busy cores, and vLLM's
     shutdown gives its engine process 5 s before it kills it (its worker's collection comes first); a language
     server then took 6-12 s to stop on SIGTERM, 1.5 s with this. The memory goes back to the system with the
-    process either way. vLLM does the same on ROCm after a clean shutdown. One
-    side effect: nanobind extensions (triton's) list their still-living objects as "leaked" on the way out."""
+    process either way. vLLM does the same on ROCm after a clean shutdown. One side effect: nanobind extensions
+    (triton's) list their still-living objects as "leaked" on the way out. The language server's own process
+    gets it too: `build_engine` sets `EXIT_FAST_ENV` before it calls `register`."""
     atexit.register(gc.freeze)
 
 
