@@ -76,10 +76,11 @@ def api_server_costs(model: ModelGeometry, measured: Path) -> FrontendCosts:
                            "(python -m benchmarks.mm_processor writes it)") from None
     except KeyError:
         raise ProfileError(f"{measured}: no measured costs for the {family} processor") from None
-    return FrontendCosts(**{k: max(0.0, fit[k]) for k in ("request_s", "image_s", "tile_s",
-                                                                        "text_token_s", "output_token_s")},
-                         source=f"{measured}: vllm serve's API server on {document['machine']['cpu']} "
-                                f"({document['machine']['cores']} cores), {family} processor, "
+    where = document["machine"]  # `cpus` as benchmarks/toolkit/machine.py writes it; `cores` in older files
+    return FrontendCosts(**{k: max(0.0, fit.get(k, 0.0)) for k in ("request_s", "image_s", "tile_s", "text_token_s",
+                                                                     "image_text_token_s", "output_token_s")},
+                         source=f"{measured}: vllm serve's API server on {where['cpu']} "
+                                f"({where.get('cpus', where.get('cores'))} cores), {family} processor, "
                                 f"{document['measured_at']}")
 
 

@@ -140,6 +140,10 @@ class FrontendCosts(BaseModel):
     image_s: float = Field(0.0, ge=0)  # per image, on the multimodal worker
     tile_s: float = Field(0.0, ge=0)  # per encoder sequence (InternVL's processor works tile by tile)
     text_token_s: float = Field(0.0, ge=0)  # per prompt text token, on the multimodal worker when there are images
+    # per image and prompt text token, on the multimodal worker: vLLM 0.12 looks for each image's placeholder by
+    # scanning the prompt's tokens in Python (`vllm/multimodal/processing.py`: `_find_matches`,
+    # `iter_token_matches`), so a long prompt makes every image dearer
+    image_text_token_s: float = Field(0.0, ge=0)
     output_token_s: float = Field(0.0, ge=0)  # per streamed output token, on the event loop
     slice_s: float = Field(0.005, gt=0)  # `sys.getswitchinterval()`'s default
     source: str = ""

@@ -170,7 +170,8 @@ class Frontend:
         text_s = r.text_tokens * c.text_token_s
         if c.request_s or (text_s and not images):
             yield from self._run(c.request_s + (0.0 if images else text_s))
-        mm_s = images * c.image_s + sum(len(s) for s in r.sequences) * c.tile_s + (text_s if images else 0.0)
+        mm_s = (images * (c.image_s + r.text_tokens * c.image_text_token_s)
+                + sum(len(s) for s in r.sequences) * c.tile_s + (text_s if images else 0.0))
         if mm_s:
             with self.mm_worker.request() as worker:
                 yield worker

@@ -463,3 +463,17 @@ def test_dvd_plan_derive_sizes_38b_with_tensor_parallelism_2_and_refuses_it_on_o
     assert derived.scheduler.max_num_batched_tokens == 8192  # vLLM's H100 default
     refused = subprocess.run(command + ["1"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "does not fit 1 x NVIDIA H100 SXM" in refused.stderr
+
+
+@pytest.mark.parametrize("file", ["mm_processor_cpu.json", "mm_processor_cpu_vllm_0.12.json"])
+def test_api_server_costs_read_each_committed_measurement(file):
+    """Both layouts of the measurement files: the machine's `cores` (older) and `cpus` (benchmarks/toolkit)."""
+    from planner.derive import api_server_costs
+    from planner.geometry import QWEN3_VL_4B
+
+    measured = Path(__file__).parents[1] / "benchmarks" / "results" / file
+    fit = json.loads(measured.read_text())["models"]["qwen3-vl"]["fit"]
+    costs = api_server_costs(QWEN3_VL_4B, measured)
+    assert costs.image_s == fit["image_s"] > 0 and costs.output_token_s == fit["output_token_s"] > 0
+    assert costs.image_text_token_s == fit.get("image_text_token_s", 0.0)
+    assert "(2 cores), qwen3-vl processor" in costs.source

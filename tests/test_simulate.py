@@ -249,6 +249,15 @@ def test_taking_a_request_with_images_runs_its_text_on_the_multimodal_worker():
     assert front.busy_s == pytest.approx(0.85)
 
 
+def test_each_image_costs_more_with_a_longer_prompt_where_the_processor_scans_it_per_image():
+    costs = FrontendCosts(image_s=0.2, image_text_token_s=0.001)
+    # 2 images x (0.2 + 100 text tokens x 0.001), on the multimodal worker
+    done, front = _take_times(costs, [_request(text=100, images=(1, 1))])
+    assert done == {0: pytest.approx(0.6)} and front.busy_s == pytest.approx(0.6)
+    done, front = _take_times(costs, [_request(text=100)])  # no image, no scan
+    assert done == {0: 0.0} and front.busy_s == 0.0
+
+
 def test_taking_a_text_request_runs_its_text_on_the_event_loop():
     done, front = _take_times(COSTS, [_request(text=10)])
     assert done == {0: pytest.approx(0.2)} and front.busy_s == pytest.approx(0.2)
