@@ -16,7 +16,8 @@ time and its example's flags (`examples/online_serving/disaggregated_encoder/dis
   storage.
 
 Nothing here is fitted to the published figures: the GPU costs are the roofline of `planner.roofline` on the
-A100's data sheet, the API server's costs are measured on CPU (`benchmarks/mm_processor.py`).
+A100's data sheet, the API server's costs are measured on CPU (`benchmarks/mm_processor.py`) with vLLM 0.12, the
+release current at the post (0.12.0, 2025-12-03), whose processor costs several times vLLM 0.32's per image.
 """
 
 from __future__ import annotations

@@ -106,6 +106,8 @@ def derive_profile(
 
 RESULTS = Path("benchmarks/results")
 API_COSTS = RESULTS / "mm_processor_cpu.json"
+# vLLM 0.12's API server: the release current at the anchor's post (vLLM 0.12.0, 2025-12-03; the post 2025-12-15)
+ANCHOR_API_COSTS = RESULTS / "mm_processor_cpu_vllm_0.12.json"
 HOST_PROFILE = RESULTS / "profiles" / "cpu_tiny_2026_12.json"
 
 
@@ -113,27 +115,23 @@ HOST_PROFILE = RESULTS / "profiles" / "cpu_tiny_2026_12.json"
 def anchor_command(
     out: Annotated[Path, typer.Option(help="Result files' stem (.json, .md)")] = RESULTS / "plan_anchor_a100_qwen3vl4b",
     host_profile: Annotated[Path, typer.Option(help="Measured CPU profile (DvD's host costs)")] = HOST_PROFILE,
-    api_server_costs: Annotated[Path, typer.Option(help="vLLM API-server costs (mm_processor)")] = API_COSTS,
-    processor_cost_factor: Annotated[float, typer.Option(
-        help="A diagnostic, not a prediction: multiply the API server's per-image and per-text-token costs")] = 1.0,
+    api_server_costs: Annotated[Path, typer.Option(
+        help="vLLM API-server costs (mm_processor); default: vLLM 0.12's, the release the post's time ran")] = (
+        ANCHOR_API_COSTS),
 ) -> None:
     """Predict the published GPU anchor (vLLM's encoder-disaggregation post): DP4 against 1E3PD, every point."""
     from planner import anchor
 
     profiles = anchor.profile(StageProfiles.load(host_profile), str(api_server_costs))
-    if processor_cost_factor != 1.0:
-        api = profiles.api_server
-        profiles.api_server = api.model_copy(update={"image_s": api.image_s * processor_cost_factor,
-                                                     "text_token_s": api.text_token_s * processor_cost_factor})
     rows = []
     for point in anchor.PUBLISHED:
         rows.append(anchor.predict(profiles, point))
         typer.echo(rows[-1].model_dump_json())
     table = anchor.table(rows)
-    out.with_suffix(".md").write_text(table)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"command": "dvd plan anchor" + (f" --processor-cost-factor {processor_cost_factor:g}"
-                                         if processor_cost_factor != 1.0 else ""),
+    Path(f"{out}.md").write_text(table)  # not with_suffix: a stem may hold a dot (..._vllm_0.32)
+    Path(f"{out}.json").write_text(json.dumps(
+        {"command": "dvd plan anchor" + (f" --api-server-costs {api_server_costs} --out {out}"
+                                         if api_server_costs != ANCHOR_API_COSTS else ""),
          "profile": profiles.model_dump(mode="json"),
          "rows": [r.model_dump() | {"coupled_ratio": r.coupled_ratio, "decoupled_ratio": r.decoupled_ratio,
                                     "direction_right": r.direction_right} for r in rows]}, indent=2) + "\n")
