@@ -8,7 +8,8 @@ sustainable request rate with P99 TTFT <= 20 s and P99 TPOT <= 100 ms; data para
 time and its example's flags (`examples/online_serving/disaggregated_encoder/disagg_1e1pd_example.sh`):
 
 - coupled: one `vllm serve --data-parallel-size 4`, one API server (the default until vLLM's January 2026
-  change to one per data-parallel rank), A100 scheduler defaults (2048 tokens, 256 sequences), CUDA graphs;
+  change to one per data-parallel rank), A100 scheduler defaults (2048 tokens, 256 sequences), CUDA graphs,
+  no async scheduling (vLLM 0.12's default; every engine here);
 - decoupled: the example's encoder instance (`--max-num-batched-tokens 4096 --max-num-seqs 128
   --enforce-eager`, encoder only) and prefill/decode instances (`--enforce-eager --max-num-seqs 128`), each
   `vllm serve` with its own API server; the example's proxy in front, one encode request per image (its CPU
@@ -49,8 +50,11 @@ class Point:
 PUBLISHED = [Point(400, 1, 23, 24), Point(400, 4, 6, 12), Point(2000, 1, 8, 18), Point(2000, 2, None, 11),
              Point(2000, 3, 4, 9), Point(2000, 4, 4, 8)]
 
+# vLLM 0.12 schedules synchronously unless `--async-scheduling` is given (`vllm/config/scheduler.py`,
+# `async_scheduling: bool = False`): each step pays the host's work and then the GPU's
+ASYNC_SCHEDULING = False
 ENCODER_SCHEDULER = SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=128,
-                                    max_item_tokens=QWEN3_VL_4B.images.max_tokens())
+                                    max_item_tokens=QWEN3_VL_4B.images.max_tokens(), async_scheduling=ASYNC_SCHEDULING)
 SHARED_STORAGE = TransportProfile(
     backend="ec-shared-storage", bandwidth_gb_s=2.0, latency_s=0.001,
     source="assumed: each image's features written to and read back from a local file (ECSharedStorageConnector)")
@@ -90,7 +94,8 @@ def profile(host: StageProfiles, api_costs: str) -> StageProfiles:
     derived = derive(QWEN3_VL_4B, host, device=a100.name + " (derived)", peak_tflops=a100.bf16_tflops,
                      hbm_gb_s=a100.hbm_gb_s, memory_gib=a100.memory_gib, nvlink_gb_s=a100.nvlink_gb_s,
                      api_server=api)
-    return derived.model_copy(update={"transport": SHARED_STORAGE})
+    scheduler = derived.engine_scheduler().model_copy(update={"async_scheduling": ASYNC_SCHEDULING})
+    return derived.model_copy(update={"transport": SHARED_STORAGE, "scheduler": scheduler})
 
 
 def workload(point: Point, requests: int = 400) -> Workload:
