@@ -9,7 +9,8 @@ time and its example's flags (`examples/online_serving/disaggregated_encoder/dis
 
 - coupled: one `vllm serve --data-parallel-size 4`, one API server (the default until vLLM's January 2026
   change to one per data-parallel rank), A100 scheduler defaults (2048 tokens, 256 sequences), CUDA graphs,
-  no async scheduling (vLLM 0.12's default; every engine here);
+  no async scheduling (vLLM 0.12's default; every engine here), the four engines stepping together (0.12's
+  data parallelism for any model: each step waits for the slowest rank, `planner.engine.Lockstep`);
 - decoupled: the example's encoder instance (`--max-num-batched-tokens 4096 --max-num-seqs 128
   --enforce-eager`, encoder only) and prefill/decode instances (`--enforce-eager --max-num-seqs 128`), each
   `vllm serve` with its own API server; the example's proxy in front, one encode request per image (its CPU
@@ -53,6 +54,9 @@ PUBLISHED = [Point(400, 1, 23, 24), Point(400, 4, 6, 12), Point(2000, 1, 8, 18),
 # vLLM 0.12 schedules synchronously unless `--async-scheduling` is given (`vllm/config/scheduler.py`,
 # `async_scheduling: bool = False`): each step pays the host's work and then the GPU's
 ASYNC_SCHEDULING = False
+# vLLM 0.12 steps a data-parallel `vllm serve`'s engines together even for a dense model (`vllm/v1/engine/core.py`,
+# `run_engine_core`: `DPEngineCoreProc` whenever `data_parallel_size > 1`; `planner.engine.Lockstep`)
+DP_LOCKSTEP = True
 ENCODER_SCHEDULER = SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=128,
                                     max_item_tokens=QWEN3_VL_4B.images.max_tokens(), async_scheduling=ASYNC_SCHEDULING)
 SHARED_STORAGE = TransportProfile(
@@ -114,7 +118,7 @@ def predict(profiles: StageProfiles, point: Point, **search) -> Row:
     load = workload(point)
 
     def coupled(trial: Workload):
-        return simulate_coupled(profiles, trial, replicas=4, api_servers=1)
+        return simulate_coupled(profiles, trial, replicas=4, api_servers=1, lockstep=DP_LOCKSTEP)
 
     def decoupled(trial: Workload):
         return simulate_epd(profiles, trial, encoders=1, language_servers=3, proxy=proxy_costs(profiles),

@@ -21,6 +21,10 @@ Each mechanism is vLLM 0.32's, from the file named:
 - KV cache: a request is admitted only when the cache holds its prompt and output (`kv_cache_manager.py`
   allocates blocks as tokens are scheduled; this takes the whole request at admission, so nothing is preempted).
 
+- `vllm/v1/engine/core.py` (`DPEngineCoreProc`) and `vllm/v1/worker/dp_utils.py`: a data-parallel group whose
+  ranks step together (`Lockstep`): a mixture-of-experts model's under `--data-parallel-size`, and in vLLM 0.12
+  every model's.
+
 A DvD language server runs the same scheduler without an encoder: its images' features arrive from a vision
 server and are in place before the request is admitted.
 """
@@ -132,9 +136,10 @@ class Engine:
     """One engine core on one device (or tensor-parallel group), fed requests by `add`."""
 
     def __init__(self, env: simpy.Environment, config: SchedulerConfig, cost: StepCost, device,
-                 on_output: Callable[[list[Request]], None], encoder: bool):
+                 on_output: Callable[[list[Request]], None], encoder: bool, lockstep: Lockstep | None = None):
         """`on_output` gets each step's requests that sampled a token (`generated` counts them); `encoder`: the
-        engine runs the vision encoder in its steps (coupled serving), else features come in ready."""
+        engine runs the vision encoder in its steps (coupled serving), else features come in ready. `lockstep`:
+        the data-parallel group whose steps this engine's steps are (it then runs no loop of its own)."""
         self.env, self.config, self.cost, self.device = env, config, cost, device
         self.on_output, self.encoder = on_output, encoder
         self.waiting: deque[Request] = deque()
@@ -146,7 +151,11 @@ class Engine:
         self.encoder_cache_used = 0
         self.compute_budget, self.cache_size = config.encoder_budgets()
         self._wake = env.event()
-        env.process(self._loop())
+        self.lockstep = lockstep
+        if lockstep is None:
+            env.process(self._loop())
+        else:
+            lockstep.engines.append(self)
 
     def add(self, request: Request) -> None:
         """Queue a request. Its images are laid out in its prompt unless the caller did (DvD's features arriving
@@ -157,8 +166,10 @@ class Engine:
         self.wake()
 
     def wake(self) -> None:
-        """Something changed that may let a step schedule more (an arrival, features in)."""
-        if not self._wake.triggered:
+        """Something changed that may let a step schedule more (an arrival, features in, a finish)."""
+        if self.lockstep is not None:
+            self.lockstep.wake()
+        elif not self._wake.triggered:
             self._wake.succeed()
 
     @property
@@ -232,29 +243,35 @@ class Engine:
                 self.encoder_cache_used += item.tokens
         return plan
 
+    def next_step(self) -> tuple[list[Scheduled], StepShape, list[int]]:
+        """Schedule one step: its plan, the language model's shape and the encoder sequences it runs."""
+        plan = self.schedule()
+        shape = StepShape()
+        for s in plan:
+            r = s.request
+            shape.add_chunk(s.tokens, r.computed + r.generated, decode=r.computed >= r.prompt_tokens)
+        return plan, shape, [seq for s in plan for item in s.items for seq in item.sequences]
+
+    def step_seconds(self, device_s: float, host_s: float) -> float:
+        """A step's wall time: the longer of host and device work under async scheduling, else their sum."""
+        self.busy_s += device_s
+        self.steps += 1
+        return max(device_s, host_s) if self.config.async_scheduling else device_s + host_s
+
     def _loop(self):
         while True:
             if not self.waiting and not self.running:
                 self._wake = self.env.event()
                 yield self._wake
-            plan = self.schedule()
+            plan, shape, encoder_sequences = self.next_step()
             if not plan:  # nothing fits (KV cache full, features on their way): wait for a finish or an arrival
                 self._wake = self.env.event()
                 yield self._wake
                 continue
-            shape = StepShape()
-            for s in plan:
-                r = s.request
-                shape.add_chunk(s.tokens, r.computed + r.generated, decode=r.computed >= r.prompt_tokens)
-            encoder_sequences = [seq for s in plan for item in s.items for seq in item.sequences]
-            device_s, host_s = self.cost(shape, encoder_sequences)
-            seconds = max(device_s, host_s) if self.config.async_scheduling else device_s + host_s
-            self.busy_s += device_s
-            self.steps += 1
-            yield from self.device.run(seconds)
-            self._apply(plan)
+            yield from self.device.run(self.step_seconds(*self.cost(shape, encoder_sequences)))
+            self.finish_step(plan)
 
-    def _apply(self, plan: list[Scheduled]) -> None:
+    def finish_step(self, plan: list[Scheduled]) -> None:
         """The step's outputs: computed tokens, freed encoder cache, first and decode tokens, finished requests."""
         sampled: list[Request] = []
         for s in plan:
@@ -278,6 +295,48 @@ class Engine:
             for r in finished:
                 self.kv_used -= r.prompt_tokens + r.output_tokens
                 self.outstanding -= 1
-            if not self._wake.triggered:
-                self._wake.succeed()
+            self.wake()
         self.on_output(sampled)
+
+
+class Lockstep:
+    """Data-parallel ranks whose every step is one step of all of them: vLLM's `DPEngineCoreProc`.
+
+    Each step every rank all-reduces its token count before its forward (`vllm/v1/worker/dp_utils.py`,
+    `coordinate_batch_across_dp`, called from `gpu_model_runner.py`'s `execute_model`), pads its forward to the
+    largest count when CUDA graphs are on, and runs its own encoder inputs; a rank with nothing scheduled runs a
+    dummy batch while any rank has work (`vllm/v1/engine/core.py`, `DPEngineCoreProc.run_busy_loop`). So a step
+    lasts as long as the slowest rank's, and one rank's prefill stalls every rank's decodes.
+
+    vLLM 0.12 did this for every model under `--data-parallel-size`; since vllm-project/vllm#30739 (after 0.12)
+    only a mixture-of-experts model's ranks do, a dense model's running as independent engines.
+    """
+
+    def __init__(self, env: simpy.Environment):
+        self.env = env
+        self.engines: list[Engine] = []
+        self._wake = env.event()
+        env.process(self._loop())
+
+    def wake(self) -> None:
+        if not self._wake.triggered:
+            self._wake.succeed()
+
+    def _loop(self):
+        env = self.env
+        while True:
+            steps = [(engine, *engine.next_step()) for engine in self.engines]
+            if not any(plan for _, plan, _, _ in steps):
+                self._wake = env.event()
+                yield self._wake
+                continue
+            language_s = [engine.cost(shape, [])[0] for engine, _, shape, _ in steps]
+            padded_s = max(language_s)  # every rank's forward is padded to the largest rank's tokens
+            runs = []
+            for (engine, _, shape, sequences), own_s in zip(steps, language_s):
+                device_s, host_s = engine.cost(shape, sequences)
+                runs.append(env.process(engine.device.run(engine.step_seconds(device_s + padded_s - own_s, host_s))))
+            yield env.all_of(runs)
+            for engine, plan, _, _ in steps:
+                if plan:
+                    engine.finish_step(plan)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from planner.engine import Engine, Request, SchedulerConfig
+from planner.engine import Engine, Lockstep, Request, SchedulerConfig
 from planner.geometry import NativeImages
 from planner.profiles import FrontendCosts, StageProfiles
 from planner.roofline import Roofline, StepShape
@@ -306,22 +306,24 @@ def _least_outstanding(servers):
 
 
 def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int,
-                     api_servers: int | None = None) -> Result:
+                     api_servers: int | None = None, lockstep: bool = False) -> Result:
     """Coupled serving: each device runs encoder and language model in one vLLM engine.
 
     `api_servers` None: `replicas` separate `vllm serve` instances behind a balancer (least outstanding
     requests), each with its own API server. A number: one data-parallel `vllm serve` whose API servers (that
     many) share the engines through vLLM's balancer (lowest `waiting * 4 + running`). A derived profile's
-    `api_server.processes` gives that number unless it is given here.
+    `api_server.processes` gives that number unless it is given here. `lockstep`: that `vllm serve`'s engines
+    step together (`planner.engine.Lockstep`: vLLM 0.12 for any model, later releases for a mixture of experts).
     """
-    return CoupledRun(profiles, workload, replicas, api_servers).run()
+    return CoupledRun(profiles, workload, replicas, api_servers, lockstep).run()
 
 
 class CoupledRun:
     """One simulated run of coupled serving (`simulate_coupled`): its engines, its API servers, and how a request
     goes through them."""
 
-    def __init__(self, profiles: StageProfiles, workload: Workload, replicas: int, api_servers: int | None):
+    def __init__(self, profiles: StageProfiles, workload: Workload, replicas: int, api_servers: int | None,
+                 lockstep: bool = False):
         self.workload, self.replicas = workload, replicas
         self.env = env = simpy.Environment()
         self.requests = make_requests(workload, profiles)
@@ -334,7 +336,11 @@ class CoupledRun:
         devices = devices_for(env, profiles, workload, replicas, exclusive=not on_device)
         config = engine_config(profiles, profiles.roofline, vision_weights=True)
         cost = step_cost(profiles)
-        self.engines = [Engine(env, config, cost, device, self.to_frontends, encoder=True) for device in devices]
+        if lockstep and api_servers is None:
+            raise ValueError("lockstep needs one data-parallel `vllm serve` (api_servers), not separate instances")
+        group = Lockstep(env) if lockstep else None
+        self.engines = [Engine(env, config, cost, device, self.to_frontends, encoder=True, lockstep=group)
+                        for device in devices]
         if api_servers is None:  # one API server per replica, on its device's core when the profile says so
             self.fronts = [Frontend(env, costs, spread, device if on_device else None, mm_workers, latency_s)
                            for device in devices]

@@ -307,6 +307,76 @@ def test_a_step_that_encodes_an_image_delays_every_running_decode():
     assert times[1][0] == pytest.approx(times[0][int(np.argmax(gaps)) + 1])  # the image's request prefilled then
 
 
+def _two_ranks(lockstep: bool):
+    """Two engines: data-parallel ranks stepping together (vLLM's `DPEngineCoreProc`) or separate ones; each step
+    costs 10 ms, 0.1 ms per prefill token and 50 ms per encoder sequence. Returns (env, engines, token times per
+    request index)."""
+    import simpy
+
+    from planner.engine import Engine, Lockstep, SchedulerConfig
+    from planner.simulate import Device, Spread
+
+    def cost(shape, sequences):
+        return 0.01 + 1e-4 * sum(shape.prefill_chunks) + 0.05 * len(sequences), 0.0
+
+    env = simpy.Environment()
+    times: dict[int, list[float]] = {}
+
+    def output(sampled):
+        for r in sampled:
+            times.setdefault(r.index, []).append(env.now)
+
+    group = Lockstep(env) if lockstep else None
+    engines = [Engine(env, SchedulerConfig(max_num_batched_tokens=4096), cost, Device(env, None, Spread(0.0, 0)),
+                      output, encoder=True, lockstep=group) for _ in range(2)]
+    return env, engines, times
+
+
+def _decodes_beside_a_late_prompt(lockstep: bool) -> tuple[np.ndarray, list[float]]:
+    """Rank 0 decodes 30 tokens; at 55 ms rank 1 gets a 1,000-token prompt and one image. Returns rank 0's gaps
+    between tokens and rank 1's token times."""
+    env, (first, second), times = _two_ranks(lockstep)
+    first.add(_request(0, text=10, output=30))
+
+    def late_prompt():
+        yield env.timeout(0.055)
+        second.add(_request(1, text=1000, images=[256], output=2))
+
+    env.process(late_prompt())
+    env.run()
+    return np.diff(times[0]), times[1]
+
+
+def test_a_lockstep_ranks_decodes_wait_for_another_ranks_prefill_and_its_encoder():
+    gaps, late = _decodes_beside_a_late_prompt(lockstep=True)
+    # rank 1's step: its 1,258-token prefill (rank 0's forward padded to it) and its encoder
+    assert max(gaps) == pytest.approx(0.01 + 1e-4 * 1258 + 0.05)
+    assert sorted(gaps)[-2] == pytest.approx(0.01)  # every other step is a decode step on both ranks
+    # rank 1 waits for the step in flight: rank 0's steps end at 11 ms (its 10-token prompt), 21 ms, ... 61 ms
+    assert late[0] == pytest.approx(0.061 + 0.01 + 1e-4 * 1258 + 0.05)
+
+
+def test_separate_engines_never_wait_for_each_other():
+    gaps, late = _decodes_beside_a_late_prompt(lockstep=False)
+    assert gaps == pytest.approx([0.01] * 29)
+    assert late[0] == pytest.approx(0.055 + 0.01 + 1e-4 * 1258 + 0.05)  # rank 1 starts at once
+
+
+def test_an_idle_lockstep_rank_runs_dummy_steps_padded_to_the_busy_ranks_tokens():
+    env, (idle, busy), _ = _two_ranks(lockstep=True)
+    busy.add(_request(0, text=1000, images=[256], output=3))
+    env.run()
+    assert idle.steps == busy.steps == 3
+    assert idle.busy_s == pytest.approx(busy.busy_s - 0.05)  # the encoder is the busy rank's own; the forward not
+
+
+def test_lockstep_is_one_data_parallel_vllm_serve_not_separate_instances():
+    from planner.simulate import simulate_coupled
+
+    with pytest.raises(ValueError, match="one data-parallel"):
+        simulate_coupled(profile(), workload(requests=1), replicas=2, api_servers=None, lockstep=True)
+
+
 def test_chunked_prefill_keeps_every_step_within_the_token_budget_and_serves_running_requests_first():
     from planner.engine import SchedulerConfig
 
