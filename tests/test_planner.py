@@ -261,11 +261,12 @@ def test_relative_spread_pools_repeated_measurements():
 # ---------------------------------------------------------------- vLLM's engine, the roofline, geometry, sustained
 
 
-def _engine(config, cost):
-    """One simulated vLLM engine on a whole-turn device; returns (env, engine, token times per request index)."""
+def _engines(config, cost, count: int = 1, lockstep: bool = False):
+    """Simulated vLLM engines, each on a whole-turn device, stepping together (`lockstep`: data-parallel ranks
+    under vLLM's `DPEngineCoreProc`) or each on its own; returns (env, engines, token times per request index)."""
     import simpy
 
-    from planner.engine import Engine
+    from planner.engine import Engine, Lockstep
     from planner.simulate import Device, Spread
 
     env = simpy.Environment()
@@ -275,8 +276,24 @@ def _engine(config, cost):
         for r in sampled:
             times.setdefault(r.index, []).append(env.now)
 
-    engine = Engine(env, config, cost, Device(env, None, Spread(0.0, 0)), output, encoder=True)
+    group = Lockstep(env) if lockstep else None
+    engines = [Engine(env, config, cost, Device(env, None, Spread(0.0, 0)), output, encoder=True, lockstep=group)
+               for _ in range(count)]
+    return env, engines, times
+
+
+def _engine(config, cost):
+    """One simulated vLLM engine; returns (env, engine, token times per request index)."""
+    env, (engine,), times = _engines(config, cost)
     return env, engine, times
+
+
+def _add_at(env, engine, seconds: float, request) -> None:
+    """Hand `engine` the request at simulated time `seconds`."""
+    def later():
+        yield env.timeout(seconds)
+        engine.add(request)
+    env.process(later())
 
 
 def _request(index, text, images=(), output=4, images_first=True):
@@ -294,12 +311,7 @@ def test_a_step_that_encodes_an_image_delays_every_running_decode():
 
     env, engine, times = _engine(SchedulerConfig(max_num_batched_tokens=4096), cost)
     engine.add(_request(0, text=100, output=50))
-
-    def late_image():
-        yield env.timeout(0.105)
-        engine.add(_request(1, text=10, images=[256], output=2))
-
-    env.process(late_image())
+    _add_at(env, engine, 0.105, _request(1, text=10, images=[256], output=2))
     env.run()
     gaps = np.diff(times[0])
     assert max(gaps) == pytest.approx(0.51)  # the step with the image: decode and encoder together
@@ -308,28 +320,13 @@ def test_a_step_that_encodes_an_image_delays_every_running_decode():
 
 
 def _two_ranks(lockstep: bool):
-    """Two engines: data-parallel ranks stepping together (vLLM's `DPEngineCoreProc`) or separate ones; each step
-    costs 10 ms, 0.1 ms per prefill token and 50 ms per encoder sequence. Returns (env, engines, token times per
-    request index)."""
-    import simpy
-
-    from planner.engine import Engine, Lockstep, SchedulerConfig
-    from planner.simulate import Device, Spread
+    """Two engines, each step costing 10 ms, 0.1 ms per prefill token and 50 ms per encoder sequence."""
+    from planner.engine import SchedulerConfig
 
     def cost(shape, sequences):
         return 0.01 + 1e-4 * sum(shape.prefill_chunks) + 0.05 * len(sequences), 0.0
 
-    env = simpy.Environment()
-    times: dict[int, list[float]] = {}
-
-    def output(sampled):
-        for r in sampled:
-            times.setdefault(r.index, []).append(env.now)
-
-    group = Lockstep(env) if lockstep else None
-    engines = [Engine(env, SchedulerConfig(max_num_batched_tokens=4096), cost, Device(env, None, Spread(0.0, 0)),
-                      output, encoder=True, lockstep=group) for _ in range(2)]
-    return env, engines, times
+    return _engines(SchedulerConfig(max_num_batched_tokens=4096), cost, count=2, lockstep=lockstep)
 
 
 def _decodes_beside_a_late_prompt(lockstep: bool) -> tuple[np.ndarray, list[float]]:
@@ -337,12 +334,7 @@ def _decodes_beside_a_late_prompt(lockstep: bool) -> tuple[np.ndarray, list[floa
     between tokens and rank 1's token times."""
     env, (first, second), times = _two_ranks(lockstep)
     first.add(_request(0, text=10, output=30))
-
-    def late_prompt():
-        yield env.timeout(0.055)
-        second.add(_request(1, text=1000, images=[256], output=2))
-
-    env.process(late_prompt())
+    _add_at(env, second, 0.055, _request(1, text=1000, images=[256], output=2))
     env.run()
     return np.diff(times[0]), times[1]
 
