@@ -20,7 +20,6 @@ Each mechanism is vLLM 0.32's, from the file named:
   step with the device's work for this one, so a step costs the longer of the two, not their sum.
 - KV cache: a request is admitted only when the cache holds its prompt and output (`kv_cache_manager.py`
   allocates blocks as tokens are scheduled; this takes the whole request at admission, so nothing is preempted).
-
 - `vllm/v1/engine/core.py` (`DPEngineCoreProc`) and `vllm/v1/worker/dp_utils.py`: a data-parallel group whose
   ranks step together (`Lockstep`): a mixture-of-experts model's under `--data-parallel-size`, and in vLLM 0.12
   every model's.
@@ -252,8 +251,9 @@ class Engine:
             shape.add_chunk(s.tokens, r.computed + r.generated, decode=r.computed >= r.prompt_tokens)
         return plan, shape, [seq for s in plan for item in s.items for seq in item.sequences]
 
-    def step_seconds(self, device_s: float, host_s: float) -> float:
-        """A step's wall time: the longer of host and device work under async scheduling, else their sum."""
+    def count_step(self, device_s: float, host_s: float) -> float:
+        """Count a step and its device time; returns its wall time: the longer of host and device work under async
+        scheduling, else their sum."""
         self.busy_s += device_s
         self.steps += 1
         return max(device_s, host_s) if self.config.async_scheduling else device_s + host_s
@@ -268,7 +268,7 @@ class Engine:
                 self._wake = self.env.event()
                 yield self._wake
                 continue
-            yield from self.device.run(self.step_seconds(*self.cost(shape, encoder_sequences)))
+            yield from self.device.run(self.count_step(*self.cost(shape, encoder_sequences)))
             self.finish_step(plan)
 
     def finish_step(self, plan: list[Scheduled]) -> None:
@@ -335,7 +335,7 @@ class Lockstep:
             runs = []
             for (engine, _, shape, sequences), own_s in zip(steps, language_s):
                 device_s, host_s = engine.cost(shape, sequences)
-                runs.append(env.process(engine.device.run(engine.step_seconds(device_s + padded_s - own_s, host_s))))
+                runs.append(env.process(engine.device.run(engine.count_step(device_s + padded_s - own_s, host_s))))
             yield env.all_of(runs)
             for engine, plan, _, _ in steps:
                 if plan:

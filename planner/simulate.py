@@ -311,9 +311,10 @@ def simulate_coupled(profiles: StageProfiles, workload: Workload, replicas: int,
 
     `api_servers` None: `replicas` separate `vllm serve` instances behind a balancer (least outstanding
     requests), each with its own API server. A number: one data-parallel `vllm serve` whose API servers (that
-    many) share the engines through vLLM's balancer (lowest `waiting * 4 + running`). A derived profile's
-    `api_server.processes` gives that number unless it is given here. `lockstep`: that `vllm serve`'s engines
-    step together (`planner.engine.Lockstep`: vLLM 0.12 for any model, later releases for a mixture of experts).
+    many) share the engines through vLLM's balancer (fewest requests in flight, `Engine.load_score`). A derived
+    profile's `api_server.processes` gives that number unless it is given here. `lockstep`: that `vllm serve`'s
+    engines step together (`planner.engine.Lockstep`: vLLM 0.12 for any model, later releases for a mixture of
+    experts).
     """
     return CoupledRun(profiles, workload, replicas, api_servers, lockstep).run()
 
